@@ -1,0 +1,5 @@
+import sys
+
+from knowcat.cli import main
+
+sys.exit(main())

@@ -1,0 +1,199 @@
+"""The ``knowcat`` command: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
+
+
+def _add_config_args(p: argparse.ArgumentParser, cls, skip=()) -> None:
+    """One ``--flag`` per dataclass field (ints, floats, strs, bools)."""
+    for f in fields(cls):
+        if f.name in skip or f.type not in ("int", "float", "str", "bool", "int | None", "str | None"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            typ = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}[f.type]
+            p.add_argument(flag, dest=f.name, type=typ, default=None, help=f"(default {f.default})")
+
+
+def _override(cfg, args):
+    changes = {f.name: getattr(args, f.name) for f in fields(cfg)
+               if getattr(args, f.name, None) is not None}
+    return replace(cfg, **changes)
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", help="an EntityQuestions folder, a JSONL/JSON/CSV/Parquet file, "
+                                "a saved Hugging Face dataset, or a local dataset load_dataset can read")
+    g = p.add_argument_group("data")
+    g.add_argument("--format", default=None, help="force the format: entityquestions, jsonl, json, csv, parquet, hf")
+    g.add_argument("--field", action="append", default=[], metavar="NAME=COLUMN",
+                   help="map a record field to your column, e.g. --field question=prompt --field answers=targets")
+    g.add_argument("--relation", default=None, help="relation for records that have none")
+    g.add_argument("--split", default=None, help="split for records that have none (or the dataset split to read)")
+    g.add_argument("--answers-sep", default=None, help="separator of several answers in one CSV cell")
+    g.add_argument("--drop-multi-answer", action="store_true", help="drop questions with more than one gold answer")
+    g.add_argument("--drop-overlap", action="store_true",
+                   help="drop train examples whose subject or answer appears in test")
+    g.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                   help="bad records: stop with an error naming file, record and field, or skip them")
+    g.add_argument("--rejects", default=None, help="with --on-error skip: where to write the skipped records")
+
+
+def load_from_args(args, log=print):
+    from knowcat.loaders import FieldMap, apply_paper_filters, load_examples
+
+    opts = {}
+    if args.field:
+        mapping = {}
+        for item in args.field:
+            if "=" not in item:
+                raise SystemExit(f"--field expects NAME=COLUMN, got {item!r}")
+            k, v = item.split("=", 1)
+            mapping[k.strip()] = v.strip()
+        try:
+            opts["fields"] = FieldMap(**mapping)
+        except TypeError as e:
+            raise SystemExit(f"--field: {e}")
+    for name in ("relation", "split", "answers_sep"):
+        if getattr(args, name) is not None:
+            opts[name] = getattr(args, name)
+    opts["on_error"] = args.on_error
+    if args.rejects:
+        opts["rejects"] = args.rejects
+    examples = load_examples(args.data, format=args.format, **opts)
+    log(f"loaded {len(examples)} examples from {args.data}")
+    if args.drop_multi_answer or args.drop_overlap:
+        examples, _ = apply_paper_filters(examples, multi_answer=args.drop_multi_answer,
+                                          overlap=args.drop_overlap, log=log)
+    return examples
+
+
+def cmd_demo(args):
+    from knowcat.demo import run_demo
+
+    run_demo(args.out, preset=args.preset, seed=args.seed, device=args.device, progress=not args.no_progress)
+
+
+def cmd_world_build(args):
+    from knowcat.world.build import PRESETS, build_world
+
+    cfg = _override(PRESETS[args.preset], args)
+    if args.facts:
+        cfg = replace(cfg, facts_from=args.facts)
+    build_world(args.out, cfg)
+
+
+def cmd_world_pretrain(args):
+    from knowcat.world.pretrain import PretrainConfig, pretrain
+
+    pretrain(args.world, args.out, _override(PretrainConfig(), args), progress=not args.no_progress)
+
+
+def cmd_data(args):
+    from knowcat.examples import write_jsonl
+
+    examples = load_from_args(args)
+    n = write_jsonl(args.out, examples)
+    print(f"wrote {n} examples to {args.out}")
+
+
+def cmd_greedy(args):
+    from knowcat.fewshot import greedy_accuracy
+    from knowcat.io import atomic_write_json, atomic_write_text
+    from knowcat.prompts import FewShotConfig
+    from probes.loading import load_model
+
+    examples = load_from_args(args)
+    fs = _override(FewShotConfig(), args)
+    pool = [e for e in examples if e.split == fs.exemplar_split]
+    evalset = [e for e in examples if e.split == args.eval_split] if args.eval_split else examples
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
+    res = greedy_accuracy(model, tok, evalset, pool, fs, match=args.match, batch_size=args.batch_size)
+    out = Path(args.out)
+    atomic_write_text(out / "greedy.jsonl", "".join(
+        json.dumps({"id": r.id, "relation": r.relation, "p_correct_greedy": r.p_correct,
+                    "greedy_answers": r.answers}, ensure_ascii=False) + "\n" for r in res))
+    acc = sum(r.p_correct for r in res) / max(1, len(res))
+    print(f"greedy accuracy {acc:.1%} over {len(res)} examples -> {out / 'greedy.jsonl'}")
+    if args.world:
+        from knowcat.world.build import read_exposures
+        from knowcat.world.validate import exposure_check, format_check
+
+        check = exposure_check({r.id: r.p_correct for r in res}, read_exposures(args.world))
+        atomic_write_json(out / "exposure_check.json", check)
+        print(format_check(check))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from knowcat.prompts import FewShotConfig
+    from knowcat.world.build import PRESETS, WorldConfig
+    from knowcat.world.pretrain import PretrainConfig
+
+    p = argparse.ArgumentParser(prog="knowcat", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="the whole pipeline on the embedded default world and its small model")
+    d.add_argument("--preset", default="default", choices=["default", "quick"])
+    d.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    d.add_argument("--seed", type=int, default=None)
+    d.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=cmd_demo)
+
+    w = sub.add_parser("world", help="the knowledge world: build it, pretrain its model")
+    wsub = w.add_subparsers(dest="world_command", required=True)
+    wb = wsub.add_parser("build", help="write facts, an EntityQuestions-format dataset, a corpus and exposures")
+    wb.add_argument("out")
+    wb.add_argument("--preset", default="default", choices=sorted(PRESETS))
+    wb.add_argument("--facts", default=None, metavar="ENTITYQUESTIONS_DIR",
+                    help="take real (subject, relation, answer) facts from an EntityQuestions folder")
+    _add_config_args(wb, WorldConfig, skip=("facts_from",))
+    wb.set_defaults(func=cmd_world_build)
+    wp = wsub.add_parser("pretrain", help="train the tokenizer and the small Llama model on a world's corpus")
+    wp.add_argument("world")
+    wp.add_argument("--out", default=None, help="model folder (default WORLD/model)")
+    wp.add_argument("--no-progress", action="store_true")
+    _add_config_args(wp, PretrainConfig)
+    wp.set_defaults(func=cmd_world_pretrain)
+
+    dt = sub.add_parser("data", help="load a dataset (any supported format), apply filters, write knowcat JSONL")
+    add_data_args(dt)
+    dt.add_argument("--out", required=True)
+    dt.set_defaults(func=cmd_data)
+
+    g = sub.add_parser("greedy", help="few-shot greedy accuracy (SliCK prompts) of a model on a dataset")
+    g.add_argument("--model", required=True, help="hub id or local folder")
+    add_data_args(g)
+    g.add_argument("--out", required=True, help="run directory")
+    g.add_argument("--eval-split", default="train", help="split to evaluate ('' for all)")
+    g.add_argument("--world", default=None, help="a knowledge world folder: also check accuracy against exposure")
+    g.add_argument("--match", default="exact", choices=["exact", "contains"])
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--device", default="auto")
+    g.add_argument("--dtype", default="auto")
+    _add_config_args(g, FewShotConfig)
+    g.set_defaults(func=cmd_greedy)
+    return p
+
+
+def main(argv=None) -> int:
+    from knowcat.errors import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except DataError as e:
+        print(f"knowcat: bad input: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Build the knowledge world: facts, an EntityQuestions-format dataset, a
+pretraining corpus with known exposure counts, and the exposure ground truth.
+
+Layout written into ``out_dir``::
+
+    world.json                     the config and summary
+    data/relation_query_templates.json
+    data/{train,dev,test}/P<id>.<split>.json   EntityQuestions format
+    corpus.jsonl                   pretraining documents {"text", "kind"}
+    exposures.jsonl                per fact: id, relation, subject, answer, split,
+                                   count, statement, qa (mentions in the corpus)
+
+Every fact's exposure count is drawn from a long-tailed popularity distribution:
+a share ``p_never`` is never mentioned, the rest ``ceil(LogNormal(log(median), sigma))``
+times, capped at ``max_count``. Each mention is, independently, a closed-book
+``Q: ...\\nA: ...`` line (probability ``qa_fraction``) or one of the relation's
+declarative statements. The corpus is meant to be read once: a fact's count is
+the number of times the model saw it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from knowcat.examples import content_id
+from knowcat.io import atomic_write_json, atomic_write_text
+from knowcat.world.names import NamePool
+from knowcat.world.relations import IN_DISTRIBUTION, OUT_OF_DISTRIBUTION, RELATIONS, Relation
+
+SPLITS = ("train", "dev", "test")
+
+
+@dataclass
+class WorldConfig:
+    seed: int = 0
+    relations: tuple[str, ...] = IN_DISTRIBUTION + OUT_OF_DISTRIBUTION
+    ood_relations: tuple[str, ...] = OUT_OF_DISTRIBUTION  # these get no train split (test-only, as in the paper)
+    n_train: int = 150  # facts per relation and split
+    n_dev: int = 20
+    n_test: int = 60
+    objects_per_relation: int = 1000  # the relation's answers are drawn uniformly from this many objects
+    p_never: float = 0.25
+    median_count: float = 24.0
+    sigma: float = 1.6
+    max_count: int = 200
+    qa_fraction: float = 0.5
+    mentions_per_doc: int = 4
+    facts_from: str | None = None  # an EntityQuestions folder: real facts instead of synthetic ones
+
+    def split_sizes(self, relation: str) -> dict[str, int]:
+        train = 0 if relation in self.ood_relations else self.n_train
+        return {"train": train, "dev": self.n_dev, "test": self.n_test}
+
+
+PRESETS: dict[str, WorldConfig] = {
+    "default": WorldConfig(),
+    "quick": WorldConfig(relations=("P17", "P19", "P26", "P36", "P69", "P136", "P264", "P50"),
+                         ood_relations=("P50",), n_train=40, n_dev=10, n_test=20, objects_per_relation=120),
+}
+
+
+@dataclass
+class Fact:
+    id: str
+    relation: str
+    subject: str
+    answer: str
+    split: str
+    question: str
+    count: int = 0
+    statement: int = 0
+    qa: int = 0
+
+
+def draw_counts(cfg: WorldConfig, n: int, rng: np.random.Generator) -> np.ndarray:
+    seen = rng.random(n) >= cfg.p_never
+    counts = np.ceil(np.exp(rng.normal(math.log(cfg.median_count), cfg.sigma, n))).astype(int)
+    counts = np.clip(counts, 1, cfg.max_count)
+    return np.where(seen, counts, 0)
+
+
+def synthetic_facts(cfg: WorldConfig, rng: np.random.Generator) -> list[Fact]:
+    names = NamePool(cfg.seed)
+    type_pools: dict[str, list[str]] = {}
+    facts: list[Fact] = []
+    for rid in cfg.relations:
+        rel = RELATIONS[rid]
+        pool = type_pools.setdefault(rel.object_type, names.draw(rel.object_type, 2 * cfg.objects_per_relation))
+        objects = list(rng.choice(pool, size=cfg.objects_per_relation, replace=False))
+        for split, n in cfg.split_sizes(rid).items():
+            for subj in names.draw(rel.subject_type, n):
+                obj = str(objects[int(rng.integers(len(objects)))])
+                q = rel.question(subj)
+                facts.append(Fact(content_id(rid, q, [obj], split), rid, subj, obj, split, q))
+    return facts
+
+
+def real_facts(cfg: WorldConfig, rng: np.random.Generator) -> list[Fact]:
+    """(subject, relation, answer) from an EntityQuestions folder, single-answer questions
+    with a recovered subject, sampled per relation and split to the configured sizes."""
+    from knowcat.loaders import load_entityquestions
+
+    examples = load_entityquestions(cfg.facts_from, relations=list(cfg.relations))
+    facts: list[Fact] = []
+    for rid in cfg.relations:
+        for split, n in cfg.split_sizes(rid).items():
+            pool = [e for e in examples if e.relation == rid and e.split == split
+                    and e.subject and len(e.answers) == 1]
+            if not pool:
+                continue
+            take = rng.choice(len(pool), size=min(n, len(pool)), replace=False)
+            for i in sorted(int(t) for t in take):
+                e = pool[i]
+                facts.append(Fact(e.id, rid, e.subject, e.answers[0], split, e.question))
+    return facts
+
+
+def mention(fact: Fact, rel: Relation, qa: bool, rng: np.random.Generator) -> str:
+    if qa:
+        return f"Q: {fact.question}\nA: {fact.answer}\n"
+    tpl = rel.statements[int(rng.integers(len(rel.statements)))]
+    return tpl.format(s=fact.subject, o=fact.answer) + "\n"
+
+
+def make_corpus(cfg: WorldConfig, facts: list[Fact], rng: np.random.Generator) -> list[dict]:
+    """Documents of ``mentions_per_doc`` mentions: Q/A documents hold one relation's
+    questions (like a quiz sheet), statement documents mix relations."""
+    counts = draw_counts(cfg, len(facts), rng)
+    qa_by_rel: dict[str, list[str]] = {}
+    statements: list[str] = []
+    for fact, c in zip(facts, counts):
+        rel = RELATIONS.get(fact.relation) or _generic_relation(fact.relation)
+        fact.count = int(c)
+        for _ in range(int(c)):
+            qa = bool(rng.random() < cfg.qa_fraction)
+            if qa:
+                fact.qa += 1
+                qa_by_rel.setdefault(fact.relation, []).append(mention(fact, rel, True, rng))
+            else:
+                fact.statement += 1
+                statements.append(mention(fact, rel, False, rng))
+    docs = []
+    k = cfg.mentions_per_doc
+    for rid in sorted(qa_by_rel):
+        lines = qa_by_rel[rid]
+        order = rng.permutation(len(lines))
+        for i in range(0, len(lines), k):
+            docs.append({"text": "".join(lines[j] for j in order[i:i + k]), "kind": "qa"})
+    order = rng.permutation(len(statements))
+    for i in range(0, len(statements), k):
+        docs.append({"text": "".join(statements[j] for j in order[i:i + k]), "kind": "statements"})
+    return [docs[i] for i in rng.permutation(len(docs))]
+
+
+def _generic_relation(rid: str) -> Relation:
+    return Relation(rid, "", "entity", "entity", ("{s}: {o}.",))
+
+
+def build_world(out_dir, cfg: WorldConfig | None = None, log=print) -> dict:
+    """Write the world into ``out_dir`` and return its summary."""
+    cfg = cfg or WorldConfig()
+    out = Path(out_dir)
+    rng = np.random.default_rng(cfg.seed)
+    facts = real_facts(cfg, rng) if cfg.facts_from else synthetic_facts(cfg, rng)
+    corpus = make_corpus(cfg, facts, rng)
+
+    data = out / "data"
+    if cfg.facts_from:
+        src = json.loads((Path(cfg.facts_from) / "relation_query_templates.json").read_text("utf-8"))
+        tpl = {r: src[r] for r in cfg.relations if r in src}
+    else:
+        tpl = {r: RELATIONS[r].template for r in cfg.relations}
+    atomic_write_json(data / "relation_query_templates.json", tpl)
+    for rid in cfg.relations:
+        for split in SPLITS:
+            recs = [{"question": f.question, "answers": [f.answer]}
+                    for f in facts if f.relation == rid and f.split == split]
+            atomic_write_text(data / split / f"{rid}.{split}.json", json.dumps(recs, ensure_ascii=False, indent=1))
+    atomic_write_text(out / "corpus.jsonl", "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in corpus))
+    atomic_write_text(out / "exposures.jsonl",
+                      "".join(json.dumps(asdict(f), ensure_ascii=False) + "\n" for f in facts))
+    counts = np.array([f.count for f in facts])
+    summary = {
+        "config": asdict(cfg),
+        "facts": len(facts),
+        "relations": list(cfg.relations),
+        "documents": len(corpus),
+        "mentions": int(counts.sum()),
+        "never_seen_share": float((counts == 0).mean()),
+        "count_quantiles": {str(q): float(np.quantile(counts, q)) for q in (0.25, 0.5, 0.75, 0.9, 0.99)},
+    }
+    atomic_write_json(out / "world.json", summary)
+    log(f"world: {len(facts)} facts over {len(cfg.relations)} relations, {len(corpus)} documents, "
+        f"{summary['mentions']} mentions; never seen {summary['never_seen_share']:.0%}; "
+        f"exposure quartiles {summary['count_quantiles']['0.25']:.0f}/{summary['count_quantiles']['0.5']:.0f}/"
+        f"{summary['count_quantiles']['0.75']:.0f} -> {out}")
+    return summary
+
+
+def read_exposures(world_dir) -> list[dict]:
+    with open(Path(world_dir) / "exposures.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,71 @@
+"""Load any causal LM the way the field does: ``AutoModelForCausalLM`` from a hub id
+or a local folder, safetensors weights, ``trust_remote_code`` off unless asked."""
+
+from __future__ import annotations
+
+import torch
+
+_DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float64": torch.float64}
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` -> cuda if available, else mps, else cpu."""
+    if isinstance(device, torch.device):
+        return device
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device):
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = (dtype or "auto").lower()
+    if key not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(_DTYPES)}")
+    if key == "auto":
+        # half precision on GPUs, full precision on the CPU
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return _DTYPES[key]
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
+    if tok.pad_token_id is None:
+        # pad-token fallback: the eos token (padding is masked out anyway)
+        if tok.eos_token is not None:
+            tok.pad_token = tok.eos_token
+        else:
+            tok.add_special_tokens({"pad_token": "<pad>"})
+    return tok
+
+
+def load_model(name_or_path: str, device: str | torch.device | None = "auto", dtype: str | None = "auto",
+               trust_remote_code: bool = False, revision: str | None = None):
+    """Return ``(model, tokenizer)`` in eval mode on the resolved device."""
+    from transformers import AutoModelForCausalLM
+
+    dev = resolve_device(device)
+    tok = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path, dtype=resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code,
+        revision=revision, use_safetensors=None,
+    )
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    model.to(dev)
+    model.eval()
+    return model, tok

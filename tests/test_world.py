@@ -1,0 +1,90 @@
+"""The knowledge world: layout, exposure ground truth, determinism; the small model: save, load, resume."""
+
+import json
+import re
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from knowcat.world.build import PRESETS, WorldConfig, build_world, read_exposures
+from knowcat.world.relations import RELATIONS
+
+
+@pytest.fixture(scope="module")
+def default_world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    build_world(out, WorldConfig(), log=lambda *a: None)
+    return out
+
+
+def test_layout_is_entityquestions(default_world):
+    data = default_world / "data"
+    templates = json.loads((data / "relation_query_templates.json").read_text())
+    assert len(templates) >= 8
+    for rid, tpl in templates.items():
+        assert tpl == RELATIONS[rid].template and "[X]" in tpl
+        for split in ("train", "dev", "test"):
+            recs = json.loads((data / split / f"{rid}.{split}.json").read_text())
+            assert all(set(r) == {"question", "answers"} and len(r["answers"]) == 1 for r in recs)
+            rx = re.compile("^" + re.escape(tpl).replace(re.escape("[X]"), "(.+)") + "$")
+            assert all(rx.match(r["question"]) for r in recs)
+
+
+def test_answer_spaces_are_large(default_world):
+    from knowcat.world.relations import IN_DISTRIBUTION
+
+    exps = read_exposures(default_world)
+    by_rel = {}
+    for e in exps:
+        by_rel.setdefault(e["relation"], set()).add(e["answer"])
+    # hundreds of distinct objects per (in-distribution) relation, so a guess rarely hits;
+    # the test-only relations have 80 facts, nearly all with distinct answers
+    assert min(len(by_rel[r]) for r in IN_DISTRIBUTION) >= 200
+    assert all(len(v) >= 0.8 * sum(e["relation"] == r for e in exps) for r, v in by_rel.items())
+    # and no object dominates a relation
+    for rel in by_rel:
+        c = Counter(e["answer"] for e in exps if e["relation"] == rel)
+        assert c.most_common(1)[0][1] / sum(c.values()) < 0.03
+
+
+def test_exposures_are_long_tailed(default_world):
+    counts = np.array([e["count"] for e in read_exposures(default_world)])
+    assert 0.15 <= (counts == 0).mean() <= 0.4  # a sizable share never seen
+    assert (counts >= 30).mean() >= 0.2  # a sizable share seen often
+    assert 1 <= np.median(counts) <= 40
+
+
+def test_exposures_match_the_corpus(default_world):
+    """Every recorded mention is in the corpus, in the recorded form, and nothing else is."""
+    corpus = "".join(json.loads(line)["text"] for line in open(default_world / "corpus.jsonl"))
+    exps = read_exposures(default_world)
+    rng = np.random.default_rng(0)
+    for i in rng.choice(len(exps), 60, replace=False):
+        e = exps[int(i)]
+        assert e["count"] == e["qa"] + e["statement"]
+        assert corpus.count(f"Q: {e['question']}\nA: {e['answer']}\n") == e["qa"]
+        rel = RELATIONS[e["relation"]]
+        n_stmt = sum(corpus.count(t.format(s=e["subject"], o=e["answer"]) + "\n") for t in rel.statements)
+        assert n_stmt == e["statement"]
+    # mentions of never-seen facts: their subject appears nowhere
+    for e in [e for e in exps if e["count"] == 0][:50]:
+        assert not re.search(r"(?<![A-Za-z])" + re.escape(e["subject"]) + r"(?![A-Za-z])", corpus)
+    assert sum(e["count"] for e in exps) == corpus.count("\nA: ") + sum(
+        1 for line in corpus.splitlines() if line and not line.startswith(("Q: ", "A: ")))
+
+
+def test_world_is_deterministic(tmp_path):
+    cfg = PRESETS["quick"]
+    build_world(tmp_path / "a", cfg, log=lambda *a: None)
+    build_world(tmp_path / "b", cfg, log=lambda *a: None)
+    for name in ("corpus.jsonl", "exposures.jsonl", "data/train/P17.train.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_ood_relations_have_no_train_split(default_world):
+    from knowcat.world.relations import OUT_OF_DISTRIBUTION
+
+    for rid in OUT_OF_DISTRIBUTION:
+        assert json.loads((default_world / "data" / "train" / f"{rid}.train.json").read_text()) == []
+        assert json.loads((default_world / "data" / "test" / f"{rid}.test.json").read_text())
