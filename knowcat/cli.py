@@ -14,6 +14,8 @@ def _add_config_args(p: argparse.ArgumentParser, cls, skip=()) -> None:
     for f in fields(cls):
         if f.name in skip or f.type not in ("int", "float", "str", "bool", "int | None", "str | None"):
             continue
+        if any(f"--{f.name.replace('_', '-')}" in a.option_strings for a in p._actions):
+            continue
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
@@ -46,10 +48,13 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rejects", default=None, help="with --on-error skip: where to write the skipped records")
 
 
-def load_from_args(args, log=print):
+def load_from_args(args, log=print, source=None, with_fields=False):
+    """Examples from the data arguments (``source`` overrides ``args.data``); with
+    ``with_fields`` also the FieldMap used, to write records back in the user's format."""
     from knowcat.loaders import FieldMap, apply_paper_filters, load_examples
 
     opts = {}
+    fieldmap = None
     if args.field:
         mapping = {}
         for item in args.field:
@@ -58,7 +63,7 @@ def load_from_args(args, log=print):
             k, v = item.split("=", 1)
             mapping[k.strip()] = v.strip()
         try:
-            opts["fields"] = FieldMap(**mapping)
+            fieldmap = opts["fields"] = FieldMap(**mapping)
         except TypeError as e:
             raise SystemExit(f"--field: {e}")
     for name in ("relation", "split", "answers_sep"):
@@ -67,12 +72,58 @@ def load_from_args(args, log=print):
     opts["on_error"] = args.on_error
     if args.rejects:
         opts["rejects"] = args.rejects
-    examples = load_examples(args.data, format=args.format, **opts)
-    log(f"loaded {len(examples)} examples from {args.data}")
+    source = source or args.data
+    examples = load_examples(source, format=args.format, **opts)
+    log(f"loaded {len(examples)} examples from {source}")
     if args.drop_multi_answer or args.drop_overlap:
         examples, _ = apply_paper_filters(examples, multi_answer=args.drop_multi_answer,
                                           overlap=args.drop_overlap, log=log)
-    return examples
+    return (examples, fieldmap) if with_fields else examples
+
+
+def split_for_categorize(examples, exemplar_split: str, splits: str | None, exemplars=None):
+    """(examples to categorize, exemplar pool). Default: every split but the exemplars'."""
+    pool = exemplars if exemplars is not None else [e for e in examples if e.split == exemplar_split]
+    if not pool:
+        raise SystemExit(f"no exemplars: the data has no '{exemplar_split}' split; give --exemplars FILE "
+                         f"(few-shot exemplars of the same relations) or --exemplar-split NAME")
+    if splits:
+        wanted = {s.strip() for s in splits.split(",") if s.strip()}
+        todo = [e for e in examples if e.split in wanted]
+    else:
+        todo = [e for e in examples if exemplars is not None or e.split != exemplar_split]
+    if not todo:
+        raise SystemExit(f"nothing to categorize (splits: {splits or 'all but ' + exemplar_split})")
+    return todo, pool
+
+
+def cmd_categorize(args):
+    from knowcat.runs import run_categorize
+    from knowcat.slick import SliCKConfig
+
+    cfg = _override(SliCKConfig(), args)
+    examples, fieldmap = load_from_args(args, with_fields=True)
+    exemplars = load_from_args(args, source=args.exemplars) if args.exemplars else None
+    todo, pool = split_for_categorize(examples, cfg.exemplar_split, args.splits, exemplars)
+    run_categorize(args.model, todo, pool, args.out, cfg, shard_size=args.shard_size, device=args.device,
+                   dtype=args.dtype, batch_size=args.batch_size, fields=fieldmap, data_source=str(args.data),
+                   progress=not args.no_progress)
+
+
+def cmd_filter(args):
+    from knowcat.filtering import FilterConfig, filter_file
+
+    def cats(s):
+        return tuple(c.strip() for c in s.split(",") if c.strip()) if s else ()
+
+    try:
+        cfg = FilterConfig(keep=cats(args.keep) or None, drop=cats(args.drop), relabel=cats(args.relabel),
+                           abstention=args.abstention, cap_per_relation=args.cap_per_relation,
+                           category_field=args.category_field, answers_field=args.answers_field,
+                           relation_field=args.relation_field, seed=args.seed)
+    except ValueError as e:
+        raise SystemExit(str(e))
+    filter_file(args.input, args.out, cfg, rejects_path=args.rejects)
 
 
 def cmd_demo(args):
@@ -133,6 +184,7 @@ def cmd_greedy(args):
 
 def build_parser() -> argparse.ArgumentParser:
     from knowcat.prompts import FewShotConfig
+    from knowcat.slick import SliCKConfig
     from knowcat.world.build import PRESETS, WorldConfig
     from knowcat.world.pretrain import PretrainConfig
 
@@ -168,6 +220,37 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--out", required=True)
     dt.set_defaults(func=cmd_data)
 
+    c = sub.add_parser("categorize", help="SliCK categories (HighlyKnown / MaybeKnown / WeaklyKnown / Unknown)")
+    c.add_argument("--model", required=True, help="hub id or local folder")
+    add_data_args(c)
+    c.add_argument("--out", required=True, help="run directory (resumes what is finished there)")
+    c.add_argument("--splits", default=None, help="comma-separated splits to categorize (default: all but the "
+                                                  "exemplar split)")
+    c.add_argument("--exemplars", default=None, help="a file/folder of few-shot exemplars, when the data has no dev split")
+    c.add_argument("--shard-size", type=int, default=256)
+    c.add_argument("--batch-size", type=int, default=None, help="decoded rows per batch (default: by device, "
+                                                                "halved on out-of-memory)")
+    c.add_argument("--device", default="auto")
+    c.add_argument("--dtype", default="auto")
+    c.add_argument("--no-progress", action="store_true")
+    _add_config_args(c, SliCKConfig)
+    c.set_defaults(func=cmd_categorize)
+
+    f = sub.add_parser("filter", help="keep / drop / relabel categories of a categorized file; cap relations")
+    f.add_argument("input", help="a categorized file (.jsonl, .json, .csv, .parquet)")
+    f.add_argument("--out", required=True, help="where the kept records go (format by suffix)")
+    f.add_argument("--keep", default=None, help="categories to keep, e.g. HighlyKnown,MaybeKnown")
+    f.add_argument("--drop", default=None, help="categories to drop, e.g. Unknown")
+    f.add_argument("--relabel", default=None, help="categories whose answers become the abstention string")
+    f.add_argument("--abstention", default="I don't know")
+    f.add_argument("--cap-per-relation", type=int, default=None)
+    f.add_argument("--rejects", default=None, help="rejects file (default OUT's name + .rejects.jsonl)")
+    f.add_argument("--category-field", default="category")
+    f.add_argument("--answers-field", default="answers")
+    f.add_argument("--relation-field", default="relation")
+    f.add_argument("--seed", type=int, default=0, help="seed of the per-relation cap's sample")
+    f.set_defaults(func=cmd_filter)
+
     g = sub.add_parser("greedy", help="few-shot greedy accuracy (SliCK prompts) of a model on a dataset")
     g.add_argument("--model", required=True, help="hub id or local folder")
     add_data_args(g)
@@ -185,12 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     from knowcat.errors import DataError
+    from knowcat.runs import RunMismatch
 
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except DataError as e:
         print(f"knowcat: bad input: {e}", file=sys.stderr)
+        return 2
+    except RunMismatch as e:
+        print(f"knowcat: {e}", file=sys.stderr)
         return 2
     return 0
 

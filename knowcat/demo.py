@@ -1,9 +1,11 @@
 """The demo: the whole pipeline on the embedded default, into one run directory.
 
 ``run_demo(run_dir, preset)`` builds the knowledge world, pretrains its small
-model, and runs the first few-shot greedy evaluation on the world's train split
-with the ground-truth exposure check. Each stage skips itself when its output
-is already complete, so a killed demo resumes where it stopped.
+model, categorizes the world's train and test questions with SliCK (whose greedy
+pass is the few-shot greedy evaluation), and checks both against the ground
+truth: greedy accuracy against exposure, and mean exposure per category. Each
+stage skips itself when its output is already complete (categorization resumes
+shard by shard), so a killed demo resumes where it stopped.
 
 Presets: ``default`` (ends within 15 minutes on a 2-core CPU) and ``quick``
 (a small world for the tests, within 2 minutes).
@@ -17,7 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from knowcat.io import atomic_write_json
-from knowcat.prompts import FewShotConfig
+from knowcat.slick import CATEGORIES, SliCKConfig
 from knowcat.world.build import PRESETS as WORLD_PRESETS, WorldConfig, build_world, read_exposures
 from knowcat.world.pretrain import PretrainConfig, pretrain
 
@@ -26,9 +28,10 @@ from knowcat.world.pretrain import PretrainConfig, pretrain
 class DemoConfig:
     world: WorldConfig = field(default_factory=WorldConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    fewshot: FewShotConfig = field(default_factory=FewShotConfig)
-    eval_split: str = "train"
-    batch_size: int = 64
+    slick: SliCKConfig = field(default_factory=lambda: SliCKConfig(keep_answers=True))
+    categorize_splits: tuple[str, ...] = ("train", "test")
+    check_split: str = "train"  # the ground-truth checks are on this split
+    batch_size: int | None = None
 
 
 DEMO_PRESETS: dict[str, DemoConfig] = {
@@ -37,7 +40,7 @@ DEMO_PRESETS: dict[str, DemoConfig] = {
         world=WORLD_PRESETS["quick"],
         pretrain=PretrainConfig(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=384,
                                 vocab_size=2048, block_size=256, batch_size=8, lr=3e-3),
-        fewshot=FewShotConfig(n_prompts=4),
+        slick=SliCKConfig(n_prompts=4, n_samples=8, keep_answers=True),
     ),
 }
 
@@ -48,7 +51,7 @@ def demo_config(preset: str = "default", seed: int | None = None) -> DemoConfig:
     cfg = DEMO_PRESETS[preset]
     if seed is not None:
         cfg = replace(cfg, world=replace(cfg.world, seed=seed), pretrain=replace(cfg.pretrain, seed=seed),
-                      fewshot=replace(cfg.fewshot, seed=seed))
+                      slick=replace(cfg.slick, seed=seed))
     return cfg
 
 
@@ -59,11 +62,41 @@ def world_examples(world_dir):
     return load_entityquestions(Path(world_dir) / "data")
 
 
+def category_exposure(categorized: list[dict], exposures: list[dict], split: str | None = None) -> dict:
+    """Mean and median exposure count per SliCK category (the ground-truth check of categorization)."""
+    import numpy as np
+
+    count = {e["id"]: e["count"] for e in exposures}
+    out = {}
+    for c in CATEGORIES:
+        v = [count[r["id"]] for r in categorized if r["category"] == c and (split is None or r.get("split") == split)
+             and r["id"] in count]
+        out[c] = {"n": len(v), "mean_exposure": float(np.mean(v)) if v else None,
+                  "median_exposure": float(np.median(v)) if v else None}
+    n = sum(o["n"] for o in out.values())
+    for c in CATEGORIES:
+        out[c]["share"] = out[c]["n"] / n if n else 0.0
+    means = [out[c]["mean_exposure"] for c in CATEGORIES]
+    out["strictly_ordered"] = all(m is not None for m in means) and all(a > b for a, b in zip(means, means[1:]))
+    return out
+
+
+def format_category_exposure(ce: dict) -> str:
+    lines = [f"{'category':<12}{'n':>6}{'share':>8}{'mean exposure':>15}{'median':>8}"]
+    for c in CATEGORIES:
+        o = ce[c]
+        mean = f"{o['mean_exposure']:.1f}" if o["mean_exposure"] is not None else "-"
+        med = f"{o['median_exposure']:.0f}" if o["median_exposure"] is not None else "-"
+        lines.append(f"{c:<12}{o['n']:>6}{o['share']:>8.1%}{mean:>15}{med:>8}")
+    lines.append("mean exposure strictly ordered HighlyKnown > MaybeKnown > WeaklyKnown > Unknown: "
+                 f"{'yes' if ce['strictly_ordered'] else 'no'}")
+    return "\n".join(lines)
+
+
 def run_demo(run_dir, preset: str = "default", seed: int | None = None, device: str = "auto",
              log=print, progress: bool = True) -> dict:
-    from knowcat.fewshot import greedy_accuracy
+    from knowcat.runs import run_categorize
     from knowcat.world.validate import exposure_check, format_check
-    from probes.loading import load_model
 
     cfg = demo_config(preset, seed)
     run = Path(run_dir)
@@ -89,22 +122,24 @@ def run_demo(run_dir, preset: str = "default", seed: int | None = None, device: 
 
     t = time.time()
     examples = world_examples(world_dir)
-    evalset = [e for e in examples if e.split == cfg.eval_split]
-    pool = [e for e in examples if e.split == cfg.fewshot.exemplar_split]
-    model, tok = load_model(str(model_dir), device=device)
-    log(f"greedy: {len(evalset)} {cfg.eval_split} examples x {cfg.fewshot.n_prompts} prompts "
-        f"({cfg.fewshot.k} exemplars each) on {model.device}")
-    results = greedy_accuracy(model, tok, evalset, pool, cfg.fewshot, batch_size=cfg.batch_size, progress=progress)
-    from knowcat.io import atomic_write_text
-    atomic_write_text(run / "greedy.jsonl", "".join(
-        json.dumps({"id": r.id, "relation": r.relation, "p_correct_greedy": r.p_correct,
-                    "greedy_answers": r.answers}, ensure_ascii=False) + "\n" for r in results))
-    check = exposure_check({r.id: r.p_correct for r in results}, read_exposures(world_dir))
-    atomic_write_json(run / "exposure_check.json", check)
-    timings["greedy"] = time.time() - t
+    todo = [e for e in examples if e.split in cfg.categorize_splits]
+    pool = [e for e in examples if e.split == cfg.slick.exemplar_split]
+    run_categorize(str(model_dir), todo, pool, run, cfg.slick, device=device, batch_size=cfg.batch_size,
+                   data_source=str(world_dir / "data"), log=log, progress=progress)
+    timings["categorize"] = time.time() - t
+
+    categorized = [json.loads(line) for line in open(run / "categorized.jsonl", encoding="utf-8")]
+    exposures = read_exposures(world_dir)
+    check_set = {r["id"]: r["p_correct_greedy"] for r in categorized if r.get("split") == cfg.check_split}
+    check = exposure_check(check_set, exposures)
+    ce = category_exposure(categorized, exposures, cfg.check_split)
+    atomic_write_json(run / "exposure_check.json", {"greedy_vs_exposure": check, "category_exposure": ce})
+    log(f"ground truth ({cfg.check_split} split):")
     log(format_check(check))
+    log(format_category_exposure(ce))
     summary = {"run_dir": str(run), "preset": preset, "seconds": {k: round(v, 1) for k, v in timings.items()},
-               "exposure_check": {k: v for k, v in check.items() if k != "by_exposure"}}
+               "greedy_vs_exposure": {k: v for k, v in check.items() if k != "by_exposure"},
+               "category_exposure": ce}
     atomic_write_json(run / "demo_summary.json", summary)
     log(f"demo: done in {sum(timings.values()):.0f} s -> {run}")
     return summary

@@ -16,17 +16,30 @@ prompt.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Hashable, Iterable, Sequence
 
+import numpy as np
 import torch
+
+from probes.sampling import sample_top_k, uniforms
 
 
 @dataclass
 class PromptRequest:
+    """One prompt: its greedy answer (``greedy``) and one sampled answer per stream seed."""
+
     key: Hashable
     prefix: str
     suffix: str
+    greedy: bool = True
+    streams: tuple[int, ...] = ()
+
+
+@dataclass
+class Generation:
+    greedy: str | None = None
+    samples: list[str] = field(default_factory=list)
 
 
 def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -37,8 +50,14 @@ def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
+_STOP_CACHE: dict[tuple, set[int]] = {}
+
+
 def stop_token_ids(tokenizer, stop: str = "\n") -> set[int]:
     """Ids of every vocabulary token whose text contains ``stop`` (plus eos)."""
+    key = (id(tokenizer), len(tokenizer), stop)
+    if key in _STOP_CACHE:
+        return _STOP_CACHE[key]
     ids = set()
     vocab = tokenizer.get_vocab()
     for tok_str, idx in vocab.items():
@@ -47,6 +66,7 @@ def stop_token_ids(tokenizer, stop: str = "\n") -> set[int]:
             ids.add(idx)
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
+    _STOP_CACHE[key] = ids
     return ids
 
 
@@ -77,56 +97,70 @@ class PrefixEncoder:
 
 
 @torch.inference_mode()
-def _decode_batch(model, prefix_cache, prefix_len: int, suffixes: list[list[int]], pad_id: int,
-                  stop_ids: set[int], max_new_tokens: int,
-                  choose: Callable[[torch.Tensor, int, list[int]], torch.Tensor]) -> list[list[int]]:
-    """Greedy/sampled continuation of ``prefix + suffix`` for each row.
+def _decode_chunk(model, prefix_cache, prefix_len: int, suffixes: list[list[int]], branches: list[list[int]],
+                  pad_id: int, stop: torch.Tensor, max_new_tokens: int, temperature: float,
+                  top_k: int) -> list[list[list[int]]]:
+    """Continue ``prefix + suffix`` of each request along its branches.
 
-    ``choose(logits[B, V], step, rows)`` returns the next token of each live row;
-    ``rows`` are the original row indices still in the batch.
+    ``branches[i]`` lists request ``i``'s branches: ``-1`` for the greedy answer,
+    otherwise a sampling stream seed. The suffixes are computed once (one prefill
+    per request); each branch then decodes from the shared state until it emits a
+    stop token. Returns the generated ids per request and branch.
     """
     dev = model.device
-    B = len(suffixes)
+    R = len(suffixes)
     S = max(len(s) for s in suffixes)
-    ids = torch.full((B, S), pad_id, dtype=torch.long)
-    smask = torch.zeros((B, S), dtype=torch.long)
+    ids = torch.full((R, S), pad_id, dtype=torch.long)
+    smask = torch.zeros((R, S), dtype=torch.long)
     for r, s in enumerate(suffixes):
         ids[r, S - len(s):] = torch.tensor(s)
         smask[r, S - len(s):] = 1
     ids, smask = ids.to(dev), smask.to(dev)
-    attn = torch.cat([torch.ones((B, prefix_len), dtype=torch.long, device=dev), smask], dim=1)
+    attn = torch.cat([torch.ones((R, prefix_len), dtype=torch.long, device=dev), smask], dim=1)
     pos = (prefix_len + smask.cumsum(1) - 1).clamp(min=prefix_len)
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=prefix_cache, use_cache=True)
+
+    owner = [r for r, br in enumerate(branches) for _ in br]
+    streams = np.array([0 if b == -1 else b for br in branches for b in br], dtype=np.uint64)
+    greedy = torch.tensor([b == -1 for br in branches for b in br], device=dev)
+    sel = torch.tensor(owner, device=dev)
     cache = out.past_key_values
-    logits = out.logits[:, -1, :]
-    next_pos = pos[:, -1] + 1
-    rows = list(range(B))
-    generated: list[list[int]] = [[] for _ in range(B)]
-    stop = torch.tensor(sorted(stop_ids), device=dev)
+    if len(owner) != R or owner != list(range(R)):
+        cache.reorder_cache(sel)
+    logits = out.logits[:, -1, :][sel]
+    attn, next_pos = attn[sel], pos[sel, -1] + 1
+    rows = list(range(len(owner)))
+    generated: list[list[int]] = [[] for _ in owner]
     for step in range(max_new_tokens):
-        tok = choose(logits.float(), step, rows)
+        tok = logits.float().argmax(dim=-1)
+        samp = (~greedy).nonzero().flatten()
+        if samp.numel():
+            u = torch.from_numpy(uniforms(streams[samp.cpu().numpy()], step))
+            tok[samp] = sample_top_k(logits[samp], u, temperature, top_k)
         done = torch.isin(tok, stop)
-        tok_list = tok.tolist()
-        for j, r in enumerate(rows):
-            generated[r].append(tok_list[j])
+        for j, t in zip(rows, tok.tolist()):
+            generated[j].append(t)
+        if step == max_new_tokens - 1:
+            break
         keep = (~done).nonzero().flatten()
-        if keep.numel() == 0 or step == max_new_tokens - 1:
+        if keep.numel() == 0:
             break
         if keep.numel() < len(rows):
             cache.reorder_cache(keep)
-            attn, next_pos, tok = attn[keep], next_pos[keep], tok[keep]
-            rows = [rows[j] for j in keep.tolist()]
+            attn, next_pos, tok, greedy = attn[keep], next_pos[keep], tok[keep], greedy[keep]
+            kept = keep.cpu().numpy()
+            streams = streams[kept]
+            rows = [rows[j] for j in kept.tolist()]
         attn = torch.cat([attn, torch.ones((len(rows), 1), dtype=torch.long, device=dev)], dim=1)
         out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
                     past_key_values=cache, use_cache=True)
         cache = out.past_key_values
         logits = out.logits[:, -1, :]
         next_pos = next_pos + 1
-    return generated
-
-
-def greedy_choice(logits: torch.Tensor, step: int, rows: list[int]) -> torch.Tensor:
-    return logits.argmax(dim=-1)
+    per_request: list[list[list[int]]] = [[] for _ in range(R)]
+    for j, r in enumerate(owner):
+        per_request[r].append(generated[j])
+    return per_request
 
 
 def decode_answer(tokenizer, ids: list[int], stop: str = "\n") -> str:
@@ -154,26 +188,67 @@ def group_requests(tokenizer, requests: Iterable[PromptRequest]):
     return groups
 
 
-def generate_greedy(model, tokenizer, requests: Iterable[PromptRequest], max_new_tokens: int = 32,
-                    batch_size: int = 64, stop: str = "\n", progress=None) -> dict[Hashable, str]:
-    """Greedy answers for every request, keyed by ``request.key``.
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
-    ``progress``: a callable taking the number of rows just finished (e.g. ``tqdm.update``).
+
+def default_batch_size(device: torch.device) -> int:
+    """Rows decoded together: large on accelerators (backed off on OOM), moderate on CPUs."""
+    return 1024 if device.type == "cuda" else 128
+
+
+def generate(model, tokenizer, requests: Iterable[PromptRequest], max_new_tokens: int = 32,
+             batch_size: int | None = None, temperature: float = 0.5, top_k: int = 40, stop: str = "\n",
+             progress: Callable[[int], object] | None = None, log=None) -> dict[Hashable, Generation]:
+    """Greedy and sampled answers for every request, keyed by ``request.key``.
+
+    ``batch_size`` counts decoded rows (a request with 1 greedy + 16 samples is 17
+    rows); ``None`` picks one for the device and halves it on out-of-memory.
+    ``progress`` is called with the number of requests just finished.
     """
-    stop_ids = stop_token_ids(tokenizer, stop)
+    stop_t = torch.tensor(sorted(stop_token_ids(tokenizer, stop)), device=model.device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows_per_batch = batch_size or default_batch_size(model.device)
     encoder = PrefixEncoder(model)
-    answers: dict[Hashable, str] = {}
-    for pre, rows in group_requests(tokenizer, requests).items():
-        # batch by length so rows of one batch pad little
-        rows.sort(key=lambda rs: len(rs[1]))
-        for i in range(0, len(rows), batch_size):
-            chunk = rows[i:i + batch_size]
-            cache = encoder.get(pre, len(chunk))
-            gen = _decode_batch(model, cache, len(pre), [s for _, s in chunk], pad_id, stop_ids,
-                                max_new_tokens, greedy_choice)
-            for (req, _), g in zip(chunk, gen):
-                answers[req.key] = decode_answer(tokenizer, g, stop)
+    results: dict[Hashable, Generation] = {}
+    for pre, items in group_requests(tokenizer, requests).items():
+        items.sort(key=lambda rs: len(rs[1]))  # batch by length: little padding
+        i = 0
+        while i < len(items):
+            chunk, rows = [], 0
+            while i + len(chunk) < len(items):
+                req = items[i + len(chunk)][0]
+                n = int(req.greedy) + len(req.streams)
+                if chunk and rows + n > rows_per_batch:
+                    break
+                chunk.append(items[i + len(chunk)])
+                rows += n
+            branches = [([-1] if r.greedy else []) + list(r.streams) for r, _ in chunk]
+            try:
+                cache = encoder.get(pre, len(chunk))
+                gen = _decode_chunk(model, cache, len(pre), [s for _, s in chunk], branches, pad_id, stop_t,
+                                    max_new_tokens, temperature, top_k)
+            except (torch.OutOfMemoryError, RuntimeError) as err:
+                if not _is_oom(err) or rows_per_batch <= 1:
+                    raise
+                rows_per_batch = max(1, rows_per_batch // 2)
+                if model.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if log:
+                    log(f"out of memory: batch size now {rows_per_batch} rows")
+                continue
+            for (req, _), outs in zip(chunk, gen):
+                texts = [decode_answer(tokenizer, g, stop) for g in outs]
+                results[req.key] = Generation(texts[0] if req.greedy else None, texts[int(req.greedy):])
+            i += len(chunk)
             if progress is not None:
                 progress(len(chunk))
-    return answers
+    return results
+
+
+def generate_greedy(model, tokenizer, requests: Iterable[PromptRequest], max_new_tokens: int = 32,
+                    batch_size: int | None = None, stop: str = "\n", progress=None) -> dict[Hashable, str]:
+    """Greedy answers only, keyed by ``request.key``."""
+    out = generate(model, tokenizer, requests, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                   stop=stop, progress=progress)
+    return {k: g.greedy for k, g in out.items()}

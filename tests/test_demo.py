@@ -8,12 +8,15 @@ import sys
 def test_quick_demo_writes_every_stage(quick_demo):
     run, summary = quick_demo
     for name in ("config.json", "world/world.json", "world/exposures.jsonl", "world/data/relation_query_templates.json",
-                 "model/model.safetensors", "model/tokenizer.json", "greedy.jsonl", "exposure_check.json",
-                 "demo_summary.json"):
+                 "model/model.safetensors", "model/tokenizer.json", "categorized.jsonl", "categorized.parquet",
+                 "categorize_summary.json", "exposure_check.json", "demo_summary.json"):
         assert (run / name).exists(), name
     check = json.loads((run / "exposure_check.json").read_text())
-    greedy = [json.loads(line) for line in open(run / "greedy.jsonl")]
-    assert check["n"] == len(greedy) > 0
+    greedy = [json.loads(line) for line in open(run / "categorized.jsonl")]
+    assert {g["split"] for g in greedy} == {"train", "test"}
+    assert check["greedy_vs_exposure"]["n"] == sum(g["split"] == "train" for g in greedy) > 0
+    assert sum(check["category_exposure"][c]["n"] for c in
+               ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")) == check["greedy_vs_exposure"]["n"]
     assert all(len(g["greedy_answers"]) == 4 for g in greedy)
     # the quick model has learned the format: it answers, one line each
     answers = [a for g in greedy for a in g["greedy_answers"]]
@@ -31,6 +34,7 @@ def test_demo_resumes_without_recomputing(quick_demo):
     run_demo(run, preset="quick", device="cpu", progress=False, log=lines.append)
     assert any("already built" in line for line in lines)
     assert any("model already" in line for line in lines)
+    assert any("already finished" in line for line in lines)
     assert (run / "model" / "model.safetensors").stat().st_mtime_ns == before
 
 

@@ -1,0 +1,196 @@
+"""SliCK: the knowledge categories of Gekhman et al. (2024).
+
+P_Correct(q, a; M, T) is the share of correct answers of model M to question q
+at temperature T over ``n_prompts`` few-shot prompts (each ``k`` exemplars from
+the dev split of the same relation). Per prompt: one greedy answer (T = 0) and
+``n_samples`` answers at ``temperature`` from the ``top_k`` tokens.
+
+- HighlyKnown:  P_Correct(T=0) = 1
+- MaybeKnown:   0 < P_Correct(T=0) < 1
+- WeaklyKnown:  P_Correct(T=0) = 0 and P_Correct(T>0) > 0
+- Unknown:      P_Correct(T=0) = 0 and P_Correct(T>0) = 0
+
+Lazy mode (the default) generates only what decides the category: greedy
+answers for every example, samples only for examples whose greedy answers are
+all wrong, in rounds of sample indices, dropping an example at its first
+correct sample. Because every sample is a pure function of (seed, example id,
+prompt index, sample index), lazy and exact mode see the same answers and give
+the same categories; exact mode also yields the full P_Correct(T>0) for every
+example. In lazy mode P_Correct(T>0) is reported only where it was fully
+measured (Unknown: 0) and is ``None`` elsewhere; the counts are always given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from knowcat.examples import QAExample
+from knowcat.matching import MATCH_MODES, is_correct
+from knowcat.prompts import FewShotConfig, exemplar_sets, prompt_for
+
+CATEGORIES = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
+KNOWN = ("HighlyKnown", "MaybeKnown", "WeaklyKnown")
+
+
+@dataclass(frozen=True)
+class SliCKConfig:
+    """The protocol; defaults are the paper's."""
+
+    n_prompts: int = 10
+    k: int = 4
+    n_samples: int = 16
+    temperature: float = 0.5
+    top_k: int = 40
+    seed: int = 0
+    match: str = "exact"
+    exact: bool = False  # compute every sample (full P_Correct(T>0)) instead of lazily
+    exemplar_split: str = "dev"
+    max_new_tokens: int = 32
+    keep_answers: bool = False
+    alpha: float = 0.05  # confidence intervals at 1 - alpha (Wilson)
+
+    def __post_init__(self):
+        if self.match not in MATCH_MODES:
+            raise ValueError(f"match must be one of {MATCH_MODES}, got {self.match!r}")
+        for name in ("n_prompts", "k", "n_samples", "top_k", "max_new_tokens"):
+            if getattr(self, name) < (0 if name == "n_samples" else 1):
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0 (the greedy answer is T = 0)")
+
+    @property
+    def fewshot(self) -> FewShotConfig:
+        return FewShotConfig(self.n_prompts, self.k, self.seed, self.exemplar_split)
+
+    def sample_rounds(self) -> list[tuple[int, int]]:
+        """Sample-index ranges generated in turn by lazy mode: [0,1), [1,4), [4,n)."""
+        if self.exact:
+            return [(0, self.n_samples)]
+        bounds = [b for b in (0, 1, 4) if b < self.n_samples] + [self.n_samples]
+        return list(zip(bounds[:-1], bounds[1:]))
+
+
+@dataclass
+class SliCKResult:
+    id: str
+    category: str
+    n_greedy: int
+    n_greedy_correct: int
+    p_correct_greedy: float
+    ci_greedy: tuple[float, float]
+    n_sampled: int
+    n_sampled_correct: int
+    p_correct_sampled: float | None
+    ci_sampled: tuple[float, float] | None
+    match_mode: str
+    mode: str  # "lazy" or "exact"
+    greedy_answers: list[str] | None = None
+    sampled_answers: list[list[str]] | None = None  # per prompt
+
+    def fields(self) -> dict:
+        d = asdict(self)
+        d.pop("id")
+        if d["greedy_answers"] is None:
+            d.pop("greedy_answers")
+            d.pop("sampled_answers")
+        return d
+
+
+def category_of(n_greedy_correct: int, n_greedy: int, n_sampled_correct: int) -> str:
+    if n_greedy_correct == n_greedy:
+        return "HighlyKnown"
+    if n_greedy_correct > 0:
+        return "MaybeKnown"
+    return "WeaklyKnown" if n_sampled_correct > 0 else "Unknown"
+
+
+def wilson(k: int, n: int, alpha: float) -> tuple[float, float]:
+    from statsmodels.stats.proportion import proportion_confint
+
+    lo, hi = proportion_confint(k, n, alpha=alpha, method="wilson")
+    return (round(float(lo), 6), round(float(hi), 6))
+
+
+@dataclass
+class _State:
+    greedy: list[str] = field(default_factory=list)
+    samples: dict[int, list[str]] = field(default_factory=dict)  # prompt -> answers in sample order
+    n_sampled: int = 0
+    n_sampled_correct: int = 0
+
+
+def categorize(model, tokenizer, examples: list[QAExample], exemplar_pool: list[QAExample],
+               cfg: SliCKConfig = SliCKConfig(), batch_size: int | None = None,
+               progress: Callable[[int], object] | None = None, log=None) -> list[SliCKResult]:
+    """SliCK categories of ``examples`` (a pure function of model, data and config).
+
+    ``exemplar_pool``: the examples few-shot exemplars are drawn from (the dev
+    split). ``progress`` is called with numbers of finished prompts.
+    """
+    from probes.generation import PromptRequest, generate
+    from probes.sampling import stream_seed
+
+    sets = exemplar_sets(exemplar_pool, cfg.fewshot)
+    missing = sorted({e.relation for e in examples} - set(sets))
+    if missing:
+        raise ValueError(f"no {cfg.exemplar_split} exemplars for relations {missing}")
+    prompts = {ex.id: [prompt_for(ex, s) for s in sets[ex.relation]] for ex in examples}
+    state = {ex.id: _State() for ex in examples}
+    gen_kw = dict(max_new_tokens=cfg.max_new_tokens, batch_size=batch_size, temperature=cfg.temperature,
+                  top_k=cfg.top_k, progress=progress, log=log)
+
+    def streams(ex_id, j, lo, hi):
+        return tuple(stream_seed(cfg.seed, ex_id, j, s) for s in range(lo, hi))
+
+    rounds = cfg.sample_rounds()
+    # pass 1: greedy answers (exact mode: with every sample, from the same prefill)
+    first = rounds[0] if cfg.exact and cfg.n_samples else (0, 0)
+    out = generate(model, tokenizer, [
+        PromptRequest((ex.id, j), pre, suf, True, streams(ex.id, j, *first))
+        for ex in examples for j, (pre, suf) in enumerate(prompts[ex.id])], **gen_kw)
+    by_id = {ex.id: ex for ex in examples}
+    for ex in examples:
+        st = state[ex.id]
+        for j in range(cfg.n_prompts):
+            g = out[(ex.id, j)]
+            st.greedy.append(g.greedy)
+            st.samples[j] = list(g.samples)
+            st.n_sampled += len(g.samples)
+            st.n_sampled_correct += sum(is_correct(a, ex.answers, cfg.match) for a in g.samples)
+    # lazy passes: samples only for examples whose greedy answers are all wrong
+    if not cfg.exact:
+        todo = [ex for ex in examples
+                if not any(is_correct(a, ex.answers, cfg.match) for a in state[ex.id].greedy)]
+        for lo, hi in rounds:
+            todo = [ex for ex in todo if state[ex.id].n_sampled_correct == 0]
+            if not todo:
+                break
+            out = generate(model, tokenizer, [
+                PromptRequest((ex.id, j), pre, suf, False, streams(ex.id, j, lo, hi))
+                for ex in todo for j, (pre, suf) in enumerate(prompts[ex.id])], **gen_kw)
+            for ex in todo:
+                st = state[ex.id]
+                for j in range(cfg.n_prompts):
+                    new = out[(ex.id, j)].samples
+                    st.samples[j].extend(new)
+                    st.n_sampled += len(new)
+                    st.n_sampled_correct += sum(is_correct(a, ex.answers, cfg.match) for a in new)
+
+    results = []
+    for ex in examples:
+        st = state[ex.id]
+        ng = len(st.greedy)
+        ngc = sum(is_correct(a, by_id[ex.id].answers, cfg.match) for a in st.greedy)
+        cat = category_of(ngc, ng, st.n_sampled_correct)
+        full = st.n_sampled == cfg.n_prompts * cfg.n_samples
+        results.append(SliCKResult(
+            id=ex.id, category=cat, n_greedy=ng, n_greedy_correct=ngc, p_correct_greedy=ngc / ng,
+            ci_greedy=wilson(ngc, ng, cfg.alpha), n_sampled=st.n_sampled, n_sampled_correct=st.n_sampled_correct,
+            p_correct_sampled=(st.n_sampled_correct / st.n_sampled) if full and st.n_sampled else None,
+            ci_sampled=wilson(st.n_sampled_correct, st.n_sampled, cfg.alpha) if full and st.n_sampled else None,
+            match_mode=cfg.match, mode="exact" if cfg.exact else "lazy",
+            greedy_answers=st.greedy if cfg.keep_answers else None,
+            sampled_answers=[st.samples[j] for j in range(cfg.n_prompts)] if cfg.keep_answers else None,
+        ))
+    return results

@@ -1,0 +1,58 @@
+"""Reproducible sampling: every sampled answer is a pure function of
+(seed, example id, prompt index, sample index).
+
+Each sampled row carries a 64-bit stream seed derived from those four values;
+the uniform number used at decoding step ``t`` is ``splitmix64(stream + t)``.
+Nothing depends on the batch a row lands in, the order rows are processed in,
+or whether the run was resumed. A token is drawn by inverse-CDF sampling over
+the top-k tokens of ``softmax(logits / temperature)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+_MASK = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _splitmix64_int(x: int) -> int:
+    x = (x + _GOLDEN) & _MASK
+    z = x
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return z ^ (z >> 31)
+
+
+def stream_seed(seed: int, example_id: str, prompt_index: int, sample_index: int) -> int:
+    """The 64-bit stream of one sampled answer."""
+    h = int.from_bytes(hashlib.blake2b(str(example_id).encode("utf-8"), digest_size=8).digest(), "little")
+    x = _splitmix64_int(seed & _MASK)
+    for part in (h, prompt_index, sample_index):
+        x = _splitmix64_int(x ^ (part & _MASK))
+    return x
+
+
+def uniforms(streams: np.ndarray, step: int) -> np.ndarray:
+    """One uniform in [0, 1) per stream for decoding step ``step`` (vectorized splitmix64)."""
+    with np.errstate(over="ignore"):
+        x = streams.astype(np.uint64) + np.uint64(step + 1) * np.uint64(_GOLDEN)
+        z = x
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def sample_top_k(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
+    """Draw one token per row from the top-k of ``softmax(logits / temperature)`` with uniforms ``u``."""
+    k = min(top_k, logits.shape[-1]) if top_k and top_k > 0 else logits.shape[-1]
+    vals, idx = torch.topk(logits.float(), k, dim=-1)
+    probs = torch.softmax(vals.double() / temperature, dim=-1)
+    cdf = probs.cumsum(dim=-1)
+    cdf[:, -1] = 1.0
+    pick = torch.searchsorted(cdf, u.double().to(cdf.device)[:, None]).clamp(max=k - 1)
+    return idx.gather(1, pick).squeeze(1)
