@@ -10,10 +10,11 @@ the dev split of the same relation). Per prompt: one greedy answer (T = 0) and
 - WeaklyKnown:  P_Correct(T=0) = 0 and P_Correct(T>0) > 0
 - Unknown:      P_Correct(T=0) = 0 and P_Correct(T>0) = 0
 
-Lazy mode (the default) generates only what decides the category: greedy
-answers for every example, samples only for examples whose greedy answers are
-all wrong, in rounds of sample indices, dropping an example at its first
-correct sample. Because every sample is a pure function of (seed, example id,
+Lazy mode (the default) generates only what decides the category: every
+greedy answer, and samples only while an example has no correct answer yet.
+Prompts are processed in turn (every question under prompt 0, then prompt 1
+...), so once one of an example's greedy answers or samples is correct, its
+later prompts are asked greedily only. Because every sample is a pure function of (seed, example id,
 prompt index, sample index), lazy and exact mode see the same answers and give
 the same categories; exact mode also yields the full P_Correct(T>0) for every
 example. In lazy mode P_Correct(T>0) is reported only where it was fully
@@ -62,13 +63,6 @@ class SliCKConfig:
     @property
     def fewshot(self) -> FewShotConfig:
         return FewShotConfig(self.n_prompts, self.k, self.seed, self.exemplar_split)
-
-    def sample_rounds(self) -> list[tuple[int, int]]:
-        """Sample-index ranges generated in turn by lazy mode: [0,1), [1,4), [4,n)."""
-        if self.exact:
-            return [(0, self.n_samples)]
-        bounds = [b for b in (0, 1, 4) if b < self.n_samples] + [self.n_samples]
-        return list(zip(bounds[:-1], bounds[1:]))
 
 
 @dataclass
@@ -143,39 +137,40 @@ def categorize(model, tokenizer, examples: list[QAExample], exemplar_pool: list[
     def streams(ex_id, j, lo, hi):
         return tuple(stream_seed(cfg.seed, ex_id, j, s) for s in range(lo, hi))
 
-    rounds = cfg.sample_rounds()
-    # pass 1: greedy answers (exact mode: with every sample, from the same prefill)
-    first = rounds[0] if cfg.exact and cfg.n_samples else (0, 0)
-    out = generate(model, tokenizer, [
-        PromptRequest((ex.id, j), pre, suf, True, streams(ex.id, j, *first))
-        for ex in examples for j, (pre, suf) in enumerate(prompts[ex.id])], **gen_kw)
     by_id = {ex.id: ex for ex in examples}
-    for ex in examples:
-        st = state[ex.id]
-        for j in range(cfg.n_prompts):
-            g = out[(ex.id, j)]
-            st.greedy.append(g.greedy)
-            st.samples[j] = list(g.samples)
-            st.n_sampled += len(g.samples)
-            st.n_sampled_correct += sum(is_correct(a, ex.answers, cfg.match) for a in g.samples)
-    # lazy passes: samples only for examples whose greedy answers are all wrong
-    if not cfg.exact:
-        todo = [ex for ex in examples
-                if not any(is_correct(a, ex.answers, cfg.match) for a in state[ex.id].greedy)]
-        for lo, hi in rounds:
-            todo = [ex for ex in todo if state[ex.id].n_sampled_correct == 0]
-            if not todo:
-                break
-            out = generate(model, tokenizer, [
-                PromptRequest((ex.id, j), pre, suf, False, streams(ex.id, j, lo, hi))
-                for ex in todo for j, (pre, suf) in enumerate(prompts[ex.id])], **gen_kw)
-            for ex in todo:
-                st = state[ex.id]
-                for j in range(cfg.n_prompts):
-                    new = out[(ex.id, j)].samples
-                    st.samples[j].extend(new)
-                    st.n_sampled += len(new)
-                    st.n_sampled_correct += sum(is_correct(a, ex.answers, cfg.match) for a in new)
+    for st in state.values():
+        st.greedy = [None] * cfg.n_prompts
+
+    def record(req, g):
+        ex_id, j = req.key
+        st = state[ex_id]
+        if g.greedy is not None:
+            st.greedy[j] = g.greedy
+        st.samples[j] = list(g.samples)
+        st.n_sampled += len(g.samples)
+        st.n_sampled_correct += sum(is_correct(a, by_id[ex_id].answers, cfg.match) for a in g.samples)
+
+    every = (0, cfg.n_samples)
+
+    def needs_samples(ex_id) -> bool:
+        # lazy: samples matter only while no greedy answer and no sample is correct
+        st = state[ex_id]
+        return st.n_sampled_correct == 0 and not any(
+            is_correct(a, by_id[ex_id].answers, cfg.match) for a in st.greedy if a is not None)
+
+    def prepare(req):
+        if req.streams and not needs_samples(req.key[0]):
+            return PromptRequest(req.key, req.prefix, req.suffix, True, ())
+        return req
+
+    # One pass, prompt by prompt (all questions under prompt 0, then prompt 1 ...): the
+    # greedy answer and the samples of a prompt come from one prefill. Lazy mode drops
+    # the samples of an example once one of its answers so far is correct: its
+    # category is then decided by the greedy answers alone, or it is WeaklyKnown.
+    generate(model, tokenizer, [
+        PromptRequest((ex.id, j), pre, suf, True, streams(ex.id, j, *every))
+        for j in range(cfg.n_prompts) for ex in examples for pre, suf in [prompts[ex.id][j]]],
+        on_result=record, prepare=None if cfg.exact else prepare, **gen_kw)
 
     results = []
     for ex in examples:

@@ -22,7 +22,7 @@ from typing import Callable, Hashable, Iterable, Sequence
 import numpy as np
 import torch
 
-from probes.sampling import sample_top_k, uniforms
+from probes.sampling import topk_cdf, uniforms
 
 
 @dataclass
@@ -120,46 +120,59 @@ def _decode_chunk(model, prefix_cache, prefix_len: int, suffixes: list[list[int]
     pos = (prefix_len + smask.cumsum(1) - 1).clamp(min=prefix_len)
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=prefix_cache, use_cache=True)
 
-    owner = [r for r, br in enumerate(branches) for _ in br]
+    # Decoding runs over *nodes*: distinct (request, tokens generated so far). Branches
+    # whose continuations coincide share a node, so a node's forward pass is computed
+    # once however many branches stand on it (at T = 0.5 most samples share their
+    # first tokens with each other and with the greedy answer). A node splits, its
+    # cache row copied, only when its branches draw different tokens.
+    owner = np.array([r for r, br in enumerate(branches) for _ in br], dtype=np.int64)
     streams = np.array([0 if b == -1 else b for br in branches for b in br], dtype=np.uint64)
-    greedy = torch.tensor([b == -1 for br in branches for b in br], device=dev)
-    sel = torch.tensor(owner, device=dev)
+    is_greedy = np.array([b == -1 for br in branches for b in br])
+    node = owner.copy()  # branch -> node (the prefill's rows are the first nodes)
+    live = np.arange(len(owner))
     cache = out.past_key_values
-    if len(owner) != R or owner != list(range(R)):
-        cache.reorder_cache(sel)
-    logits = out.logits[:, -1, :][sel]
-    attn, next_pos = attn[sel], pos[sel, -1] + 1
-    rows = list(range(len(owner)))
+    logits = out.logits[:, -1, :]
+    next_pos = pos[:, -1] + 1
     generated: list[list[int]] = [[] for _ in owner]
+    stop_set = set(stop.tolist())
     for step in range(max_new_tokens):
-        tok = logits.float().argmax(dim=-1)
-        samp = (~greedy).nonzero().flatten()
-        if samp.numel():
-            u = torch.from_numpy(uniforms(streams[samp.cpu().numpy()], step))
-            tok[samp] = sample_top_k(logits[samp], u, temperature, top_k)
-        done = torch.isin(tok, stop)
-        for j, t in zip(rows, tok.tolist()):
-            generated[j].append(t)
+        nodes_of_live = node[live]
+        tok = np.empty(len(live), dtype=np.int64)
+        g = is_greedy[live]
+        if g.any():
+            tok[g] = logits.argmax(dim=-1).cpu().numpy()[nodes_of_live[g]]
+        if (~g).any():
+            sn = nodes_of_live[~g]
+            uniq, inv = np.unique(sn, return_inverse=True)
+            idx, cdf = topk_cdf(logits[torch.from_numpy(uniq).to(dev)], temperature, top_k)
+            u = torch.from_numpy(uniforms(streams[live[~g]], step)).to(cdf.device)
+            inv_t = torch.from_numpy(inv).to(cdf.device)
+            pick = torch.searchsorted(cdf[inv_t], u[:, None]).clamp(max=idx.shape[1] - 1)
+            tok[~g] = idx[inv_t].gather(1, pick).squeeze(1).cpu().numpy()
+        done = np.fromiter((t in stop_set for t in tok.tolist()), dtype=bool, count=len(tok))
+        for b, t in zip(live.tolist(), tok.tolist()):
+            generated[b].append(t)
         if step == max_new_tokens - 1:
             break
-        keep = (~done).nonzero().flatten()
-        if keep.numel() == 0:
+        live, tok, nodes_of_live = live[~done], tok[~done], nodes_of_live[~done]
+        if len(live) == 0:
             break
-        if keep.numel() < len(rows):
-            cache.reorder_cache(keep)
-            attn, next_pos, tok, greedy = attn[keep], next_pos[keep], tok[keep], greedy[keep]
-            kept = keep.cpu().numpy()
-            streams = streams[kept]
-            rows = [rows[j] for j in kept.tolist()]
-        attn = torch.cat([attn, torch.ones((len(rows), 1), dtype=torch.long, device=dev)], dim=1)
-        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                    past_key_values=cache, use_cache=True)
+        keys, new_of_live = np.unique(np.stack([nodes_of_live, tok], axis=1), axis=0, return_inverse=True)
+        new_of_live = new_of_live.reshape(-1)
+        parents = torch.from_numpy(keys[:, 0]).to(dev)
+        if len(keys) != logits.shape[0] or not torch.equal(parents, torch.arange(len(keys), device=dev)):
+            cache.reorder_cache(parents)
+            attn, next_pos = attn[parents], next_pos[parents]
+        node[live] = new_of_live
+        attn = torch.cat([attn, torch.ones((len(keys), 1), dtype=torch.long, device=dev)], dim=1)
+        out = model(input_ids=torch.from_numpy(keys[:, 1:]).to(dev), attention_mask=attn,
+                    position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
         cache = out.past_key_values
         logits = out.logits[:, -1, :]
         next_pos = next_pos + 1
     per_request: list[list[list[int]]] = [[] for _ in range(R)]
-    for j, r in enumerate(owner):
-        per_request[r].append(generated[j])
+    for b, r in enumerate(owner.tolist()):
+        per_request[r].append(generated[b])
     return per_request
 
 
@@ -199,12 +212,19 @@ def default_batch_size(device: torch.device) -> int:
 
 def generate(model, tokenizer, requests: Iterable[PromptRequest], max_new_tokens: int = 32,
              batch_size: int | None = None, temperature: float = 0.5, top_k: int = 40, stop: str = "\n",
-             progress: Callable[[int], object] | None = None, log=None) -> dict[Hashable, Generation]:
+             progress: Callable[[int], object] | None = None, log=None,
+             prepare: Callable[[PromptRequest], PromptRequest | None] | None = None,
+             on_result: Callable[[PromptRequest, Generation], object] | None = None) -> dict[Hashable, Generation]:
     """Greedy and sampled answers for every request, keyed by ``request.key``.
 
     ``batch_size`` counts decoded rows (a request with 1 greedy + 16 samples is 17
     rows); ``None`` picks one for the device and halves it on out-of-memory.
     ``progress`` is called with the number of requests just finished.
+    Requests are processed prefix group by prefix group, in order of first
+    appearance; ``on_result`` sees each result as its batch finishes, and
+    ``prepare(request)``, asked when a batch is formed, may replace a request (for
+    instance drop its samples) or return ``None`` to skip it: lazy categorization
+    decides what an example still needs from the answers of its earlier prompts.
     """
     stop_t = torch.tensor(sorted(stop_token_ids(tokenizer, stop)), device=model.device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -218,11 +238,23 @@ def generate(model, tokenizer, requests: Iterable[PromptRequest], max_new_tokens
             chunk, rows = [], 0
             while i + len(chunk) < len(items):
                 req = items[i + len(chunk)][0]
+                if prepare is not None:
+                    new = prepare(req)
+                    if new is None:
+                        items.pop(i + len(chunk))
+                        if progress is not None:
+                            progress(1)
+                        continue
+                    if new is not req:
+                        req = new
+                        items[i + len(chunk)] = (new, items[i + len(chunk)][1])
                 n = int(req.greedy) + len(req.streams)
                 if chunk and rows + n > rows_per_batch:
                     break
                 chunk.append(items[i + len(chunk)])
                 rows += n
+            if not chunk:
+                break
             branches = [([-1] if r.greedy else []) + list(r.streams) for r, _ in chunk]
             try:
                 cache = encoder.get(pre, len(chunk))
@@ -239,7 +271,9 @@ def generate(model, tokenizer, requests: Iterable[PromptRequest], max_new_tokens
                 continue
             for (req, _), outs in zip(chunk, gen):
                 texts = [decode_answer(tokenizer, g, stop) for g in outs]
-                results[req.key] = Generation(texts[0] if req.greedy else None, texts[int(req.greedy):])
+                results[req.key] = res = Generation(texts[0] if req.greedy else None, texts[int(req.greedy):])
+                if on_result is not None:
+                    on_result(req, res)
             i += len(chunk)
             if progress is not None:
                 progress(len(chunk))

@@ -47,12 +47,17 @@ def uniforms(streams: np.ndarray, step: int) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
-def sample_top_k(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
-    """Draw one token per row from the top-k of ``softmax(logits / temperature)`` with uniforms ``u``."""
+def topk_cdf(logits: torch.Tensor, temperature: float, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and cumulative probabilities of the top-k of ``softmax(logits / temperature)``, per row."""
     k = min(top_k, logits.shape[-1]) if top_k and top_k > 0 else logits.shape[-1]
     vals, idx = torch.topk(logits.float(), k, dim=-1)
-    probs = torch.softmax(vals.double() / temperature, dim=-1)
-    cdf = probs.cumsum(dim=-1)
+    cdf = torch.softmax(vals.double() / temperature, dim=-1).cumsum(dim=-1)
     cdf[:, -1] = 1.0
-    pick = torch.searchsorted(cdf, u.double().to(cdf.device)[:, None]).clamp(max=k - 1)
+    return idx, cdf
+
+
+def sample_top_k(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
+    """Draw one token per row from the top-k of ``softmax(logits / temperature)`` with uniforms ``u``."""
+    idx, cdf = topk_cdf(logits, temperature, top_k)
+    pick = torch.searchsorted(cdf, u.double().to(cdf.device)[:, None]).clamp(max=idx.shape[1] - 1)
     return idx.gather(1, pick).squeeze(1)

@@ -56,8 +56,6 @@ def test_config_validation():
         SliCKConfig(match="fuzzy")
     with pytest.raises(ValueError):
         SliCKConfig(temperature=0)
-    assert SliCKConfig().sample_rounds() == [(0, 1), (1, 4), (4, 16)]
-    assert SliCKConfig(exact=True).sample_rounds() == [(0, 16)]
     d = SliCKConfig()
     assert (d.n_prompts, d.k, d.n_samples, d.temperature, d.top_k, d.match) == (10, 4, 16, 0.5, 40, "exact")
 
@@ -73,8 +71,8 @@ def test_lazy_and_exact_give_identical_categories(quick_model, quick_data):
     for lz, ex in zip(lazy, exact):
         assert ex.n_sampled == SMALL.n_prompts * SMALL.n_samples and ex.p_correct_sampled is not None
         assert lz.n_sampled <= ex.n_sampled
-        if lz.category in ("HighlyKnown", "MaybeKnown"):
-            assert lz.n_sampled == 0 and lz.p_correct_sampled is None
+        if lz.category == "HighlyKnown":  # its first greedy answer was correct: one prompt's samples at most
+            assert lz.n_sampled <= SMALL.n_samples and lz.p_correct_sampled is None
         if lz.category == "Unknown":
             assert lz.n_sampled == ex.n_sampled and lz.p_correct_sampled == 0.0
         assert lz.p_correct_greedy == ex.p_correct_greedy
