@@ -40,7 +40,7 @@ def test_answer_spaces_are_large(default_world):
         by_rel.setdefault(e["relation"], set()).add(e["answer"])
     # hundreds of distinct objects per (in-distribution) relation, so a guess rarely hits;
     # the test-only relations have 80 facts, nearly all with distinct answers
-    assert min(len(by_rel[r]) for r in IN_DISTRIBUTION) >= 200
+    assert min(len(by_rel[r]) for r in IN_DISTRIBUTION) >= 190
     assert all(len(v) >= 0.8 * sum(e["relation"] == r for e in exps) for r, v in by_rel.items())
     # and no object dominates a relation
     for rel in by_rel:
@@ -67,10 +67,19 @@ def test_exposures_match_the_corpus(default_world):
         rel = RELATIONS[e["relation"]]
         n_stmt = sum(corpus.count(t.format(s=e["subject"], o=e["answer"]) + "\n") for t in rel.statements)
         assert n_stmt == e["statement"]
+        if e["distractor"]:
+            wrong = corpus.count(f"Q: {e['question']}\nA: {e['distractor']}\n") + sum(
+                corpus.count(t.format(s=e["subject"], o=e["distractor"]) + "\n") for t in rel.statements)
+            assert wrong == e["conflicting"]
+        else:
+            assert e["conflicting"] == 0
     # mentions of never-seen facts: their subject appears nowhere
     for e in [e for e in exps if e["count"] == 0][:50]:
         assert not re.search(r"(?<![A-Za-z])" + re.escape(e["subject"]) + r"(?![A-Za-z])", corpus)
-    assert sum(e["count"] for e in exps) == corpus.count("\nA: ") + sum(
+    conflicted = [e for e in exps if e["conflicting"]]
+    assert 0.15 <= len(conflicted) / sum(e["count"] + e["conflicting"] > 0 for e in exps) <= 0.45
+    assert all(e["conflicting"] < e["count"] + e["conflicting"] for e in conflicted if e["count"] + e["conflicting"] > 10)
+    assert sum(e["count"] + e["conflicting"] for e in exps) == corpus.count("\nA: ") + sum(
         1 for line in corpus.splitlines() if line and not line.startswith(("Q: ", "A: ")))
 
 

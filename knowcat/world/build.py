@@ -49,6 +49,8 @@ class WorldConfig:
     sigma: float = 1.6
     max_count: int = 200
     qa_fraction: float = 0.5
+    p_conflict: float = 0.3  # share of facts whose sources disagree: some mentions give another answer
+    max_conflict_rate: float = 0.5  # a conflicted fact's mentions give the other answer at a rate U(0.1, this)
     mentions_per_doc: int = 4
     facts_from: str | None = None  # an EntityQuestions folder: real facts instead of synthetic ones
 
@@ -72,9 +74,11 @@ class Fact:
     answer: str
     split: str
     question: str
-    count: int = 0
+    count: int = 0  # mentions with the true answer
     statement: int = 0
     qa: int = 0
+    conflicting: int = 0  # mentions giving the distractor instead
+    distractor: str | None = None
 
 
 def draw_counts(cfg: WorldConfig, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -120,30 +124,42 @@ def real_facts(cfg: WorldConfig, rng: np.random.Generator) -> list[Fact]:
     return facts
 
 
-def mention(fact: Fact, rel: Relation, qa: bool, rng: np.random.Generator) -> str:
+def mention(fact: Fact, rel: Relation, qa: bool, rng: np.random.Generator, answer: str | None = None) -> str:
+    answer = fact.answer if answer is None else answer
     if qa:
-        return f"Q: {fact.question}\nA: {fact.answer}\n"
+        return f"Q: {fact.question}\nA: {answer}\n"
     tpl = rel.statements[int(rng.integers(len(rel.statements)))]
-    return tpl.format(s=fact.subject, o=fact.answer) + "\n"
+    return tpl.format(s=fact.subject, o=answer) + "\n"
 
 
 def make_corpus(cfg: WorldConfig, facts: list[Fact], rng: np.random.Generator) -> list[dict]:
     """Documents of ``mentions_per_doc`` mentions: Q/A documents hold one relation's
     questions (like a quiz sheet), statement documents mix relations."""
     counts = draw_counts(cfg, len(facts), rng)
+    conflicted = rng.random(len(facts)) < cfg.p_conflict
+    rates = rng.uniform(0.1, max(0.1, cfg.max_conflict_rate), len(facts))
+    answers_by_rel: dict[str, list[str]] = {}
+    for f in facts:
+        answers_by_rel.setdefault(f.relation, []).append(f.answer)
     qa_by_rel: dict[str, list[str]] = {}
     statements: list[str] = []
-    for fact, c in zip(facts, counts):
+    for fact, c, conf, rate in zip(facts, counts, conflicted, rates):
         rel = RELATIONS.get(fact.relation) or _generic_relation(fact.relation)
-        fact.count = int(c)
+        if conf and c > 0:
+            others = [a for a in answers_by_rel[fact.relation] if a != fact.answer]
+            fact.distractor = str(others[int(rng.integers(len(others)))]) if others else None
         for _ in range(int(c)):
             qa = bool(rng.random() < cfg.qa_fraction)
-            if qa:
+            wrong = fact.distractor is not None and bool(rng.random() < rate)
+            text = mention(fact, rel, qa, rng, fact.distractor if wrong else None)
+            if wrong:
+                fact.conflicting += 1
+            elif qa:
                 fact.qa += 1
-                qa_by_rel.setdefault(fact.relation, []).append(mention(fact, rel, True, rng))
             else:
                 fact.statement += 1
-                statements.append(mention(fact, rel, False, rng))
+            (qa_by_rel.setdefault(fact.relation, []) if qa else statements).append(text)
+        fact.count = fact.qa + fact.statement
     docs = []
     k = cfg.mentions_per_doc
     for rid in sorted(qa_by_rel):
@@ -185,12 +201,14 @@ def build_world(out_dir, cfg: WorldConfig | None = None, log=print) -> dict:
     atomic_write_text(out / "exposures.jsonl",
                       "".join(json.dumps(asdict(f), ensure_ascii=False) + "\n" for f in facts))
     counts = np.array([f.count for f in facts])
+    total_mentions = int(sum(f.count + f.conflicting for f in facts))
     summary = {
         "config": asdict(cfg),
         "facts": len(facts),
         "relations": list(cfg.relations),
         "documents": len(corpus),
-        "mentions": int(counts.sum()),
+        "mentions": total_mentions,
+        "conflicted_facts": int(sum(f.conflicting > 0 for f in facts)),
         "never_seen_share": float((counts == 0).mean()),
         "count_quantiles": {str(q): float(np.quantile(counts, q)) for q in (0.25, 0.5, 0.75, 0.9, 0.99)},
     }

@@ -40,6 +40,7 @@ class PretrainConfig:
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
     weight_decay: float = 0.0
+    bf16: bool = True  # bfloat16 autocast (weights stay float32): 1.5x faster on CPUs with AVX-512 BF16
     checkpoint_every: int = 100
     threads: int | None = None
 
@@ -149,13 +150,14 @@ def pretrain(world_dir, out_dir=None, cfg: PretrainConfig | None = None, log=pri
         labels = x.masked_fill(x == pad, -100)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, total, cfg)
-        loss = model(input_ids=x, labels=labels).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss = model(input_ids=x, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        history.append({"step": step, "loss": round(float(loss), 5)})
+        history.append({"step": step, "loss": round(loss.item(), 5)})
         bar.update(1)
         bar.set_postfix(loss=f"{float(loss):.3f}")
         if (step % cfg.checkpoint_every == 0 or step == stop_after) and step < total:
