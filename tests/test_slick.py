@@ -147,3 +147,29 @@ def test_resumed_run_equals_uninterrupted(quick_demo, quick_data, tmp_path):
     # another protocol in the same directory is refused, not mixed in
     with pytest.raises(RunMismatch):
         run_categorize(model, exs, pool, tmp_path / "whole", SliCKConfig(n_prompts=2), **quiet)
+
+
+def test_categorize_real_entityquestions_files(quick_demo, tmp_path):
+    """The pipeline runs on the real EntityQuestions files (the demo model knows none of it)."""
+    import subprocess
+    import sys
+
+    from conftest import ENTITYQUESTIONS
+
+    assert ENTITYQUESTIONS.exists(), f"the EntityQuestions copy is missing: {ENTITYQUESTIONS}"
+    run, _ = quick_demo
+    sub = tmp_path / "eq"
+    for split in ("train", "dev"):
+        (sub / split).mkdir(parents=True)
+        for rel in ("P17", "P19"):
+            recs = json.loads((ENTITYQUESTIONS / split / f"{rel}.{split}.json").read_text())[:12]
+            (sub / split / f"{rel}.{split}.json").write_text(json.dumps(recs))
+    (sub / "relation_query_templates.json").write_text((ENTITYQUESTIONS / "relation_query_templates.json").read_text())
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "knowcat", "categorize", "--model", str(run / "model"), str(sub),
+                        "--out", str(out), "--splits", "train", "--n-prompts", "2", "--n-samples", "2",
+                        "--device", "cpu", "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(l) for l in open(out / "categorized.jsonl")]
+    assert len(recs) == 24 and all(r["category"] in CATEGORIES for r in recs)
+    assert "Unknown" in r.stdout and "share" in r.stdout  # the summary table

@@ -74,17 +74,35 @@ def make_name(rng: np.random.Generator, kind: str) -> str:
 
 
 class NamePool:
-    """Draws names that are unique across the whole world (no entity is two things)."""
+    """Draws names that are unique across the whole world (no entity is two things).
 
-    def __init__(self, seed: int):
+    Persons are named as people are: a given name and a family name, each from a
+    finite pool (``given_names`` and ``family_names`` of them), so many people
+    share a given or a family name while no two share both.
+    """
+
+    def __init__(self, seed: int, given_names: int = 200, family_names: int = 400):
         self.rng = np.random.default_rng(seed)
         self.used: set[str] = set()
+        stems = set()
+        while len(stems) < given_names + family_names:
+            stems.add(_stem(self.rng, 2))
+        stems = sorted(stems)
+        order = self.rng.permutation(len(stems))
+        self.given = [stems[i] for i in order[:given_names]]
+        self.family = [stems[i] for i in order[given_names:]]
+
+    def _make(self, kind: str) -> str:
+        if kind == "person":
+            return f"{self.given[int(self.rng.integers(len(self.given)))]} " \
+                   f"{self.family[int(self.rng.integers(len(self.family)))]}"
+        return make_name(self.rng, kind)
 
     def draw(self, kind: str, n: int) -> list[str]:
         out = []
         tries = 0
         while len(out) < n:
-            name = make_name(self.rng, kind)
+            name = self._make(kind)
             tries += 1
             if tries > 200 * (n + 10):
                 raise RuntimeError(f"cannot draw {n} unique {kind} names")

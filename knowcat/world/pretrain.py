@@ -157,9 +157,10 @@ def pretrain(world_dir, out_dir=None, cfg: PretrainConfig | None = None, log=pri
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        history.append({"step": step, "loss": round(loss.item(), 5)})
+        lv = loss.item()
+        history.append({"step": step, "loss": round(lv, 5)})
         bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.set_postfix(loss=f"{lv:.3f}")
         if (step % cfg.checkpoint_every == 0 or step == stop_after) and step < total:
             _save_state(ckpt, model, opt, step, history, cfg)
         if stop_after is not None and step >= stop_after and step < total:
