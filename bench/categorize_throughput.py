@@ -194,7 +194,7 @@ def _agreement(k_greedy, k_cats, o_greedy, o_cats):
     known_agree = np.mean([k_cats[i] == o_cats[i] for i in hk_mk]) if hk_mk else 1.0
     return {"greedy_identical": float(same_greedy), "known_labels_agree": float(known_agree),
             "categories_knowcat": dict(Counter(k_cats.values())), "categories_other": dict(Counter(o_cats.values())),
-            "weakly_unknown_confusion": dict(Counter((k_cats[i], o_cats[i]) for i in ids
+            "weakly_unknown_confusion": dict(Counter(f"knowcat {k_cats[i]} / other {o_cats[i]}" for i in ids
                                                      if k_cats[i] in ("WeaklyKnown", "Unknown")))}
 
 

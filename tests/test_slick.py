@@ -159,7 +159,7 @@ def test_categorize_real_entityquestions_files(quick_demo, tmp_path):
     assert ENTITYQUESTIONS.exists(), f"the EntityQuestions copy is missing: {ENTITYQUESTIONS}"
     run, _ = quick_demo
     sub = tmp_path / "eq"
-    for split in ("train", "dev"):
+    for split in ("train", "dev", "test"):
         (sub / split).mkdir(parents=True)
         for rel in ("P17", "P19"):
             recs = json.loads((ENTITYQUESTIONS / split / f"{rel}.{split}.json").read_text())[:12]
