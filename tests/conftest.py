@@ -9,7 +9,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-ENTITYQUESTIONS = ROOT.parent / "shared" / "data" / "entityquestions"
+# the real EntityQuestions copy: ../shared/data/entityquestions beside the checkout, or $KNOWCAT_ENTITYQUESTIONS
+ENTITYQUESTIONS = Path(os.environ.get("KNOWCAT_ENTITYQUESTIONS") or ROOT.parent / "shared" / "data" / "entityquestions")
 
 
 @pytest.fixture(scope="session")

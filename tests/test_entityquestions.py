@@ -19,7 +19,7 @@ from knowcat.loaders import (
 )
 from knowcat.loaders.entityquestions import template_regex
 
-EQ = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "entityquestions"
+from conftest import ENTITYQUESTIONS as EQ  # noqa: E402
 
 
 @pytest.fixture(scope="module")
