@@ -16,6 +16,7 @@ prompt.
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Iterable, Sequence
 
@@ -205,9 +206,24 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def default_batch_size(device: torch.device) -> int:
-    """Rows decoded together: large on accelerators (backed off on OOM), moderate on CPUs."""
-    return 1024 if device.type == "cuda" else 128
+def default_batch_size(model, context_tokens: int = 256) -> int:
+    """Rows decoded together. On an accelerator: 1024, halved on out-of-memory. On a
+    CPU (where running out of memory kills the process instead of raising): as many
+    rows as a quarter of the free memory holds KV caches of ``context_tokens``, at most 512."""
+    if model.device.type == "cuda":
+        return 1024
+    cfg = model.config
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", 12)
+    heads = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", None) \
+        or getattr(cfg, "n_head", 12)
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", 768)
+    head_dim = getattr(cfg, "head_dim", None) or hidden // (getattr(cfg, "num_attention_heads", None) or heads)
+    per_row = 2 * layers * heads * head_dim * context_tokens * next(model.parameters()).element_size()
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        free = 8 << 30
+    return int(max(8, min(512, free // 4 // max(1, per_row))))
 
 
 def generate(model, tokenizer, requests: Iterable[PromptRequest], max_new_tokens: int = 32,
@@ -228,7 +244,7 @@ def generate(model, tokenizer, requests: Iterable[PromptRequest], max_new_tokens
     """
     stop_t = torch.tensor(sorted(stop_token_ids(tokenizer, stop)), device=model.device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows_per_batch = batch_size or default_batch_size(model.device)
+    rows_per_batch = batch_size or default_batch_size(model)
     encoder = PrefixEncoder(model)
     results: dict[Hashable, Generation] = {}
     for pre, items in group_requests(tokenizer, requests).items():
