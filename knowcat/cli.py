@@ -105,6 +105,10 @@ def cmd_categorize(args):
     examples, fieldmap = load_from_args(args, with_fields=True)
     exemplars = load_from_args(args, source=args.exemplars) if args.exemplars else None
     todo, pool = split_for_categorize(examples, cfg.exemplar_split, args.splits, exemplars)
+    if args.per_relation:
+        seen: dict = {}
+        todo = [e for e in todo if seen.setdefault(e.relation, []).append(e) or len(seen[e.relation]) <= args.per_relation]
+        print(f"categorizing the first {args.per_relation} questions of each relation: {len(todo)}")
     run_categorize(args.model, todo, pool, args.out, cfg, shard_size=args.shard_size, device=args.device,
                    dtype=args.dtype, batch_size=args.batch_size, fields=fieldmap, data_source=str(args.data),
                    progress=not args.no_progress)
@@ -227,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--splits", default=None, help="comma-separated splits to categorize (default: all but the "
                                                   "exemplar split)")
     c.add_argument("--exemplars", default=None, help="a file/folder of few-shot exemplars, when the data has no dev split")
+    c.add_argument("--per-relation", type=int, default=None, metavar="N",
+                   help="categorize only the first N questions of each relation (a quick look at a big dataset)")
     c.add_argument("--shard-size", type=int, default=256)
     c.add_argument("--batch-size", type=int, default=None, help="decoded rows per batch (default: by device, "
                                                                 "halved on out-of-memory)")
