@@ -55,3 +55,35 @@ def test_exemplars_never_include_the_example():
     # fixed per relation and prompt index: the same seed draws the same sets
     again = exemplar_sets(list(reversed(pool)), FewShotConfig(n_prompts=10, k=4, seed=3))
     assert [[e.id for e in s] for s in sets["P1"]] == [[e.id for e in s] for s in again["P1"]]
+
+
+def test_out_of_memory_backs_off_to_smaller_batches(quick_demo, quick_model, monkeypatch):
+    """An OOM in a batch halves the batch size and retries; the answers do not change."""
+    import torch
+
+    import probes.generation as G
+    from knowcat.demo import world_examples
+
+    model, tok = quick_model
+    run, _ = quick_demo
+    examples = world_examples(run / "world")
+    pool = [e for e in examples if e.split == "dev"]
+    sets = exemplar_sets(pool, FewShotConfig(n_prompts=1, k=4))
+    reqs = [PromptRequest(ex.id, *prompt_for(ex, sets[ex.relation][0]), True, (11, 12, 13))
+            for ex in examples if ex.split == "train"][:40]
+    want = G.generate(model, tok, reqs, batch_size=256)
+    real = G._decode_chunk
+    sizes = []
+
+    def fake(model_, cache, plen, suffixes, branches, *a, **k):
+        rows = sum(len(b) for b in branches)
+        sizes.append(rows)
+        if rows > 16:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model_, cache, plen, suffixes, branches, *a, **k)
+
+    monkeypatch.setattr(G, "_decode_chunk", fake)
+    logs = []
+    got = G.generate(model, tok, reqs, batch_size=256, log=logs.append)
+    assert any("out of memory" in l for l in logs) and max(sizes) > 16
+    assert {k: (v.greedy, v.samples) for k, v in got.items()} == {k: (v.greedy, v.samples) for k, v in want.items()}
