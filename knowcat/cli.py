@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-split", default="train", help="split to evaluate ('' for all)")
     g.add_argument("--world", default=None, help="a knowledge world folder: also check accuracy against exposure")
     g.add_argument("--match", default="exact", choices=["exact", "contains"])
-    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--batch-size", type=int, default=None)
     g.add_argument("--device", default="auto")
     g.add_argument("--dtype", default="auto")
     _add_config_args(g, FewShotConfig)

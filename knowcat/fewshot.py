@@ -1,7 +1,8 @@
 """Few-shot greedy evaluation: each example asked under ``n_prompts`` SliCK prompts.
 
-``greedy_accuracy`` returns, per example, the greedy answers and the share that
-match a gold alias: P_Correct(T=0) of SliCK.
+The greedy half of SliCK (:func:`knowcat.slick.categorize` with no samples):
+per example, the greedy answers and the share that match a gold alias,
+P_Correct(T=0).
 """
 
 from __future__ import annotations
@@ -9,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from knowcat.examples import QAExample
-from knowcat.matching import is_correct
-from knowcat.prompts import FewShotConfig, exemplar_sets, prompt_for
+from knowcat.prompts import FewShotConfig
 
 
 @dataclass
@@ -26,27 +26,18 @@ class GreedyResult:
 
 
 def greedy_accuracy(model, tokenizer, examples: list[QAExample], exemplar_pool: list[QAExample],
-                    cfg: FewShotConfig = FewShotConfig(), match: str = "exact", batch_size: int = 64,
+                    cfg: FewShotConfig = FewShotConfig(), match: str = "exact", batch_size: int | None = None,
                     max_new_tokens: int = 32, progress: bool = True) -> list[GreedyResult]:
     from tqdm.auto import tqdm
 
-    from probes.generation import PromptRequest, generate_greedy
+    from knowcat.matching import is_correct
+    from knowcat.slick import SliCKConfig, categorize
 
-    sets = exemplar_sets(exemplar_pool, cfg)
-    missing = sorted({e.relation for e in examples} - set(sets))
-    if missing:
-        raise ValueError(f"no {cfg.exemplar_split} exemplars for relations {missing}")
-    reqs = []
-    for ex in examples:
-        for j, ex_set in enumerate(sets[ex.relation]):
-            prefix, suffix = prompt_for(ex, ex_set)
-            reqs.append(PromptRequest((ex.id, j), prefix, suffix))
-    bar = tqdm(total=len(reqs), desc="greedy", unit="prompt", disable=not progress)
-    answers = generate_greedy(model, tokenizer, reqs, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                              progress=bar.update)
+    scfg = SliCKConfig(n_prompts=cfg.n_prompts, k=cfg.k, seed=cfg.seed, exemplar_split=cfg.exemplar_split,
+                       n_samples=0, match=match, max_new_tokens=max_new_tokens, keep_answers=True)
+    bar = tqdm(total=len(examples) * cfg.n_prompts, desc="greedy", unit="prompt", disable=not progress)
+    res = categorize(model, tokenizer, examples, exemplar_pool, scfg, batch_size=batch_size, progress=bar.update)
     bar.close()
-    out = []
-    for ex in examples:
-        ans = [answers[(ex.id, j)] for j in range(cfg.n_prompts)]
-        out.append(GreedyResult(ex.id, ex.relation, ans, [is_correct(a, ex.answers, match) for a in ans]))
-    return out
+    by_id = {ex.id: ex for ex in examples}
+    return [GreedyResult(r.id, by_id[r.id].relation, r.greedy_answers,
+                         [is_correct(a, by_id[r.id].answers, match) for a in r.greedy_answers]) for r in res]
