@@ -108,8 +108,9 @@ def wilson(k: int, n: int, alpha: float) -> tuple[float, float]:
 
 @dataclass
 class _State:
-    greedy: list[str] = field(default_factory=list)
+    greedy: list[str | None]  # one per prompt
     samples: dict[int, list[str]] = field(default_factory=dict)  # prompt -> answers in sample order
+    n_greedy_correct: int = 0
     n_sampled: int = 0
     n_sampled_correct: int = 0
 
@@ -130,36 +131,24 @@ def categorize(model, tokenizer, examples: list[QAExample], exemplar_pool: list[
     if missing:
         raise ValueError(f"no {cfg.exemplar_split} exemplars for relations {missing}")
     prompts = {ex.id: [prompt_for(ex, s) for s in sets[ex.relation]] for ex in examples}
-    state = {ex.id: _State() for ex in examples}
+    state = {ex.id: _State([None] * cfg.n_prompts) for ex in examples}
+    by_id = {ex.id: ex for ex in examples}
     gen_kw = dict(max_new_tokens=cfg.max_new_tokens, batch_size=batch_size, temperature=cfg.temperature,
                   top_k=cfg.top_k, progress=progress, log=log)
 
-    def streams(ex_id, j, lo, hi):
-        return tuple(stream_seed(cfg.seed, ex_id, j, s) for s in range(lo, hi))
-
-    by_id = {ex.id: ex for ex in examples}
-    for st in state.values():
-        st.greedy = [None] * cfg.n_prompts
-
     def record(req, g):
         ex_id, j = req.key
-        st = state[ex_id]
-        if g.greedy is not None:
-            st.greedy[j] = g.greedy
+        st, answers = state[ex_id], by_id[ex_id].answers
+        st.greedy[j] = g.greedy
+        st.n_greedy_correct += is_correct(g.greedy, answers, cfg.match)
         st.samples[j] = list(g.samples)
         st.n_sampled += len(g.samples)
-        st.n_sampled_correct += sum(is_correct(a, by_id[ex_id].answers, cfg.match) for a in g.samples)
-
-    every = (0, cfg.n_samples)
-
-    def needs_samples(ex_id) -> bool:
-        # lazy: samples matter only while no greedy answer and no sample is correct
-        st = state[ex_id]
-        return st.n_sampled_correct == 0 and not any(
-            is_correct(a, by_id[ex_id].answers, cfg.match) for a in st.greedy if a is not None)
+        st.n_sampled_correct += sum(is_correct(a, answers, cfg.match) for a in g.samples)
 
     def prepare(req):
-        if req.streams and not needs_samples(req.key[0]):
+        # lazy: samples matter only while none of the example's answers so far is correct
+        st = state[req.key[0]]
+        if req.streams and (st.n_greedy_correct or st.n_sampled_correct):
             return PromptRequest(req.key, req.prefix, req.suffix, True, ())
         return req
 
@@ -168,15 +157,15 @@ def categorize(model, tokenizer, examples: list[QAExample], exemplar_pool: list[
     # the samples of an example once one of its answers so far is correct: its
     # category is then decided by the greedy answers alone, or it is WeaklyKnown.
     generate(model, tokenizer, [
-        PromptRequest((ex.id, j), pre, suf, True, streams(ex.id, j, *every))
+        PromptRequest((ex.id, j), pre, suf, True,
+                      tuple(stream_seed(cfg.seed, ex.id, j, s) for s in range(cfg.n_samples)))
         for j in range(cfg.n_prompts) for ex in examples for pre, suf in [prompts[ex.id][j]]],
         on_result=record, prepare=None if cfg.exact else prepare, **gen_kw)
 
     results = []
     for ex in examples:
         st = state[ex.id]
-        ng = len(st.greedy)
-        ngc = sum(is_correct(a, by_id[ex.id].answers, cfg.match) for a in st.greedy)
+        ng, ngc = len(st.greedy), st.n_greedy_correct
         cat = category_of(ngc, ng, st.n_sampled_correct)
         full = st.n_sampled == cfg.n_prompts * cfg.n_samples
         results.append(SliCKResult(
