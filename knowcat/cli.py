@@ -133,7 +133,8 @@ def cmd_filter(args):
 def cmd_demo(args):
     from knowcat.demo import run_demo
 
-    run_demo(args.out, preset=args.preset, seed=args.seed, device=args.device, progress=not args.no_progress)
+    run_demo(args.out, preset=args.preset, seed=args.seed, device=args.device, progress=not args.no_progress,
+             study=not args.no_study)
 
 
 def cmd_world_build(args):
@@ -186,6 +187,110 @@ def cmd_greedy(args):
         print(format_check(check))
 
 
+def _mixture_config(args):
+    from knowcat.mixtures import MixtureConfig
+
+    cfg = _override(MixtureConfig(), args)
+    if getattr(args, "unknown_percents_csv", None):
+        cfg = replace(cfg, unknown_percents=tuple(int(x) for x in args.unknown_percents_csv.split(",") if x.strip()))
+    return cfg
+
+
+def _categorized_path(path: str) -> Path:
+    p = Path(path)
+    return p / "categorized.jsonl" if p.is_dir() else p
+
+
+def cmd_mixtures(args):
+    from knowcat.filtering import read_records
+    from knowcat.mixtures import build_mixtures, format_manifest, write_mixtures
+
+    src = _categorized_path(args.input)
+    cfg = _mixture_config(args)
+    sets = build_mixtures(read_records(src), cfg, source=str(src))
+    out = write_mixtures(sets, args.out or src.parent / "mixtures")
+    print(format_manifest(sets["_manifest"]))
+    print(f"wrote {len(sets) - 1} training sets to {out}")
+
+
+def _eval_records(args, path, split):
+    from knowcat.filtering import read_records
+
+    if path is None:
+        return []
+    p = Path(path)
+    if p.suffix in (".jsonl", ".json", ".csv", ".parquet") and p.is_file():
+        recs = read_records(p)
+        if recs and "question" in recs[0]:
+            return [r for r in recs if split is None or r.get("split", split) == split]
+    return [{"id": e.id, "question": e.question, "answers": list(e.answers), "relation": e.relation}
+            for e in load_from_args(args, source=str(path)) if split is None or e.split == split]
+
+
+def cmd_finetune(args):
+    from knowcat.finetune import FinetuneConfig, eval_items, finetune, format_epochs
+    from knowcat.mixtures import DEFAULT_TEMPLATE, read_training_set
+
+    cfg = _override(FinetuneConfig(), args)
+    rows = read_training_set(args.train)
+    test = eval_items(_eval_records(args, args.test, args.test_split))
+    dev = eval_items(_eval_records(args, args.dev, args.dev_split))
+    train_rels = {r.get("relation") for r in rows}
+    ood = sorted({t["relation"] for t in test} - train_rels) if args.ood_by_relation else []
+    m = finetune(args.model, rows, {k: v for k, v in (("dev", dev), ("test", test)) if v}, args.out, cfg,
+                 template=args.template or DEFAULT_TEMPLATE, ood_relations=ood, device=args.device,
+                 progress=not args.no_progress)
+    if m:
+        print(format_epochs(m))
+
+
+def _experiment_config(args):
+    from knowcat.experiment import ExperimentConfig
+    from knowcat.finetune import FinetuneConfig
+
+    cfg = ExperimentConfig(mixtures=_mixture_config(args), finetune=_override(FinetuneConfig(), args))
+    if args.variants:
+        cfg = replace(cfg, variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()))
+    return cfg
+
+
+def cmd_experiment(args):
+    from knowcat.experiment import run_experiment
+
+    cfg = _experiment_config(args)
+    dev = _eval_records(args, args.dev, cfg.dev_split) if args.dev else None
+    run_experiment(args.run, args.model, cfg, dev=dev, device=args.device, progress=not args.no_progress)
+
+
+def cmd_analyze(args):
+    from knowcat.experiment import analyze, format_findings
+    from knowcat.io import atomic_write_json
+
+    a = analyze(args.run, _experiment_config(args))
+    atomic_write_json(Path(args.run) / "analysis.json", a)
+    print(format_findings(a))
+    print(f"-> {Path(args.run) / 'analysis.json'}")
+
+
+def _add_mixture_args(p):
+    from knowcat.mixtures import MixtureConfig
+
+    p.add_argument("--unknown-percents", dest="unknown_percents_csv", default=None, help="comma-separated %%Unknown of the mixtures "
+                                                            "(default 0,25,50,75,100)")
+    _add_config_args(p, MixtureConfig)
+
+
+def _add_data_opts(p):
+    g = p.add_argument_group("evaluation data (any loader's format)")
+    have = {o for a in p._actions for o in a.option_strings}
+    for flag, kw in (("--format", {}), ("--field", {"action": "append", "default": [], "metavar": "NAME=COLUMN"}),
+                     ("--relation", {}), ("--split", {}), ("--answers-sep", {}),
+                     ("--drop-multi-answer", {"action": "store_true"}), ("--drop-overlap", {"action": "store_true"}),
+                     ("--on-error", {"choices": ["raise", "skip"], "default": "raise"}), ("--rejects", {})):
+        if flag not in have:
+            g.add_argument(flag, **({"default": None} | kw))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from knowcat.prompts import FewShotConfig
     from knowcat.slick import SliCKConfig
@@ -201,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=None)
     d.add_argument("--device", default="auto", help="auto | cpu | cuda")
     d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--no-study", action="store_true", help="stop after categorization (skip the fine-tuning study)")
     d.set_defaults(func=cmd_demo)
 
     w = sub.add_parser("world", help="the knowledge world: build it, pretrain its model")
@@ -269,6 +375,49 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto")
     _add_config_args(g, FewShotConfig)
     g.set_defaults(func=cmd_greedy)
+
+    from knowcat.finetune import FinetuneConfig
+
+    mx = sub.add_parser("mixtures", help="the paper's fine-tuning sets from a categorized train split")
+    mx.add_argument("input", help="a categorized run directory or file")
+    mx.add_argument("--out", default=None, help="folder for the sets (default: beside the input, mixtures/)")
+    _add_mixture_args(mx)
+    mx.set_defaults(func=cmd_mixtures)
+
+    ft = sub.add_parser("finetune", help="fine-tune on one training set, measuring after every epoch")
+    ft.add_argument("--model", required=True, help="hub id or local folder (never written to)")
+    ft.add_argument("--train", required=True, help="a prompt/completion JSONL (as knowcat mixtures writes)")
+    ft.add_argument("--out", required=True, help="output folder (resumes what is finished there)")
+    ft.add_argument("--dev", default=None, help="dev questions: a categorized file or any dataset")
+    ft.add_argument("--dev-split", default="dev")
+    ft.add_argument("--test", default=None, help="test questions, best a categorized file (per-category accuracy)")
+    ft.add_argument("--test-split", default="test")
+    ft.add_argument("--ood-by-relation", action=argparse.BooleanOptionalAction, default=True,
+                    help="test relations absent from the training set count as out-of-distribution")
+    ft.add_argument("--template", default=None, help="prompt template with {question}")
+    ft.add_argument("--device", default="auto")
+    ft.add_argument("--no-progress", action="store_true")
+    _add_config_args(ft, FinetuneConfig)
+    _add_data_opts(ft)
+    ft.set_defaults(func=cmd_finetune)
+
+    ex = sub.add_parser("experiment", help="mixtures -> fine-tuning on every set -> analysis, in a categorized run")
+    ex.add_argument("run", help="a run directory holding categorized.jsonl (train and test splits)")
+    ex.add_argument("--model", required=True, help="hub id or local folder (never written to)")
+    ex.add_argument("--dev", default=None, help="dev questions (default: the dev split of the run's data)")
+    ex.add_argument("--variants", default=None, help="comma-separated training sets (default: all)")
+    ex.add_argument("--device", default="auto")
+    ex.add_argument("--no-progress", action="store_true")
+    _add_mixture_args(ex)
+    _add_config_args(ex, FinetuneConfig)
+    _add_data_opts(ex)
+    ex.set_defaults(func=cmd_experiment)
+
+    an = sub.add_parser("analyze", help="the fine-tuning study's statistics from a run's files")
+    an.add_argument("run")
+    an.add_argument("--variants", default=None)
+    _add_mixture_args(an)
+    an.set_defaults(func=cmd_analyze)
     return p
 
 

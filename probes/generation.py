@@ -119,7 +119,8 @@ def _decode_chunk(model, prefix_cache, prefix_len: int, suffixes: list[list[int]
     ids, smask = ids.to(dev), smask.to(dev)
     attn = torch.cat([torch.ones((R, prefix_len), dtype=torch.long, device=dev), smask], dim=1)
     pos = (prefix_len + smask.cumsum(1) - 1).clamp(min=prefix_len)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=prefix_cache, use_cache=True)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=prefix_cache, use_cache=True,
+                **_last_logits_only(model))
 
     # Decoding runs over *nodes*: distinct (request, tokens generated so far). Branches
     # whose continuations coincide share a node, so a node's forward pass is computed
@@ -200,6 +201,22 @@ def group_requests(tokenizer, requests: Iterable[PromptRequest]):
         n = min(n, len(ids) - 1)  # at least one token is computed with the row
         groups.setdefault(tuple(ids[:n]), []).append((r, ids[n:]))
     return groups
+
+
+def _last_logits_only(model) -> dict:
+    """``logits_to_keep=1`` where the model's forward takes it: the prefill needs only
+    the last position's logits, and the vocabulary projection of every other position
+    is a large share of a small model's work."""
+    import inspect
+
+    fwd = getattr(model, "forward", None)
+    try:
+        params = inspect.signature(fwd).parameters
+    except (TypeError, ValueError):
+        return {}
+    if "logits_to_keep" in params:
+        return {"logits_to_keep": 1}
+    return {}
 
 
 def _is_oom(err: BaseException) -> bool:

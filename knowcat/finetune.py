@@ -1,0 +1,349 @@
+"""Fine-tune a causal LM on one training set and measure it after every epoch.
+
+Training is the field's own stack: a ``transformers.Trainer`` (so the same code
+runs on several devices under ``accelerate launch`` or ``torchrun``), full
+fine-tuning or LoRA through ``peft``. Each training record is a prompt and a
+completion (as :mod:`knowcat.mixtures` writes them); the loss is on the
+completion's tokens only, which end with the end-of-sequence token (or a
+newline when the tokenizer has none).
+
+After every epoch the model answers, greedily, the training set (an example is
+*fitted* when its answer reproduces its training target), the dev set and the
+test set (accuracy overall, per SliCK category, in-distribution and OOD;
+hallucination and abstention rates). Each epoch's measurements land in
+``OUT/epochs/epoch_NNN.json`` and its answers in ``epoch_NNN.answers.jsonl``
+before the epoch's checkpoint; ``OUT/metrics.json`` gathers them with
+EARLY_STOP (the best dev epoch, the earliest on ties) and CONVERGENCE (the last).
+
+A killed run started again resumes from the last epoch checkpoint in
+``OUT/checkpoints`` (model, optimizer, scheduler and data order) and skips the
+epochs already measured; a finished run is not redone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from knowcat.io import atomic_write_json, atomic_write_text
+from knowcat.matching import is_correct, normalize
+from knowcat.slick import CATEGORIES
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 50  # the paper's values as defaults: 50 epochs, lr 1e-5, batch 128
+    lr: float = 1e-5
+    batch_size: int = 128  # per optimizer step (per_device_batch * devices * grad_accum)
+    per_device_batch_size: int | None = None  # None: batch_size on one device
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    scheduler: str = "constant"
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_targets: str = "all-linear"
+    seed: int = 0
+    max_new_tokens: int = 24
+    match: str = "exact"
+    abstention: str = "I don't know"
+    bf16: bool = False
+    eval_batch_size: int | None = None  # rows decoded together (None: from memory)
+    save_model: bool = True  # the final (CONVERGENCE) model or adapter in OUT/model
+    log_every: int = 0  # Trainer logging steps (0: once per epoch)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def encode_training_set(rows: list[dict], tokenizer) -> list[dict]:
+    """Token ids and labels: the prompt's labels are -100, the completion's (plus an
+    end token) are learned."""
+    end = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else \
+        tokenizer("\n", add_special_tokens=False)["input_ids"]
+    prompts = tokenizer([r["prompt"] for r in rows], add_special_tokens=True)["input_ids"]
+    comps = tokenizer([r["completion"] for r in rows], add_special_tokens=False)["input_ids"]
+    out = []
+    for p, c in zip(prompts, comps):
+        ids = list(p) + list(c) + end
+        out.append({"input_ids": ids, "labels": [-100] * len(p) + list(c) + end})
+    return out
+
+
+class _Collator:
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, feats: list[dict]) -> dict:
+        n = max(len(f["input_ids"]) for f in feats)
+        ids = torch.full((len(feats), n), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(feats), n), -100, dtype=torch.long)
+        mask = torch.zeros((len(feats), n), dtype=torch.long)
+        for i, f in enumerate(feats):
+            k = len(f["input_ids"])
+            ids[i, :k] = torch.tensor(f["input_ids"])
+            labels[i, :k] = torch.tensor(f["labels"])
+            mask[i, :k] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring
+
+
+def answer_prompts(model, tokenizer, prompts: dict, template: str, max_new_tokens: int = 24,
+                   batch_size: int | None = None) -> dict:
+    """Greedy answers ``{key: answer}`` to ``{key: prompt}``; prompts share the template's
+    text before ``{question}``, so its tokens are encoded once."""
+    from probes.generation import PromptRequest, generate_greedy
+
+    head = template.split("{question}")[0]
+    reqs = [PromptRequest(k, head, p[len(head):]) if p.startswith(head) else PromptRequest(k, "", p)
+            for k, p in prompts.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        out = generate_greedy(model, tokenizer, reqs, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    finally:
+        if was_training:
+            model.train()
+    return {k: (v or "").strip() for k, v in out.items()}
+
+
+def score_answers(items: list[dict], answers: dict, cfg: FinetuneConfig, ood_relations: set[str]) -> dict:
+    """Accuracy, per category, in-distribution / OOD, abstention and hallucination rates."""
+    abst = normalize(cfg.abstention)
+
+    def block(rows):
+        n = len(rows)
+        correct = sum(r["correct"] for r in rows)
+        abstained = sum(r["abstained"] for r in rows)
+        answered = n - abstained
+        by_cat = {}
+        for c in CATEGORIES:
+            rc = [r for r in rows if r.get("category") == c]
+            if rc:
+                by_cat[c] = {"n": len(rc), "accuracy": sum(r["correct"] for r in rc) / len(rc)}
+        return {"n": n, "accuracy": correct / n if n else None, "abstention_rate": abstained / n if n else None,
+                "answered": answered,
+                "accuracy_answered": correct / answered if answered else None,
+                "hallucination_rate": (answered - correct) / answered if answered else None,
+                "by_category": by_cat}
+
+    rows = []
+    for it in items:
+        a = answers[it["id"]]
+        rows.append({"id": it["id"], "relation": it["relation"], "category": it.get("category"), "answer": a,
+                     "correct": is_correct(a, it["answers"], cfg.match), "abstained": normalize(a) == abst})
+    res = {"all": block(rows)}
+    if ood_relations:
+        res["in_distribution"] = block([r for r in rows if r["relation"] not in ood_relations])
+        res["ood"] = block([r for r in rows if r["relation"] in ood_relations])
+    return res, rows
+
+
+def measure_epoch(model, tokenizer, epoch: int, train_rows: list[dict], eval_sets: dict[str, list[dict]],
+                  template: str, cfg: FinetuneConfig, ood_relations: set[str]) -> tuple[dict, list[dict]]:
+    prompts = {("train", r["id"]): r["prompt"] for r in train_rows}
+    for name, items in eval_sets.items():
+        prompts.update({(name, it["id"]): template.format(question=it["question"]) for it in items})
+    t = time.time()
+    answers = answer_prompts(model, tokenizer, prompts, template, cfg.max_new_tokens, cfg.eval_batch_size)
+    metrics = {"epoch": epoch, "seconds_measuring": None}
+    per_example = []
+    fitted_by = defaultdict(list)
+    for r in train_rows:
+        a = answers[("train", r["id"])]
+        ok = normalize(a) == normalize(r["completion"])
+        fitted_by[r.get("category")].append(ok)
+        per_example.append({"set": "train", "id": r["id"], "category": r.get("category"), "answer": a,
+                            "target": r["completion"].strip(), "fitted": ok})
+    metrics["train"] = {"n": len(train_rows),
+                        "fitted": sum(sum(v) for v in fitted_by.values()) / max(1, len(train_rows)),
+                        "fitted_by_category": {c: sum(v) / len(v) for c, v in fitted_by.items() if v},
+                        "n_by_category": {c: len(v) for c, v in fitted_by.items()}}
+    for name, items in eval_sets.items():
+        res, rows = score_answers(items, {it["id"]: answers[(name, it["id"])] for it in items}, cfg,
+                                  ood_relations)
+        metrics[name] = res
+        per_example += [{"set": name, **r} for r in rows]
+    metrics["seconds_measuring"] = round(time.time() - t, 2)
+    return metrics, per_example
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def _epoch_path(out: Path, epoch: int) -> Path:
+    return out / "epochs" / f"epoch_{epoch:03d}.json"
+
+
+def read_epochs(out_dir) -> list[dict]:
+    d = Path(out_dir) / "epochs"
+    return [json.loads(p.read_text()) for p in sorted(d.glob("epoch_[0-9][0-9][0-9].json"))] if d.exists() else []
+
+
+def choose_stops(epochs: list[dict], dev: str = "dev") -> dict:
+    """EARLY_STOP: the epoch with the best dev accuracy (the earliest on ties); CONVERGENCE: the last."""
+    if not epochs:
+        return {}
+    best = max(epochs, key=lambda m: (m[dev]["all"]["accuracy"] if dev in m else -1, -m["epoch"]))
+    return {"early_stop": best["epoch"], "convergence": epochs[-1]["epoch"]}
+
+
+def _check_out_dir(model_name: str, out: Path) -> None:
+    mp = Path(model_name)
+    if mp.exists():
+        m, o = mp.resolve(), out.resolve()
+        if o == m or m in o.parents:
+            raise ValueError(f"the output folder {out} lies inside the base model's folder {model_name}; "
+                             f"knowcat never writes into a base model's folder")
+
+
+def finetune(model_name: str, train_rows: list[dict], eval_sets: dict[str, list[dict]], out_dir,
+             cfg: FinetuneConfig = FinetuneConfig(), template: str | None = None, ood_relations=(),
+             device: str = "auto", log=print, progress: bool = True) -> dict:
+    """Fine-tune ``model_name`` on ``train_rows`` (prompt/completion records with id and
+    category) and measure it after every epoch on ``eval_sets`` (``{"dev": [...],
+    "test": [...]}``: records with id, question, answers, relation and, for test,
+    category). Returns the contents of ``OUT/metrics.json``."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from knowcat.mixtures import DEFAULT_TEMPLATE
+    from probes.loading import load_model, resolve_device
+
+    template = template or DEFAULT_TEMPLATE
+    out = Path(out_dir)
+    _check_out_dir(model_name, out)
+    done = out / "metrics.json"
+    if done.exists():
+        m = json.loads(done.read_text())
+        if m.get("complete") and m.get("config") == asdict(cfg):
+            log(f"finetune: already complete in {out}")
+            return m
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "epochs").mkdir(exist_ok=True)
+    atomic_write_json(out / "config.json", {"model": model_name, "config": asdict(cfg), "template": template,
+                                            "n_train": len(train_rows),
+                                            "eval_sets": {k: len(v) for k, v in eval_sets.items()}})
+    dev = resolve_device(device)
+    model, tok = load_model(model_name, device=dev, dtype="float32")
+    model.train()
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                 lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_targets,
+                                                 task_type="CAUSAL_LM"))
+    ood = set(ood_relations)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_device = cfg.per_device_batch_size or max(1, cfg.batch_size // world)
+    accum = max(1, math.ceil(cfg.batch_size / (per_device * world)))
+    steps_per_epoch = math.ceil(len(train_rows) / (per_device * world * accum))
+    args = TrainingArguments(
+        output_dir=str(out / "checkpoints"), num_train_epochs=cfg.epochs, learning_rate=cfg.lr,
+        per_device_train_batch_size=per_device, gradient_accumulation_steps=accum,
+        weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio, lr_scheduler_type=cfg.scheduler,
+        save_strategy="epoch", save_total_limit=1, eval_strategy="no", report_to="none",
+        logging_strategy="steps", logging_steps=cfg.log_every or steps_per_epoch, seed=cfg.seed,
+        data_seed=cfg.seed, use_cpu=dev.type == "cpu", bf16=cfg.bf16, disable_tqdm=not progress,
+        dataloader_num_workers=0, remove_unused_columns=False, save_only_model=False,
+    )
+    encoded = encode_training_set(train_rows, tok)
+
+    class Measure(TrainerCallback):
+        def on_epoch_end(self, args, state, control, model=None, **kw):
+            epoch = int(round(state.epoch))
+            if state.is_world_process_zero and not _epoch_path(out, epoch).exists():
+                metrics, rows = measure_epoch(model, tok, epoch, train_rows, eval_sets, template, cfg, ood)
+                losses = [h["loss"] for h in state.log_history if "loss" in h]
+                metrics["train_loss"] = losses[-1] if losses else None
+                atomic_write_text(out / "epochs" / f"epoch_{epoch:03d}.answers.jsonl",
+                                  "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+                atomic_write_json(_epoch_path(out, epoch), metrics)
+                test = metrics.get("test", {}).get("all", {})
+                log(f"epoch {epoch}: fitted {metrics['train']['fitted']:.1%}, dev "
+                    f"{metrics.get('dev', {}).get('all', {}).get('accuracy', float('nan')):.1%}, test "
+                    f"{test.get('accuracy') or 0:.1%} ({metrics['seconds_measuring']:.0f} s measuring)")
+            if world > 1:
+                torch.distributed.barrier()
+
+    trainer = Trainer(model=model, args=args, train_dataset=_ListDataset(encoded), data_collator=_Collator(
+        tok.pad_token_id), callbacks=[Measure()])
+    if not progress:
+        from transformers.trainer_callback import PrinterCallback
+        from transformers.utils import logging as hf_logging
+
+        trainer.remove_callback(PrinterCallback)
+        hf_logging.disable_progress_bar()
+    ckpts = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) \
+        if (out / "checkpoints").exists() else []
+    t = time.time()
+    if ckpts:
+        log(f"finetune: resuming from {ckpts[-1].name}")
+    trainer.train(resume_from_checkpoint=str(ckpts[-1]) if ckpts else None)
+    seconds = time.time() - t
+    if not trainer.is_world_process_zero():
+        return {}
+    if cfg.save_model:
+        trainer.save_model(str(out / "model"))
+        tok.save_pretrained(str(out / "model"))
+    epochs = read_epochs(out)
+    result = {"complete": True, "config": asdict(cfg), "model": model_name, "n_train": len(train_rows),
+              "seconds_training": round(seconds, 1), **choose_stops(epochs), "epochs": epochs}
+    atomic_write_json(done, result)
+    import shutil
+
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return result
+
+
+def eval_items(records: list[dict], split: str | None = None) -> list[dict]:
+    """Evaluation records (id, question, answers, relation, category) from categorized or
+    plain records."""
+    out = []
+    for r in records:
+        if split is not None and r.get("split") != split:
+            continue
+        ans = r["answers"]
+        out.append({"id": r["id"], "question": r["question"], "answers": [ans] if isinstance(ans, str) else ans,
+                    "relation": r.get("relation"), "category": r.get("category")})
+    return out
+
+
+def format_epochs(m: dict) -> str:
+    lines = [f"{'epoch':>5}{'fitted':>8}" + "".join(f"{c[:2]:>6}" for c in CATEGORIES) + f"{'dev':>7}{'test':>7}"]
+    for e in m["epochs"]:
+        fb = e["train"]["fitted_by_category"]
+        lines.append(f"{e['epoch']:>5}{e['train']['fitted']:>8.1%}" +
+                     "".join(f"{fb[c]:>6.0%}" if c in fb else f"{'-':>6}" for c in CATEGORIES) +
+                     f"{e.get('dev', {}).get('all', {}).get('accuracy') or 0:>7.1%}"
+                     f"{e.get('test', {}).get('all', {}).get('accuracy') or 0:>7.1%}")
+    if "early_stop" in m:
+        lines.append(f"EARLY_STOP = epoch {m['early_stop']}, CONVERGENCE = epoch {m['convergence']}")
+    return "\n".join(lines)
+
+
+__all__ = ["FinetuneConfig", "finetune", "read_epochs", "choose_stops", "eval_items", "format_epochs",
+           "encode_training_set", "answer_prompts", "score_answers"]
