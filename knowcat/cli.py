@@ -12,15 +12,17 @@ from pathlib import Path
 def _add_config_args(p: argparse.ArgumentParser, cls, skip=()) -> None:
     """One ``--flag`` per dataclass field (ints, floats, strs, bools)."""
     for f in fields(cls):
-        if f.name in skip or f.type not in ("int", "float", "str", "bool", "int | None", "str | None"):
+        if f.name in skip or f.type not in ("int", "float", "str", "bool", "int | None", "str | None",
+                                            "float | None", "bool | None"):
             continue
         if any(f"--{f.name.replace('_', '-')}" in a.option_strings for a in p._actions):
             continue
         flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
+        if f.type in ("bool", "bool | None"):
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
         else:
-            typ = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}[f.type]
+            typ = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str,
+                   "float | None": float}[f.type]
             p.add_argument(flag, dest=f.name, type=typ, default=None, help=f"(default {f.default})")
 
 
@@ -272,6 +274,19 @@ def cmd_analyze(args):
     print(f"-> {Path(args.run) / 'analysis.json'}")
 
 
+def cmd_surrogate(args):
+    from knowcat.surrogate import SurrogateConfig, run_surrogates
+
+    cfg = _override(SurrogateConfig(), args)
+    if args.surrogates:
+        cfg = replace(cfg, surrogates=tuple(x.strip() for x in args.surrogates.split(",") if x.strip()))
+    if args.rtol_sweep_csv:
+        cfg = replace(cfg, rtol_sweep=tuple(float(x) for x in args.rtol_sweep_csv.split(",")))
+    if args.residual_sweep_csv:
+        cfg = replace(cfg, residual_sweep=tuple(float(x) for x in args.residual_sweep_csv.split(",")))
+    run_surrogates(args.run, args.model, cfg, data=args.data, device=args.device, progress=not args.no_progress)
+
+
 def _add_mixture_args(p):
     from knowcat.mixtures import MixtureConfig
 
@@ -412,6 +427,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(ex, FinetuneConfig)
     _add_data_opts(ex)
     ex.set_defaults(func=cmd_experiment)
+
+    from knowcat.surrogate import SURROGATES, SurrogateConfig
+
+    sg = sub.add_parser("surrogate", help="linearized surrogates (Ax=b) per example and the hypothesis test")
+    sg.add_argument("run", help="a categorized run directory")
+    sg.add_argument("--model", required=True, help="hub id or local folder")
+    sg.add_argument("--data", default=None, help="the data the run was categorized from (default: as recorded)")
+    sg.add_argument("--surrogates", default=None, help=f"comma-separated, from {','.join(SURROGATES)} (default all)")
+    sg.add_argument("--rtol-sweep", dest="rtol_sweep_csv", default=None, help="comma-separated rank rtols to sweep")
+    sg.add_argument("--residual-sweep", dest="residual_sweep_csv", default=None,
+                    help="comma-separated residual tolerances to sweep (relation_map)")
+    sg.add_argument("--device", default="auto")
+    sg.add_argument("--no-progress", action="store_true")
+    _add_config_args(sg, SurrogateConfig)
+    sg.set_defaults(func=cmd_surrogate)
 
     an = sub.add_parser("analyze", help="the fine-tuning study's statistics from a run's files")
     an.add_argument("run")

@@ -1,0 +1,353 @@
+"""``knowcat surrogate``: fit the linearized surrogates on a categorized run and test
+the Ax=b hypothesis against the SliCK categories.
+
+Surrogates (equations in :mod:`linear_models.surrogates`):
+
+- ``answer_jacobian`` (a): per example, the Jacobian of the readout states at the
+  answer positions with respect to the gold answer tokens' embeddings, under the
+  example's SliCK prompt ``prompt_index``; dense (SVD) when the Jacobian fits the
+  memory budget, matrix-free (CGLS + randomized SVD from Jacobian products) when
+  it does not;
+- ``relation_map`` (b): per relation, ridge least squares from subject states at
+  a middle layer to the gold answers' unembedding rows, with leave-one-out
+  residuals from the hat matrix;
+- ``relation_jacobian`` (b'): per relation, the mean local Jacobian W and bias,
+  and per example the square system W s = z* - bias.
+
+Writes ``RUN/surrogates/<name>.jsonl`` and ``.parquet`` (one row per example: the
+class, relative residual, ranks, nullity, condition numbers, effective rank and
+the class at every swept tolerance) and ``RUN/surrogates/tests.json`` (per
+surrogate: the hypothesis test at the chosen tolerance and at every swept one).
+``answer_jacobian`` streams its rows to shards, so a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from knowcat.io import atomic_write_json, atomic_write_text
+
+SURROGATES = ("answer_jacobian", "relation_map", "relation_jacobian")
+
+
+@dataclass
+class SurrogateConfig:
+    surrogates: tuple[str, ...] = SURROGATES
+    split: str = "train"
+    prompt_index: int = 0  # which SliCK prompt the systems are built under
+    margin: float = 1.0  # logits by which each gold token must win (the b of (a) and (b'))
+    rtol: float | None = None  # rank cutoff rtol * s_max; None: max(m, n) * eps
+    atol: float = 0.0
+    residual_tol: float = 0.5  # relation_map: relative leave-one-out residual above this -> no_solution
+    ridge: float = 1e-2  # relation_map: lambda = ridge * trace(S^T S) / d
+    layer: int | None = None  # subject-state layer (None: the middle block)
+    jacobian_examples: int = 8  # relation_jacobian: examples averaged per relation
+    rtol_sweep: tuple[float, ...] = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+    residual_sweep: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+    alpha: float = 0.05
+    dtype: str = "float32"  # float32 or float64 for the linear algebra
+    memory_budget_mb: float | None = None  # dense Jacobian allowed up to this; None: 1/8 of free memory
+    matrix_free: bool | None = None  # force the path (None: by the memory budget)
+    matrix_free_k: int = 64  # singular triplets found on the matrix-free path
+    matrix_free_iters: int = 300  # CGLS iterations at most (each: one Jacobian product and one transposed)
+    matrix_free_residual_tol: float | None = None  # None: ||Ax - b|| within the rank cutoff (as dense)
+    max_examples: int | None = None  # first N examples of the split (in file order), None: all
+    # answer_jacobian costs about m^2 d / 2 token passes per example (m answer tokens, d hidden size):
+    # by default it runs on a seeded sample of this many examples per category (0: every example)
+    answer_jacobian_per_category: int = 75
+    shard_size: int = 128
+    seed: int = 0
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "float64": torch.float64}[name]
+
+
+def _free_bytes() -> int:
+    import os
+
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def _load_examples(run: Path, cfg: SurrogateConfig, data: str | None):
+    """The categorized examples of the split (as QAExample, with their category) and the exemplar pool."""
+    from knowcat.loaders import load_examples
+    from knowcat.slick import SliCKConfig
+
+    cat = [json.loads(line) for line in open(run / "categorized.jsonl", encoding="utf-8")]
+    by_id = {r["id"]: r for r in cat if r.get("split") == cfg.split}
+    if not by_id:
+        raise ValueError(f"no categorized '{cfg.split}' examples in {run / 'categorized.jsonl'}")
+    meta = json.loads((run / "categorize" / "config.json").read_text())
+    source = data or meta.get("data")
+    if not source:
+        raise ValueError("the run does not record its data; give --data")
+    protocol = SliCKConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["protocol"].items()})
+    examples = load_examples(source)
+    todo = [e for e in examples if e.id in by_id]
+    if cfg.max_examples:
+        todo = todo[:cfg.max_examples]
+    pool = [e for e in examples if e.split == protocol.exemplar_split]
+    return todo, {i: by_id[i]["category"] for i in by_id}, pool, protocol
+
+
+def _prompts(todo, pool, protocol, index: int) -> dict:
+    from knowcat.prompts import exemplar_sets, prompt_for
+
+    sets = exemplar_sets(pool, protocol.fewshot)
+    out = {}
+    for e in todo:
+        pre, suf = prompt_for(e, sets[e.relation][index % protocol.n_prompts])
+        out[e.id] = pre + suf
+    return out
+
+
+def run_surrogates(run_dir, model_name: str, cfg: SurrogateConfig = SurrogateConfig(), data: str | None = None,
+                   device: str = "auto", log=print, progress: bool = True) -> dict:
+    from linear_models.hypothesis import format_verdict
+    from probes.loading import load_model
+
+    for s in cfg.surrogates:
+        if s not in SURROGATES:
+            raise ValueError(f"unknown surrogate {s!r}; choose from {SURROGATES}")
+    run = Path(run_dir)
+    out = run / "surrogates"
+    out.mkdir(parents=True, exist_ok=True)
+    todo, cats, pool, protocol = _load_examples(run, cfg, data)
+    prompts = _prompts(todo, pool, protocol, cfg.prompt_index)
+    model, tok = load_model(model_name, device=device, dtype="float32")
+    model.requires_grad_(False)
+    atomic_write_json(out / "config.json", {"model": model_name, "config": asdict(cfg), "n": len(todo)})
+    tests = json.loads((out / "tests.json").read_text()) if (out / "tests.json").exists() else {}
+    for name in cfg.surrogates:
+        t = time.time()
+        fn = {"answer_jacobian": _answer_jacobian, "relation_map": _relation_map,
+              "relation_jacobian": _relation_jacobian}[name]
+        rows = fn(model, tok, todo, prompts, cats, cfg, out, log, progress)
+        seconds = time.time() - t
+        _write_rows(out / name, rows)
+        tests[name] = _tests(rows, cfg, name)
+        tests[name]["seconds"] = round(seconds, 1)
+        tests[name]["seconds_per_example"] = seconds / max(1, len(rows))
+        atomic_write_json(out / "tests.json", tests)
+        log(format_verdict(name, tests[name]["at_default"]))
+        log(f"  ({len(rows)} examples in {seconds:.0f} s)")
+    return tests
+
+
+def _write_rows(stem: Path, rows: list[dict]) -> None:
+    import pandas as pd
+
+    atomic_write_text(stem.with_suffix(".jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    flat = [{k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in r.items()} for r in rows]
+    tmp = stem.with_suffix(".parquet.tmp")
+    pd.DataFrame(flat).to_parquet(tmp, index=False)
+    tmp.replace(stem.with_suffix(".parquet"))
+
+
+def _tests(rows: list[dict], cfg: SurrogateConfig, name: str) -> dict:
+    from linear_models.hypothesis import hypothesis_test
+
+    cats = [r["category"] for r in rows]
+    res = [r["residual"] for r in rows]
+    feats = {"log_residual": [float(np.log10(max(r["residual"], 1e-12))) for r in rows],
+             "rank_share": [r["rank"] / max(1, r["n_unknowns"]) for r in rows],
+             "log_cond": [float(np.log10(min(max(r["cond_kept"], 1.0), 1e300))) for r in rows],
+             "effective_rank_share": [r["effective_rank"] / max(1, r["n_unknowns"]) for r in rows]}
+    at_default = hypothesis_test([r["class"] for r in rows], res, cats, feats, cfg.alpha)
+    sweep = {}
+    for tol in rows[0]["sweep"] if rows else []:
+        cl = [r["sweep"][tol] for r in rows]
+        h = hypothesis_test(cl, res, cats, None, cfg.alpha)
+        sweep[tol] = {"class_counts": h["class_counts"], "verdict": h["verdict"],
+                      "chi_square_p": h["chi_square"]["p"], "cramers_v": h["chi_square"]["cramers_v"]}
+    return {"at_default": at_default, "sweep": sweep,
+            "sweep_over": "relative residual tolerance" if name == "relation_map" else "rank rtol"}
+
+
+def _bar(total, desc, progress):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="ex", disable=not progress)
+
+
+def _end_token(tok) -> int:
+    ids = tok("\n", add_special_tokens=False)["input_ids"]
+    return ids[-1] if ids else tok.eos_token_id
+
+
+def stratified_sample(todo, cats: dict, per_category: int, seed: int) -> list:
+    """At most ``per_category`` examples of each category, drawn with ``seed``, in input order."""
+    if not per_category:
+        return list(todo)
+    rng = np.random.default_rng(seed)
+    keep = set()
+    for c in sorted({cats[e.id] for e in todo}):
+        idx = [i for i, e in enumerate(todo) if cats[e.id] == c]
+        keep.update(idx if len(idx) <= per_category else rng.choice(idx, per_category, replace=False).tolist())
+    return [e for i, e in enumerate(todo) if i in keep]
+
+
+def _answer_jacobian(model, tok, todo, prompts, cats, cfg, out, log, progress) -> list[dict]:
+    from linear_models.lstsq import Tolerance, matrix_free_solve, sweep_classes
+    from linear_models.surrogates import solve_answer_system
+    from probes.jacobians import answer_jacobian, answer_operators, answer_system, margin_targets
+
+    dt = _dtype(cfg.dtype)
+    tol = Tolerance(cfg.rtol, cfg.atol)
+    W_U, bias = (x.detach() if x is not None else None for x in
+                 (model.get_output_embeddings().weight, getattr(model.get_output_embeddings(), "bias", None)))
+    end = _end_token(tok)
+    n_all = len(todo)
+    todo = stratified_sample(todo, cats, cfg.answer_jacobian_per_category, cfg.seed)
+    if len(todo) < n_all:
+        log(f"answer_jacobian: a stratified sample of {len(todo)} of {n_all} examples "
+            f"(at most {cfg.answer_jacobian_per_category} per category; --answer-jacobian-per-category 0 for all)")
+    budget = (cfg.memory_budget_mb * 2 ** 20) if cfg.memory_budget_mb else _free_bytes() / 8
+    shard_dir = out / "answer_jacobian.shards"
+    shard_dir.mkdir(exist_ok=True)
+    relevant = ("split", "prompt_index", "margin", "rtol", "atol", "rtol_sweep", "dtype", "memory_budget_mb",
+                "matrix_free", "matrix_free_k", "matrix_free_iters", "matrix_free_residual_tol", "max_examples",
+                "answer_jacobian_per_category", "shard_size", "seed")
+    config_key = json.dumps({"model": getattr(model, "name_or_path", None),
+                             **{k: v for k, v in asdict(cfg).items() if k in relevant}}, sort_keys=True)
+    if (shard_dir / "config.json").exists() and (shard_dir / "config.json").read_text() != config_key:
+        for p in shard_dir.glob("*.jsonl"):
+            p.unlink()
+    atomic_write_text(shard_dir / "config.json", config_key)
+    rows: list[dict] = []
+    bar = _bar(len(todo), "surrogate answer_jacobian", progress)
+    for s0 in range(0, len(todo), cfg.shard_size):
+        shard = shard_dir / f"{s0 // cfg.shard_size:05d}.jsonl"
+        chunk = todo[s0:s0 + cfg.shard_size]
+        if shard.exists():
+            rows += [json.loads(line) for line in open(shard, encoding="utf-8")]
+            bar.update(len(chunk))
+            continue
+        part = []
+        for e in chunk:
+            t = time.time()
+            sysm = answer_system(model, tok, prompts[e.id], e.answers[0], end)
+            delta, mu, _ = margin_targets(sysm.readout, sysm.targets, W_U, bias, cfg.margin)
+            m, d = sysm.x_gen.shape
+            n = m * d
+            b = delta.reshape(-1).to(dt)
+            dense = (n * n * 4 * 6 <= budget) if cfg.matrix_free is None else not cfg.matrix_free
+            if dense:
+                J = answer_jacobian(model, sysm).to(dt)
+                feats, full = solve_answer_system(J, b, d, tol)
+                sweep = sweep_classes(full["singular_values"], full["singular_values_aug"], n, cfg.rtol_sweep,
+                                      cfg.atol)
+            else:
+                mv, rmv = answer_operators(model, sysm)
+
+                def matvec(V, mv=mv, d=d):  # the zero first block row of A
+                    return torch.cat([torch.zeros(d, V.shape[1], dtype=V.dtype), mv(V.float()).to(V.dtype)], 0)
+
+                def rmatvec(U, rmv=rmv, d=d):
+                    return rmv(U[d:].float()).to(U.dtype)
+
+                mf = matrix_free_solve(matvec, rmatvec, b, n, cfg.matrix_free_k, tol,
+                                       residual_tol=cfg.matrix_free_residual_tol, seed=cfg.seed,
+                                       max_iter=cfg.matrix_free_iters)
+                feats = {"residual": mf["residual"], "rank": mf["rank"], "rank_aug": None, "n_unknowns": n,
+                         "nullity": mf["nullity"], "cond": None, "cond_kept": mf["cond_kept"],
+                         "effective_rank": mf["effective_rank"], "class": mf["class"],
+                         "rank_is_lower_bound": mf["rank_is_lower_bound"],
+                         "first_block_norm": float(b[:d].norm() / b.norm()) if b.norm() > 0 else 0.0}
+                sweep = {}
+            part.append({"id": e.id, "relation": e.relation, "category": cats[e.id], **feats,
+                         "path": "dense" if dense else "matrix_free", "answer_tokens": m,
+                         "first_token_margin": float(mu[0]), "min_margin": float(mu.min()),
+                         "sweep": {str(k): v for k, v in sweep.items()}, "seconds": round(time.time() - t, 4)})
+            bar.update(1)
+        atomic_write_text(shard, "".join(json.dumps(r) + "\n" for r in part))
+        rows += part
+    bar.close()
+    return rows
+
+
+def _subject_states(model, tok, todo, prompts, cfg):
+    from probes.jacobians import decoder_layers, layer_and_readout_states, subject_position
+
+    n_layers = len(decoder_layers(model))
+    layer = cfg.layer if cfg.layer is not None else n_layers // 2
+    pos = [subject_position(tok, prompts[e.id], e.subject) for e in todo]
+    S, Z = layer_and_readout_states(model, tok, [prompts[e.id] for e in todo], pos, layer)
+    first = []
+    for e in todo:
+        p = prompts[e.id]
+        p_ids = tok(p, add_special_tokens=True)["input_ids"]
+        full = tok(p + " " + e.answers[0], add_special_tokens=True)["input_ids"]
+        first.append(full[len(p_ids)] if len(full) > len(p_ids) else tok(" " + e.answers[0],
+                                                                          add_special_tokens=False)["input_ids"][0])
+    return S, Z, first, pos, layer
+
+
+def _relation_map(model, tok, todo, prompts, cats, cfg, out, log, progress) -> list[dict]:
+    from linear_models.surrogates import relation_map_classes, ridge_loo
+
+    S, _, first, _, layer = _subject_states(model, tok, todo, prompts, cfg)
+    W_U = model.get_output_embeddings().weight.detach()
+    Y = W_U[torch.tensor(first)]
+    rows = []
+    rels = sorted({e.relation for e in todo})
+    for rel in rels:
+        idx = [i for i, e in enumerate(todo) if e.relation == rel]
+        if len(idx) < 3:
+            continue
+        fit = ridge_loo(S[idx], Y[idx], cfg.ridge)
+        classes = relation_map_classes(fit, cfg.residual_tol)
+        for j, i in enumerate(idx):
+            e = todo[i]
+            r = float(fit["rel_loo"][j])
+            sweep = {str(t): relation_map_classes({**fit, "rel_loo": fit["rel_loo"][j:j + 1]}, t)[0]
+                     for t in cfg.residual_sweep}
+            rows.append({"id": e.id, "relation": rel, "category": cats[e.id], "class": classes[j], "residual": r,
+                         "fit_residual": float(fit["rel_fit"][j]), "leverage": float(fit["leverage"][j]),
+                         "rank": fit["rank"], "n_unknowns": fit["d"], "nullity": fit["d"] - fit["rank"],
+                         "relation_n": fit["n"], "cond_kept": 1.0, "effective_rank": float(fit["rank"]),
+                         "layer": layer, "lambda": fit["lambda"], "sweep": sweep})
+    return rows
+
+
+def _relation_jacobian(model, tok, todo, prompts, cats, cfg, out, log, progress) -> list[dict]:
+    from linear_models.lstsq import Tolerance, sweep_classes
+    from linear_models.surrogates import relation_jacobian_systems
+    from probes.jacobians import layer_jacobian, margin_targets
+
+    dt = _dtype(cfg.dtype)
+    S, Z, first, pos, layer = _subject_states(model, tok, todo, prompts, cfg)
+    head = model.get_output_embeddings()
+    W_U, bias = head.weight.detach(), getattr(head, "bias", None)
+    rows = []
+    rels = sorted({e.relation for e in todo})
+    bar = _bar(len(rels), "surrogate relation_jacobian (relations)", progress)
+    for rel in rels:
+        idx = [i for i, e in enumerate(todo) if e.relation == rel]
+        use = sorted(idx, key=lambda i: todo[i].id)[:cfg.jacobian_examples]
+        W = torch.stack([layer_jacobian(model, tok, prompts[todo[i].id], pos[i], layer) for i in use]).mean(0)
+        beta = (Z[idx] - S[idx] @ W.T).mean(0)
+        delta, mu, _ = margin_targets(Z[idx], [first[i] for i in idx], W_U, bias, cfg.margin)
+        target = (Z[idx] + delta - beta).to(dt)
+        Wd = W.to(dt)
+        feats, full = relation_jacobian_systems(Wd, target, Tolerance(cfg.rtol, cfg.atol))
+        for j, i in enumerate(idx):
+            e = todo[i]
+            sweep = sweep_classes(full["singular_values"][j], full["singular_values_aug"][j], Wd.shape[1],
+                                  cfg.rtol_sweep, cfg.atol)
+            rows.append({"id": e.id, "relation": rel, "category": cats[e.id], **feats[j], "layer": layer,
+                         "first_token_margin": float(mu[j]), "jacobian_examples": len(use),
+                         "sweep": {str(k): v for k, v in sweep.items()}})
+        bar.update(1)
+    bar.close()
+    return rows

@@ -1,0 +1,274 @@
+"""What the surrogates ask a model: readout states, answer-token Jacobians, and
+subject states at a middle layer, through plain forward hooks, for any
+``transformers`` causal LM (Llama, Qwen, Mistral, GPT-2 ...).
+
+The *readout state* of a position is the input of the output embedding (the
+``lm_head``): the vector h with logits = W_U h (+ bias). It is taken with a
+forward pre-hook on ``model.get_output_embeddings()``, which every causal LM in
+``transformers`` has, so no architecture-specific code is needed.
+
+Jacobians are computed with reverse-mode autograd, many rows at once by the
+batch trick: the input is replicated once per output row, each copy's output
+row is weighted by a one-hot vector, and one backward pass returns every row.
+Matrix-free products (A v and A^T u) use the same machinery: A^T U by one
+backward pass with U as the output gradient, A V by differentiating A^T W with
+respect to W (double backward), so no forward-mode support is needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+
+import torch
+
+
+@contextlib.contextmanager
+def capture_readout(model):
+    """Collects the inputs of the output embedding (the readout states) of each forward pass."""
+    store: list[torch.Tensor] = []
+    head = model.get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda mod, args: store.append(args[0]))
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+def unembedding(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+def decoder_layers(model):
+    """The transformer blocks, for Llama/Qwen/Mistral (``model.model.layers``), GPT-2
+    (``transformer.h``) and most others."""
+    for path in ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers", "transformer.blocks"):
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        return obj
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def _expand_cache(cache, batch: int):
+    c = copy.deepcopy(cache)
+    c.reorder_cache(torch.zeros(batch, dtype=torch.long, device=_cache_device(cache)))
+    return c
+
+
+def _cache_device(cache):
+    try:
+        return cache.layers[0].keys.device
+    except (AttributeError, IndexError):
+        return cache[0][0].device
+
+
+@dataclass
+class AnswerSystem:
+    """The teacher-forced pieces of surrogate (a) for one example."""
+
+    prompt_len: int
+    answer_ids: list[int]  # gold answer tokens (x_gen)
+    targets: list[int]  # next-token targets at the answer positions: answer tokens then the end token
+    readout: torch.Tensor  # [m + 1, d] readout states at the last prompt position and the answer tokens
+    x_gen: torch.Tensor  # [m, d] input embeddings of the answer tokens
+    cache: object  # the prompt's KV cache (constants: they do not depend on x_gen)
+
+
+@torch.no_grad()
+def answer_system(model, tokenizer, prompt: str, answer: str, end_token: int) -> AnswerSystem:
+    dev = model.device
+    p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    full = tokenizer(prompt + " " + answer, add_special_tokens=True)["input_ids"]
+    a_ids = full[len(p_ids):] if full[:len(p_ids)] == p_ids else \
+        tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+    if not a_ids:
+        raise ValueError(f"answer {answer!r} has no tokens")
+    with capture_readout(model) as store:
+        out = model(input_ids=torch.tensor([p_ids], device=dev), use_cache=True)
+    h_last = store[-1][0, -1]
+    cache = out.past_key_values
+    emb = model.get_input_embeddings()
+    x_gen = emb(torch.tensor(a_ids, device=dev))
+    with capture_readout(model) as store:
+        c = copy.deepcopy(cache)
+        model(inputs_embeds=x_gen[None], past_key_values=c, use_cache=True,
+              position_ids=torch.arange(len(p_ids), len(p_ids) + len(a_ids), device=dev)[None],
+              attention_mask=torch.ones(1, len(p_ids) + len(a_ids), dtype=torch.long, device=dev))
+    readout = torch.cat([h_last[None], store[-1][0]], dim=0)
+    return AnswerSystem(len(p_ids), list(a_ids), list(a_ids) + [end_token], readout, x_gen, cache)
+
+
+def _tail_readout(model, sysm: AnswerSystem, X: torch.Tensor) -> torch.Tensor:
+    """Readout states at the answer tokens for a batch of answer embeddings X [B, m, d]."""
+    B, m, _ = X.shape
+    P = sysm.prompt_len
+    dev = X.device
+    with capture_readout(model) as store:
+        model(inputs_embeds=X, past_key_values=_expand_cache(sysm.cache, B), use_cache=True,
+              position_ids=torch.arange(P, P + m, device=dev)[None].expand(B, m),
+              attention_mask=torch.ones(B, P + m, dtype=torch.long, device=dev))
+    return store[-1]  # [B, m, d]
+
+
+def answer_jacobian(model, sysm: AnswerSystem) -> torch.Tensor:
+    """J = d readout(answer positions) / d x_gen, as an [m*d, m*d] matrix (row: output
+    position-major, column: input token-major). The last prompt position's block is
+    zero by causality and is not included. Block row t depends on the first t answer
+    tokens only, so it is computed from a pass over those t tokens (d copies, one per row)."""
+    m, d = sysm.x_gen.shape
+    n = m * d
+    J = torch.zeros(n, n, dtype=sysm.x_gen.dtype, device=sysm.x_gen.device)
+    eye = torch.eye(d, dtype=sysm.x_gen.dtype, device=sysm.x_gen.device)
+    for t in range(1, m + 1):
+        X = sysm.x_gen.detach()[None, :t].repeat(d, 1, 1).requires_grad_(True)
+        with torch.enable_grad():
+            H = _tail_readout(model, sysm, X)[:, t - 1]  # [d, d]: copy i's readout at answer token t
+            (g,) = torch.autograd.grad(H, X, grad_outputs=eye)
+        J[(t - 1) * d:t * d, :t * d] = g.reshape(d, t * d)
+    return J
+
+
+def answer_operators(model, sysm: AnswerSystem):
+    """``(matvec, rmatvec)`` of the same Jacobian, for batches of vectors: matvec(V [n, p]) = J V,
+    rmatvec(U [n, p]) = J^T U, without forming J."""
+    m, d = sysm.x_gen.shape
+    n = m * d
+
+    def rmatvec(U: torch.Tensor) -> torch.Tensor:
+        p = U.shape[1]
+        X = sysm.x_gen.detach()[None].repeat(p, 1, 1).requires_grad_(True)
+        with torch.enable_grad():
+            H = _tail_readout(model, sysm, X)
+            (g,) = torch.autograd.grad(H, X, grad_outputs=U.T.reshape(p, m, d).to(H.dtype))
+        return g.reshape(p, n).T
+
+    def matvec(V: torch.Tensor) -> torch.Tensor:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        p = V.shape[1]
+        X = sysm.x_gen.detach()[None].repeat(p, 1, 1).requires_grad_(True)
+        # double backward: the fused attention kernels have no second derivative, the math one does
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+            H = _tail_readout(model, sysm, X)
+            W = torch.zeros_like(H, requires_grad=True)
+            (g,) = torch.autograd.grad(H, X, grad_outputs=W, create_graph=True)
+            (jv,) = torch.autograd.grad(g, W, grad_outputs=V.T.reshape(p, m, d).to(g.dtype))
+        return jv.reshape(p, n).T
+
+    return matvec, rmatvec
+
+
+def margin_targets(readout: torch.Tensor, targets: list[int], W_U: torch.Tensor, bias, margin: float):
+    """b of surrogate (a): per position, the smallest change of the readout state that makes the
+    target token beat its strongest competitor by ``margin`` logits (zero where it already does):
+    delta = max(0, margin - (w_y - w_c).h - (b_y - b_c)) / ||w_y - w_c||^2 * (w_y - w_c).
+    Returns (delta [m+1, d], current margins [m+1], competitors [m+1])."""
+    logits = readout @ W_U.T
+    if bias is not None:
+        logits = logits + bias
+    t = torch.tensor(targets, device=readout.device)
+    rows = torch.arange(len(targets), device=readout.device)
+    tgt = logits[rows, t]
+    masked = logits.clone()
+    masked[rows, t] = -torch.inf
+    comp = masked.argmax(-1)
+    mu = tgt - logits[rows, comp]
+    w = W_U[t] - W_U[comp]
+    need = torch.clamp(margin - mu, min=0)
+    delta = (need / (w * w).sum(-1).clamp(min=1e-30))[:, None] * w
+    return delta, mu, comp
+
+
+# ---------------------------------------------------------------------------------------------
+# surrogate (b): subject states at a middle layer and the relation's local Jacobian
+
+
+def subject_position(tokenizer, prompt: str, subject: str | None) -> int:
+    """Index of the subject's last token in the tokenized prompt (the prompt's last token when
+    the subject cannot be located)."""
+    enc = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    if subject:
+        end = prompt.rfind(subject)
+        if end >= 0:
+            end += len(subject)
+            for i, (a, b) in enumerate(enc["offset_mapping"]):
+                if a < end <= b or (b == end and b > a):
+                    return i
+    return len(ids) - 1
+
+
+@torch.no_grad()
+def layer_and_readout_states(model, tokenizer, prompts: list[str], positions: list[int], layer: int) -> tuple:
+    """For each prompt: the output of block ``layer`` at ``positions[i]`` and the readout state at
+    the last position. Returns ([N, d], [N, d])."""
+    blocks = decoder_layers(model)
+    hs, zs = [], []
+    for prompt, pos in zip(prompts, positions):
+        ids = torch.tensor([tokenizer(prompt, add_special_tokens=True)["input_ids"]], device=model.device)
+        got = {}
+
+        def hook(mod, args, out):
+            got["h"] = (out[0] if isinstance(out, tuple) else out)[0, pos].detach().clone()
+
+        handle = blocks[layer].register_forward_hook(hook)
+        try:
+            with capture_readout(model) as store:
+                model(input_ids=ids, logits_to_keep=1) if _takes_logits_to_keep(model) else model(input_ids=ids)
+        finally:
+            handle.remove()
+        hs.append(got["h"])
+        zs.append(store[-1][0, -1])
+    return torch.stack(hs), torch.stack(zs)
+
+
+def _takes_logits_to_keep(model) -> bool:
+    import inspect
+
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def layer_jacobian(model, tokenizer, prompt: str, position: int, layer: int) -> torch.Tensor:
+    """d z / d h: the readout state at the last position with respect to block ``layer``'s output
+    at ``position`` (the subject's last token), an [d, d] matrix (Hernandez et al. 2023). The
+    tokens before ``position`` do not depend on h: they are encoded once into a KV cache and the
+    d copies (one per row) run only from ``position`` to the end."""
+    blocks = decoder_layers(model)
+    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    dev = model.device
+    d = model.get_input_embeddings().weight.shape[1]
+    cache = None
+    if position > 0:
+        with torch.no_grad():
+            cache = model(input_ids=torch.tensor([ids[:position]], device=dev), use_cache=True).past_key_values
+        cache = _expand_cache(cache, d)
+    tail = torch.tensor([ids[position:]], device=dev).repeat(d, 1)
+    state = {}
+
+    def hook(mod, args, out):
+        h = out[0] if isinstance(out, tuple) else out
+        leaf = h[:, 0].detach().clone().requires_grad_(True)
+        state["leaf"] = leaf
+        h = torch.cat([leaf[:, None], h[:, 1:]], dim=1)
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    handle = blocks[layer].register_forward_hook(hook)
+    try:
+        with torch.enable_grad(), capture_readout(model) as store:
+            model(input_ids=tail, past_key_values=cache, use_cache=cache is not None,
+                  position_ids=torch.arange(position, len(ids), device=dev)[None].expand(d, -1),
+                  attention_mask=torch.ones(d, len(ids), dtype=torch.long, device=dev))
+            z = store[-1][:, -1]  # [d, d]: copy i's readout state
+            (g,) = torch.autograd.grad(z, state["leaf"], grad_outputs=torch.eye(d, dtype=z.dtype, device=z.device))
+    finally:
+        handle.remove()
+    return g  # row i = d z_i / d h
