@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=None)
     d.add_argument("--device", default="auto", help="auto | cpu | cuda")
     d.add_argument("--no-progress", action="store_true")
-    d.add_argument("--no-study", action="store_true", help="stop after categorization (skip the fine-tuning study)")
+    d.add_argument("--no-study", action="store_true", help="stop after categorization (skip the fine-tuning study and the surrogates)")
     d.set_defaults(func=cmd_demo)
 
     w = sub.add_parser("world", help="the knowledge world: build it, pretrain its model")

@@ -4,7 +4,8 @@
 model, categorizes the world's train and test questions with SliCK (whose greedy
 pass is the few-shot greedy evaluation), checks both against the ground
 truth (greedy accuracy against exposure, mean exposure per category), then runs
-the fine-tuning study (:mod:`knowcat.experiment`) on the categorized splits. Each
+the fine-tuning study (:mod:`knowcat.experiment`) on the categorized splits
+and the linearized surrogates (:mod:`knowcat.surrogate`) on the train split. Each
 stage skips itself when its output is already complete (categorization resumes
 shard by shard), so a killed demo resumes where it stopped.
 
@@ -23,6 +24,7 @@ from knowcat.experiment import ExperimentConfig
 from knowcat.finetune import FinetuneConfig
 from knowcat.io import atomic_write_json
 from knowcat.mixtures import MixtureConfig
+from knowcat.surrogate import SurrogateConfig
 from knowcat.slick import CATEGORIES, SliCKConfig
 from knowcat.world.build import PRESETS as WORLD_PRESETS, WorldConfig, build_world, read_exposures
 from knowcat.world.pretrain import PretrainConfig, pretrain
@@ -40,6 +42,7 @@ class DemoConfig:
     # (the paper's 1e-5 with batch 128 would take one step per epoch on |D| of a few dozen)
     experiment: ExperimentConfig | None = field(default_factory=lambda: ExperimentConfig(
         finetune=FinetuneConfig(epochs=16, lr=1.5e-4, batch_size=16, save_model=False)))
+    surrogate: SurrogateConfig | None = field(default_factory=SurrogateConfig)
 
 
 DEMO_PRESETS: dict[str, DemoConfig] = {
@@ -52,6 +55,7 @@ DEMO_PRESETS: dict[str, DemoConfig] = {
         experiment=ExperimentConfig(
             mixtures=MixtureConfig(unknown_percents=(0, 50, 100), size=24, single=False),
             finetune=FinetuneConfig(epochs=3, lr=3e-3, batch_size=8, save_model=False)),
+        surrogate=SurrogateConfig(max_examples=120, answer_jacobian_per_category=6, jacobian_examples=2),
     ),
 }
 
@@ -159,6 +163,14 @@ def run_demo(run_dir, preset: str = "default", seed: int | None = None, device: 
         timings["experiment"] = time.time() - t
         summary["seconds"] = {k: round(v, 1) for k, v in timings.items()}
         summary["findings"] = analysis["findings"]
+    if cfg.surrogate is not None and study:
+        from knowcat.surrogate import run_surrogates
+
+        t = time.time()
+        tests = run_surrogates(run, str(model_dir), cfg.surrogate, device=device, log=log, progress=progress)
+        timings["surrogates"] = time.time() - t
+        summary["seconds"] = {k: round(v, 1) for k, v in timings.items()}
+        summary["surrogate_verdicts"] = {k: v["at_default"]["verdict"] for k, v in tests.items()}
     atomic_write_json(run / "demo_summary.json", summary)
     log(f"demo: done in {sum(timings.values()):.0f} s -> {run}")
     return summary

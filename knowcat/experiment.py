@@ -274,12 +274,13 @@ def analyze(run_dir, cfg: ExperimentConfig = ExperimentConfig(), variants=None) 
             y = [r[s0] for r in rows]
             slope = float(np.polyfit(x, y, 1)[0])
             rho = float(stats.spearmanr(x, y).statistic)
-            entry = {"slope_per_10pct_unknown": 10 * slope, "spearman": rho, "accuracy": dict(zip(x, y))}
+            entry = {"slope_per_10pct_unknown": 10 * slope, "spearman": rho,
+                     "accuracy": {str(a): b for a, b in zip(x, y)}}
             kx = [r["unknown_percent"] for r in rows if f"known_{s0}" in r]
             if len(kx) >= 2:
                 ky = [r[f"known_{s0}"] for r in rows if f"known_{s0}" in r]
                 entry["known_slope_per_10pct_unknown"] = 10 * float(np.polyfit(kx, ky, 1)[0])
-                entry["known_accuracy"] = dict(zip(kx, ky))
+                entry["known_accuracy"] = {str(a): b for a, b in zip(kx, ky)}
             f[f"accuracy_vs_unknown_{stop}"] = entry
     if "accuracy_vs_unknown_convergence" in f:
         e = f["accuracy_vs_unknown_convergence"]
@@ -314,10 +315,11 @@ def format_findings(a: dict) -> str:
     for stop in ("early_stop", "convergence"):
         e = f.get(f"accuracy_vs_unknown_{stop}")
         if e:
-            acc = ", ".join(f"{x}%: {y:.1f}" for x, y in e["accuracy"].items())
+            acc = ", ".join(f"{x}%: {y:.1f}" for x, y in sorted(e["accuracy"].items(), key=lambda kv: int(kv[0])))
             line = f"  {stop.upper()} test accuracy by %Unknown: {acc} (slope {e['slope_per_10pct_unknown']:+.2f} per 10%)"
             if "known_accuracy" in e:
-                line += "; D_Known: " + ", ".join(f"{x}%: {y:.1f}" for x, y in e["known_accuracy"].items())
+                line += "; D_Known: " + ", ".join(f"{x}%: {y:.1f}" for x, y in
+                                                  sorted(e["known_accuracy"].items(), key=lambda kv: int(kv[0])))
             lines.append(line)
     if "idk" in f:
         i = f["idk"]

@@ -45,7 +45,7 @@ class SurrogateConfig:
     rtol: float | None = None  # rank cutoff rtol * s_max; None: max(m, n) * eps
     atol: float = 0.0
     residual_tol: float = 0.5  # relation_map: relative leave-one-out residual above this -> no_solution
-    ridge: float = 1e-2  # relation_map: lambda = ridge * trace(S^T S) / d
+    ridge: float | None = None  # relation_map: lambda = ridge * trace(S^T S) / d; None: by leave-one-out CV
     layer: int | None = None  # subject-state layer (None: the middle block)
     jacobian_examples: int = 8  # relation_jacobian: examples averaged per relation
     rtol_sweep: tuple[float, ...] = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -316,7 +316,7 @@ def _relation_map(model, tok, todo, prompts, cats, cfg, out, log, progress) -> l
                          "fit_residual": float(fit["rel_fit"][j]), "leverage": float(fit["leverage"][j]),
                          "rank": fit["rank"], "n_unknowns": fit["d"], "nullity": fit["d"] - fit["rank"],
                          "relation_n": fit["n"], "cond_kept": 1.0, "effective_rank": float(fit["rank"]),
-                         "layer": layer, "lambda": fit["lambda"], "sweep": sweep})
+                         "layer": layer, "lambda": fit["lambda"], "ridge": fit["ridge"], "sweep": sweep})
     return rows
 
 

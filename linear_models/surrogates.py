@@ -28,6 +28,9 @@ features: the unembedding row W_U[g_i] of its first token. Ridge least squares::
     [W; c] = argmin sum_i ||y_i - W^T s_i - c||^2 + lambda ||W||^2
     lambda = ridge * trace(S_c^T S_c) / d    (S_c: centred subject states)
 
+with ``ridge`` chosen per relation from a grid by the smallest leave-one-out error
+(or given).
+
 Each example's leave-one-out residual comes from the hat matrix
 H = S_c (S_c^T S_c + lambda I)^{-1} S_c^T + 11^T/n without n refits:
 e_(i) = e_i / (1 - H_ii). The per-example system is "is y_i produced by the map
@@ -70,10 +73,19 @@ def _features(res: dict, cls: str) -> dict:
             "cond_kept": float(res["cond_kept"]), "effective_rank": float(res["effective_rank"]), "class": cls}
 
 
-def ridge_loo(S: torch.Tensor, Y: torch.Tensor, ridge: float = 1e-2) -> dict:
+RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+
+
+def ridge_loo(S: torch.Tensor, Y: torch.Tensor, ridge: float | None = None, grid=RIDGE_GRID) -> dict:
     """Ridge regression of Y [n, k] on S [n, d] with an intercept; leave-one-out residuals from
-    the hat matrix. Returns W [d, k], c [k], residuals, LOO residuals, leverages, the relative
-    LOO residual per example and rank(S_c)."""
+    the hat matrix. ``ridge=None`` picks it from ``grid`` by the smallest mean squared LOO
+    residual (efficient leave-one-out cross-validation, as RidgeCV does). Returns W [d, k],
+    c [k], residuals, LOO residuals, leverages, the relative LOO residual per example and rank(S_c)."""
+    if ridge is None:
+        fits = [ridge_loo(S, Y, r) for r in grid]
+        best = min(range(len(grid)), key=lambda i: float((fits[i]["loo"] ** 2).sum(1).mean()))
+        return {**fits[best], "ridge": grid[best], "ridge_grid": list(grid),
+                "loo_mse_grid": [float((f["loo"] ** 2).sum(1).mean()) for f in fits]}
     n, d = S.shape
     S64, Y64 = S.double(), Y.double()
     s_bar, y_bar = S64.mean(0), Y64.mean(0)
@@ -90,7 +102,7 @@ def ridge_loo(S: torch.Tensor, Y: torch.Tensor, ridge: float = 1e-2) -> dict:
     loo = E / (1 - lev).clamp(min=1e-12)[:, None]
     denom = torch.linalg.vector_norm(Yc, dim=1).clamp(min=1e-30)
     rank = int(torch.linalg.matrix_rank(Sc))
-    return {"W": W, "c": c, "residuals": E, "loo": loo, "leverage": lev, "lambda": float(lam),
+    return {"W": W, "c": c, "residuals": E, "loo": loo, "leverage": lev, "lambda": float(lam), "ridge": ridge,
             "rel_loo": torch.linalg.vector_norm(loo, dim=1) / denom,
             "rel_fit": torch.linalg.vector_norm(E, dim=1) / denom, "rank": rank, "n": n, "d": d}
 

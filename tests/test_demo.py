@@ -25,6 +25,24 @@ def test_quick_demo_writes_every_stage(quick_demo):
     assert sum(summary["seconds"].values()) < 120
 
 
+def test_quick_demo_runs_the_study_and_the_surrogates(quick_demo):
+    run, summary = quick_demo
+    analysis = json.loads((run / "analysis.json").read_text())
+    manifest = json.loads((run / "mixtures" / "manifest.json").read_text())
+    assert set(analysis["variants"]) == {k for k, v in manifest["sets"].items() if v["n"] > 0}
+    for v in analysis["variants"]:
+        m = json.loads((run / "finetune" / v / "metrics.json").read_text())
+        assert m["complete"] and len(m["epochs"]) == 3
+        assert {"in_distribution", "ood"} <= set(m["epochs"][-1]["test"])
+    for key in ("linear_model", "accuracy_vs_unknown", "t_tests", "fitting", "idk", "findings"):
+        assert key in analysis, key
+    assert "b_unk" in analysis["linear_model"]["in_distribution"]["params"]
+    assert summary["findings"] == analysis["findings"]
+    tests = json.loads((run / "surrogates" / "tests.json").read_text())
+    assert set(tests) == {"answer_jacobian", "relation_map", "relation_jacobian"}
+    assert set(summary["surrogate_verdicts"]) == set(tests)
+
+
 def test_demo_resumes_without_recomputing(quick_demo):
     from knowcat.demo import run_demo
 
@@ -35,6 +53,7 @@ def test_demo_resumes_without_recomputing(quick_demo):
     assert any("already built" in line for line in lines)
     assert any("model already" in line for line in lines)
     assert any("already finished" in line for line in lines)
+    assert any("already complete" in line for line in lines)  # the fine-tuning runs
     assert (run / "model" / "model.safetensors").stat().st_mtime_ns == before
 
 
@@ -53,5 +72,6 @@ def test_cli_greedy_on_the_demo_world(quick_demo, tmp_path):
 def test_cli_help_lists_the_stages():
     r = subprocess.run([sys.executable, "-m", "knowcat", "--help"], capture_output=True, text=True)
     assert r.returncode == 0
-    for cmd in ("demo", "world", "data", "greedy"):
+    for cmd in ("demo", "world", "data", "greedy", "categorize", "filter", "mixtures", "finetune", "experiment",
+                "analyze", "surrogate"):
         assert cmd in r.stdout
