@@ -287,6 +287,13 @@ def cmd_surrogate(args):
     run_surrogates(args.run, args.model, cfg, data=args.data, device=args.device, progress=not args.no_progress)
 
 
+def cmd_report(args):
+    from reports import build_report
+
+    path = build_report(args.run, out=args.out, max_table_rows=args.max_table_rows)
+    print(f"report: {path} ({path.stat().st_size / 2 ** 20:.2f} MB)")
+
+
 def _add_mixture_args(p):
     from knowcat.mixtures import MixtureConfig
 
@@ -442,6 +449,13 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--no-progress", action="store_true")
     _add_config_args(sg, SurrogateConfig)
     sg.set_defaults(func=cmd_surrogate)
+
+    rp = sub.add_parser("report", help="one self-contained HTML report of a run directory")
+    rp.add_argument("run")
+    rp.add_argument("--out", default=None, help="default RUN/report.html")
+    rp.add_argument("--max-table-rows", type=int, default=2000, help="examples in the page's table (a stratified "
+                                                                     "sample beyond this)")
+    rp.set_defaults(func=cmd_report)
 
     an = sub.add_parser("analyze", help="the fine-tuning study's statistics from a run's files")
     an.add_argument("run")

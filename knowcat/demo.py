@@ -172,5 +172,10 @@ def run_demo(run_dir, preset: str = "default", seed: int | None = None, device: 
         summary["seconds"] = {k: round(v, 1) for k, v in timings.items()}
         summary["surrogate_verdicts"] = {k: v["at_default"]["verdict"] for k, v in tests.items()}
     atomic_write_json(run / "demo_summary.json", summary)
+    from reports import build_report
+
+    report = build_report(run)
+    summary["report"] = str(report)
+    log(f"report: {report}")
     log(f"demo: done in {sum(timings.values()):.0f} s -> {run}")
     return summary

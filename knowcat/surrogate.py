@@ -46,7 +46,7 @@ class SurrogateConfig:
     atol: float = 0.0
     residual_tol: float = 0.5  # relation_map: relative leave-one-out residual above this -> no_solution
     ridge: float | None = None  # relation_map: lambda = ridge * trace(S^T S) / d; None: by leave-one-out CV
-    layer: int | None = None  # subject-state layer (None: the middle block)
+    layer: int | None = None  # subject-state layer (None: the middle block, n // 2, but not the last)
     jacobian_examples: int = 8  # relation_jacobian: examples averaged per relation
     rtol_sweep: tuple[float, ...] = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
     residual_sweep: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
@@ -280,7 +280,9 @@ def _subject_states(model, tok, todo, prompts, cfg):
     from probes.jacobians import decoder_layers, layer_and_readout_states, subject_position
 
     n_layers = len(decoder_layers(model))
-    layer = cfg.layer if cfg.layer is not None else n_layers // 2
+    # the middle block, and never the last one (its output at the subject position cannot reach the
+    # last position's readout: no block is left to move it)
+    layer = cfg.layer if cfg.layer is not None else max(0, min(n_layers // 2, n_layers - 2))
     pos = [subject_position(tok, prompts[e.id], e.subject) for e in todo]
     S, Z = layer_and_readout_states(model, tok, [prompts[e.id] for e in todo], pos, layer)
     first = []

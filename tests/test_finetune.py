@@ -96,3 +96,14 @@ def test_resume_after_kill_matches_uninterrupted(small_sets, tmp_path):
     finetune(str(run / "model"), rows, {"test": test}, tmp_path / "b", cfg, log=msgs.append, progress=False,
              device="cpu")
     assert any("already complete" in m for m in msgs)
+
+
+def test_lora_trains_only_the_adapter(small_sets, tmp_path):
+    run, sets, test = small_sets
+    cfg = FinetuneConfig(epochs=2, lr=1e-2, batch_size=8, lora=True, lora_r=4, save_model=True)
+    m = finetune(str(run / "model"), sets["unknown_00"], {"test": test[:10]}, tmp_path / "lora", cfg,
+                 log=lambda *a: None, progress=False, device="cpu")
+    assert m["complete"] and len(m["epochs"]) == 2
+    saved = {p.name for p in (tmp_path / "lora" / "model").iterdir()}
+    assert "adapter_config.json" in saved and "adapter_model.safetensors" in saved
+    assert "model.safetensors" not in saved  # the base weights are not copied

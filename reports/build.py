@@ -1,0 +1,266 @@
+"""Build ``report.html`` from a run directory's files (never runs a model).
+
+Reads what exists, in the run layout every knowcat stage writes:
+``categorized.jsonl``, ``categorize/config.json``, ``categorize_summary.json``,
+and when present ``config.json`` / ``demo_summary.json`` (a demo run),
+``exposure_check.json`` and ``world/exposures.jsonl`` (the demo world's ground
+truth), ``analysis.json`` and ``finetune/*/metrics.json`` (the fine-tuning study),
+``surrogates/tests.json`` and ``surrogates/*.jsonl`` (the surrogates). A section
+appears when its files do.
+
+The page is one self-contained file: figures inline (SVG, or PNG when dense),
+styles and script inline, no network. Every string from a dataset or a model is
+escaped: the template autoescapes, and the example table's data is embedded as
+JSON with ``<``, ``>`` and ``&`` written as unicode escapes and rendered with
+``textContent``. The example table holds at most ``max_table_rows`` examples
+(a seeded sample, stratified by category, when there are more), paginated and
+searchable in the page; the figures are aggregates, so the page's size does not
+grow with the dataset beyond that.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from reports import figures as F
+
+CATEGORIES = F.CATEGORIES
+PAPER_SHARES = {"HighlyKnown": 0.24, "MaybeKnown": 0.23, "WeaklyKnown": 0.17, "Unknown": 0.36}
+
+
+def _read_json(p: Path):
+    return json.loads(p.read_text(encoding="utf-8")) if p.exists() else None
+
+
+def _read_jsonl(p: Path) -> list[dict]:
+    if not p.exists():
+        return []
+    with open(p, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("knowcat", "torch", "transformers", "datasets", "statsmodels", "peft", "accelerate"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _safe_json(obj) -> str:
+    """JSON for a <script type="application/json"> block: nothing in it can close the tag."""
+    return json.dumps(obj, ensure_ascii=False).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _sample_rows(rows: list[dict], n: int, seed: int = 0) -> tuple[list[dict], bool]:
+    if len(rows) <= n:
+        return rows, False
+    rng = np.random.default_rng(seed)
+    by = defaultdict(list)
+    for i, r in enumerate(rows):
+        by[r.get("category")].append(i)
+    keep = []
+    for c, idx in by.items():
+        k = max(1, round(n * len(idx) / len(rows)))
+        keep += rng.choice(idx, min(k, len(idx)), replace=False).tolist()
+    return [rows[i] for i in sorted(keep)[:n]], True
+
+
+def _rerun_command(run: Path, demo_cfg: dict | None, cat_cfg: dict | None) -> str:
+    if demo_cfg:
+        return f"knowcat demo --preset {demo_cfg.get('preset', 'default')} --out {run}"
+    if cat_cfg:
+        p = cat_cfg.get("protocol", {})
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in p.items()
+                         if k in ("n_prompts", "k", "n_samples", "temperature", "top_k", "seed", "match"))
+        return f"knowcat categorize --model {cat_cfg.get('model')} {cat_cfg.get('data')} --out {run} {flags}"
+    return ""
+
+
+def knowledge_section(run: Path, rows: list[dict], max_table_rows: int) -> dict:
+    by_rel = defaultdict(Counter)
+    for r in rows:
+        by_rel[r.get("relation", "?")][r.get("category")] += 1
+    counts = Counter(r.get("category") for r in rows)
+    n = len(rows)
+    sec = {
+        "n": n,
+        "counts": [{"category": c, "n": counts.get(c, 0), "share": counts.get(c, 0) / n if n else 0,
+                    "paper": PAPER_SHARES[c]} for c in CATEGORIES],
+        "by_relation": [{"relation": rel, **{c: by_rel[rel].get(c, 0) for c in CATEGORIES},
+                         "total": sum(by_rel[rel].values())} for rel in sorted(by_rel)],
+        "fig_bars": F.category_bars({k: dict(v) for k, v in by_rel.items()}) if rows else "",
+        "fig_hist": F.p_correct_histograms([r.get("p_correct_greedy") for r in rows],
+                                           [r.get("p_correct_sampled") for r in rows]) if rows else "",
+    }
+    exposure_check = _read_json(run / "exposure_check.json")
+    expos = {e["id"]: e["count"] for e in _read_jsonl(run / "world" / "exposures.jsonl")}
+    if exposure_check:
+        g = exposure_check["greedy_vs_exposure"]
+        sec["ground_truth"] = {k: g[k] for k in g if k != "by_exposure"}
+        sec["fig_exposure_acc"] = F.accuracy_by_exposure(g["by_exposure"])
+        ce = exposure_check.get("category_exposure", {})
+        sec["category_exposure"] = [{"category": c, **ce[c]} for c in CATEGORIES if c in ce]
+        sec["ordered"] = ce.get("strictly_ordered")
+    if expos:
+        split = "train"
+        stats = {c: F.quantiles([expos[r["id"]] for r in rows if r.get("category") == c and r["id"] in expos
+                                 and r.get("split", split) == split]) for c in CATEGORIES}
+        sec["fig_exposure_box"] = F.exposure_by_category({c: s for c, s in stats.items() if s})
+    sample, sampled = _sample_rows(rows, max_table_rows)
+    table = []
+    for r in sample:
+        answers = r.get("answers")
+        if isinstance(answers, str):
+            answers = [answers]
+        greedy = r.get("greedy_answers") or []
+        table.append({"id": str(r.get("id", "")), "relation": str(r.get("relation", "")),
+                      "split": str(r.get("split", "")), "question": str(r.get("question", "")),
+                      "answers": " | ".join(map(str, answers or [])), "category": str(r.get("category", "")),
+                      "p0": r.get("p_correct_greedy"), "p1": r.get("p_correct_sampled"),
+                      "model": " | ".join(map(str, greedy[:3]))})
+    sec["table_json"] = _safe_json(table)
+    sec["table_n"] = len(table)
+    sec["table_sampled"] = sampled
+    return sec
+
+
+def finetune_section(run: Path) -> dict | None:
+    a = _read_json(run / "analysis.json")
+    if not a:
+        return None
+    from linear_models.study import PAPER_LINEAR_MODEL, PAPER_TABLE2
+
+    sec = {"size": a["size"], "variants": a["variants"], "findings": a.get("findings", {})}
+    fit = a.get("fitting", {})
+    figs = []
+    for v in ("unknown_50", "unknown_25", "unknown_75", "natural"):
+        if v in fit:
+            figs.append(F.fitting_curves({c: fit[v][c]["curve"] for c in (*CATEGORIES, "Known") if c in fit[v]},
+                                         f"fitting on {v}"))
+            break
+    singles = {c: fit[c][c]["curve"] for c in CATEGORIES if c in fit and c in fit[c]}
+    if singles:
+        figs.append(F.fitting_curves(singles, "each single-category set, its own examples"))
+    sec["fig_fitting"] = figs
+    subsets = [s for s in ("in_distribution", "ood") if any(s in r for r in a["accuracy_vs_unknown"].get("convergence", []))]
+    sec["fig_acc_vs_unknown"] = [F.accuracy_vs_unknown(a["accuracy_vs_unknown"], s) for s in subsets]
+    lm = []
+    for s, res in a.get("linear_model", {}).items():
+        if "params" not in res:
+            lm.append({"subset": s, "error": res.get("error")})
+            continue
+        lm.append({"subset": s, "r2": res["r2"], "nobs": res["nobs"], "paper": PAPER_LINEAR_MODEL.get(s, {}),
+                   "coefs": [{"name": k, "value": res["params"][k], "se": res["bse"][k], "ci": res["conf_int_95"][k],
+                              "p": res["pvalues"][k], "paper": PAPER_LINEAR_MODEL.get(s, {}).get(k)}
+                             for k in ("b0", "b_kn", "b_unk")]})
+    sec["linear_model"] = lm
+    t2 = []
+    for stop, rows in a.get("table2", {}).items():
+        for v, r in rows.items():
+            t2.append({"stop": stop, "variant": v, "full": r["full"], **{c: r.get(c) for c in CATEGORIES},
+                       "paper": PAPER_TABLE2[stop].get(v)})
+    sec["table2"] = t2
+    sec["t_tests"] = [{"variant": v, "subset": s, **t} for v, d in a.get("t_tests", {}).items() for s, t in d.items()]
+    sec["accuracy"] = [{"variant": v, **{f"{stop}_{k}": d[stop].get(k) for stop in ("early_stop", "convergence")
+                                         for k in ("epoch", "in_distribution", "ood", "dev")}}
+                       for v, d in a.get("accuracy", {}).items()]
+    sec["idk"] = a.get("idk")
+    return sec
+
+
+def surrogate_section(run: Path) -> dict | None:
+    tests = _read_json(run / "surrogates" / "tests.json")
+    if not tests:
+        return None
+    out = []
+    for name, t in tests.items():
+        d = t["at_default"]
+        rows = _read_jsonl(run / "surrogates" / f"{name}.jsonl")
+        q = {c: F.quantiles([r["residual"] for r in rows if r["category"] == c]) for c in CATEGORIES}
+        q = {c: v for c, v in q.items() if v}
+        out.append({
+            "name": name, "verdict": d["verdict"], "reasons": d["reasons"], "n": d["n"],
+            "chi": d["chi_square"], "kruskal": d["kruskal"], "auroc": d["auroc_unknown_vs_known"],
+            "class_counts": d["class_counts"], "seconds": t.get("seconds"),
+            "mnlogit": {k: v for k, v in d["multinomial_logit"].items() if k in ("llr_p", "pseudo_r2", "error", "features")},
+            "fig_resid": F.residual_boxes(q, f"{name}: relative residual by category") if q else "",
+            "fig_heat": F.class_heatmap(d["table"], f"{name}: class x category"),
+            "fig_sweep": F.tolerance_sweep(t["sweep"], t.get("sweep_over", "tolerance"), f"{name}: tolerance sweep")
+            if t.get("sweep") else "",
+            "sweep": [{"tol": k, **v} for k, v in sorted(t.get("sweep", {}).items(), key=lambda kv: float(kv[0]))],
+        })
+    return {"surrogates": out}
+
+
+def summary_lines(know: dict, ft: dict | None, sg: dict | None, gt: dict | None) -> list[str]:
+    lines = []
+    if know["n"]:
+        shares = ", ".join(f"{c['category']} {c['share']:.0%}" for c in know["counts"])
+        lines.append(f"{know['n']} questions categorized: {shares} (the paper's EntityQuestions train set: "
+                     "HighlyKnown 24%, MaybeKnown 23%, WeaklyKnown 17%, Unknown 36%).")
+    if gt:
+        lines.append(f"Ground truth (demo world): greedy accuracy rises with exposure, Spearman {gt['spearman']:.2f}; "
+                     f"never-seen facts answered correctly {gt['never_seen_accuracy']:.1%}; mean exposure ordered "
+                     f"HighlyKnown > MaybeKnown > WeaklyKnown > Unknown: {'yes' if know.get('ordered') else 'no'}.")
+    if ft:
+        f = ft["findings"]
+        if "unknown_fitted_more_slowly" in f:
+            lines.append("Fine-tuning: Unknown examples were fitted "
+                         + ("more slowly" if f["unknown_fitted_more_slowly"]["holds"] else "no more slowly")
+                         + " than Known ones.")
+        if "b_unk_negative" in f:
+            b = f["b_unk_negative"]
+            lines.append(f"Linear model: each fitted Unknown example (as a share of |D|) changes test accuracy by "
+                         f"b_unk = {b['b_unk']:+.1f} points (p = {b['p']:.2g}), each Known one by b_kn = {b['b_kn']:+.1f} "
+                         f"(paper: -8.3 and +7.3).")
+        c = f.get("accuracy_vs_unknown_convergence")
+        if c:
+            lines.append(f"At CONVERGENCE, test accuracy changes by {c['slope_per_10pct_unknown']:+.1f} points per 10% more "
+                         "Unknown" + (f"; with the Unknown removed (D_Known) by {c['known_slope_per_10pct_unknown']:+.1f}"
+                                      if "known_slope_per_10pct_unknown" in c else "") + ".")
+    if sg:
+        lines.append("Ax=b surrogates: " + "; ".join(f"{s['name']} {s['verdict']}" for s in sg["surrogates"]) + ".")
+    return lines
+
+
+def build_report(run_dir, out: str | Path | None = None, max_table_rows: int = 2000) -> Path:
+    from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+    run = Path(run_dir)
+    t = time.time()
+    rows = _read_jsonl(run / "categorized.jsonl")
+    if not rows and not (run / "analysis.json").exists():
+        raise FileNotFoundError(f"{run} holds no categorized.jsonl: nothing to report")
+    cat_cfg = _read_json(run / "categorize" / "config.json")
+    demo_cfg = _read_json(run / "config.json") if (run / "demo_summary.json").exists() else None
+    demo_summary = _read_json(run / "demo_summary.json")
+    cat_summary = _read_json(run / "categorize_summary.json")
+    know = knowledge_section(run, rows, max_table_rows)
+    ft = finetune_section(run)
+    sg = surrogate_section(run)
+    seconds = (demo_summary or {}).get("seconds") or ({"categorize": cat_summary["seconds"]} if cat_summary else {})
+    env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"),
+                      autoescape=select_autoescape(["html", "j2"]))
+    html = env.get_template("report.html.j2").render(
+        title=f"knowcat report: {run.name}", run=str(run), generated=time.strftime("%Y-%m-%d %H:%M:%S"),
+        model=(cat_cfg or {}).get("model"), data=(cat_cfg or {}).get("data"),
+        protocol=(cat_cfg or {}).get("protocol", {}), versions=_versions(), seconds=seconds,
+        rerun=_rerun_command(run, demo_cfg, cat_cfg), know=know, ft=ft, sg=sg,
+        summary=summary_lines(know, ft, sg, know.get("ground_truth")), categories=CATEGORIES,
+    )
+    path = Path(out) if out else run / "report.html"
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(html, encoding="utf-8")
+    tmp.replace(path)
+    return path
