@@ -78,6 +78,8 @@ def run_categorize(model_name: str, examples: list[QAExample], exemplar_pool: li
     if len(set(ids)) != len(ids):
         dup = next(i for i, c in Counter(ids).items() if c > 1)
         raise ValueError(f"example ids must be unique; {dup!r} appears more than once")
+    if data_source and Path(data_source).exists():
+        data_source = str(Path(data_source).resolve())  # later stages read it from any working directory
     config = {"protocol": asdict(cfg), "model": str(model_name), "data": data_source, "n_examples": len(examples),
               "shard_size": shard_size, "ids_sha1": _ids_fingerprint(examples)}
     if (cdir / "config.json").exists():
