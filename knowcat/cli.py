@@ -111,9 +111,13 @@ def cmd_categorize(args):
         seen: dict = {}
         todo = [e for e in todo if seen.setdefault(e.relation, []).append(e) or len(seen[e.relation]) <= args.per_relation]
         print(f"categorizing the first {args.per_relation} questions of each relation: {len(todo)}")
+    opts = {}
+    if args.backend == "vllm":
+        opts = {"tensor_parallel_size": args.tensor_parallel_size, "data_parallel_size": args.data_parallel_size,
+                "dtype": args.dtype}
     run_categorize(args.model, todo, pool, args.out, cfg, shard_size=args.shard_size, device=args.device,
                    dtype=args.dtype, batch_size=args.batch_size, fields=fieldmap, data_source=str(args.data),
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, backend=args.backend, backend_options=opts)
 
 
 def cmd_filter(args):
@@ -366,6 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "halved on out-of-memory)")
     c.add_argument("--device", default="auto")
     c.add_argument("--dtype", default="auto")
+    c.add_argument("--backend", default="transformers", choices=["transformers", "vllm"],
+                   help="generation engine (vllm: pip install 'knowcat[vllm]')")
+    c.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model replica")
+    c.add_argument("--data-parallel-size", type=int, default=1, help="vllm: model replicas")
     c.add_argument("--no-progress", action="store_true")
     _add_config_args(c, SliCKConfig)
     c.set_defaults(func=cmd_categorize)

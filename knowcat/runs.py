@@ -62,11 +62,13 @@ def _ids_fingerprint(examples: list[QAExample]) -> str:
 def run_categorize(model_name: str, examples: list[QAExample], exemplar_pool: list[QAExample], run_dir,
                    cfg: SliCKConfig = SliCKConfig(), shard_size: int = 256, device: str = "auto",
                    dtype: str = "auto", batch_size: int | None = None, fields=None, model=None, tokenizer=None,
-                   data_source: str | None = None, log=print, progress: bool = True, stop_after_shards=None) -> dict:
+                   data_source: str | None = None, log=print, progress: bool = True, stop_after_shards=None,
+                   backend: str = "transformers", backend_options: dict | None = None) -> dict:
     """Categorize ``examples`` into ``run_dir``, resuming finished shards.
 
     ``model``/``tokenizer`` may be given already loaded; otherwise ``model_name``
-    (hub id or folder) is loaded. ``stop_after_shards`` stops after that many new
+    (hub id or folder) is loaded. ``backend="vllm"`` generates with vLLM instead
+    (``backend_options`` go to :class:`probes.vllm_backend.VLLMEngine`). ``stop_after_shards`` stops after that many new
     shards, as a killed run would (for tests). Returns the summary.
     """
     from tqdm.auto import tqdm
@@ -81,10 +83,11 @@ def run_categorize(model_name: str, examples: list[QAExample], exemplar_pool: li
     if data_source and Path(data_source).exists():
         data_source = str(Path(data_source).resolve())  # later stages read it from any working directory
     config = {"protocol": asdict(cfg), "model": str(model_name), "data": data_source, "n_examples": len(examples),
-              "shard_size": shard_size, "ids_sha1": _ids_fingerprint(examples)}
+              "shard_size": shard_size, "ids_sha1": _ids_fingerprint(examples), "backend": backend}
     if (cdir / "config.json").exists():
         old = read_json(cdir / "config.json")
-        keys = ("protocol", "model", "n_examples", "shard_size", "ids_sha1")
+        keys = ("protocol", "model", "n_examples", "shard_size", "ids_sha1", "backend")
+        old.setdefault("backend", "transformers")  # runs from before backends were recorded
         diff = [k for k in keys if old.get(k) != config[k]]
         if diff:
             raise RunMismatch(f"{cdir} holds a categorization made with another {', '.join(diff)}; "
@@ -99,7 +102,16 @@ def run_categorize(model_name: str, examples: list[QAExample], exemplar_pool: li
         log(f"categorize: {len(done)}/{n_shards} shards already finished in {shards_dir}; resuming")
     t0 = time.time()
     if todo:
-        if model is None:
+        generate_fn = None
+        if backend == "vllm":
+            from probes.vllm_backend import VLLMEngine
+
+            model = model if isinstance(model, VLLMEngine) else VLLMEngine(model_name, seed=cfg.seed,
+                                                                            **(backend_options or {}))
+            generate_fn, tokenizer = model.generate, None
+        elif backend != "transformers":
+            raise ValueError(f"unknown backend {backend!r}; choose transformers or vllm")
+        elif model is None:
             from probes.loading import load_model
 
             model, tokenizer = load_model(model_name, device=device, dtype=dtype)
@@ -116,7 +128,8 @@ def run_categorize(model_name: str, examples: list[QAExample], exemplar_pool: li
                 log(f"categorize: stopped after {n_new} new shards")
                 return {}
             shard = examples[i * shard_size:(i + 1) * shard_size]
-            res = categorize(model, tokenizer, shard, exemplar_pool, cfg, batch_size=batch_size, log=log)
+            res = categorize(model, tokenizer, shard, exemplar_pool, cfg, batch_size=batch_size, log=log,
+                             generate_fn=generate_fn)
             counts.update(r.category for r in res)
             atomic_write_text(shards_dir / f"{i:05d}.jsonl", "".join(
                 json.dumps({"id": r.id, **r.fields()}, ensure_ascii=False) + "\n" for r in res))

@@ -117,13 +117,17 @@ class _State:
 
 def categorize(model, tokenizer, examples: list[QAExample], exemplar_pool: list[QAExample],
                cfg: SliCKConfig = SliCKConfig(), batch_size: int | None = None,
-               progress: Callable[[int], object] | None = None, log=None) -> list[SliCKResult]:
+               progress: Callable[[int], object] | None = None, log=None, generate_fn=None) -> list[SliCKResult]:
     """SliCK categories of ``examples`` (a pure function of model, data and config).
 
     ``exemplar_pool``: the examples few-shot exemplars are drawn from (the dev
-    split). ``progress`` is called with numbers of finished prompts.
+    split). ``progress`` is called with numbers of finished prompts. ``generate_fn``:
+    another engine with the signature of :func:`probes.generation.generate` (the vLLM
+    backend's ``VLLMEngine.generate``); default the transformers engine.
     """
     from probes.generation import PromptRequest, generate
+
+    generate = generate_fn or generate
     from probes.sampling import stream_seed
 
     sets = exemplar_sets(exemplar_pool, cfg.fewshot)

@@ -1,0 +1,129 @@
+"""The vLLM backend (``pip install knowcat[vllm]``, ``--backend vllm``).
+
+Same protocol, same requests and same output schema as the transformers engine
+(:func:`probes.generation.generate`): :meth:`VLLMEngine.generate` takes the same
+arguments, so :func:`knowcat.slick.categorize` runs on it unchanged.
+
+- Greedy answers: ``SamplingParams(temperature=0, max_tokens, stop=[stop])``.
+- Samples: one request per prompt, ``SamplingParams(n=len(streams), temperature,
+  top_k, max_tokens, stop, seed=...)`` with a per-request seed derived from
+  (seed, example id, prompt index): the request's first stream seed, which
+  :mod:`knowcat.slick` computes from exactly those. vLLM's per-request seeded
+  sampling makes the answers reproducible whatever the batch or order.
+- ``enable_prefix_caching=True``: the few-shot prefixes shared by every question
+  of a relation are computed once by vLLM's automatic prefix caching.
+- Lazy categories are kept: requests are submitted prompt index by prompt index
+  (the order categorize gives them in) and ``prepare`` is asked before each
+  submission, so an example whose answers are already correct gets no samples.
+- ``tensor_parallel_size`` and ``data_parallel_size`` are passed to ``vllm.LLM``.
+
+vLLM's samples differ from the transformers engine's (another random stream), so
+WeaklyKnown / Unknown may differ by sampling noise between the backends; greedy
+answers, and so HighlyKnown and MaybeKnown, agree up to numerics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable
+
+from probes.generation import Generation, PromptRequest
+
+
+def request_seed(req: PromptRequest) -> int:
+    """A vLLM seed for a request's samples: its first stream seed, folded into 63 bits."""
+    return int(req.streams[0]) & ((1 << 63) - 1) if req.streams else 0
+
+
+class VLLMEngine:
+    """Wraps ``vllm.LLM``; ``llm`` may be given already built (tests pass a fake with the same interface)."""
+
+    def __init__(self, model: str, seed: int = 0, tensor_parallel_size: int = 1, data_parallel_size: int = 1,
+                 dtype: str = "auto", gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
+                 enable_prefix_caching: bool = True, llm=None, **llm_kwargs):
+        if llm is None:
+            try:
+                from vllm import LLM
+            except ImportError as err:  # pragma: no cover - depends on the extra
+                raise ImportError("the vLLM backend needs vLLM: pip install 'knowcat[vllm]'") from err
+            kw = dict(model=model, seed=seed, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
+                      gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
+                      **llm_kwargs)
+            if data_parallel_size > 1:
+                kw["data_parallel_size"] = data_parallel_size
+            if max_model_len:
+                kw["max_model_len"] = max_model_len
+            llm = LLM(**kw)
+        self.llm = llm
+        self.name = model
+
+    @property
+    def device(self):
+        return "vllm"
+
+    def generate(self, model, tokenizer, requests: Iterable[PromptRequest], max_new_tokens: int = 32,
+                 batch_size: int | None = None, temperature: float = 0.5, top_k: int = 40, stop: str = "\n",
+                 progress: Callable[[int], object] | None = None, log=None,
+                 prepare: Callable[[PromptRequest], PromptRequest | None] | None = None,
+                 on_result: Callable[[PromptRequest, Generation], object] | None = None
+                 ) -> dict[Hashable, Generation]:
+        """Signature of :func:`probes.generation.generate` (``model``/``tokenizer`` are unused)."""
+        from vllm import SamplingParams
+
+        greedy_params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop=[stop])
+        results: dict[Hashable, Generation] = {}
+        for chunk in _rounds(list(requests)):
+            todo = []
+            for req in chunk:
+                if prepare is not None:
+                    new = prepare(req)
+                    if new is None:
+                        if progress is not None:
+                            progress(1)
+                        continue
+                    req = new
+                todo.append(req)
+            prompts, params, owners = [], [], []
+            for i, req in enumerate(todo):
+                text = req.prefix + req.suffix
+                if req.greedy:
+                    prompts.append(text)
+                    params.append(greedy_params)
+                    owners.append((i, "greedy"))
+                if req.streams:
+                    prompts.append(text)
+                    params.append(SamplingParams(n=len(req.streams), temperature=temperature, top_k=top_k,
+                                                 max_tokens=max_new_tokens, stop=[stop], seed=request_seed(req)))
+                    owners.append((i, "samples"))
+            outs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
+            gens = [Generation(None, []) for _ in todo]
+            for (i, kind), out in zip(owners, outs):
+                texts = [_clean(o.text, stop) for o in out.outputs]
+                if kind == "greedy":
+                    gens[i].greedy = texts[0]
+                else:
+                    gens[i].samples = texts
+            for req, g in zip(todo, gens):
+                results[req.key] = g
+                if on_result is not None:
+                    on_result(req, g)
+            if progress is not None:
+                progress(len(todo))
+        return results
+
+
+def _clean(text: str, stop: str) -> str:
+    return text.split(stop, 1)[0].strip()
+
+
+def _rounds(requests: list[PromptRequest]) -> list[list[PromptRequest]]:
+    """Consecutive requests sharing a prompt index (``key[1]`` of SliCK's ``(id, j)`` keys) form
+    one submission; other keys go in one submission."""
+    rounds: list[list[PromptRequest]] = []
+    last = object()
+    for r in requests:
+        j = r.key[1] if isinstance(r.key, tuple) and len(r.key) == 2 else None
+        if not rounds or j != last:
+            rounds.append([])
+            last = j
+        rounds[-1].append(r)
+    return rounds
