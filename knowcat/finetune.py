@@ -311,6 +311,7 @@ def finetune(model_name: str, train_rows: list[dict], eval_sets: dict[str, list[
         tok.save_pretrained(str(out / "model"))
     epochs = read_epochs(out)
     result = {"complete": True, "config": asdict(cfg), "model": model_name, "n_train": len(train_rows),
+              "world_size": trainer.args.world_size,
               "seconds_training": round(seconds, 1), **choose_stops(epochs), "epochs": epochs}
     atomic_write_json(done, result)
     import shutil

@@ -107,3 +107,23 @@ def test_lora_trains_only_the_adapter(small_sets, tmp_path):
     saved = {p.name for p in (tmp_path / "lora" / "model").iterdir()}
     assert "adapter_config.json" in saved and "adapter_model.safetensors" in saved
     assert "model.safetensors" not in saved  # the base weights are not copied
+
+
+def test_two_processes_under_torchrun(quick_demo, tmp_path):
+    """`knowcat finetune` under torchrun: 2 CPU processes (gloo), one data-parallel run, measured once."""
+    import shutil
+    import subprocess
+    import sys
+
+    run, _ = quick_demo
+    torchrun = shutil.which("torchrun") or f"{sys.executable} -m torch.distributed.run"
+    cmd = (torchrun.split() + ["--nproc_per_node", "2", "-m", "knowcat", "finetune", "--model", str(run / "model"),
+           "--train", str(run / "mixtures" / "unknown_50.jsonl"), "--test", str(run / "categorized.jsonl"),
+           "--out", str(tmp_path / "ddp"), "--epochs", "2", "--lr", "3e-3", "--batch-size", "8", "--no-progress",
+           "--device", "cpu"])
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert m["complete"] and m["world_size"] == 2 and [e["epoch"] for e in m["epochs"]] == [1, 2]
+    assert r.stdout.count("epoch 1:") == 1  # measured by rank 0 only
+    assert len(list((tmp_path / "ddp" / "epochs").glob("epoch_*.answers.jsonl"))) == 2
