@@ -112,9 +112,17 @@ def cmd_categorize(args):
         todo = [e for e in todo if seen.setdefault(e.relation, []).append(e) or len(seen[e.relation]) <= args.per_relation]
         print(f"categorizing the first {args.per_relation} questions of each relation: {len(todo)}")
     opts = {}
-    if args.backend == "vllm":
+    if args.backend == "vllm" or (args.backend == "ray" and args.ray_engine == "vllm"):
         opts = {"tensor_parallel_size": args.tensor_parallel_size, "data_parallel_size": args.data_parallel_size,
                 "dtype": args.dtype}
+    if args.backend == "ray" or args.ray_address:
+        from knowcat.ray_runner import run_categorize_ray
+
+        run_categorize_ray(args.model, todo, pool, args.out, cfg, shard_size=args.shard_size,
+                           ray_address=args.ray_address, num_workers=args.ray_workers,
+                           gpus_per_worker=args.ray_gpus_per_worker, device=args.device, dtype=args.dtype,
+                           engine=args.ray_engine, engine_options=opts, fields=fieldmap, data_source=str(args.data))
+        return
     run_categorize(args.model, todo, pool, args.out, cfg, shard_size=args.shard_size, device=args.device,
                    dtype=args.dtype, batch_size=args.batch_size, fields=fieldmap, data_source=str(args.data),
                    progress=not args.no_progress, backend=args.backend, backend_options=opts)
@@ -370,8 +378,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "halved on out-of-memory)")
     c.add_argument("--device", default="auto")
     c.add_argument("--dtype", default="auto")
-    c.add_argument("--backend", default="transformers", choices=["transformers", "vllm"],
-                   help="generation engine (vllm: pip install 'knowcat[vllm]')")
+    c.add_argument("--backend", default="transformers", choices=["transformers", "vllm", "ray"],
+                   help="generation engine (vllm: pip install 'knowcat[vllm]'; ray: a Ray Data pipeline over "
+                        "workers, pip install 'knowcat[ray]')")
+    c.add_argument("--ray-address", default=None, help="a Ray cluster to run on (implies --backend ray)")
+    c.add_argument("--ray-workers", type=int, default=2, help="ray: worker actors (model replicas)")
+    c.add_argument("--ray-gpus-per-worker", type=float, default=0.0)
+    c.add_argument("--ray-engine", default="transformers", choices=["transformers", "vllm"],
+                   help="ray: the engine each worker runs")
     c.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model replica")
     c.add_argument("--data-parallel-size", type=int, default=1, help="vllm: model replicas")
     c.add_argument("--no-progress", action="store_true")
