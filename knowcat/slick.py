@@ -117,7 +117,8 @@ class _State:
 
 def categorize(model, tokenizer, examples: list[QAExample], exemplar_pool: list[QAExample],
                cfg: SliCKConfig = SliCKConfig(), batch_size: int | None = None,
-               progress: Callable[[int], object] | None = None, log=None, generate_fn=None) -> list[SliCKResult]:
+               progress: Callable[[int], object] | None = None, log=None, generate_fn=None,
+               **engine_options) -> list[SliCKResult]:
     """SliCK categories of ``examples`` (a pure function of model, data and config).
 
     ``exemplar_pool``: the examples few-shot exemplars are drawn from (the dev
@@ -138,7 +139,7 @@ def categorize(model, tokenizer, examples: list[QAExample], exemplar_pool: list[
     state = {ex.id: _State([None] * cfg.n_prompts) for ex in examples}
     by_id = {ex.id: ex for ex in examples}
     gen_kw = dict(max_new_tokens=cfg.max_new_tokens, batch_size=batch_size, temperature=cfg.temperature,
-                  top_k=cfg.top_k, progress=progress, log=log)
+                  top_k=cfg.top_k, progress=progress, log=log, **engine_options)
 
     def record(req, g):
         ex_id, j = req.key

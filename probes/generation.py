@@ -247,7 +247,8 @@ def generate(model, tokenizer, requests: Iterable[PromptRequest], max_new_tokens
              batch_size: int | None = None, temperature: float = 0.5, top_k: int = 40, stop: str = "\n",
              progress: Callable[[int], object] | None = None, log=None,
              prepare: Callable[[PromptRequest], PromptRequest | None] | None = None,
-             on_result: Callable[[PromptRequest, Generation], object] | None = None) -> dict[Hashable, Generation]:
+             on_result: Callable[[PromptRequest, Generation], object] | None = None,
+             prefix_reuse: bool = True) -> dict[Hashable, Generation]:
     """Greedy and sampled answers for every request, keyed by ``request.key``.
 
     ``batch_size`` counts decoded rows (a request with 1 greedy + 16 samples is 17
@@ -258,7 +259,10 @@ def generate(model, tokenizer, requests: Iterable[PromptRequest], max_new_tokens
     ``prepare(request)``, asked when a batch is formed, may replace a request (for
     instance drop its samples) or return ``None`` to skip it: lazy categorization
     decides what an example still needs from the answers of its earlier prompts.
+    ``prefix_reuse=False`` prefills every prompt whole (the comparison the benchmarks make).
     """
+    if not prefix_reuse:  # for benchmarks: every row prefills its whole prompt
+        requests = [PromptRequest(r.key, "", r.prefix + r.suffix, r.greedy, r.streams) for r in requests]
     stop_t = torch.tensor(sorted(stop_token_ids(tokenizer, stop)), device=model.device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows_per_batch = batch_size or default_batch_size(model)
