@@ -87,3 +87,20 @@ def test_out_of_memory_backs_off_to_smaller_batches(quick_demo, quick_model, mon
     got = G.generate(model, tok, reqs, batch_size=256, log=logs.append)
     assert any("out of memory" in l for l in logs) and max(sizes) > 16
     assert {k: (v.greedy, v.samples) for k, v in got.items()} == {k: (v.greedy, v.samples) for k, v in want.items()}
+
+
+def test_prefix_reuse_off_gives_the_same_answers_and_samples(quick_demo, quick_model):
+    """The benchmarks' comparison: without prefix reuse every row prefills its whole prompt, and the
+    greedy answers and seeded samples are the same."""
+    from knowcat.demo import world_examples
+    from probes.generation import generate
+
+    model, tok = quick_model
+    run, _ = quick_demo
+    examples = world_examples(run / "world")
+    sets = exemplar_sets([e for e in examples if e.split == "dev"], FewShotConfig(n_prompts=2, k=4))
+    reqs = [PromptRequest((ex.id, j), *prompt_for(ex, s), True, (11 + j, 29 + j))
+            for ex in [e for e in examples if e.split == "test"][:12] for j, s in enumerate(sets[ex.relation])]
+    on = generate(model, tok, reqs, max_new_tokens=10)
+    off = generate(model, tok, reqs, max_new_tokens=10, prefix_reuse=False)
+    assert {k: (g.greedy, g.samples) for k, g in on.items()} == {k: (g.greedy, g.samples) for k, g in off.items()}
