@@ -56,3 +56,16 @@ def test_ray_pipeline_equals_single_machine_with_a_worker_killed(data, tmp_path)
     assert any(f"{len(shards) - 2}/{len(shards)} shards already finished" in m for m in logs)
     assert sum("done (" in m for m in logs) == 2
     assert _rows(tmp_path / "ray") == ray_rows
+
+
+def test_cli_backend_ray(quick_demo, tmp_path):
+    from knowcat.cli import main
+
+    run, _ = quick_demo
+    common = ["categorize", "--model", str(run / "model"), str(run / "world" / "data"), "--splits", "train",
+              "--per-relation", "2", "--n-prompts", "2", "--n-samples", "2", "--device", "cpu", "--no-progress",
+              "--keep-answers"]
+    assert main(common + ["--out", str(tmp_path / "r"), "--backend", "ray", "--ray-workers", "1"]) == 0
+    assert main(common + ["--out", str(tmp_path / "t")]) == 0
+    r, t = _rows(tmp_path / "r"), _rows(tmp_path / "t")
+    assert r == t  # the Ray pipeline writes exactly what the single-machine run writes
