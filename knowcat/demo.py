@@ -174,8 +174,9 @@ def run_demo(run_dir, preset: str = "default", seed: int | None = None, device: 
     atomic_write_json(run / "demo_summary.json", summary)
     from reports import build_report
 
-    report = build_report(run)
+    report = build_report(run)  # reads demo_summary.json: the summary is written first, then again with the path
     summary["report"] = str(report)
+    atomic_write_json(run / "demo_summary.json", summary)
     log(f"report: {report}")
     log(f"demo: done in {sum(timings.values()):.0f} s -> {run}")
     return summary

@@ -41,6 +41,8 @@ def test_quick_demo_runs_the_study_and_the_surrogates(quick_demo):
     tests = json.loads((run / "surrogates" / "tests.json").read_text())
     assert set(tests) == {"answer_jacobian", "relation_map", "relation_jacobian"}
     assert set(summary["surrogate_verdicts"]) == set(tests)
+    assert json.loads((run / "demo_summary.json").read_text())["report"] == str(run / "report.html")
+    assert (run / "report.html").stat().st_size > 0
 
 
 def test_demo_resumes_without_recomputing(quick_demo):
