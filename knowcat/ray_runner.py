@@ -73,29 +73,13 @@ def run_categorize_ray(model_name: str, examples, exemplar_pool, run_dir, cfg: S
     """Like :func:`knowcat.runs.run_categorize`, with the shards computed by Ray workers."""
     import ray
 
-    from knowcat.runs import RunMismatch, _ids_fingerprint, finalize
-    from knowcat.io import atomic_write_json, read_json
+    from knowcat.runs import finalize, open_run_config
 
     run = Path(run_dir)
     cdir = run / "categorize"
     shards_dir = cdir / "shards"
     shards_dir.mkdir(parents=True, exist_ok=True)
-    ids = [e.id for e in examples]
-    if len(set(ids)) != len(ids):
-        raise ValueError("example ids must be unique")
-    if data_source and Path(data_source).exists():
-        data_source = str(Path(data_source).resolve())
-    config = {"protocol": asdict(cfg), "model": str(model_name), "data": data_source, "n_examples": len(examples),
-              "shard_size": shard_size, "ids_sha1": _ids_fingerprint(examples), "backend": engine}
-    if (cdir / "config.json").exists():
-        old = read_json(cdir / "config.json")
-        old.setdefault("backend", "transformers")
-        diff = [k for k in ("protocol", "model", "n_examples", "shard_size", "ids_sha1", "backend")
-                if old.get(k) != config[k]]
-        if diff:
-            raise RunMismatch(f"{cdir} holds a categorization made with another {', '.join(diff)}")
-    else:
-        atomic_write_json(cdir / "config.json", config)
+    open_run_config(cdir, model_name, examples, cfg, shard_size, data_source, engine)
     n_shards = (len(examples) + shard_size - 1) // shard_size
     # the checkpoint: example ids already held by finished shards
     finished = set()

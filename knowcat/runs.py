@@ -59,23 +59,10 @@ def _ids_fingerprint(examples: list[QAExample]) -> str:
     return h.hexdigest()
 
 
-def run_categorize(model_name: str, examples: list[QAExample], exemplar_pool: list[QAExample], run_dir,
-                   cfg: SliCKConfig = SliCKConfig(), shard_size: int = 256, device: str = "auto",
-                   dtype: str = "auto", batch_size: int | None = None, fields=None, model=None, tokenizer=None,
-                   data_source: str | None = None, log=print, progress: bool = True, stop_after_shards=None,
-                   backend: str = "transformers", backend_options: dict | None = None) -> dict:
-    """Categorize ``examples`` into ``run_dir``, resuming finished shards.
-
-    ``model``/``tokenizer`` may be given already loaded; otherwise ``model_name``
-    (hub id or folder) is loaded. ``backend="vllm"`` generates with vLLM instead
-    (``backend_options`` go to :class:`probes.vllm_backend.VLLMEngine`). ``stop_after_shards`` stops after that many new
-    shards, as a killed run would (for tests). Returns the summary.
-    """
-    from tqdm.auto import tqdm
-
-    run = Path(run_dir)
-    cdir = run / "categorize"
-    shards_dir = cdir / "shards"
+def open_run_config(cdir: Path, model_name: str, examples: list[QAExample], cfg: SliCKConfig, shard_size: int,
+                    data_source: str | None, backend: str) -> dict:
+    """Write ``cdir/config.json`` for a new run, or check that an existing run was made with the
+    same protocol, model, examples, sharding and backend (``RunMismatch`` otherwise)."""
     ids = [ex.id for ex in examples]
     if len(set(ids)) != len(ids):
         dup = next(i for i, c in Counter(ids).items() if c > 1)
@@ -93,7 +80,29 @@ def run_categorize(model_name: str, examples: list[QAExample], exemplar_pool: li
             raise RunMismatch(f"{cdir} holds a categorization made with another {', '.join(diff)}; "
                               f"use another run directory or delete {cdir}")
     else:
+        cdir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(cdir / "config.json", config)
+    return config
+
+
+def run_categorize(model_name: str, examples: list[QAExample], exemplar_pool: list[QAExample], run_dir,
+                   cfg: SliCKConfig = SliCKConfig(), shard_size: int = 256, device: str = "auto",
+                   dtype: str = "auto", batch_size: int | None = None, fields=None, model=None, tokenizer=None,
+                   data_source: str | None = None, log=print, progress: bool = True, stop_after_shards=None,
+                   backend: str = "transformers", backend_options: dict | None = None) -> dict:
+    """Categorize ``examples`` into ``run_dir``, resuming finished shards.
+
+    ``model``/``tokenizer`` may be given already loaded; otherwise ``model_name``
+    (hub id or folder) is loaded. ``backend="vllm"`` generates with vLLM instead
+    (``backend_options`` go to :class:`probes.vllm_backend.VLLMEngine`). ``stop_after_shards`` stops after that many new
+    shards, as a killed run would (for tests). Returns the summary.
+    """
+    from tqdm.auto import tqdm
+
+    run = Path(run_dir)
+    cdir = run / "categorize"
+    shards_dir = cdir / "shards"
+    open_run_config(cdir, model_name, examples, cfg, shard_size, data_source, backend)
 
     n_shards = (len(examples) + shard_size - 1) // shard_size
     done = {int(p.stem) for p in shards_dir.glob("*.jsonl")} if shards_dir.exists() else set()
