@@ -36,6 +36,18 @@ def browser():
     driver.quit()
 
 
+def _open(driver, path, timeout=120):
+    """Open a file and wait until the page has fully loaded (scripts run, images decoded).
+
+    `driver.get` may return while a large page is still loading on a busy machine, so the
+    load is awaited explicitly; a page that never finishes loading fails the test.
+    """
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(Path(path).as_uri())
+    WebDriverWait(driver, timeout).until(lambda d: d.execute_script("return document.readyState") == "complete")
+
+
 def _severe(driver):
     return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
 
@@ -45,8 +57,7 @@ def test_demo_report_in_headless_chromium(quick_demo, browser, tmp_path):
 
     run, _ = quick_demo
     path = build_report(run, out=tmp_path / "report.html")
-    browser.get(path.as_uri())
-    assert browser.execute_script("return document.readyState") == "complete"
+    _open(browser, path)
     assert _severe(browser) == []
     for sec in ("summary", "run", "knowledge", "finetuning", "surrogates"):
         el = browser.find_element(By.ID, sec)
@@ -99,7 +110,7 @@ def test_html_and_script_in_data_are_escaped(tmp_path, browser):
     for s in EVIL:
         assert s not in html  # never verbatim in the page
     assert "&lt;script&gt;window.__pwned = 1&lt;/script&gt;" in html  # escaped where the template prints data
-    browser.get(path.as_uri())
+    _open(browser, path)
     assert browser.execute_script("return window.__pwned === undefined")
     assert _severe(browser) == []
     cells = [td.text for td in browser.find_elements(By.CSS_SELECTOR, "#ex-table tbody td")]
