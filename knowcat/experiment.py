@@ -8,7 +8,10 @@ each can be rerun alone; ``analyze`` needs only the fine-tuning runs' files.
 The analysis answers the paper's questions on the run's own model and data:
 are Unknown examples fitted more slowly than Known ones; the linear model
 Accuracy = b0 + b_kn*N_kn/|D| + b_unk*N_unk/|D| over every (variant, epoch)
-point; test accuracy against %Unknown at EARLY_STOP and CONVERGENCE, with
+point of the chosen variants (``linear_model_variants``: by default the paper's,
+the X% Unknown sets and the D_Known sets; ``"all"``: every analyzed set; or a
+comma-separated list; ``analysis.json`` records the variants and the points);
+test accuracy against %Unknown at EARLY_STOP and CONVERGENCE, with
 D_Known beside it; the Table-2 analogue; EARLY_STOP against CONVERGENCE by
 paired t-tests over 100 random splits of the test set; and D_IDK's accuracy on
 the questions it answers.
@@ -38,6 +41,41 @@ class ExperimentConfig:
     dev_split: str = "dev"
     test_split: str = "test"
     t_test_parts: int = 100
+    # the (variant, epoch) points of the linear model: "paper" (the X% Unknown and D_Known sets, as
+    # Gekhman et al. 2024 fit it), "all" (every analyzed set) or a comma-separated list of sets
+    linear_model_variants: str = "paper"
+
+
+LINEAR_MODEL_RULES = {
+    "paper": "the X% Unknown sets (unknown_XX) and the D_Known sets (known_XX), as in the paper",
+    "all": "every analyzed training set",
+}
+
+
+def _pct(v: str) -> int:
+    return int(v.split("_")[1])
+
+
+def linear_model_variants(available, rule: str = "paper") -> tuple[list[str], str]:
+    """The training sets whose (variant, epoch) points the linear model is fitted on, out of
+    ``available`` (the sets with finished runs), and a description of the rule."""
+    available = list(available)
+    mix = sorted((v for v in available if v.startswith("unknown_")), key=_pct)
+    known = sorted((v for v in available if v.startswith("known_")), key=_pct)
+    if rule == "paper":
+        return mix + known, LINEAR_MODEL_RULES["paper"]
+    if rule == "all":
+        rest = sorted(v for v in available if v not in mix and v not in known)
+        return mix + known + rest, LINEAR_MODEL_RULES["all"]
+    chosen = [v.strip() for v in rule.split(",") if v.strip()]
+    missing = [v for v in chosen if v not in available]
+    if not chosen or missing:
+        raise ValueError(f"linear_model_variants {rule!r}: give 'paper', 'all' or sets among the finished runs "
+                         f"{sorted(available)}" + (f" ({', '.join(missing)} not among them)" if missing else ""))
+    return chosen, "the given sets"
+
+
+OOD_RULE = "test relations absent from the categorized train split"
 
 
 def _read_jsonl(path) -> list[dict]:
@@ -95,7 +133,7 @@ def run_experiment(run_dir, model: str, cfg: ExperimentConfig = ExperimentConfig
         log(f"[{i + 1}/{len(variants)}] fine-tuning on {v} ({len(rows)} examples)")
         m = finetune(model, rows, {"dev": dev, "test": test}, run / "finetune" / v, cfg.finetune,
                      template=cfg.mixtures.prompt_template, ood_relations=ood, device=device, log=log,
-                     progress=progress)
+                     progress=progress, ood_rule=OOD_RULE)
         log(format_epochs(m))
     analysis = analyze(run, cfg, variants)
     analysis["seconds"] = round(time.time() - t0, 1)
@@ -121,6 +159,9 @@ def _test_correct(run: Path, variant: str, epoch: int, ids: list[str]) -> np.nda
 
 
 def analyze(run_dir, cfg: ExperimentConfig = ExperimentConfig(), variants=None) -> dict:
+    """The study's statistics from the run's files, over ``variants`` (default ``cfg.variants``,
+    or every set of the mixtures manifest); a requested set without a finished run is listed
+    in ``variants_without_runs``."""
     from linear_models.study import (PAPER_LINEAR_MODEL, PAPER_TABLE2, fit_linear_model, fitting_speed,
                                      paired_split_ttest)
     from scipy import stats
@@ -128,55 +169,75 @@ def analyze(run_dir, cfg: ExperimentConfig = ExperimentConfig(), variants=None) 
     run = Path(run_dir)
     manifest = json.loads((run / "mixtures" / "manifest.json").read_text())
     size = manifest["size"]
+    requested = list(variants or cfg.variants or manifest["sets"])
+    unknown = [v for v in requested if v not in manifest["sets"]]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {', '.join(unknown)}; the mixtures are {list(manifest['sets'])}")
     runs = {}
-    for v in variants or manifest["sets"]:
+    for v in requested:
         p = run / "finetune" / v / "metrics.json"
         if p.exists():
             runs[v] = json.loads(p.read_text())
     if not runs:
-        raise ValueError(f"no finished fine-tuning runs under {run / 'finetune'}")
+        raise ValueError(f"no finished fine-tuning runs under {run / 'finetune'} for {requested}")
     categorized = _read_jsonl(run / "categorized.jsonl")
     train_rels = {r["relation"] for r in categorized if r.get("split") == cfg.train_split}
     test = eval_items(categorized, cfg.test_split)
     subsets = {"in_distribution": [t["id"] for t in test if t["relation"] in train_rels],
                "ood": [t["id"] for t in test if t["relation"] not in train_rels]}
     subsets = {k: v for k, v in subsets.items() if v}
-    pct = lambda v: int(v.split("_")[1])  # noqa: E731
-    mix = sorted((v for v in runs if v.startswith("unknown_")), key=pct)
-    known = sorted((v for v in runs if v.startswith("known_")), key=pct)
-    out: dict = {"size": size, "variants": sorted(runs), "stops": {v: {"early_stop": m["early_stop"],
-                                                                         "convergence": m["convergence"]}
-                                                                     for v, m in runs.items()}}
+    mix = sorted((v for v in runs if v.startswith("unknown_")), key=_pct)
+    stop_of = {v: {"early_stop": m.get("early_stop"), "convergence": m["convergence"]} for v, m in runs.items()}
+    no_early = {v: runs[v].get("early_stop_note") or "EARLY_STOP undefined (no dev measurements)"
+                for v in runs if stop_of[v]["early_stop"] is None}
+    out: dict = {"size": size, "variants": sorted(runs),
+                 "variants_without_runs": [v for v in requested if v not in runs], "stops": stop_of}
+    if no_early:
+        out["early_stop_undefined"] = no_early
 
-    # accuracy at both stops, per variant
+    # accuracy at both stops, per variant (None where the stop is undefined)
     acc = {}
     for v, m in runs.items():
         by_epoch = {e["epoch"]: e for e in m["epochs"]}
         acc[v] = {}
         for stop in ("early_stop", "convergence"):
-            e = by_epoch[m[stop]]
-            acc[v][stop] = {"epoch": m[stop], **{s: _acc(e, s) for s in subsets},
-                            "dev": 100 * e["dev"]["all"]["accuracy"] if e.get("dev") else None,
+            if stop_of[v][stop] is None:
+                acc[v][stop] = {"epoch": None, **{s: None for s in subsets}, "dev": None, "train_fitted": None,
+                                "note": no_early[v]}
+                continue
+            e = by_epoch[stop_of[v][stop]]
+            dev_acc = (e.get("dev") or {}).get("all", {}).get("accuracy")
+            acc[v][stop] = {"epoch": stop_of[v][stop], **{s: _acc(e, s) for s in subsets},
+                            "dev": None if dev_acc is None else 100 * dev_acc,
                             "train_fitted": e["train"]["fitted"]}
     out["accuracy"] = acc
 
-    # the linear model over every (variant, epoch) point of the X% Unknown and D_Known sets
+    # the linear model over every (variant, epoch) point of the chosen sets (default: the paper's,
+    # the X% Unknown and D_Known sets)
+    lm_variants, lm_rule = linear_model_variants(runs, cfg.linear_model_variants)
     lm = {}
-    pts = [(v, e) for v in mix + known for e in runs[v]["epochs"]]
     for s in subsets:
-        y, nk, nu = [], [], []
-        for v, e in pts:
-            n_by = e["train"]["n_by_category"]
-            f_by = e["train"]["fitted_by_category"]
-            y.append(_acc(e, s))
-            nk.append(sum(f_by.get(c, 0) * n_by.get(c, 0) for c in KNOWN))
-            nu.append(f_by.get("Unknown", 0) * n_by.get("Unknown", 0))
+        y, nk, nu, used = [], [], [], []
+        for v in lm_variants:
+            for e in runs[v]["epochs"]:
+                a = _acc(e, s)
+                if a is None:
+                    continue
+                n_by = e["train"]["n_by_category"]
+                f_by = e["train"]["fitted_by_category"]
+                y.append(a)
+                nk.append(sum(f_by.get(c, 0) * n_by.get(c, 0) for c in KNOWN))
+                nu.append(f_by.get("Unknown", 0) * n_by.get("Unknown", 0))
+                used.append([v, e["epoch"]])
+        where = {"rule": cfg.linear_model_variants, "rule_description": lm_rule, "variants": lm_variants,
+                 "points": used}
         try:
-            lm[s] = {**fit_linear_model(y, nk, nu, size), "paper": PAPER_LINEAR_MODEL[s],
-                     "variants": mix + known}
+            lm[s] = {**fit_linear_model(y, nk, nu, size), "paper": PAPER_LINEAR_MODEL[s], **where}
         except ValueError as err:
-            lm[s] = {"error": str(err)}
+            lm[s] = {"error": str(err), **where}
     out["linear_model"] = lm
+    out["linear_model_variants"] = {"rule": cfg.linear_model_variants, "rule_description": lm_rule,
+                                    "variants": lm_variants}
 
     # accuracy against %Unknown, at both stops, D_Known beside
     vs = {}
@@ -195,20 +256,26 @@ def analyze(run_dir, cfg: ExperimentConfig = ExperimentConfig(), variants=None) 
     for stop in ("early_stop", "convergence"):
         t2[stop] = {}
         for v in [*CATEGORIES, "natural"]:
-            if v not in runs:
+            if v not in runs or stop_of[v][stop] is None:
                 continue
-            e = {x["epoch"]: x for x in runs[v]["epochs"]}[runs[v][stop]]
+            e = {x["epoch"]: x for x in runs[v]["epochs"]}[stop_of[v][stop]]
             blk = e["test"].get("in_distribution") or e["test"]["all"]
             t2[stop][v] = {"full": 100 * blk["accuracy"],
                            **{c: 100 * blk["by_category"][c]["accuracy"] if c in blk["by_category"] else None
                               for c in CATEGORIES},
                            "paper": PAPER_TABLE2[stop].get(v)}
     out["table2"] = t2
+    skipped = [v for v in [*CATEGORIES, "natural"] if v in runs and v in no_early]
+    if skipped:
+        out["table2_notes"] = {v: f"no EARLY_STOP row: {no_early[v]}" for v in skipped}
 
     # EARLY_STOP vs CONVERGENCE: paired t-tests over random splits of the test set
     tt = {}
     for v, m in runs.items():
         tt[v] = {}
+        if v in no_early:
+            out.setdefault("t_tests_skipped", {})[v] = no_early[v]
+            continue
         for s, ids in subsets.items():
             a = _test_correct(run, v, m["early_stop"], ids)
             b = _test_correct(run, v, m["convergence"], ids)
@@ -241,6 +308,9 @@ def analyze(run_dir, cfg: ExperimentConfig = ExperimentConfig(), variants=None) 
         by = {e["epoch"]: e for e in m["epochs"]}
         idk = {}
         for stop in ("early_stop", "convergence"):
+            if stop_of["idk"][stop] is None:
+                idk[stop] = None
+                continue
             e = by[m[stop]]
             blk = e["test"].get("in_distribution") or e["test"]["all"]
             idk[stop] = {"epoch": m[stop], "accuracy_answered": 100 * (blk["accuracy_answered"] or 0),
@@ -268,7 +338,7 @@ def analyze(run_dir, cfg: ExperimentConfig = ExperimentConfig(), variants=None) 
                                "p": lm[s0]["pvalues"]["b_unk"], "b_kn": lm[s0]["params"]["b_kn"],
                                "r2": lm[s0]["r2"]}
     for stop in ("convergence", "early_stop"):
-        rows = vs[stop]
+        rows = [r for r in vs[stop] if r.get(s0) is not None]
         if len(rows) >= 3:
             x = [r["unknown_percent"] for r in rows]
             y = [r[s0] for r in rows]
@@ -276,9 +346,9 @@ def analyze(run_dir, cfg: ExperimentConfig = ExperimentConfig(), variants=None) 
             rho = float(stats.spearmanr(x, y).statistic)
             entry = {"slope_per_10pct_unknown": 10 * slope, "spearman": rho,
                      "accuracy": {str(a): b for a, b in zip(x, y)}}
-            kx = [r["unknown_percent"] for r in rows if f"known_{s0}" in r]
+            kx = [r["unknown_percent"] for r in rows if r.get(f"known_{s0}") is not None]
             if len(kx) >= 2:
-                ky = [r[f"known_{s0}"] for r in rows if f"known_{s0}" in r]
+                ky = [r[f"known_{s0}"] for r in rows if r.get(f"known_{s0}") is not None]
                 entry["known_slope_per_10pct_unknown"] = 10 * float(np.polyfit(kx, ky, 1)[0])
                 entry["known_accuracy"] = {str(a): b for a, b in zip(kx, ky)}
             f[f"accuracy_vs_unknown_{stop}"] = entry
@@ -303,6 +373,8 @@ def analyze(run_dir, cfg: ExperimentConfig = ExperimentConfig(), variants=None) 
 def format_findings(a: dict) -> str:
     f = a["findings"]
     lines = [f"fine-tuning study (|D| = {a['size']}, {len(a['variants'])} variants):"]
+    for v, note in a.get("early_stop_undefined", {}).items():
+        lines.append(f"  {v}: EARLY_STOP undefined ({note})")
     if "unknown_fitted_more_slowly" in f:
         u = f["unknown_fitted_more_slowly"]
         lines.append(f"  Unknown fitted more slowly than Known: {'yes' if u['holds'] else 'no'} "
@@ -311,7 +383,8 @@ def format_findings(a: dict) -> str:
         b = f["b_unk_negative"]
         lines.append(f"  linear model: b_kn {b['b_kn']:+.1f}, b_unk {b['b_unk']:+.1f} (p {b['p']:.2g}), "
                      f"R^2 {b['r2']:.2f}; b_unk < 0: {'yes' if b['holds'] else 'no'} "
-                     f"(paper: +7.3, -8.3, R^2 0.86)")
+                     f"(paper: +7.3, -8.3, R^2 0.86); points: "
+                     f"{a.get('linear_model_variants', {}).get('rule_description', '?')}")
     for stop in ("early_stop", "convergence"):
         e = f.get(f"accuracy_vs_unknown_{stop}")
         if e:
@@ -324,7 +397,11 @@ def format_findings(a: dict) -> str:
     if "idk" in f:
         i = f["idk"]
         for stop in ("early_stop", "convergence"):
+            if i[stop] is None:
+                lines.append(f"  D_IDK at {stop.upper()}: undefined (no dev set)")
+                continue
             lines.append(f"  D_IDK at {stop.upper()}: accuracy on answered {i[stop]['accuracy_answered']:.1f}%, "
                          f"answers {i[stop]['answered_share']:.1f}% of questions"
-                         + (f" (plain set: {i['plain_counterpart'][stop]:.1f}%)" if i.get("plain_counterpart") else ""))
+                         + (f" (plain set: {i['plain_counterpart'][stop]:.1f}%)"
+                            if (i.get("plain_counterpart") or {}).get(stop) is not None else ""))
     return "\n".join(lines)

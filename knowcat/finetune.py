@@ -15,9 +15,17 @@ hallucination and abstention rates). Each epoch's measurements land in
 before the epoch's checkpoint; ``OUT/metrics.json`` gathers them with
 EARLY_STOP (the best dev epoch, the earliest on ties) and CONVERGENCE (the last).
 
-A killed run started again resumes from the last epoch checkpoint in
-``OUT/checkpoints`` (model, optimizer, scheduler and data order) and skips the
-epochs already measured; a finished run is not redone.
+A killed run started again resumes from the last *complete* epoch checkpoint in
+``OUT/checkpoints`` (model, optimizer, scheduler, RNG states and data order) and
+skips the epochs already measured; a finished run is not redone. A checkpoint is
+complete once every process has finished writing it: rank 0 then writes
+``knowcat_complete.json`` into it (its step and every file with its size) and only
+then removes the older checkpoints, so a kill at any moment, even halfway through
+a save, leaves at least the previous complete checkpoint (or none, and the run
+starts over). A checkpoint without a valid marker is never resumed from.
+
+EARLY_STOP needs a dev set; without one it is undefined (``null`` in
+``metrics.json``, with a note and a warning in the log), never a guess.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -204,12 +213,102 @@ def read_epochs(out_dir) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(d.glob("epoch_[0-9][0-9][0-9].json"))] if d.exists() else []
 
 
+NO_DEV_NOTE = ("no dev set was measured, so EARLY_STOP (the best dev epoch) is undefined; "
+               "give a dev set (knowcat finetune --dev DATA) to choose it")
+
+
 def choose_stops(epochs: list[dict], dev: str = "dev") -> dict:
-    """EARLY_STOP: the epoch with the best dev accuracy (the earliest on ties); CONVERGENCE: the last."""
+    """EARLY_STOP: the epoch with the best dev accuracy (the earliest on ties); CONVERGENCE: the last.
+
+    Without dev measurements EARLY_STOP is ``None`` and ``early_stop_note`` says why."""
     if not epochs:
         return {}
-    best = max(epochs, key=lambda m: (m[dev]["all"]["accuracy"] if dev in m else -1, -m["epoch"]))
-    return {"early_stop": best["epoch"], "convergence": epochs[-1]["epoch"]}
+    out = {"convergence": epochs[-1]["epoch"]}
+    scored = [m for m in epochs if (m.get(dev) or {}).get("all", {}).get("accuracy") is not None]
+    if scored:
+        best = max(scored, key=lambda m: (m[dev]["all"]["accuracy"], -m["epoch"]))
+        out.update(early_stop=best["epoch"], early_stop_rule="best dev accuracy, the earliest epoch on ties")
+    else:
+        out.update(early_stop=None, early_stop_note=NO_DEV_NOTE)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+CHECKPOINT_MARKER = "knowcat_complete.json"
+
+
+def _checkpoint_step(p: Path) -> int | None:
+    try:
+        return int(p.name.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def mark_checkpoint_complete(path, global_step: int, epoch: float | None = None) -> dict:
+    """Write the completion marker of a checkpoint whose files are all written: its step and
+    every file (relative path) with its size."""
+    path = Path(path)
+    files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*"))
+             if f.is_file() and f.name != CHECKPOINT_MARKER and not f.name.startswith(".")}
+    marker = {"global_step": int(global_step), "epoch": epoch, "files": files}
+    atomic_write_json(path / CHECKPOINT_MARKER, marker)
+    return marker
+
+
+def checkpoint_complete(path) -> tuple[bool, str]:
+    """Whether a checkpoint folder can be resumed from, and why not: its marker is valid, names
+    this step, lists the trainer state, the weights, the optimizer and the scheduler, and every
+    file it lists is there with the size it had when the save finished."""
+    from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
+
+    path = Path(path)
+    try:
+        marker = json.loads((path / CHECKPOINT_MARKER).read_text())
+        files = marker["files"]
+    except FileNotFoundError:
+        return False, "no completion marker (the save did not finish)"
+    except (ValueError, KeyError, TypeError):
+        return False, "unreadable completion marker"
+    if marker.get("global_step") != _checkpoint_step(path):
+        return False, f"the marker names step {marker.get('global_step')}"
+    weights = [f for f in files if Path(f).name.startswith(("model", "adapter_model", "pytorch_model"))
+               and f.endswith((".safetensors", ".bin", ".index.json"))]
+    for need, present in ((TRAINER_STATE_NAME, TRAINER_STATE_NAME in files), ("the weights", bool(weights)),
+                          (OPTIMIZER_NAME, OPTIMIZER_NAME in files), (SCHEDULER_NAME, SCHEDULER_NAME in files)):
+        if not present:
+            return False, f"{need} missing from the marker"
+    for rel, size in files.items():
+        f = path / rel
+        if not f.is_file():
+            return False, f"{rel} is missing"
+        if f.stat().st_size != size:
+            return False, f"{rel} has {f.stat().st_size} bytes, {size} when saved"
+    try:
+        state = json.loads((path / TRAINER_STATE_NAME).read_text())
+    except ValueError:
+        return False, f"{TRAINER_STATE_NAME} is unreadable"
+    if state.get("global_step") != marker["global_step"]:
+        return False, f"{TRAINER_STATE_NAME} is at step {state.get('global_step')}"
+    return True, "complete"
+
+
+def latest_complete_checkpoint(ckpt_dir, log=None) -> Path | None:
+    """The complete checkpoint with the highest step under ``ckpt_dir`` (None if there is none);
+    the incomplete ones newer than it are reported through ``log``."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return None
+    ckpts = sorted((p for p in d.glob("checkpoint-*") if p.is_dir() and _checkpoint_step(p) is not None),
+                   key=_checkpoint_step, reverse=True)
+    for p in ckpts:
+        ok, why = checkpoint_complete(p)
+        if ok:
+            return p
+        if log is not None:
+            log(f"finetune: skipping {p.name}: {why}")
+    return None
 
 
 def _check_out_dir(model_name: str, out: Path) -> None:
@@ -223,11 +322,13 @@ def _check_out_dir(model_name: str, out: Path) -> None:
 
 def finetune(model_name: str, train_rows: list[dict], eval_sets: dict[str, list[dict]], out_dir,
              cfg: FinetuneConfig = FinetuneConfig(), template: str | None = None, ood_relations=(),
-             device: str = "auto", log=print, progress: bool = True) -> dict:
+             device: str = "auto", log=print, progress: bool = True, ood_rule: str | None = None) -> dict:
     """Fine-tune ``model_name`` on ``train_rows`` (prompt/completion records with id and
     category) and measure it after every epoch on ``eval_sets`` (``{"dev": [...],
     "test": [...]}``: records with id, question, answers, relation and, for test,
-    category). Returns the contents of ``OUT/metrics.json``."""
+    category). ``ood_relations``: the relations whose questions count as out-of-distribution
+    (``ood_rule`` says how they were chosen; both are recorded). Returns the contents of
+    ``OUT/metrics.json``."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from knowcat.mixtures import DEFAULT_TEMPLATE
@@ -242,11 +343,20 @@ def finetune(model_name: str, train_rows: list[dict], eval_sets: dict[str, list[
         if m.get("complete") and m.get("config") == asdict(cfg):
             log(f"finetune: already complete in {out}")
             return m
+    ood = set(ood_relations)
+    run_config = {"model": model_name, "config": asdict(cfg), "template": template, "n_train": len(train_rows),
+                  "eval_sets": {k: len(v) for k, v in eval_sets.items()}, "ood_relations": sorted(ood),
+                  "ood_rule": ood_rule}
+    if (out / "config.json").exists() and (read_epochs(out) or (out / "checkpoints").exists()):
+        old = json.loads((out / "config.json").read_text())
+        if {k: old.get(k) for k in run_config} != json.loads(json.dumps(run_config)):
+            raise ValueError(f"{out} holds a fine-tuning run with another model, configuration or data; "
+                             f"remove it or use another output folder (resuming would mix the two)")
     out.mkdir(parents=True, exist_ok=True)
     (out / "epochs").mkdir(exist_ok=True)
-    atomic_write_json(out / "config.json", {"model": model_name, "config": asdict(cfg), "template": template,
-                                            "n_train": len(train_rows),
-                                            "eval_sets": {k: len(v) for k, v in eval_sets.items()}})
+    atomic_write_json(out / "config.json", run_config)
+    if not eval_sets.get("dev") and int(os.environ.get("RANK", "0")) == 0:
+        log(f"finetune: warning: {NO_DEV_NOTE}")
     dev = resolve_device(device)
     model, tok = load_model(model_name, device=dev, dtype="float32")
     model.train()
@@ -256,7 +366,6 @@ def finetune(model_name: str, train_rows: list[dict], eval_sets: dict[str, list[
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                                  lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_targets,
                                                  task_type="CAUSAL_LM"))
-    ood = set(ood_relations)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_device = cfg.per_device_batch_size or max(1, cfg.batch_size // world)
     accum = max(1, math.ceil(cfg.batch_size / (per_device * world)))
@@ -265,7 +374,9 @@ def finetune(model_name: str, train_rows: list[dict], eval_sets: dict[str, list[
         output_dir=str(out / "checkpoints"), num_train_epochs=cfg.epochs, learning_rate=cfg.lr,
         per_device_train_batch_size=per_device, gradient_accumulation_steps=accum,
         weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio, lr_scheduler_type=cfg.scheduler,
-        save_strategy="epoch", save_total_limit=1, eval_strategy="no", report_to="none",
+        # one checkpoint per epoch; the older ones are removed by Measure.on_save once the new one
+        # is marked complete (the Trainer's own rotation would delete them before that)
+        save_strategy="epoch", save_total_limit=None, eval_strategy="no", report_to="none",
         logging_strategy="steps", logging_steps=cfg.log_every or steps_per_epoch, seed=cfg.seed,
         data_seed=cfg.seed, use_cpu=dev.type == "cpu", bf16=cfg.bf16, disable_tqdm=not progress,
         dataloader_num_workers=0, remove_unused_columns=False, save_only_model=False,
@@ -282,13 +393,30 @@ def finetune(model_name: str, train_rows: list[dict], eval_sets: dict[str, list[
                 atomic_write_text(out / "epochs" / f"epoch_{epoch:03d}.answers.jsonl",
                                   "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
                 atomic_write_json(_epoch_path(out, epoch), metrics)
-                test = metrics.get("test", {}).get("all", {})
-                log(f"epoch {epoch}: fitted {metrics['train']['fitted']:.1%}, dev "
-                    f"{metrics.get('dev', {}).get('all', {}).get('accuracy', float('nan')):.1%}, test "
-                    f"{test.get('accuracy') or 0:.1%} ({metrics['seconds_measuring']:.0f} s measuring)")
+
+                def pct(name):
+                    a = (metrics.get(name) or {}).get("all", {}).get("accuracy")
+                    return "-" if a is None else f"{a:.1%}"
+
+                log(f"epoch {epoch}: fitted {metrics['train']['fitted']:.1%}, dev {pct('dev')}, test "
+                    f"{pct('test')} ({metrics['seconds_measuring']:.0f} s measuring)")
             if world > 1:
                 torch.distributed.barrier()
 
+        def on_save(self, args, state, control, **kw):
+            # every process has written its part of the checkpoint (its RNG state) once all reach here
+            if world > 1:
+                torch.distributed.barrier()
+            if state.is_world_process_zero:
+                ckpt = ckpt_dir / f"checkpoint-{state.global_step}"
+                mark_checkpoint_complete(ckpt, state.global_step, state.epoch)
+                for old in ckpt_dir.glob("checkpoint-*"):
+                    if old != ckpt and old.is_dir():
+                        shutil.rmtree(old, ignore_errors=True)
+            if world > 1:
+                torch.distributed.barrier()
+
+    ckpt_dir = out / "checkpoints"
     trainer = Trainer(model=model, args=args, train_dataset=_ListDataset(encoded), data_collator=_Collator(
         tok.pad_token_id), callbacks=[Measure()])
     if not progress:
@@ -297,12 +425,24 @@ def finetune(model_name: str, train_rows: list[dict], eval_sets: dict[str, list[
 
         trainer.remove_callback(PrinterCallback)
         hf_logging.disable_progress_bar()
-    ckpts = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) \
-        if (out / "checkpoints").exists() else []
+    is_main = trainer.is_world_process_zero()
+    resume = latest_complete_checkpoint(ckpt_dir, log=log if is_main else None)
+    if world > 1:  # every process resumes from the checkpoint rank 0 chose, or all start afresh
+        box = [str(resume) if resume else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        resume = Path(box[0]) if box[0] else None
+    if is_main and ckpt_dir.exists():  # incomplete saves are never resumed from: remove them
+        for p in ckpt_dir.glob("checkpoint-*"):
+            if p != resume and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+    if world > 1:
+        torch.distributed.barrier()
     t = time.time()
-    if ckpts:
-        log(f"finetune: resuming from {ckpts[-1].name}")
-    trainer.train(resume_from_checkpoint=str(ckpts[-1]) if ckpts else None)
+    if resume:
+        log(f"finetune: resuming from {resume.name}")
+    elif read_epochs(out):
+        log("finetune: no complete checkpoint; training again from the start (measured epochs are kept)")
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.time() - t
     if not trainer.is_world_process_zero():
         return {}
@@ -311,11 +451,9 @@ def finetune(model_name: str, train_rows: list[dict], eval_sets: dict[str, list[
         tok.save_pretrained(str(out / "model"))
     epochs = read_epochs(out)
     result = {"complete": True, "config": asdict(cfg), "model": model_name, "n_train": len(train_rows),
-              "world_size": trainer.args.world_size,
+              "world_size": trainer.args.world_size, "ood_relations": sorted(ood), "ood_rule": ood_rule,
               "seconds_training": round(seconds, 1), **choose_stops(epochs), "epochs": epochs}
     atomic_write_json(done, result)
-    import shutil
-
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return result
 
@@ -341,10 +479,13 @@ def format_epochs(m: dict) -> str:
                      "".join(f"{fb[c]:>6.0%}" if c in fb else f"{'-':>6}" for c in CATEGORIES) +
                      f"{e.get('dev', {}).get('all', {}).get('accuracy') or 0:>7.1%}"
                      f"{e.get('test', {}).get('all', {}).get('accuracy') or 0:>7.1%}")
-    if "early_stop" in m:
+    if m.get("early_stop") is not None:
         lines.append(f"EARLY_STOP = epoch {m['early_stop']}, CONVERGENCE = epoch {m['convergence']}")
+    elif "convergence" in m:
+        lines.append(f"EARLY_STOP undefined (no dev set), CONVERGENCE = epoch {m['convergence']}")
     return "\n".join(lines)
 
 
 __all__ = ["FinetuneConfig", "finetune", "read_epochs", "choose_stops", "eval_items", "format_epochs",
-           "encode_training_set", "answer_prompts", "score_answers"]
+           "encode_training_set", "answer_prompts", "score_answers", "checkpoint_complete",
+           "latest_complete_checkpoint", "mark_checkpoint_complete", "NO_DEV_NOTE"]

@@ -50,3 +50,181 @@ def test_fitting_speed():
     s = fitting_speed({1: 0.1, 2: 0.55, 3: 0.9, 4: 1.0})
     assert s == {"epoch_to_50": 2, "epoch_to_90": 3, "epoch_to_100": 4, "mean_fitted": pytest.approx(0.6375)}
     assert fitting_speed({1: 0.2, 2: 0.3})["epoch_to_50"] is None
+
+
+# ---------------------------------------------------------------------------------------------
+# the analysis of a run, on small synthetic per-epoch files (no training)
+
+import json  # noqa: E402
+
+from knowcat.experiment import ExperimentConfig, analyze, linear_model_variants  # noqa: E402
+from knowcat.finetune import FinetuneConfig, choose_stops, score_answers  # noqa: E402
+from linear_models.study import PAPER_TABLE2  # noqa: E402
+
+CATS = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
+D = 4  # |D|
+# test: 10 in-distribution questions per category (relation P1, trained on) and 4 OOD ones (P9)
+TEST = [{"id": f"t-{c}-{i}", "relation": "P1", "category": c, "question": "q?", "answers": [f"{c}{i}"]}
+        for c in CATS for i in range(10)] + \
+       [{"id": f"o-{i}", "relation": "P9", "category": "Unknown", "question": "q?", "answers": [f"o{i}"]}
+        for i in range(4)]
+
+# the X% Unknown and D_Known sets: train composition; at epoch e, min(e, #Known) Known and
+# min(e - 1, #Unknown) Unknown examples are fitted and the in-distribution accuracy is exactly
+# 30 + 20 * N_kn / |D| - 10 * N_unk / |D| (percent)
+PAPER_SETS = {"unknown_00": {"HighlyKnown": 2, "MaybeKnown": 1, "WeaklyKnown": 1},
+              "unknown_25": {"HighlyKnown": 1, "MaybeKnown": 1, "WeaklyKnown": 1, "Unknown": 1},
+              "unknown_50": {"HighlyKnown": 1, "MaybeKnown": 1, "Unknown": 2},
+              "unknown_75": {"HighlyKnown": 1, "Unknown": 3}, "unknown_100": {"Unknown": 4},
+              "known_25": {"HighlyKnown": 1, "MaybeKnown": 1, "WeaklyKnown": 1},
+              "known_50": {"HighlyKnown": 1, "MaybeKnown": 1}, "known_75": {"HighlyKnown": 1}}
+# the single-category sets and D_Natural: in-distribution test questions answered correctly per
+# category (of 10) at epochs 1, 2, 3, and the dev accuracy per epoch (None: no dev set)
+TABLE_SETS = {
+    "HighlyKnown": ([(10, 7, 2, 0), (10, 6, 2, 0), (9, 5, 3, 3)], [0.2, 0.6, 0.4]),  # EARLY_STOP 2
+    "MaybeKnown": ([(10, 8, 3, 1), (10, 7, 2, 1), (10, 7, 1, 1)], [0.5, 0.5, 0.1]),  # 1 (earliest of a tie)
+    "WeaklyKnown": ([(9, 5, 1, 0), (9, 6, 2, 0), (8, 6, 4, 2)], [0.1, 0.2, 0.3]),   # 3
+    "Unknown": ([(9, 5, 1, 0), (7, 4, 2, 1), (5, 3, 1, 1)], [0.4, 0.3, 0.2]),       # 1
+    "natural": ([(10, 7, 2, 0), (10, 8, 3, 1), (10, 7, 3, 2)], None),               # undefined
+}
+
+
+def _fill(n_by: dict, n: int) -> dict:
+    out = {}
+    for c in CATS:
+        k = min(n, n_by.get(c, 0))
+        if c in n_by:
+            out[c] = k
+        n -= k
+    return out
+
+
+def _write_variant(run, name, n_by, epochs):
+    """epochs: (fitted count per category, correct in-distribution per category, correct OOD, dev accuracy)."""
+    d = run / "finetune" / name / "epochs"
+    d.mkdir(parents=True)
+    ms = []
+    for e, (fitted, correct, ood_correct, dev) in enumerate(epochs, 1):
+        answers = {}
+        for t in TEST:
+            c, i = t["category"], int(t["id"].rsplit("-", 1)[1])
+            ok = i < (ood_correct if t["relation"] == "P9" else correct.get(c, 0))
+            answers[t["id"]] = t["answers"][0] if ok else "wrong"
+        res, rows = score_answers(TEST, answers, FinetuneConfig(), {"P9"})
+        m = {"epoch": e, "train": {"n": sum(n_by.values()), "fitted": sum(fitted.values()) / sum(n_by.values()),
+                                   "fitted_by_category": {c: fitted[c] / n_by[c] for c in n_by},
+                                   "n_by_category": dict(n_by)}, "test": res}
+        if dev is not None:
+            m["dev"] = {"all": {"n": 10, "accuracy": dev}}
+        (d / f"epoch_{e:03d}.json").write_text(json.dumps(m))
+        (d / f"epoch_{e:03d}.answers.jsonl").write_text("".join(json.dumps({"set": "test", **r}) + "\n" for r in rows))
+        ms.append(m)
+    (run / "finetune" / name / "metrics.json").write_text(json.dumps({"complete": True, "epochs": ms,
+                                                                      **choose_stops(ms)}))
+
+
+@pytest.fixture()
+def synthetic_run(tmp_path):
+    run = tmp_path / "run"
+    (run / "mixtures").mkdir(parents=True)
+    cat = [{"id": f"tr-{c}", "relation": "P1", "category": c, "question": "q?", "answers": ["a"], "split": "train"}
+           for c in CATS] + [{**t, "split": "test"} for t in TEST]
+    (run / "categorized.jsonl").write_text("".join(json.dumps(r) + "\n" for r in cat))
+    sets = {}
+    for name, n_by in PAPER_SETS.items():
+        n_kn = sum(v for c, v in n_by.items() if c != "Unknown")
+        n_unk = n_by.get("Unknown", 0)
+        eps = []
+        for e in (1, 2, 3):
+            nk, nu = min(e, n_kn), min(e - 1, n_unk)
+            fitted = {**_fill({c: v for c, v in n_by.items() if c != "Unknown"}, nk),
+                      **({"Unknown": nu} if n_unk else {})}
+            eps.append((fitted, _fill(dict.fromkeys(CATS, 10), 12 + 2 * nk - nu), (nk + e) % 5, 0.3))
+        _write_variant(run, name, n_by, eps)
+        sets[name] = {"n": sum(n_by.values())}
+    for name, (correct, dev) in TABLE_SETS.items():
+        n_by = {name: D} if name in CATS else {"HighlyKnown": 1, "MaybeKnown": 1, "WeaklyKnown": 1, "Unknown": 1}
+        eps = [(_fill(n_by, e + 1), dict(zip(CATS, correct[e - 1])), 4, None if dev is None else dev[e - 1])
+               for e in (1, 2, 3)]
+        _write_variant(run, name, n_by, eps)
+        sets[name] = {"n": D}
+    (run / "mixtures" / "manifest.json").write_text(json.dumps({"size": D, "sets": sets}))
+    return run
+
+
+def test_table2_at_early_stop_and_convergence(synthetic_run):
+    a = analyze(synthetic_run)
+    t2 = a["table2"]
+    row = lambda r: (r["full"], *(r[c] for c in CATS))  # noqa: E731
+    # in-distribution test accuracy (the OOD questions, all answered correctly, are left out)
+    approx = lambda d: {k: pytest.approx(v, abs=1e-9) for k, v in d.items()}  # noqa: E731
+    assert {v: row(r) for v, r in t2["early_stop"].items()} == approx({
+        "HighlyKnown": (45.0, 100.0, 60.0, 20.0, 0.0),  # epoch 2, the best dev epoch
+        "MaybeKnown": (55.0, 100.0, 80.0, 30.0, 10.0),  # epoch 1: dev ties at epochs 1 and 2
+        "WeaklyKnown": (50.0, 80.0, 60.0, 40.0, 20.0),  # epoch 3
+        "Unknown": (37.5, 90.0, 50.0, 10.0, 0.0),       # epoch 1
+    })  # D_Natural has no dev set: no EARLY_STOP row, and a note says why
+    assert {v: row(r) for v, r in t2["convergence"].items()} == approx({
+        "HighlyKnown": (50.0, 90.0, 50.0, 30.0, 30.0), "MaybeKnown": (47.5, 100.0, 70.0, 10.0, 10.0),
+        "WeaklyKnown": (50.0, 80.0, 60.0, 40.0, 20.0), "Unknown": (25.0, 50.0, 30.0, 10.0, 10.0),
+        "natural": (55.0, 100.0, 70.0, 30.0, 20.0)})
+    for stop in ("early_stop", "convergence"):
+        for v, r in t2[stop].items():
+            assert r["paper"] == PAPER_TABLE2[stop][v]
+    assert a["stops"]["HighlyKnown"] == {"early_stop": 2, "convergence": 3}
+    assert a["stops"]["MaybeKnown"]["early_stop"] == 1 and a["stops"]["natural"]["early_stop"] is None
+    assert set(a["early_stop_undefined"]) == {"natural"} and "natural" in a["table2_notes"]
+    assert a["accuracy"]["natural"]["early_stop"]["epoch"] is None
+    assert a["accuracy"]["HighlyKnown"]["early_stop"]["in_distribution"] == pytest.approx(45.0)
+    assert a["accuracy"]["HighlyKnown"]["early_stop"]["ood"] == pytest.approx(100.0)
+    # EARLY_STOP against CONVERGENCE: one question per part here (40 in-distribution questions)
+    tt = a["t_tests"]["HighlyKnown"]["in_distribution"]
+    assert tt["n_parts"] == 40 and (tt["mean_a"], tt["mean_b"]) == pytest.approx((45.0, 50.0))
+    assert a["t_tests"]["natural"] == {} and "natural" in a["t_tests_skipped"]
+
+
+def test_linear_model_points_are_the_papers_by_default_and_recorded(synthetic_run):
+    a = analyze(synthetic_run)
+    lm = a["linear_model"]["in_distribution"]
+    paper = ["unknown_00", "unknown_25", "unknown_50", "unknown_75", "unknown_100", "known_25", "known_50",
+             "known_75"]
+    assert lm["rule"] == "paper" and lm["variants"] == paper and a["linear_model_variants"]["variants"] == paper
+    assert lm["points"] == [[v, e] for v in paper for e in (1, 2, 3)] and lm["nobs"] == 24
+    # the points lie exactly on 30 + 20 N_kn/|D| - 10 N_unk/|D|
+    for k, v in (("b0", 30.0), ("b_kn", 20.0), ("b_unk", -10.0)):
+        assert lm["params"][k] == pytest.approx(v, abs=1e-9)
+    assert lm["r2"] == pytest.approx(1.0)
+    assert a["findings"]["b_unk_negative"]["holds"]
+    # every set: the single-category and natural points, off that plane, join the fit
+    a = analyze(synthetic_run, ExperimentConfig(linear_model_variants="all"))
+    lm = a["linear_model"]["in_distribution"]
+    assert lm["rule"] == "all" and lm["variants"] == paper + ["HighlyKnown", "MaybeKnown", "Unknown",
+                                                              "WeaklyKnown", "natural"]
+    assert lm["nobs"] == 39 == len(lm["points"]) and lm["r2"] < 0.99 and lm["params"]["b_kn"] != pytest.approx(20)
+    # a given list
+    a = analyze(synthetic_run, ExperimentConfig(linear_model_variants="unknown_00, unknown_50,unknown_100"))
+    lm = a["linear_model"]["in_distribution"]
+    assert lm["variants"] == ["unknown_00", "unknown_50", "unknown_100"] and lm["nobs"] == 9
+    assert lm["params"]["b_unk"] == pytest.approx(-10.0, abs=1e-9)
+    with pytest.raises(ValueError, match="idk not among them"):
+        analyze(synthetic_run, ExperimentConfig(linear_model_variants="unknown_00,idk"))
+    assert linear_model_variants(["natural", "known_50", "unknown_100", "unknown_00"])[0] == \
+        ["unknown_00", "unknown_100", "known_50"]
+
+
+def test_cli_analyze_variants(synthetic_run):
+    from knowcat.cli import main
+
+    assert main(["analyze", str(synthetic_run), "--variants", "unknown_00,unknown_50,unknown_100,natural"]) == 0
+    a = json.loads((synthetic_run / "analysis.json").read_text())
+    assert a["variants"] == ["natural", "unknown_00", "unknown_100", "unknown_50"]
+    assert set(a["accuracy"]) == set(a["t_tests"]) == set(a["fitting"]) == set(a["variants"])
+    assert a["linear_model"]["in_distribution"]["variants"] == ["unknown_00", "unknown_50", "unknown_100"]
+    assert a["linear_model"]["in_distribution"]["nobs"] == 9
+    assert a["table2"]["early_stop"] == {} and list(a["table2"]["convergence"]) == ["natural"]
+    assert a["config"]["variants"] == ["unknown_00", "unknown_50", "unknown_100", "natural"]
+    assert main(["analyze", str(synthetic_run), "--linear-model-variants", "all"]) == 0
+    a = json.loads((synthetic_run / "analysis.json").read_text())
+    assert len(a["variants"]) == 13 and a["linear_model"]["in_distribution"]["nobs"] == 39
+    with pytest.raises(ValueError, match="unknown variant"):
+        main(["analyze", str(synthetic_run), "--variants", "unknown_00,unknown_60"])
