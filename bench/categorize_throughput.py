@@ -12,9 +12,9 @@ knowledge world (default: the demo run's), each under the SliCK protocol
 
 and a matmul benchmark of the machine's peak, against which the FLOPs of the
 model forward passes each method ran (2 x parameters x tokens) are compared.
-Prints JSON and a one-line summary.
+Prints JSON and a one-line summary (with the lazy/exact speed ratio).
 
-    python bench/categorize_throughput.py --run runs/demo --n 60
+    python bench/categorize_throughput.py --run runs/demo --n 60 [--device auto|cpu|cuda]
 """
 
 from __future__ import annotations
@@ -43,13 +43,24 @@ class TokenCounter:
         model.forward = fwd
 
 
-def matmul_peak(seconds: float = 3.0, n: int = 2048) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(seconds: float = 3.0, n: int = 2048, device="cpu") -> float:
+    """float32 matmul FLOP/s on the device (TF32 off: the models run in float32)."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        n = max(n, 8192)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
+    _sync(device)
     t, k = time.perf_counter(), 0
     while time.perf_counter() - t < seconds:
         a @ b
         k += 1
+        _sync(device)
     return 2 * n ** 3 * k / (time.perf_counter() - t)
 
 
@@ -61,7 +72,7 @@ def plain_loop(model, tok, examples, prompts, cfg):
         ng = ns = 0
         answers = []
         for pre, suf in prompts[ex.id]:
-            ids = tok(pre + suf, return_tensors="pt")
+            ids = tok(pre + suf, return_tensors="pt").to(model.device)
             n = ids["input_ids"].shape[1]
             out = model.generate(**ids, do_sample=False, max_new_tokens=cfg.max_new_tokens,
                                  pad_token_id=tok.pad_token_id, stop_strings=["\n"], tokenizer=tok)
@@ -118,6 +129,8 @@ def main(argv=None):
     p.add_argument("--run", default="runs/demo", help="a demo run directory (world/ and model/)")
     p.add_argument("--n", type=int, default=60, help="examples (train split, spread over relations)")
     p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the model runs (auto: cuda if available, else cpu)")
     p.add_argument("--skip-lm-eval", action="store_true")
     p.add_argument("--out", default=None, help="write the JSON here too")
     args = p.parse_args(argv)
@@ -133,21 +146,31 @@ def main(argv=None):
     train = [e for e in ex if e.split == "train"]
     rng = np.random.default_rng(0)
     examples = [train[i] for i in sorted(rng.choice(len(train), min(args.n, len(train)), replace=False))]
-    model, tok = load_model(f"{args.run}/model", device="cpu", dtype="float32")
+    from probes.loading import resolve_device
+
+    device = resolve_device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    model, tok = load_model(f"{args.run}/model", device=device, dtype="float32")
     n_params = sum(p.numel() for p in model.parameters())
     cfg = SliCKConfig(keep_answers=True)
     sets = exemplar_sets(pool, cfg.fewshot)
     prompts = {e.id: [prompt_for(e, s) for s in sets[e.relation]] for e in examples}
     counter = TokenCounter(model)
-    res = {"n_examples": len(examples), "model_params": n_params, "threads": torch.get_num_threads()}
+    res = {"n_examples": len(examples), "model_params": n_params, "device": str(model.device),
+           "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        res["gpu"] = torch.cuda.get_device_name(device)
 
-    peak = matmul_peak()
+    peak = matmul_peak(device=model.device)
     res["matmul_peak_gflops"] = peak / 1e9
 
     def timed(name, fn):
         counter.tokens = 0
+        _sync(model.device)
         t = time.perf_counter()
         out = fn()
+        _sync(model.device)
         dt = time.perf_counter() - t
         res[name] = {"seconds": dt, "examples_per_s": len(examples) / dt, "forward_tokens": counter.tokens,
                      "forward_tokens_per_s": counter.tokens / dt,
@@ -172,6 +195,8 @@ def main(argv=None):
             res["agreement_lm_eval"] = _agreement(k_greedy, k_cats, le_greedy, le_cats)
         except ImportError as e:
             res["lm_eval"] = {"error": f"lm-eval not installed ({e}); pip install lm-eval"}
+    res["lazy_over_exact"] = res["knowcat_lazy"]["examples_per_s"] / res["knowcat_exact"]["examples_per_s"]
+    res["lazy_exact_same_categories"] = float(np.mean([a.category == b.category for a, b in zip(lazy, exact)]))
     res["speedup_vs_plain"] = res["knowcat_lazy"]["examples_per_s"] / res["plain_generate"]["examples_per_s"]
     if "examples_per_s" in res.get("lm_eval", {}):
         res["speedup_vs_lm_eval"] = res["knowcat_lazy"]["examples_per_s"] / res["lm_eval"]["examples_per_s"]
@@ -180,7 +205,9 @@ def main(argv=None):
         with open(args.out, "w") as f:
             json.dump(res, f, indent=2)
     le = f", {res['speedup_vs_lm_eval']:.1f}x lm-eval" if "speedup_vs_lm_eval" in res else ""
-    print(f"SUMMARY knowcat lazy {res['knowcat_lazy']['examples_per_s']:.2f} ex/s = "
+    print(f"SUMMARY on {res['device']}: knowcat lazy {res['knowcat_lazy']['examples_per_s']:.2f} ex/s = "
+          f"{res['lazy_over_exact']:.1f}x knowcat exact (categories identical: "
+          f"{res['lazy_exact_same_categories']:.0%}) = "
           f"{res['speedup_vs_plain']:.1f}x plain generate loop{le}; greedy answers identical to plain: "
           f"{res['agreement_plain']['greedy_identical']:.1%}; HK/MK labels agree "
           f"{res['agreement_plain']['known_labels_agree']:.1%}; forward passes at "

@@ -1,4 +1,11 @@
-"""Categorization over a Ray cluster (``pip install knowcat[ray]``; ``--backend ray`` or ``--ray-address``).
+"""Categorization over several engines: a Ray cluster, or vLLM data-parallel replicas on one machine.
+
+Both split the run into the shards :func:`knowcat.runs.run_categorize` uses, hand the
+unfinished ones to workers that each load the model once, and let each worker write
+every shard it finishes atomically into ``RUN/categorize/shards/``; the shard files are
+the checkpoint, and the output is a single-machine run's.
+
+**Ray** (``pip install knowcat[ray]``; ``--backend ray`` or ``--ray-address``):
 
 A Ray Data pipeline: the unfinished shards of the run (the same partition of the
 examples into shards as :func:`knowcat.runs.run_categorize`) are the rows of a
@@ -10,6 +17,15 @@ job, or a worker lost mid-run (its actor is restarted and the shard retried),
 redoes only the examples no finished shard holds. Categories and answers are a
 pure function of (model, data, protocol) per example, independent of batch,
 worker and order, so the output equals a single-machine run's.
+
+**vLLM data parallelism** (``--backend vllm --data-parallel-size N``,
+:func:`run_categorize_data_parallel`): vLLM's offline ``LLM()`` is one replica per
+process (it refuses ``data_parallel_size > 1`` in one process; its own offline example
+starts a process per rank). So N processes are started, each with
+``CUDA_VISIBLE_DEVICES`` set to its own ``tensor_parallel_size`` GPUs, each building
+one independent engine and taking shards from a shared queue until none is left (the
+fast replicas take more: no rank waits for another). A replica that dies loses only its
+shard in progress: the others finish theirs, and a rerun redoes only what is missing.
 """
 
 from __future__ import annotations
@@ -27,7 +43,7 @@ class _ShardWorker:
     """A Ray Data actor: categorizes whole shards and writes them."""
 
     def __init__(self, model_name, examples, pool, cfg_dict, shards_dir, shard_size, device, dtype, engine,
-                 engine_options, fail_once_marker=None):
+                 engine_options):
         from knowcat.examples import QAExample
 
         self.examples = [QAExample(**e) for e in examples]
@@ -35,7 +51,6 @@ class _ShardWorker:
         self.cfg = SliCKConfig(**cfg_dict)
         self.shards_dir = Path(shards_dir)
         self.shard_size = shard_size
-        self.fail_once_marker = fail_once_marker
         self.generate_fn = None
         if engine == "vllm":
             from probes.vllm_backend import VLLMEngine
@@ -47,39 +62,26 @@ class _ShardWorker:
 
             self.model, self.tok = load_model(model_name, device=device, dtype=dtype)
 
-    def __call__(self, batch):
-        import os
-
+    def run_shard(self, i: int) -> int:
         from knowcat.slick import categorize
 
-        done = []
-        for i in batch["shard"].tolist():
-            shard = self.examples[i * self.shard_size:(i + 1) * self.shard_size]
-            res = categorize(self.model, self.tok, shard, self.pool, self.cfg, generate_fn=self.generate_fn)
-            if self.fail_once_marker and not Path(self.fail_once_marker).exists():
-                Path(self.fail_once_marker).write_text(str(os.getpid()))  # tests: a worker dies mid-run, once
-                os._exit(1)
-            atomic_write_text(self.shards_dir / f"{i:05d}.jsonl", "".join(
-                json.dumps({"id": r.id, **r.fields()}, ensure_ascii=False) + "\n" for r in res))
-            done.append(i)
-        return {"shard": done}
+        shard = self.examples[i * self.shard_size:(i + 1) * self.shard_size]
+        res = categorize(self.model, self.tok, shard, self.pool, self.cfg, generate_fn=self.generate_fn)
+        atomic_write_text(self.shards_dir / f"{i:05d}.jsonl", "".join(
+            json.dumps({"id": r.id, **r.fields()}, ensure_ascii=False) + "\n" for r in res))
+        return i
+
+    def __call__(self, batch):
+        return {"shard": [self.run_shard(int(i)) for i in batch["shard"]]}
 
 
-def run_categorize_ray(model_name: str, examples, exemplar_pool, run_dir, cfg: SliCKConfig = SliCKConfig(),
-                       shard_size: int = 256, ray_address: str | None = None, num_workers: int = 2,
-                       cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0, device: str = "auto",
-                       dtype: str = "auto", engine: str = "transformers", engine_options: dict | None = None,
-                       fields=None, data_source: str | None = None, log=print, _fail_once_marker=None) -> dict:
-    """Like :func:`knowcat.runs.run_categorize`, with the shards computed by Ray workers."""
-    import ray
+def _open_shards(run: Path, model_name, examples, cfg, shard_size, data_source, backend, log, name):
+    """Check or write the run's config; (shards dir, number of shards, the unfinished shards)."""
+    from knowcat.runs import open_run_config
 
-    from knowcat.runs import finalize, open_run_config
-
-    run = Path(run_dir)
-    cdir = run / "categorize"
-    shards_dir = cdir / "shards"
+    shards_dir = run / "categorize" / "shards"
     shards_dir.mkdir(parents=True, exist_ok=True)
-    open_run_config(cdir, model_name, examples, cfg, shard_size, data_source, engine)
+    open_run_config(run / "categorize", model_name, examples, cfg, shard_size, data_source, backend)
     n_shards = (len(examples) + shard_size - 1) // shard_size
     # the checkpoint: example ids already held by finished shards
     finished = set()
@@ -88,7 +90,29 @@ def run_categorize_ray(model_name: str, examples, exemplar_pool, run_dir, cfg: S
     todo = [i for i in range(n_shards)
             if any(e.id not in finished for e in examples[i * shard_size:(i + 1) * shard_size])]
     if len(todo) < n_shards:
-        log(f"categorize (ray): {n_shards - len(todo)}/{n_shards} shards already finished; resuming")
+        log(f"categorize ({name}): {n_shards - len(todo)}/{n_shards} shards already finished; resuming")
+    return shards_dir, n_shards, todo
+
+
+def _check_written(shards_dir: Path, n_shards: int, why: str = "") -> None:
+    missing = [i for i in range(n_shards) if not (shards_dir / f"{i:05d}.jsonl").exists()]
+    if missing:
+        raise RuntimeError(f"shards {missing} were not written{why}; rerun the same command to resume")
+
+
+def run_categorize_ray(model_name: str, examples, exemplar_pool, run_dir, cfg: SliCKConfig = SliCKConfig(),
+                       shard_size: int = 256, ray_address: str | None = None, num_workers: int = 2,
+                       cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0, device: str = "auto",
+                       dtype: str = "auto", engine: str = "transformers", engine_options: dict | None = None,
+                       fields=None, data_source: str | None = None, log=print) -> dict:
+    """Like :func:`knowcat.runs.run_categorize`, with the shards computed by Ray workers."""
+    import ray
+
+    from knowcat.runs import finalize
+
+    run = Path(run_dir)
+    shards_dir, n_shards, todo = _open_shards(run, model_name, examples, cfg, shard_size, data_source, engine, log,
+                                              "ray")
     t0 = time.time()
     if todo:
         started = False
@@ -99,7 +123,7 @@ def run_categorize_ray(model_name: str, examples, exemplar_pool, run_dir, cfg: S
         try:
             ds = ray.data.from_items([{"shard": i} for i in todo])
             args = (str(model_name), [asdict(e) for e in examples], [asdict(e) for e in exemplar_pool], asdict(cfg),
-                    str(shards_dir), shard_size, device, dtype, engine, engine_options, _fail_once_marker)
+                    str(shards_dir), shard_size, device, dtype, engine, engine_options)
             out = ds.map_batches(_ShardWorker, fn_constructor_args=args, batch_size=1, compute=None,
                                  concurrency=max(1, min(num_workers, len(todo))), num_cpus=cpus_per_worker,
                                  num_gpus=gpus_per_worker or None,
@@ -111,7 +135,119 @@ def run_categorize_ray(model_name: str, examples, exemplar_pool, run_dir, cfg: S
         finally:
             if started:
                 ray.shutdown()
-    missing = [i for i in range(n_shards) if not (shards_dir / f"{i:05d}.jsonl").exists()]
-    if missing:
-        raise RuntimeError(f"shards {missing} were not written; rerun to resume")
+    _check_written(shards_dir, n_shards)
     return finalize(run, examples, n_shards, fields=fields, seconds=time.time() - t0, log=log)
+
+
+# ---------------------------------------------------------------------------------------------
+# vLLM data parallelism on one machine: one engine process per replica
+
+
+def replica_devices(data_parallel_size: int, tensor_parallel_size: int = 1, device_ids=None) -> list[list[str]]:
+    """The GPUs of each replica: ``tensor_parallel_size`` consecutive ids each, from ``device_ids``, else
+    ``CUDA_VISIBLE_DEVICES``, else every GPU torch sees."""
+    import os
+
+    if device_ids is None:
+        env = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if env is not None:
+            device_ids = [d.strip() for d in env.split(",") if d.strip()]
+        else:
+            import torch
+
+            device_ids = list(range(torch.cuda.device_count()))
+    ids = [str(d) for d in device_ids]
+    need = data_parallel_size * tensor_parallel_size
+    if len(ids) < need:
+        raise ValueError(f"data parallel size {data_parallel_size} x tensor parallel size {tensor_parallel_size} "
+                         f"needs {need} GPUs; {len(ids)} visible ({','.join(ids) or 'none'})")
+    return [ids[r * tensor_parallel_size:(r + 1) * tensor_parallel_size] for r in range(data_parallel_size)]
+
+
+def _replica_main(rank: int, devices: list[str], worker_args: tuple, tasks, events) -> None:
+    """One data-parallel replica (a spawned process): its GPUs, its engine, shards until the queue is empty."""
+    import os
+
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices)  # before vLLM (or torch) touches a GPU
+    worker = _ShardWorker(*worker_args)
+    events.put(("ready", rank, os.getpid()))
+    while True:
+        i = tasks.get()
+        if i is None:
+            break
+        events.put(("start", rank, i))
+        worker.run_shard(i)
+        events.put(("done", rank, i))
+
+
+def run_categorize_data_parallel(model_name: str, examples, exemplar_pool, run_dir,
+                                 cfg: SliCKConfig = SliCKConfig(), data_parallel_size: int = 2,
+                                 shard_size: int = 256, engine_options: dict | None = None, device_ids=None,
+                                 fields=None, data_source: str | None = None, log=print) -> dict:
+    """``knowcat categorize --backend vllm --data-parallel-size N``: N vLLM engines, one process each on its
+    own ``tensor_parallel_size`` GPUs (:func:`replica_devices`), sharing the run's unfinished shards. The run
+    directory is a ``--backend vllm`` run's (either resumes the other): the answers do not depend on which
+    replica computed them. Returns the summary, with ``replicas``: each replica's GPUs and shards."""
+    import multiprocessing as mp
+    import queue as queue_mod
+
+    from knowcat.runs import finalize
+
+    opts = dict(engine_options or {})
+    opts.pop("data_parallel_size", None)
+    devices = replica_devices(data_parallel_size, int(opts.get("tensor_parallel_size", 1)), device_ids)
+    run = Path(run_dir)
+    shards_dir, n_shards, todo = _open_shards(run, model_name, examples, cfg, shard_size, data_source, "vllm", log,
+                                              "vllm data parallel")
+    t0 = time.time()
+    replicas = [{"rank": r, "devices": d, "pid": None, "shards": []} for r, d in enumerate(devices)]
+    if todo:
+        ctx = mp.get_context("spawn")  # a fresh interpreter per replica: no CUDA state inherited
+        tasks, events = ctx.Queue(), ctx.Queue()
+        for i in todo:
+            tasks.put(i)
+        n_procs = min(data_parallel_size, len(todo))
+        for _ in range(n_procs):
+            tasks.put(None)
+        args = (str(model_name), [asdict(e) for e in examples], [asdict(e) for e in exemplar_pool], asdict(cfg),
+                str(shards_dir), shard_size, "auto", "auto", "vllm", opts)
+        # not daemonic: a vLLM engine starts processes of its own (its engine core, its tensor-parallel workers)
+        procs = [ctx.Process(target=_replica_main, args=(r, devices[r], args, tasks, events),
+                             name=f"knowcat-vllm-dp{r}") for r in range(n_procs)]
+        log(f"categorize (vllm data parallel): {len(todo)} shards over {n_procs} engines on GPUs "
+            + "; ".join(",".join(d) for d in devices[:n_procs]))
+        for p in procs:
+            p.start()
+        n_done, in_flight = 0, {}
+        try:
+            while True:
+                try:
+                    kind, rank, val = events.get(timeout=1.0)
+                except queue_mod.Empty:
+                    if not any(p.is_alive() for p in procs):
+                        break
+                    continue
+                if kind == "ready":
+                    replicas[rank]["pid"] = val
+                elif kind == "start":
+                    in_flight[rank] = val
+                elif kind == "done":
+                    in_flight.pop(rank, None)
+                    n_done += 1
+                    replicas[rank]["shards"].append(val)
+                    log(f"categorize (vllm data parallel): shard {val} done by engine {rank} ({n_done}/{len(todo)})")
+        finally:
+            for p in procs:
+                p.join(timeout=5)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+        failed = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
+        if failed:
+            _check_written(shards_dir, n_shards, " (engine process " + ", ".join(
+                f"{r} exited with {c}" + (f" during shard {in_flight[r]}" if r in in_flight else "")
+                for r, c in failed) + ")")
+    _check_written(shards_dir, n_shards)
+    summary = finalize(run, examples, n_shards, fields=fields, seconds=time.time() - t0, log=log)
+    summary["replicas"] = replicas
+    return summary

@@ -15,7 +15,13 @@ arguments, so :func:`knowcat.slick.categorize` runs on it unchanged.
 - Lazy categories are kept: requests are submitted prompt index by prompt index
   (the order categorize gives them in) and ``prepare`` is asked before each
   submission, so an example whose answers are already correct gets no samples.
-- ``tensor_parallel_size`` and ``data_parallel_size`` are passed to ``vllm.LLM``.
+- ``tensor_parallel_size`` is passed to ``vllm.LLM``: one engine is one model replica over
+  that many GPUs. Data parallelism is several engines, one process each: vLLM's ``LLM()``
+  refuses ``data_parallel_size > 1`` in one process (offline data parallelism is one
+  process per rank, as vLLM's ``examples/offline_inference/data_parallel.py`` does), so
+  knowcat runs ``--data-parallel-size N`` as N engine processes, each on its own GPUs,
+  sharing the run's shards (:func:`knowcat.ray_runner.run_categorize_data_parallel`),
+  and over a cluster as Ray actors (``--backend ray --ray-engine vllm``).
 
 vLLM's samples differ from the transformers engine's (another random stream), so
 WeaklyKnown / Unknown may differ by sampling noise between the backends; greedy
@@ -37,9 +43,16 @@ def request_seed(req: PromptRequest) -> int:
 class VLLMEngine:
     """Wraps ``vllm.LLM``; ``llm`` may be given already built (tests pass a fake with the same interface)."""
 
-    def __init__(self, model: str, seed: int = 0, tensor_parallel_size: int = 1, data_parallel_size: int = 1,
-                 dtype: str = "auto", gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
+    def __init__(self, model: str, seed: int = 0, tensor_parallel_size: int = 1, dtype: str = "auto",
+                 gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
                  enable_prefix_caching: bool = True, llm=None, **llm_kwargs):
+        dp = int(llm_kwargs.pop("data_parallel_size", 1) or 1)
+        if dp > 1:
+            raise ValueError(
+                f"data_parallel_size={dp}: one VLLMEngine is one model replica, and vLLM's LLM() refuses data "
+                "parallelism inside one process; run one engine per replica instead: knowcat categorize --backend "
+                "vllm --data-parallel-size N (knowcat.ray_runner.run_categorize_data_parallel), or over a cluster "
+                "--backend ray --ray-engine vllm --ray-workers N")
         if llm is None:
             try:
                 from vllm import LLM
@@ -48,8 +61,6 @@ class VLLMEngine:
             kw = dict(model=model, seed=seed, tensor_parallel_size=tensor_parallel_size, dtype=dtype,
                       gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
                       **llm_kwargs)
-            if data_parallel_size > 1:
-                kw["data_parallel_size"] = data_parallel_size
             if max_model_len:
                 kw["max_model_len"] = max_model_len
             llm = LLM(**kw)

@@ -14,8 +14,10 @@ escaped: the template autoescapes, and the example table's data is embedded as
 JSON with ``<``, ``>`` and ``&`` written as unicode escapes and rendered with
 ``textContent``. The example table holds at most ``max_table_rows`` examples
 (a seeded sample, stratified by category, when there are more), paginated and
-searchable in the page; the figures are aggregates, so the page's size does not
-grow with the dataset beyond that.
+searchable in the page; the figures are aggregates or, for the per-example point
+clouds of a big run, PNGs of fixed size (the rule is in :mod:`reports.figures`), so
+the page's size does not grow with the dataset beyond that. The run section lists
+every seed found in the run's config files (:data:`SEED_FILES`).
 """
 
 from __future__ import annotations
@@ -76,6 +78,45 @@ def _sample_rows(rows: list[dict], n: int, seed: int = 0) -> tuple[list[dict], b
     return [rows[i] for i in sorted(keep)[:n]], True
 
 
+# the run's config files, each read for every key named ``seed`` or ``*_seed`` (at any depth)
+SEED_FILES = ("config.json", "categorize/config.json", "world/world.json", "model/knowcat_pretrain.json",
+              "mixtures/manifest.json", "finetune/*/config.json", "surrogates/config.json")
+
+
+def _seed_keys(obj, path: tuple = ()):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if isinstance(v, dict):
+                yield from _seed_keys(v, path + (str(k),))
+            elif (k == "seed" or str(k).endswith("_seed")) and isinstance(v, int) and not isinstance(v, bool):
+                yield ".".join(path + (str(k),)), v
+
+
+def run_seeds(run: Path) -> list[dict]:
+    """Every seed in the run's config files: ``[{"file", "seeds": [(key, value), ...]}]``. Files of one
+    pattern (the fine-tuning runs' ``finetune/*/config.json``) that agree are shown once, with their count."""
+    out = []
+    for pattern in SEED_FILES:
+        files = sorted(run.glob(pattern))
+        found: dict[tuple, list[str]] = {}
+        for f in files:
+            try:
+                obj = json.loads(f.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            for k, v in _seed_keys(obj):
+                found.setdefault((k, v), []).append(f.relative_to(run).as_posix())
+        by_file: dict[str, list] = defaultdict(list)
+        for (k, v), fs in found.items():
+            if len(fs) > 1 and len(fs) == len(files):
+                where = f"{pattern} ({len(fs)} files)"
+            else:
+                where = ", ".join(fs)
+            by_file[where].append((k, v))
+        out += [{"file": f, "seeds": kv} for f, kv in by_file.items()]
+    return out
+
+
 def _rerun_command(run: Path, demo_cfg: dict | None, cat_cfg: dict | None) -> str:
     if demo_cfg:
         return f"knowcat demo --preset {demo_cfg.get('preset', 'default')} --out {run}"
@@ -114,9 +155,10 @@ def knowledge_section(run: Path, rows: list[dict], max_table_rows: int) -> dict:
         sec["ordered"] = ce.get("strictly_ordered")
     if expos:
         split = "train"
-        stats = {c: F.quantiles([expos[r["id"]] for r in rows if r.get("category") == c and r["id"] in expos
-                                 and r.get("split", split) == split]) for c in CATEGORIES}
-        sec["fig_exposure_box"] = F.exposure_by_category({c: s for c, s in stats.items() if s})
+        values = {c: [expos[r["id"]] for r in rows if r.get("category") == c and r["id"] in expos
+                      and r.get("split", split) == split] for c in CATEGORIES}
+        if any(values.values()):
+            sec["fig_exposure_box"] = F.exposure_by_category(values)
     sample, sampled = _sample_rows(rows, max_table_rows)
     table = []
     for r in sample:
@@ -187,14 +229,15 @@ def surrogate_section(run: Path) -> dict | None:
     for name, t in tests.items():
         d = t["at_default"]
         rows = _read_jsonl(run / "surrogates" / f"{name}.jsonl")
-        q = {c: F.quantiles([r["residual"] for r in rows if r["category"] == c]) for c in CATEGORIES}
-        q = {c: v for c, v in q.items() if v}
+        resid = {c: [r["residual"] for r in rows if r["category"] == c and r.get("residual") is not None
+                     and np.isfinite(r["residual"])] for c in CATEGORIES}
+        resid = {c: v for c, v in resid.items() if v}
         out.append({
             "name": name, "verdict": d["verdict"], "reasons": d["reasons"], "n": d["n"],
             "chi": d["chi_square"], "kruskal": d["kruskal"], "auroc": d["auroc_unknown_vs_known"],
             "class_counts": d["class_counts"], "seconds": t.get("seconds"),
             "mnlogit": {k: v for k, v in d["multinomial_logit"].items() if k in ("llr_p", "pseudo_r2", "error", "features")},
-            "fig_resid": F.residual_boxes(q, f"{name}: relative residual by category") if q else "",
+            "fig_resid": F.residual_boxes(resid, f"{name}: relative residual by category") if resid else "",
             "fig_heat": F.class_heatmap(d["table"], f"{name}: class x category"),
             "fig_sweep": F.tolerance_sweep(t["sweep"], t.get("sweep_over", "tolerance"), f"{name}: tolerance sweep")
             if t.get("sweep") else "",
@@ -255,7 +298,7 @@ def build_report(run_dir, out: str | Path | None = None, max_table_rows: int = 2
     html = env.get_template("report.html.j2").render(
         title=f"knowcat report: {run.name}", run=str(run), generated=time.strftime("%Y-%m-%d %H:%M:%S"),
         model=(cat_cfg or {}).get("model"), data=(cat_cfg or {}).get("data"),
-        protocol=(cat_cfg or {}).get("protocol", {}), versions=_versions(), seconds=seconds,
+        protocol=(cat_cfg or {}).get("protocol", {}), seeds=run_seeds(run), versions=_versions(), seconds=seconds,
         rerun=_rerun_command(run, demo_cfg, cat_cfg), know=know, ft=ft, sg=sg,
         summary=summary_lines(know, ft, sg, know.get("ground_truth")), categories=CATEGORIES,
     )

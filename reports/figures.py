@@ -1,8 +1,16 @@
-"""Figures for the report, each returned as an inline HTML fragment (SVG for small plots,
-base64 PNG for dense ones), drawn with seaborn / matplotlib on the Agg backend.
+"""Figures for the report, each returned as an inline HTML fragment, drawn with seaborn /
+matplotlib on the Agg backend.
 
-Every figure is built from aggregated numbers (counts, histograms, per-epoch
-means), never one mark per example, so its size does not grow with the dataset.
+SVG for small plots, PNG for dense ones, by one rule: each figure counts the marks
+it draws (bars, points, heatmap cells, line vertices, boxes); up to
+``DENSE_MARKS`` it is an inline SVG (vector, sharp at any zoom, a few hundred bytes
+a mark), above it a base64 PNG at a fixed size and resolution, whose bytes are
+bounded by its pixels whatever the number of marks. Most figures draw aggregates
+(counts, histograms, per-epoch means, quantile boxes) and so stay SVG at any scale;
+the per-example point clouds (category against exposure, surrogate residuals by
+category) and the per-relation bars of a dataset with many relations turn PNG
+when the run is big. Each fragment is wrapped in
+``<figure class="fig" data-fig=NAME data-format=svg|png data-marks=N>``.
 """
 
 from __future__ import annotations
@@ -37,6 +45,36 @@ def _png(fig, dpi: int = 110) -> str:
     return f'<img alt="figure" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
+# above this many marks a figure is a PNG (see the module docstring)
+DENSE_MARKS = 1000
+
+
+def is_dense(marks: int) -> bool:
+    return marks > DENSE_MARKS
+
+
+def _emit(fig, name: str, marks: int) -> str:
+    """The figure as SVG or PNG by the rule, in a ``<figure>`` that says which and why."""
+    fmt = "png" if is_dense(marks) else "svg"
+    body = _png(fig) if fmt == "png" else _svg(fig)
+    return f'<figure class="fig" data-fig="{name}" data-format="{fmt}" data-marks="{int(marks)}">{body}</figure>'
+
+
+def _strip(ax, groups: list[np.ndarray], colors: list[str], seed: int = 0, horizontal: bool = False) -> int:
+    """One point per value, jittered across its group's slot (seeded: the same figure every build)."""
+    rng = np.random.default_rng(seed)
+    n = 0
+    for k, (v, color) in enumerate(zip(groups, colors)):
+        if not len(v):
+            continue
+        j = k + 1 + rng.uniform(-0.28, 0.28, len(v))
+        x, y = (v, j) if horizontal else (j, v)
+        ax.scatter(x, y, s=4 if len(v) > 2000 else 8, alpha=0.25 if len(v) > 2000 else 0.5, color=color,
+                   edgecolors="none", zorder=1, rasterized=False)
+        n += len(v)
+    return n
+
+
 def category_bars(by_relation: dict[str, dict[str, int]]) -> str:
     rels = sorted(by_relation)
     fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(rels) + 2), 3.2))
@@ -50,7 +88,7 @@ def category_bars(by_relation: dict[str, dict[str, int]]) -> str:
     ax.set_ylim(0, 1)
     ax.tick_params(axis="x", rotation=60)
     ax.legend(ncol=4, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 1.18))
-    return _svg(fig)
+    return _emit(fig, "category_bars", len(CATEGORIES) * len(rels))
 
 
 def p_correct_histograms(greedy: list[float], sampled: list[float]) -> str:
@@ -62,25 +100,29 @@ def p_correct_histograms(greedy: list[float], sampled: list[float]) -> str:
         ax.set_title(f"{title} (n = {len(v)})", fontsize=10)
         ax.set_xlabel("share correct")
     axes[0].set_ylabel("questions")
-    return _svg(fig)
+    return _emit(fig, "p_correct_histograms", 20)
 
 
-def exposure_by_category(stats: dict[str, dict]) -> str:
-    """Box plots from precomputed quantiles per category (the demo world's ground truth)."""
+def exposure_by_category(values: dict[str, list[float]]) -> str:
+    """Category against exposure (the demo world's ground truth): one point per example (its fact's
+    mentions in the corpus), with each category's box (5th, 25th, 50th, 75th, 95th percentiles) over it."""
+    cats = [c for c in CATEGORIES if len(values.get(c, []))]
+    groups = [np.asarray(values[c], float) for c in cats]
     fig, ax = plt.subplots(figsize=(6, 3))
+    marks = _strip(ax, groups, [PALETTE[c] for c in cats])
     boxes = []
-    for c in CATEGORIES:
-        s = stats.get(c)
-        if s:
-            boxes.append({"label": f"{c}\n(n={s['n']})", "whislo": s["p5"], "q1": s["q1"], "med": s["median"],
-                          "q3": s["q3"], "whishi": s["p95"], "mean": s["mean"], "fliers": []})
+    for c, v in zip(cats, groups):
+        q = quantiles(v)
+        boxes.append({"label": f"{c}\n(n={q['n']})", "whislo": q["p5"], "q1": q["q1"], "med": q["median"],
+                      "q3": q["q3"], "whishi": q["p95"], "mean": q["mean"], "fliers": []})
     if boxes:
-        bp = ax.bxp(boxes, showmeans=True, patch_artist=True)
-        for patch, c in zip(bp["boxes"], [c for c in CATEGORIES if stats.get(c)]):
-            patch.set_facecolor(PALETTE[c])
+        bp = ax.bxp(boxes, showmeans=True, patch_artist=True, widths=0.5, zorder=2)
+        for patch in bp["boxes"]:
+            patch.set_facecolor("none")
+            patch.set_linewidth(1.5)
     ax.set_yscale("symlog", linthresh=1)
     ax.set_ylabel("mentions in the corpus")
-    return _svg(fig)
+    return _emit(fig, "exposure_by_category", marks + len(boxes))
 
 
 def accuracy_by_exposure(bins: list[dict]) -> str:
@@ -90,7 +132,7 @@ def accuracy_by_exposure(bins: list[dict]) -> str:
     ax.set_ylabel("greedy accuracy (%)")
     ax.set_xlabel("mentions of the fact")
     ax.tick_params(axis="x", rotation=45)
-    return _svg(fig)
+    return _emit(fig, "accuracy_by_exposure", len(bins))
 
 
 def fitting_curves(curves: dict[str, dict[str, float]], title: str) -> str:
@@ -105,7 +147,7 @@ def fitting_curves(curves: dict[str, dict[str, float]], title: str) -> str:
     ax.set_ylim(-2, 102)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
-    return _svg(fig)
+    return _emit(fig, "fitting_curves", sum(len(c) for c in curves.values()))
 
 
 def accuracy_vs_unknown(rows_by_stop: dict[str, list[dict]], subset: str) -> str:
@@ -122,20 +164,28 @@ def accuracy_vs_unknown(rows_by_stop: dict[str, list[dict]], subset: str) -> str
         ax.set_xlabel("% Unknown in D")
     axes[0].set_ylabel(f"test accuracy, {subset.replace('_', '-')} (%)")
     axes[-1].legend(fontsize=8)
-    return _svg(fig)
+    return _emit(fig, "accuracy_vs_unknown", sum(2 * len(rows) for rows in rows_by_stop.values()))
 
 
-def residual_boxes(quantiles: dict[str, dict], title: str) -> str:
+def residual_boxes(values: dict[str, list[float]], title: str) -> str:
+    """A surrogate's relative residual by category: one point per example, each category's box over it."""
+    cats = [c for c in values if len(values[c])]
+    groups = [np.asarray(values[c], float) for c in cats]
     fig, ax = plt.subplots(figsize=(5.5, 2.8))
-    boxes = [{"label": c[:2], "whislo": q["p5"], "q1": q["q1"], "med": q["median"], "q3": q["q3"],
-              "whishi": q["p95"], "fliers": []} for c, q in quantiles.items()]
+    marks = _strip(ax, groups, [PALETTE.get(c, "#999999") for c in cats])
+    boxes = []
+    for c, v in zip(cats, groups):
+        q = quantiles(v)
+        boxes.append({"label": f"{c[:2]} ({q['n']})", "whislo": q["p5"], "q1": q["q1"], "med": q["median"],
+                      "q3": q["q3"], "whishi": q["p95"], "fliers": []})
     if boxes:
-        bp = ax.bxp(boxes, patch_artist=True)
-        for patch, c in zip(bp["boxes"], quantiles):
-            patch.set_facecolor(PALETTE.get(c, "#999999"))
+        bp = ax.bxp(boxes, patch_artist=True, widths=0.5, zorder=2)
+        for patch in bp["boxes"]:
+            patch.set_facecolor("none")
+            patch.set_linewidth(1.5)
     ax.set_ylabel("relative residual")
     ax.set_title(title, fontsize=10)
-    return _svg(fig)
+    return _emit(fig, "residuals", marks + len(boxes))
 
 
 def class_heatmap(table: dict[str, dict[str, int]], title: str) -> str:
@@ -145,7 +195,7 @@ def class_heatmap(table: dict[str, dict[str, int]], title: str) -> str:
     sns.heatmap(M, annot=True, fmt="d", cmap="Blues", xticklabels=[c[:2] for c in CATEGORIES],
                 yticklabels=classes, cbar=False, ax=ax)
     ax.set_title(title, fontsize=10)
-    return _svg(fig)
+    return _emit(fig, "class_heatmap", M.size)
 
 
 def tolerance_sweep(sweep: dict[str, dict], xlabel: str, title: str) -> str:
@@ -160,7 +210,7 @@ def tolerance_sweep(sweep: dict[str, dict], xlabel: str, title: str) -> str:
     ax.set_ylabel("examples")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
-    return _svg(fig)
+    return _emit(fig, "tolerance_sweep", 3 * len(tols))
 
 
 def quantiles(values) -> dict:

@@ -101,3 +101,60 @@ def test_cli_categorize_with_vllm_backend(vllm, quick_demo, tmp_path):
     rc = main(["categorize", "--model", str(run / "model"), str(run / "world" / "data"), "--splits", "train",
                "--per-relation", "2", "--n-prompts", "2", "--n-samples", "2", "--out", str(out), "--no-progress"])
     assert rc == 2
+
+
+def test_fake_refuses_what_vllm_refuses(vllm, quick_demo):
+    """The fake's constructor is vLLM's: keyword-only arguments, unknown engine arguments refused by
+    EngineArgs, and data parallelism refused inside one process (vLLM >= 0.11.1)."""
+    from probes.vllm_backend import VLLMEngine
+
+    run, _ = quick_demo
+    model = str(run / "model")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'data_parallel'"):
+        vllm.LLM(model, data_parallel=2)
+    with pytest.raises(TypeError):
+        vllm.LLM(model, 0)  # seed is keyword-only
+    with pytest.raises(ValueError, match=r"LLM\(data_parallel_size=2\) is not supported for single-process"):
+        vllm.LLM(model, data_parallel_size=2)
+    with pytest.raises(TypeError):
+        vllm.SamplingParams(n=2, best_of_n=3)
+    assert vllm.CALLS == []  # nothing was built
+    # knowcat's engine is one replica and says how to get several
+    with pytest.raises(ValueError, match="--data-parallel-size N"):
+        VLLMEngine(model, data_parallel_size=2)
+    VLLMEngine(model, data_parallel_size=1, max_num_seqs=8)
+    assert "data_parallel_size" not in vllm.CALLS[-1]["init"] and vllm.CALLS[-1]["init"]["max_num_seqs"] == 8
+
+
+def test_cli_vllm_data_parallel(vllm, quick_demo, tmp_path, monkeypatch):
+    """--data-parallel-size 2: two engine processes, each on its own GPU of CUDA_VISIBLE_DEVICES, none given
+    data_parallel_size (which vLLM refuses in one process), writing what one engine writes."""
+    from knowcat.cli import main
+
+    shim = tmp_path / "shim" / "vllm"  # `import vllm` in the engine processes: the fake
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("from fake_vllm import *  # noqa\nfrom fake_vllm import CALLS, LOG_ENV  # noqa\n")
+    monkeypatch.syspath_prepend(str(shim.parent))  # spawned processes start with the parent's sys.path
+    log = tmp_path / "engines.jsonl"
+    monkeypatch.setenv(vllm.LOG_ENV, str(log))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+
+    run, _ = quick_demo
+    common = ["categorize", "--model", str(run / "model"), str(run / "world" / "data"), "--splits", "train",
+              "--per-relation", "2", "--n-prompts", "2", "--n-samples", "3", "--keep-answers", "--no-progress",
+              "--backend", "vllm", "--shard-size", "4"]
+    assert main(common + ["--out", str(tmp_path / "one")]) == 0
+    log.unlink()
+    assert main(common + ["--out", str(tmp_path / "dp"), "--data-parallel-size", "2"]) == 0
+    engines = [json.loads(line) for line in open(log)]
+    assert len(engines) == 2 and len({e["pid"] for e in engines}) == 2
+    assert sorted(e["cuda_visible_devices"] for e in engines) == ["3", "5"]
+    assert all("data_parallel_size" not in e["init"] and e["init"]["enable_prefix_caching"] is True for e in engines)
+    one, dp = (open(tmp_path / d / "categorized.jsonl").read() for d in ("one", "dp"))
+    assert dp == one  # the same records, answers and categories, in the same order
+    assert json.loads((tmp_path / "dp" / "categorize" / "config.json").read_text())["backend"] == "vllm"
+    # more replicas than GPUs is refused before anything starts; so is data parallelism on another backend
+    with pytest.raises(ValueError, match="needs 3 GPUs; 2 visible"):
+        main(common + ["--out", str(tmp_path / "dp3"), "--data-parallel-size", "3"])
+    with pytest.raises(SystemExit, match="--ray-workers"):
+        main(common[:-4] + ["--backend", "ray", "--data-parallel-size", "2", "--out", str(tmp_path / "r")])
