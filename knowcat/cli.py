@@ -113,8 +113,17 @@ def cmd_categorize(args):
         print(f"categorizing the first {args.per_relation} questions of each relation: {len(todo)}")
     opts = {}
     if args.backend == "vllm" or (args.backend == "ray" and args.ray_engine == "vllm"):
-        opts = {"tensor_parallel_size": args.tensor_parallel_size, "data_parallel_size": args.data_parallel_size,
-                "dtype": args.dtype}
+        opts = {"tensor_parallel_size": args.tensor_parallel_size, "dtype": args.dtype}
+    if args.data_parallel_size > 1 and (args.backend != "vllm" or args.ray_address):
+        raise SystemExit("--data-parallel-size runs several vLLM engines on this machine (--backend vllm); "
+                         "with --backend ray the replicas are --ray-workers (--ray-engine vllm)")
+    if args.backend == "vllm" and args.data_parallel_size > 1:
+        from knowcat.ray_runner import run_categorize_data_parallel
+
+        run_categorize_data_parallel(args.model, todo, pool, args.out, cfg, data_parallel_size=args.data_parallel_size,
+                                     shard_size=args.shard_size, engine_options=opts, fields=fieldmap,
+                                     data_source=str(args.data))
+        return
     if args.backend == "ray" or args.ray_address:
         from knowcat.ray_runner import run_categorize_ray
 
@@ -241,6 +250,40 @@ def _eval_records(args, path, split):
             for e in load_from_args(args, source=str(path)) if split is None or e.split == split]
 
 
+def _split_relations(args, path, split) -> set:
+    """The relations of the records of ``split`` (records that name it) in the data at ``path``."""
+    from knowcat.filtering import read_records
+
+    p = Path(path)
+    if p.suffix in (".jsonl", ".json", ".csv", ".parquet") and p.is_file():
+        recs = read_records(p)
+        if recs and "question" in recs[0]:
+            return {r.get("relation") for r in recs if r.get("split") == split and r.get("relation")}
+    return {e.relation for e in load_from_args(args, source=str(path)) if e.split == split and e.relation}
+
+
+def finetune_ood(args, rows, test) -> tuple[list[str], str]:
+    """The OOD relations of ``knowcat finetune`` and the rule that chose them: ``--ood-relations``;
+    else the test relations absent from the train split of the --test data (as ``knowcat
+    experiment`` does, so a relation of the train split with no example in this training set
+    stays in-distribution); else, when that data has no train split, those absent from the
+    training set, with a warning."""
+    test_rels = {t["relation"] for t in test if t.get("relation")}
+    if args.ood_relations is not None:
+        return sorted({x.strip() for x in args.ood_relations.split(",") if x.strip()}), "given (--ood-relations)"
+    if not args.ood_by_relation or not test:
+        return [], "none" if test else "no test set"
+    train_rels = _split_relations(args, args.test, args.train_split)
+    if train_rels:
+        return sorted(test_rels - train_rels), (f"test relations absent from the '{args.train_split}' split "
+                                                f"of {args.test}")
+    print(f"knowcat finetune: warning: {args.test} has no '{args.train_split}' split, so OOD relations are those "
+          f"absent from the training set; give --ood-relations, or a categorized file with both splits",
+          file=sys.stderr)
+    return sorted(test_rels - {r.get("relation") for r in rows}), \
+        "test relations absent from the training set (the test data has no train split)"
+
+
 def cmd_finetune(args):
     from knowcat.finetune import FinetuneConfig, eval_items, finetune, format_epochs
     from knowcat.mixtures import DEFAULT_TEMPLATE, read_training_set
@@ -249,11 +292,10 @@ def cmd_finetune(args):
     rows = read_training_set(args.train)
     test = eval_items(_eval_records(args, args.test, args.test_split))
     dev = eval_items(_eval_records(args, args.dev, args.dev_split))
-    train_rels = {r.get("relation") for r in rows}
-    ood = sorted({t["relation"] for t in test} - train_rels) if args.ood_by_relation else []
+    ood, ood_rule = finetune_ood(args, rows, test)
     m = finetune(args.model, rows, {k: v for k, v in (("dev", dev), ("test", test)) if v}, args.out, cfg,
                  template=args.template or DEFAULT_TEMPLATE, ood_relations=ood, device=args.device,
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, ood_rule=ood_rule)
     if m:
         print(format_epochs(m))
 
@@ -265,6 +307,8 @@ def _experiment_config(args):
     cfg = ExperimentConfig(mixtures=_mixture_config(args), finetune=_override(FinetuneConfig(), args))
     if args.variants:
         cfg = replace(cfg, variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()))
+    if getattr(args, "linear_model_variants", None):
+        cfg = replace(cfg, linear_model_variants=args.linear_model_variants)
     return cfg
 
 
@@ -280,7 +324,8 @@ def cmd_analyze(args):
     from knowcat.experiment import analyze, format_findings
     from knowcat.io import atomic_write_json
 
-    a = analyze(args.run, _experiment_config(args))
+    cfg = _experiment_config(args)
+    a = analyze(args.run, cfg, cfg.variants)
     atomic_write_json(Path(args.run) / "analysis.json", a)
     print(format_findings(a))
     print(f"-> {Path(args.run) / 'analysis.json'}")
@@ -387,7 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ray-engine", default="transformers", choices=["transformers", "vllm"],
                    help="ray: the engine each worker runs")
     c.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model replica")
-    c.add_argument("--data-parallel-size", type=int, default=1, help="vllm: model replicas")
+    c.add_argument("--data-parallel-size", type=int, default=1,
+                   help="vllm: model replicas on this machine, one engine process each on its own "
+                        "--tensor-parallel-size GPUs (of CUDA_VISIBLE_DEVICES), sharing the shards; over a cluster "
+                        "use --backend ray --ray-engine vllm --ray-workers N")
     c.add_argument("--no-progress", action="store_true")
     _add_config_args(c, SliCKConfig)
     c.set_defaults(func=cmd_categorize)
@@ -437,7 +485,11 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--test", default=None, help="test questions, best a categorized file (per-category accuracy)")
     ft.add_argument("--test-split", default="test")
     ft.add_argument("--ood-by-relation", action=argparse.BooleanOptionalAction, default=True,
-                    help="test relations absent from the training set count as out-of-distribution")
+                    help="test relations absent from the train split of the --test data (a categorized file "
+                         "with train and test splits) count as out-of-distribution")
+    ft.add_argument("--ood-relations", default=None,
+                    help="comma-separated relations that are out-of-distribution (overrides --ood-by-relation)")
+    ft.add_argument("--train-split", default="train", help="the split of the --test data that was trained from")
     ft.add_argument("--template", default=None, help="prompt template with {question}")
     ft.add_argument("--device", default="auto")
     ft.add_argument("--no-progress", action="store_true")
@@ -450,6 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--model", required=True, help="hub id or local folder (never written to)")
     ex.add_argument("--dev", default=None, help="dev questions (default: the dev split of the run's data)")
     ex.add_argument("--variants", default=None, help="comma-separated training sets (default: all)")
+    ex.add_argument("--linear-model-variants", default=None,
+                    help="points of the linear model: paper (the X%% Unknown and D_Known sets, the "
+                         "default), all (every set) or comma-separated sets")
     ex.add_argument("--device", default="auto")
     ex.add_argument("--no-progress", action="store_true")
     _add_mixture_args(ex)
@@ -481,7 +536,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     an = sub.add_parser("analyze", help="the fine-tuning study's statistics from a run's files")
     an.add_argument("run")
-    an.add_argument("--variants", default=None)
+    an.add_argument("--variants", default=None,
+                    help="comma-separated training sets to analyze (default: every set with a finished run)")
+    an.add_argument("--linear-model-variants", default=None,
+                    help="points of the linear model: paper (the X%% Unknown and D_Known sets, the "
+                         "default), all (every set) or comma-separated sets")
     _add_mixture_args(an)
     an.set_defaults(func=cmd_analyze)
     return p
