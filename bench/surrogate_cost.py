@@ -6,7 +6,12 @@ For ``n`` train examples of a categorized run, times (one after the other, same
 process, same prompts):
 - one forward + backward pass of the model on the example's SliCK prompt with its
   gold answer (the unit of cost);
-- surrogate (a), answer_jacobian, dense path and matrix-free path;
+- surrogate (a), answer_jacobian, dense path and matrix-free path (its rows say how each
+  example was decided: from the sketch's rank bounds or by the CGLS residual test, and how
+  many are consistent_rank_unknown / undetermined);
+- the matrix-free path's Jacobian products, one batch of k + oversample vectors: forward
+  mode (torch.func.jvp, what the path uses) against double backward (its fallback), and
+  the transposed product (torch.func.vjp);
 - surrogate (b), relation_map (subject states + ridge/LOO), per example;
 - surrogate (b'), relation_jacobian (local Jacobians + solves), per example.
 Prints JSON and a one-line summary of the ratios.
@@ -67,11 +72,15 @@ def main(argv=None):
     tmp = run / "bench_surrogates"
     tmp.mkdir(exist_ok=True)
 
+    mf_rows: list[dict] = []
+
     def surrogate(fn, c):
         def go():
             for p in tmp.glob("answer_jacobian.shards/*.jsonl"):
                 p.unlink()
-            fn(model, tok, todo, prompts, cats, c, tmp, quiet, False)
+            rows = fn(model, tok, todo, prompts, cats, c, tmp, quiet, False)
+            if fn is _answer_jacobian and c.matrix_free:
+                mf_rows[:] = rows
         return go
 
     res = {"device": str(model.device), "n": len(todo), "forward_backward_s": unit, "surrogates": {}}
@@ -81,10 +90,50 @@ def main(argv=None):
                         ("relation_jacobian", _relation_jacobian, cfg)):
         s = timed(surrogate(fn, c))
         res["surrogates"][name] = {"seconds_per_example": s, "ratio_to_forward_backward": s / unit}
+    res["surrogates"]["answer_jacobian_matrix_free"]["decided_by"] = _count(mf_rows, "decided_by")
+    res["surrogates"]["answer_jacobian_matrix_free"]["classes"] = _count(mf_rows, "class")
+    res["products"] = products(model, tok, todo, prompts, cfg)
     print(json.dumps(res, indent=2))
     print("surrogate cost per example / one forward+backward: " + ", ".join(
         f"{k} {v['ratio_to_forward_backward']:.0f}x ({v['seconds_per_example'] * 1000:.0f} ms)"
         for k, v in res["surrogates"].items()) + f"; forward+backward {unit * 1000:.1f} ms on {res['device']}")
+    pr = res["products"]
+    print(f"Jacobian products, {pr['vectors_per_batch']} vectors: jvp {pr['jvp_s'] * 1000:.0f} ms, double backward "
+          f"{pr['double_backward_s'] * 1000:.0f} ms, vjp {pr['vjp_s'] * 1000:.0f} ms per example")
+
+
+def _count(rows, key):
+    out: dict = {}
+    for r in rows:
+        out[str(r.get(key))] = out.get(str(r.get(key)), 0) + 1
+    return out
+
+
+def products(model, tok, todo, prompts, cfg) -> dict:
+    """Seconds per batch of p = k + oversample Jacobian products, per example, by each mode."""
+    from knowcat.surrogate import _end_token
+    from probes.jacobians import answer_operators, answer_system
+
+    p = cfg.matrix_free_k + cfg.matrix_free_oversample
+    tot = {"jvp": 0.0, "double_backward": 0.0, "vjp": 0.0}
+    g = torch.Generator().manual_seed(0)
+    for e in todo:
+        sysm = answer_system(model, tok, prompts[e.id], e.answers[0], _end_token(tok))
+        V = torch.randn(sysm.x_gen.numel(), p, generator=g).to(model.device)
+        for mode in ("jvp", "double_backward"):
+            mv, rmv = answer_operators(model, sysm, mode=mode)
+            mv(V)  # warm-up
+            t = time.perf_counter()
+            mv(V)
+            if model.device.type == "cuda":
+                torch.cuda.synchronize()
+            tot[mode] += time.perf_counter() - t
+        t = time.perf_counter()
+        rmv(V)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        tot["vjp"] += time.perf_counter() - t
+    return {"vectors_per_batch": p, **{f"{k}_s": v / max(1, len(todo)) for k, v in tot.items()}}
 
 
 if __name__ == "__main__":

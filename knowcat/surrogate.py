@@ -5,9 +5,11 @@ Surrogates (equations in :mod:`linear_models.surrogates`):
 
 - ``answer_jacobian`` (a): per example, the Jacobian of the readout states at the
   answer positions with respect to the gold answer tokens' embeddings, under the
-  example's SliCK prompt ``prompt_index``; dense (SVD) when the Jacobian fits the
-  memory budget, matrix-free (CGLS + randomized SVD from Jacobian products) when
-  it does not;
+  example's SliCK prompt ``prompt_index``; dense (SVD) when the example's Jacobian
+  fits the memory budget, matrix-free (randomized SVD + CGLS from Jacobian products)
+  when it does not, so one run may mix both (their rows carry the same fields and
+  swept tolerances; the matrix-free ones may also be ``consistent_rank_unknown`` or
+  ``undetermined``, see :mod:`linear_models.lstsq`);
 - ``relation_map`` (b): per relation, ridge least squares from subject states at
   a middle layer to the gold answers' unembedding rows, with leave-one-out
   residuals from the hat matrix;
@@ -52,11 +54,19 @@ class SurrogateConfig:
     residual_sweep: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
     alpha: float = 0.05
     dtype: str = "float32"  # float32 or float64 for the linear algebra
-    memory_budget_mb: float | None = None  # dense Jacobian allowed up to this; None: 1/8 of free memory
-    matrix_free: bool | None = None  # force the path (None: by the memory budget)
-    matrix_free_k: int = 64  # singular triplets found on the matrix-free path
+    memory_budget_mb: float | None = None  # dense Jacobian allowed up to this; None: 1/8 of free (device) memory
+    matrix_free: bool | None = None  # force the path (None: per example, by the memory budget)
+    matrix_free_k: int = 64  # singular triplets sought on the matrix-free path (plus the oversampling)
+    matrix_free_oversample: int = 10  # extra sketch columns of the randomized SVD (their triplets are used too)
+    matrix_free_power_iters: int = 2  # power iterations of the randomized SVD
     matrix_free_iters: int = 300  # CGLS iterations at most (each: one Jacobian product and one transposed)
-    matrix_free_residual_tol: float | None = None  # None: ||Ax - b|| within the rank cutoff (as dense)
+    # matrix-free, where the sketch does not resolve the rank: consistent iff the CGLS relative residual
+    # ||b - Ax|| / ||b|| is at most this (see linear_models.lstsq)
+    matrix_free_residual_tol: float = 1e-3
+    matrix_free_normal_tol: float = 1e-4  # CGLS converged when ||A^T r|| <= this * ||A|| * ||r|| (LSQR's rule)
+    # Jacobian products: "jvp" (torch.func forward mode, falling back to double backward where the attention
+    # has no forward-mode derivative) or "double_backward" (measured faster on a CPU: see probes.jacobians)
+    matrix_free_products: str = "jvp"
     max_examples: int | None = None  # first N examples of the split (in file order), None: all
     # answer_jacobian costs about m^2 d / 2 token passes per example (m answer tokens, d hidden size):
     # by default it runs on a seeded sample of this many examples per category (0: every example)
@@ -69,13 +79,26 @@ def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "float64": torch.float64}[name]
 
 
-def _free_bytes() -> int:
+def _free_bytes(device=None) -> int:
+    """Free memory where the Jacobian would live: the CUDA device's when it is one, else the host's."""
     import os
 
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except (RuntimeError, AssertionError):
+            pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return 4 << 30
+
+
+def dense_fits(n: int, d: int, itemsize: int, budget_bytes: float) -> bool:
+    """Whether the dense path of (a) fits the budget: J (n x n), A = [0; J] ((n + d) x n), its SVD
+    factors and the augmented matrix [A|b], at most 6 n (n + d) values of ``itemsize`` bytes."""
+    return 6 * n * (n + d) * itemsize <= budget_bytes
 
 
 def _load_examples(run: Path, cfg: SurrogateConfig, data: str | None):
@@ -164,14 +187,24 @@ def _tests(rows: list[dict], cfg: SurrogateConfig, name: str) -> dict:
              "log_cond": [float(np.log10(min(max(r["cond_kept"], 1.0), 1e300))) for r in rows],
              "effective_rank_share": [r["effective_rank"] / max(1, r["n_unknowns"]) for r in rows]}
     at_default = hypothesis_test([r["class"] for r in rows], res, cats, feats, cfg.alpha)
+    # every row carries the same swept tolerances, dense and matrix-free alike (the path is chosen per
+    # example); a tolerance missing from some row (rows from an older run) is left out, and said so
+    keys = [set(r.get("sweep") or {}) for r in rows]
+    common = set.intersection(*keys) if keys else set()
     sweep = {}
-    for tol in rows[0]["sweep"] if rows else []:
+    for tol in sorted(common, key=float):
         cl = [r["sweep"][tol] for r in rows]
         h = hypothesis_test(cl, res, cats, None, cfg.alpha)
         sweep[tol] = {"class_counts": h["class_counts"], "verdict": h["verdict"],
                       "chi_square_p": h["chi_square"]["p"], "cramers_v": h["chi_square"]["cramers_v"]}
-    return {"at_default": at_default, "sweep": sweep,
-            "sweep_over": "relative residual tolerance" if name == "relation_map" else "rank rtol"}
+    out = {"at_default": at_default, "sweep": sweep,
+           "sweep_over": "relative residual tolerance" if name == "relation_map" else "rank rtol"}
+    if keys and set.union(*keys) != common:
+        out["sweep_left_out"] = sorted(set.union(*keys) - common, key=float)
+    paths = [r.get("path") for r in rows if r.get("path")]
+    if paths:
+        out["paths"] = {p: paths.count(p) for p in sorted(set(paths))}
+    return out
 
 
 def _bar(total, desc, progress):
@@ -198,9 +231,9 @@ def stratified_sample(todo, cats: dict, per_category: int, seed: int) -> list:
 
 
 def _answer_jacobian(model, tok, todo, prompts, cats, cfg, out, log, progress) -> list[dict]:
-    from linear_models.lstsq import Tolerance, matrix_free_solve, sweep_classes
+    from linear_models.lstsq import Tolerance, no_tf32, sweep_classes
     from linear_models.surrogates import solve_answer_system
-    from probes.jacobians import answer_jacobian, answer_operators, answer_system, margin_targets
+    from probes.jacobians import answer_jacobian, answer_system, margin_targets
 
     dt = _dtype(cfg.dtype)
     tol = Tolerance(cfg.rtol, cfg.atol)
@@ -212,11 +245,15 @@ def _answer_jacobian(model, tok, todo, prompts, cats, cfg, out, log, progress) -
     if len(todo) < n_all:
         log(f"answer_jacobian: a stratified sample of {len(todo)} of {n_all} examples "
             f"(at most {cfg.answer_jacobian_per_category} per category; --answer-jacobian-per-category 0 for all)")
-    budget = (cfg.memory_budget_mb * 2 ** 20) if cfg.memory_budget_mb else _free_bytes() / 8
+    device = W_U.device
+    budget = (cfg.memory_budget_mb * 2 ** 20) if cfg.memory_budget_mb else _free_bytes(device) / 8
+    itemsize = torch.finfo(dt).bits // 8
     shard_dir = out / "answer_jacobian.shards"
     shard_dir.mkdir(exist_ok=True)
     relevant = ("split", "prompt_index", "margin", "rtol", "atol", "rtol_sweep", "dtype", "memory_budget_mb",
-                "matrix_free", "matrix_free_k", "matrix_free_iters", "matrix_free_residual_tol", "max_examples",
+                "matrix_free", "matrix_free_k", "matrix_free_oversample", "matrix_free_power_iters",
+                "matrix_free_iters", "matrix_free_residual_tol", "matrix_free_normal_tol", "matrix_free_products",
+                "max_examples",
                 "answer_jacobian_per_category", "shard_size", "seed")
     config_key = json.dumps({"model": getattr(model, "name_or_path", None),
                              **{k: v for k, v in asdict(cfg).items() if k in relevant}}, sort_keys=True)
@@ -241,30 +278,16 @@ def _answer_jacobian(model, tok, todo, prompts, cats, cfg, out, log, progress) -
             m, d = sysm.x_gen.shape
             n = m * d
             b = delta.reshape(-1).to(dt)
-            dense = (n * n * 4 * 6 <= budget) if cfg.matrix_free is None else not cfg.matrix_free
+            dense = dense_fits(n, d, itemsize, budget) if cfg.matrix_free is None else not cfg.matrix_free
             if dense:
-                J = answer_jacobian(model, sysm).to(dt)
+                with no_tf32():
+                    J = answer_jacobian(model, sysm).to(dt)
                 feats, full = solve_answer_system(J, b, d, tol)
+                feats |= {"rank_upper": feats["rank"], "rank_exact": True, "decided_by": "rank"}
                 sweep = sweep_classes(full["singular_values"], full["singular_values_aug"], n, cfg.rtol_sweep,
                                       cfg.atol)
             else:
-                mv, rmv = answer_operators(model, sysm)
-
-                def matvec(V, mv=mv, d=d):  # the zero first block row of A
-                    return torch.cat([torch.zeros(d, V.shape[1], dtype=V.dtype), mv(V.float()).to(V.dtype)], 0)
-
-                def rmatvec(U, rmv=rmv, d=d):
-                    return rmv(U[d:].float()).to(U.dtype)
-
-                mf = matrix_free_solve(matvec, rmatvec, b, n, cfg.matrix_free_k, tol,
-                                       residual_tol=cfg.matrix_free_residual_tol, seed=cfg.seed,
-                                       max_iter=cfg.matrix_free_iters)
-                feats = {"residual": mf["residual"], "rank": mf["rank"], "rank_aug": None, "n_unknowns": n,
-                         "nullity": mf["nullity"], "cond": None, "cond_kept": mf["cond_kept"],
-                         "effective_rank": mf["effective_rank"], "class": mf["class"],
-                         "rank_is_lower_bound": mf["rank_is_lower_bound"],
-                         "first_block_norm": float(b[:d].norm() / b.norm()) if b.norm() > 0 else 0.0}
-                sweep = {}
+                feats, sweep = _matrix_free_features(model, sysm, b, d, cfg, tol)
             part.append({"id": e.id, "relation": e.relation, "category": cats[e.id], **feats,
                          "path": "dense" if dense else "matrix_free", "answer_tokens": m,
                          "first_token_margin": float(mu[0]), "min_margin": float(mu.min()),
@@ -274,6 +297,36 @@ def _answer_jacobian(model, tok, todo, prompts, cats, cfg, out, log, progress) -
         rows += part
     bar.close()
     return rows
+
+
+def _matrix_free_features(model, sysm, b: torch.Tensor, d: int, cfg: SurrogateConfig, tol) -> tuple[dict, dict]:
+    """Surrogate (a) on the matrix-free path: A = [0; J] from Jacobian products. The first block of
+    b lies on A's structurally zero rows, so its norm is a lower bound of the least-squares
+    residual (``residual_floor``)."""
+    from linear_models.lstsq import matrix_free_solve
+    from linear_models.surrogates import zero_block_operators
+    from probes.jacobians import answer_operators
+
+    n = sysm.x_gen.numel()
+    if cfg.matrix_free_products not in ("jvp", "double_backward"):
+        raise ValueError(f"matrix_free_products must be jvp or double_backward, not {cfg.matrix_free_products!r}")
+    mv, rmv = answer_operators(model, sysm, mode="auto" if cfg.matrix_free_products == "jvp" else "double_backward")
+    matvec, rmatvec = zero_block_operators(mv, rmv, d)
+    bn = float(b.norm())
+    floor = float(b[:d].norm())
+    mf = matrix_free_solve(matvec, rmatvec, b, n, cfg.matrix_free_k, tol, residual_tol=cfg.matrix_free_residual_tol,
+                           seed=cfg.seed, max_iter=cfg.matrix_free_iters, oversample=cfg.matrix_free_oversample,
+                           power_iters=cfg.matrix_free_power_iters, normal_tol=cfg.matrix_free_normal_tol,
+                           residual_floor=floor, sweep_rtols=cfg.rtol_sweep)
+    cg = mf["cgls"] or {}
+    feats = {"residual": mf["residual"], "rank": mf["rank"], "rank_upper": mf["rank_upper"],
+             "rank_exact": mf["rank_exact"], "rank_aug": mf["rank_aug"], "n_unknowns": n, "nullity": mf["nullity"],
+             "nullity_lower": mf["nullity_lower"], "cond": None, "cond_kept": mf["cond_kept"],
+             "effective_rank": mf["effective_rank"], "class": mf["class"], "decided_by": mf["decided_by"],
+             "range_error": mf["range_error"], "triplets": mf["triplets"], "cgls_iterations": cg.get("iterations"),
+             "cgls_converged": cg.get("converged"), "product": mv.state["mode"],
+             "first_block_norm": floor / bn if bn > 0 else 0.0}
+    return feats, mf["sweep"]
 
 
 def _subject_states(model, tok, todo, prompts, cfg):
@@ -296,18 +349,20 @@ def _subject_states(model, tok, todo, prompts, cfg):
 
 
 def _relation_map(model, tok, todo, prompts, cats, cfg, out, log, progress) -> list[dict]:
+    from linear_models.lstsq import Tolerance
     from linear_models.surrogates import relation_map_classes, ridge_loo
 
     S, _, first, _, layer = _subject_states(model, tok, todo, prompts, cfg)
     W_U = model.get_output_embeddings().weight.detach()
-    Y = W_U[torch.tensor(first)]
+    Y = W_U[torch.tensor(first, device=W_U.device)]
+    tol, dt = Tolerance(cfg.rtol, cfg.atol), _dtype(cfg.dtype)
     rows = []
     rels = sorted({e.relation for e in todo})
     for rel in rels:
         idx = [i for i, e in enumerate(todo) if e.relation == rel]
         if len(idx) < 3:
             continue
-        fit = ridge_loo(S[idx], Y[idx], cfg.ridge)
+        fit = ridge_loo(S[idx], Y[idx], cfg.ridge, tol=tol, dtype=dt)
         classes = relation_map_classes(fit, cfg.residual_tol)
         for j, i in enumerate(idx):
             e = todo[i]
@@ -317,13 +372,14 @@ def _relation_map(model, tok, todo, prompts, cats, cfg, out, log, progress) -> l
             rows.append({"id": e.id, "relation": rel, "category": cats[e.id], "class": classes[j], "residual": r,
                          "fit_residual": float(fit["rel_fit"][j]), "leverage": float(fit["leverage"][j]),
                          "rank": fit["rank"], "n_unknowns": fit["d"], "nullity": fit["d"] - fit["rank"],
-                         "relation_n": fit["n"], "cond_kept": 1.0, "effective_rank": float(fit["rank"]),
-                         "layer": layer, "lambda": fit["lambda"], "ridge": fit["ridge"], "sweep": sweep})
+                         "relation_n": fit["n"], "cond": fit["cond"], "cond_kept": fit["cond_kept"],
+                         "effective_rank": fit["effective_rank"], "cutoff": fit["cutoff"], "layer": layer,
+                         "lambda": fit["lambda"], "ridge": fit["ridge"], "sweep": sweep})
     return rows
 
 
 def _relation_jacobian(model, tok, todo, prompts, cats, cfg, out, log, progress) -> list[dict]:
-    from linear_models.lstsq import Tolerance, sweep_classes
+    from linear_models.lstsq import Tolerance, no_tf32, sweep_classes
     from linear_models.surrogates import relation_jacobian_systems
     from probes.jacobians import layer_jacobian, margin_targets
 
@@ -337,7 +393,8 @@ def _relation_jacobian(model, tok, todo, prompts, cats, cfg, out, log, progress)
     for rel in rels:
         idx = [i for i, e in enumerate(todo) if e.relation == rel]
         use = sorted(idx, key=lambda i: todo[i].id)[:cfg.jacobian_examples]
-        W = torch.stack([layer_jacobian(model, tok, prompts[todo[i].id], pos[i], layer) for i in use]).mean(0)
+        with no_tf32():
+            W = torch.stack([layer_jacobian(model, tok, prompts[todo[i].id], pos[i], layer) for i in use]).mean(0)
         beta = (Z[idx] - S[idx] @ W.T).mean(0)
         delta, mu, _ = margin_targets(Z[idx], [first[i] for i in idx], W_U, bias, cfg.margin)
         target = (Z[idx] + delta - beta).to(dt)

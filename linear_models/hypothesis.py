@@ -18,6 +18,15 @@ relative residual and other system features, and its SliCK category:
   otherwise, and always when the surrogate puts (almost) every example in one
   class (``degenerate_share``): then the table cannot carry the hypothesis, and
   the verdict says so with the class counts.
+
+The matrix-free path can label an example with two more values (see
+:mod:`linear_models.lstsq`): ``consistent_rank_unknown`` (solutions exist, but
+whether they are unique cannot be told from the triplets computed) and
+``undetermined`` (the solver's budget ended before consistency was decided). The
+first is a row of the table and enters the tests as a class of its own; the second
+is shown in the table but left out of the chi-square test and of the no-solution
+shares (it is a limit of the solver, not a property of the system), and the verdict
+says how many there were.
 """
 
 from __future__ import annotations
@@ -28,10 +37,16 @@ import numpy as np
 
 CATEGORIES = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
 CLASSES = ("no_solution", "unique", "infinitely_many")
+EXTRA_LABELS = ("consistent_rank_unknown", "undetermined")  # matrix-free only
+UNDETERMINED = "undetermined"
 
 
 def contingency(classes: list[str], categories: list[str]) -> dict:
-    table = {cl: {c: 0 for c in CATEGORIES} for cl in CLASSES}
+    """Counts of class x category: the three classes always, the matrix-free labels when present."""
+    unknown = set(classes) - set(CLASSES) - set(EXTRA_LABELS)
+    if unknown:
+        raise ValueError(f"unknown class labels {sorted(unknown)}")
+    table = {cl: {c: 0 for c in CATEGORIES} for cl in CLASSES + tuple(x for x in EXTRA_LABELS if x in classes)}
     for cl, c in zip(classes, categories):
         table[cl][c] += 1
     return table
@@ -40,7 +55,7 @@ def contingency(classes: list[str], categories: list[str]) -> dict:
 def chi_square(table: dict) -> dict:
     from scipy import stats
 
-    M = np.array([[table[cl][c] for c in CATEGORIES] for cl in CLASSES], dtype=float)
+    M = np.array([[table[cl][c] for c in CATEGORIES] for cl in table], dtype=float)
     M = M[M.sum(1) > 0][:, M.sum(0) > 0]
     if M.shape[0] < 2 or M.shape[1] < 2:
         return {"chi2": None, "p": None, "dof": 0, "cramers_v": None,
@@ -110,16 +125,19 @@ def hypothesis_test(classes: list[str], residuals: list[float], categories: list
                     degenerate_share: float = 0.95) -> dict:
     n = len(classes)
     table = contingency(classes, categories)
-    counts = {cl: sum(table[cl].values()) for cl in CLASSES}
-    chi = chi_square(table)
+    counts = {cl: sum(row.values()) for cl, row in table.items()}
+    chi = chi_square({cl: row for cl, row in table.items() if cl != UNDETERMINED})
     kw = kruskal(residuals, categories)
     unk = [r for r, c in zip(residuals, categories) if c == "Unknown"]
     kn = [r for r, c in zip(residuals, categories) if c != "Unknown"]
     roc = auroc(unk, kn)
     mnl = multinomial_logit(features or {"residual": residuals}, categories)
-    n_unk = sum(c == "Unknown" for c in categories)
-    ns_unk = table["no_solution"]["Unknown"] / n_unk if n_unk else None
-    ns_kn = (sum(table["no_solution"][c] for c in CATEGORIES if c != "Unknown") / (n - n_unk)) if n > n_unk else None
+    # no-solution shares among the examples whose consistency was decided
+    decided = [(cl, c) for cl, c in zip(classes, categories) if cl != UNDETERMINED]
+    n_unk = sum(c == "Unknown" for _, c in decided)
+    n_kn = len(decided) - n_unk
+    ns_unk = sum(cl == "no_solution" and c == "Unknown" for cl, c in decided) / n_unk if n_unk else None
+    ns_kn = sum(cl == "no_solution" and c != "Unknown" for cl, c in decided) / n_kn if n_kn else None
     top = max(counts.values()) / n if n else 1.0
     reasons = []
     if top >= degenerate_share:
@@ -142,6 +160,12 @@ def hypothesis_test(classes: list[str], residuals: list[float], categories: list
             verdict = "inconclusive"
         reasons.append(f"chi-square p = {_fmt(chi['p'])}, AUROC(residual, Unknown vs Known) = {_fmt(roc['auroc'])} "
                        f"(p = {_fmt(roc['p'])}), no_solution share: Unknown {_fmt(ns_unk)} vs Known {_fmt(ns_kn)}")
+    if counts.get(UNDETERMINED):
+        reasons.append(f"{counts[UNDETERMINED]} of {n} examples undetermined (the matrix-free solver's budget ended "
+                       f"before consistency was decided): left out of the chi-square test and the no-solution shares")
+    if counts.get("consistent_rank_unknown"):
+        reasons.append(f"{counts['consistent_rank_unknown']} of {n} examples consistent_rank_unknown (solutions exist; "
+                       f"unique or infinitely many could not be told from the triplets computed)")
     return {"n": n, "alpha": alpha, "class_counts": counts, "table": table, "chi_square": chi, "kruskal": kw,
             "auroc_unknown_vs_known": roc, "no_solution_share": {"Unknown": ns_unk, "Known": ns_kn},
             "multinomial_logit": mnl, "verdict": verdict, "reasons": reasons}
@@ -157,8 +181,8 @@ def format_verdict(name: str, t: dict) -> str:
     lines = [f"surrogate {name}: {t['verdict'].upper()} (n = {t['n']}, alpha = {t['alpha']})"]
     lines += [f"  {r}" for r in t["reasons"]]
     lines.append(f"  {'class':<16}" + "".join(f"{c[:2]:>7}" for c in CATEGORIES))
-    for cl in CLASSES:
-        lines.append(f"  {cl:<16}" + "".join(f"{t['table'][cl][c]:>7}" for c in CATEGORIES))
+    for cl, row in t["table"].items():
+        lines.append(f"  {cl:<16}" + "".join(f"{row[c]:>7}" for c in CATEGORIES))
     chi = t["chi_square"]
     if chi.get("chi2") is not None:
         lines.append(f"  chi2 {chi['chi2']:.1f} (dof {chi['dof']}), p {chi['p']:.3g}, Cramér's V {chi['cramers_v']:.3f}")

@@ -19,6 +19,12 @@ implies: the class of an example depends on whether the model's greedy first
 token under the linearization prompt is the gold one; the surrogate's verdict
 must be read with that in mind (it is close to a restatement of greedy
 correctness under one prompt, which SliCK's categories are built from).
+On the matrix-free path the same structure gives a lower bound of the
+least-squares residual: min_x ||A x - b|| >= ||b_{P-1}|| (the zero rows), passed to
+:func:`linear_models.lstsq.matrix_free_solve` as ``residual_floor``, so a losing
+first token is "no solution" there too once ||b_{P-1}|| / ||b|| exceeds the
+residual tolerance, whether or not CGLS has converged (:func:`zero_block_operators`
+builds A's products from J's).
 
 (b) ``relation_map``: a relation-level linear map, as linear relational
 embeddings do. For the relation's examples i = 1..n, s_i is the subject's state
@@ -29,7 +35,14 @@ features: the unembedding row W_U[g_i] of its first token. Ridge least squares::
     lambda = ridge * trace(S_c^T S_c) / d    (S_c: centred subject states)
 
 with ``ridge`` chosen per relation from a grid by the smallest leave-one-out error
-(or given).
+(or given). Computed from the SVD S_c = U diag(sigma) V^T with the explicit cutoff
+c = max(atol, rtol * sigma_1) of :class:`linear_models.lstsq.Tolerance` (directions
+with sigma_j <= c are dropped, as a pseudo-inverse with that cutoff would)::
+
+    W = V diag(f) U^T Y_c,   f_j = sigma_j / (sigma_j^2 + lambda)   (sigma_j > c, else 0)
+    H = U diag(sigma_j^2 / (sigma_j^2 + lambda)) U^T + 11^T / n
+    rank(S_c) = #{sigma_j > c},  cond_kept = sigma_1 / sigma_rank,
+    effective rank = exp(H(p)), p_j = sigma_j / sum sigma   (of S_c's singular values)
 
 Each example's leave-one-out residual comes from the hat matrix
 H = S_c (S_c^T S_c + lambda I)^{-1} S_c^T + 11^T/n without n refits:
@@ -51,20 +64,35 @@ unless the tolerance is raised; the tolerance sweep shows where that changes.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from linear_models.lstsq import Tolerance, classify, svd_solve
+from linear_models.lstsq import Tolerance, classify, effective_rank, no_tf32, svd_solve
 
 
 def solve_answer_system(J: torch.Tensor, b: torch.Tensor, d: int, tol: Tolerance = Tolerance()) -> tuple[dict, dict]:
     """Surrogate (a) from the answer-position Jacobian ``J`` ([m d, m d], without the zero first
     block row) and the margin targets ``b`` ([(m+1) d]). Returns (per-example features, the
     solver's full result)."""
-    A = torch.cat([torch.zeros(d, J.shape[1], dtype=J.dtype, device=J.device), J], dim=0)
-    res = svd_solve(A, b.to(J.dtype), tol)
+    A = torch.cat([J.new_zeros(d, J.shape[1]), J], dim=0)
+    res = svd_solve(A, b.to(dtype=J.dtype, device=J.device), tol)
     cls = classify(res["rank"], res["rank_aug"], res["n_unknowns"])[0]
     bn = b.norm()
     return _features(res, cls) | {"first_block_norm": float(b[:d].norm() / bn) if bn > 0 else 0.0}, res
+
+
+def zero_block_operators(matvec, rmatvec, d: int):
+    """The products of A = [0; J] (surrogate (a): ``d`` structurally zero rows on top, the last
+    prompt position's block) from those of J, on the device and in the dtype of their arguments."""
+
+    def mv(V: torch.Tensor) -> torch.Tensor:
+        return torch.cat([V.new_zeros(d, V.shape[1]), matvec(V).to(dtype=V.dtype, device=V.device)], 0)
+
+    def rmv(U: torch.Tensor) -> torch.Tensor:
+        return rmatvec(U[d:]).to(dtype=U.dtype, device=U.device)
+
+    return mv, rmv
 
 
 def _features(res: dict, cls: str) -> dict:
@@ -76,35 +104,50 @@ def _features(res: dict, cls: str) -> dict:
 RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
 
-def ridge_loo(S: torch.Tensor, Y: torch.Tensor, ridge: float | None = None, grid=RIDGE_GRID) -> dict:
+def ridge_loo(S: torch.Tensor, Y: torch.Tensor, ridge: float | None = None, grid=RIDGE_GRID,
+              tol: Tolerance = Tolerance(), dtype: torch.dtype | None = None) -> dict:
     """Ridge regression of Y [n, k] on S [n, d] with an intercept; leave-one-out residuals from
     the hat matrix. ``ridge=None`` picks it from ``grid`` by the smallest mean squared LOO
-    residual (efficient leave-one-out cross-validation, as RidgeCV does). Returns W [d, k],
-    c [k], residuals, LOO residuals, leverages, the relative LOO residual per example and rank(S_c)."""
+    residual (efficient leave-one-out cross-validation, as RidgeCV does). ``tol``: the rank
+    cutoff on S_c's singular values; ``dtype``: of the computation (default S's), on S's device. Returns W [d, k],
+    c [k], residuals, LOO residuals, leverages, the relative LOO residual per example, rank(S_c),
+    its condition numbers (all singular values; the kept ones) and effective rank."""
     if ridge is None:
-        fits = [ridge_loo(S, Y, r) for r in grid]
+        fits = [ridge_loo(S, Y, r, tol=tol, dtype=dtype) for r in grid]
         best = min(range(len(grid)), key=lambda i: float((fits[i]["loo"] ** 2).sum(1).mean()))
         return {**fits[best], "ridge": grid[best], "ridge_grid": list(grid),
                 "loo_mse_grid": [float((f["loo"] ** 2).sum(1).mean()) for f in fits]}
     n, d = S.shape
-    S64, Y64 = S.double(), Y.double()
-    s_bar, y_bar = S64.mean(0), Y64.mean(0)
-    Sc, Yc = S64 - s_bar, Y64 - y_bar
-    gram = Sc.T @ Sc
-    lam = ridge * torch.trace(gram) / d if ridge > 0 else torch.tensor(0.0, dtype=torch.float64)
-    M = gram + lam * torch.eye(d, dtype=torch.float64, device=S.device)
-    Minv_St = torch.linalg.pinv(M, hermitian=True) @ Sc.T
-    W = Minv_St @ Yc
-    c = y_bar - s_bar @ W
-    H = Sc @ Minv_St + 1.0 / n
-    lev = torch.diagonal(H)
-    E = Yc - Sc @ W
-    loo = E / (1 - lev).clamp(min=1e-12)[:, None]
-    denom = torch.linalg.vector_norm(Yc, dim=1).clamp(min=1e-30)
-    rank = int(torch.linalg.matrix_rank(Sc))
+    dtype = dtype or S.dtype
+    S_, Y_ = S.to(dtype), Y.to(dtype=dtype, device=S.device)
+    s_bar, y_bar = S_.mean(0), Y_.mean(0)
+    Sc, Yc = S_ - s_bar, Y_ - y_bar
+    tiny = torch.finfo(dtype).tiny
+    with no_tf32():
+        U, sig, Vh = torch.linalg.svd(Sc, full_matrices=False)
+        smax = sig[0] if len(sig) else sig.new_zeros(())
+        cut = tol.cutoff(smax, (n, d), dtype)
+        keep = sig > cut
+        rank = int(keep.sum())
+        sig2 = sig * sig
+        lam = ridge * sig2.sum() / d  # = ridge * trace(S_c^T S_c) / d
+        denom = torch.where(keep, sig2 + lam, torch.ones_like(sig))
+        f = torch.where(keep, sig / denom, torch.zeros_like(sig))
+        W = Vh.transpose(0, 1) @ (f[:, None] * (U.transpose(0, 1) @ Yc))
+        c = y_bar - s_bar @ W
+        h = torch.where(keep, sig2 / denom, torch.zeros_like(sig))
+        lev = (U * U) @ h + 1.0 / n
+        E = Yc - Sc @ W
+        loo = E / (1 - lev).clamp(min=max(1e-12, torch.finfo(dtype).eps))[:, None]
+        denom_y = torch.linalg.vector_norm(Yc, dim=1).clamp(min=tiny)
+        smin = sig[-1] if len(sig) else smax
+        cond = float(smax / smin) if float(smin) > 0 else math.inf
+        cond_kept = float(smax / sig[rank - 1]) if rank else math.inf
     return {"W": W, "c": c, "residuals": E, "loo": loo, "leverage": lev, "lambda": float(lam), "ridge": ridge,
-            "rel_loo": torch.linalg.vector_norm(loo, dim=1) / denom,
-            "rel_fit": torch.linalg.vector_norm(E, dim=1) / denom, "rank": rank, "n": n, "d": d}
+            "rel_loo": torch.linalg.vector_norm(loo, dim=1) / denom_y,
+            "rel_fit": torch.linalg.vector_norm(E, dim=1) / denom_y, "rank": rank, "n": n, "d": d,
+            "singular_values": sig, "cutoff": float(cut), "cond": cond, "cond_kept": cond_kept,
+            "effective_rank": float(effective_rank(sig))}
 
 
 def relation_map_classes(fit: dict, residual_tol: float) -> list[str]:
