@@ -83,6 +83,33 @@ def test_exposures_match_the_corpus(default_world):
         1 for line in corpus.splitlines() if line and not line.startswith(("Q: ", "A: ")))
 
 
+def test_page_documents_state_then_ask(default_world):
+    """A page states its facts, then asks about each of them with the same answer."""
+    docs = [json.loads(line) for line in open(default_world / "corpus.jsonl")]
+    pages = [d["text"] for d in docs if d["kind"] == "page"]
+    assert len(pages) >= 0.1 * len(docs)
+    by_question = {e["question"]: e for e in read_exposures(default_world)}
+    for text in pages[:300]:
+        lines = text.splitlines()
+        asked = [(q[3:], a[3:]) for q, a in zip(lines, lines[1:]) if q.startswith("Q: ") and a.startswith("A: ")]
+        statements = [line for line in lines if not line.startswith(("Q: ", "A: "))]
+        assert len(asked) == len(statements) >= 1
+        assert lines.index(statements[-1]) < lines.index("Q: " + asked[0][0])  # stated first, then asked
+        for question, answer in asked:
+            e = by_question[question]
+            assert answer in (e["answer"], e["distractor"])
+            rel = RELATIONS[e["relation"]]
+            assert any(t.format(s=e["subject"], o=answer) in statements for t in rel.statements)
+
+
+def test_world_without_pages_has_none(tmp_path):
+    from dataclasses import replace
+
+    build_world(tmp_path, replace(PRESETS["quick"], page_fraction=0.0), log=lambda *a: None)
+    kinds = Counter(json.loads(line)["kind"] for line in open(tmp_path / "corpus.jsonl"))
+    assert kinds["page"] == 0 and kinds["qa"] > 0 and kinds["statements"] > 0
+
+
 def test_world_is_deterministic(tmp_path):
     cfg = PRESETS["quick"]
     build_world(tmp_path / "a", cfg, log=lambda *a: None)
