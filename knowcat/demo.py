@@ -22,7 +22,7 @@ from pathlib import Path
 
 from knowcat.experiment import ExperimentConfig
 from knowcat.finetune import FinetuneConfig
-from knowcat.io import atomic_write_json
+from knowcat.io import atomic_write_json, json_safe
 from knowcat.mixtures import MixtureConfig
 from knowcat.surrogate import SurrogateConfig
 from knowcat.slick import CATEGORIES, SliCKConfig
@@ -179,4 +179,4 @@ def run_demo(run_dir, preset: str = "default", seed: int | None = None, device: 
     atomic_write_json(run / "demo_summary.json", summary)
     log(f"report: {report}")
     log(f"demo: done in {sum(timings.values()):.0f} s -> {run}")
-    return summary
+    return json_safe(summary)  # what demo_summary.json holds: undefined statistics as None

@@ -343,7 +343,8 @@ def analyze(run_dir, cfg: ExperimentConfig = ExperimentConfig(), variants=None) 
             x = [r["unknown_percent"] for r in rows]
             y = [r[s0] for r in rows]
             slope = float(np.polyfit(x, y, 1)[0])
-            rho = float(stats.spearmanr(x, y).statistic)
+            # a constant series has no rank correlation: recorded as None, not NaN
+            rho = None if len(set(x)) < 2 or len(set(y)) < 2 else float(stats.spearmanr(x, y).statistic)
             entry = {"slope_per_10pct_unknown": 10 * slope, "spearman": rho,
                      "accuracy": {str(a): b for a, b in zip(x, y)}}
             kx = [r["unknown_percent"] for r in rows if r.get(f"known_{s0}") is not None]
@@ -354,7 +355,7 @@ def analyze(run_dir, cfg: ExperimentConfig = ExperimentConfig(), variants=None) 
             f[f"accuracy_vs_unknown_{stop}"] = entry
     if "accuracy_vs_unknown_convergence" in f:
         e = f["accuracy_vs_unknown_convergence"]
-        f["convergence_accuracy_falls_with_unknown"] = {"holds": e["slope_per_10pct_unknown"] < 0 and e["spearman"] < 0,
+        f["convergence_accuracy_falls_with_unknown"] = {"holds": e["slope_per_10pct_unknown"] < 0 and (e["spearman"] or 0) < 0,
                                                         "slope_per_10pct_unknown": e["slope_per_10pct_unknown"]}
         if "known_slope_per_10pct_unknown" in e:
             f["known_does_not_fall"] = {

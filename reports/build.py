@@ -23,6 +23,7 @@ every seed found in the run's config files (:data:`SEED_FILES`).
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from collections import Counter, defaultdict
@@ -246,6 +247,18 @@ def surrogate_section(run: Path) -> dict | None:
     return {"surrogates": out}
 
 
+def _defined(x) -> bool:
+    return x is not None and not (isinstance(x, float) and math.isnan(x))
+
+
+def format_or_na(spec: str, *args) -> str:
+    """``spec % args``, or "n/a" when a value is undefined (None or NaN, e.g. a correlation of a constant
+    series): the report's number formatting, used by the template as its ``format`` filter."""
+    if not all(_defined(a) for a in args):
+        return "n/a"
+    return spec % args
+
+
 def summary_lines(know: dict, ft: dict | None, sg: dict | None, gt: dict | None) -> list[str]:
     lines = []
     if know["n"]:
@@ -253,8 +266,9 @@ def summary_lines(know: dict, ft: dict | None, sg: dict | None, gt: dict | None)
         lines.append(f"{know['n']} questions categorized: {shares} (the paper's EntityQuestions train set: "
                      "HighlyKnown 24%, MaybeKnown 23%, WeaklyKnown 17%, Unknown 36%).")
     if gt:
-        lines.append(f"Ground truth (demo world): greedy accuracy rises with exposure, Spearman {gt['spearman']:.2f}; "
-                     f"never-seen facts answered correctly {gt['never_seen_accuracy']:.1%}; mean exposure ordered "
+        lines.append(f"Ground truth (demo world): greedy accuracy against exposure, Spearman "
+                     f"{format_or_na('%.2f', gt.get('spearman'))}; never-seen facts answered correctly "
+                     f"{format_or_na('%.1f%%', 100 * gt['never_seen_accuracy'] if _defined(gt.get('never_seen_accuracy')) else None)}; mean exposure ordered "
                      f"HighlyKnown > MaybeKnown > WeaklyKnown > Unknown: {'yes' if know.get('ordered') else 'no'}.")
     if ft:
         f = ft["findings"]
@@ -295,6 +309,8 @@ def build_report(run_dir, out: str | Path | None = None, max_table_rows: int = 2
     seconds = (demo_summary or {}).get("seconds") or ({"categorize": cat_summary["seconds"]} if cat_summary else {})
     env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"),
                       autoescape=select_autoescape(["html", "j2"]))
+    env.filters["format"] = format_or_na
+    env.filters["pct"] = lambda x, digits=1: format_or_na(f"%.{digits}f%%", 100 * x if _defined(x) else None)
     html = env.get_template("report.html.j2").render(
         title=f"knowcat report: {run.name}", run=str(run), generated=time.strftime("%Y-%m-%d %H:%M:%S"),
         model=(cat_cfg or {}).get("model"), data=(cat_cfg or {}).get("data"),

@@ -228,3 +228,38 @@ def test_cli_analyze_variants(synthetic_run):
     assert len(a["variants"]) == 13 and a["linear_model"]["in_distribution"]["nobs"] == 39
     with pytest.raises(ValueError, match="unknown variant"):
         main(["analyze", str(synthetic_run), "--variants", "unknown_00,unknown_60"])
+
+
+def test_undefined_correlation_is_written_as_null(synthetic_run):
+    """Every X% Unknown set answering nothing: accuracy is constant, its rank correlation with the Unknown share
+    undefined. analysis.json says null (strict JSON, no NaN), the verdict is 'does not hold', the report builds."""
+    import shutil
+
+    from knowcat.cli import main
+    from reports import build_report
+
+    for name, n_by in PAPER_SETS.items():
+        if name.startswith("unknown_"):
+            shutil.rmtree(synthetic_run / "finetune" / name)
+            _write_variant(synthetic_run, name, n_by, [(_fill(n_by, e), {}, 0, 0.3) for e in (1, 2, 3)])
+    assert main(["analyze", str(synthetic_run)]) == 0
+
+    def no_nan(token):
+        raise AssertionError(f"analysis.json holds {token}")
+
+    a = json.loads((synthetic_run / "analysis.json").read_text(), parse_constant=no_nan)
+    for stop in ("early_stop", "convergence"):
+        e = a["findings"][f"accuracy_vs_unknown_{stop}"]
+        assert e["spearman"] is None and e["slope_per_10pct_unknown"] == pytest.approx(0.0, abs=1e-9)
+    assert a["findings"]["convergence_accuracy_falls_with_unknown"]["holds"] is False
+    assert build_report(synthetic_run).stat().st_size > 0  # builds without raising
+
+
+def test_json_writes_undefined_numbers_as_null(tmp_path):
+    from knowcat.io import atomic_write_json
+    from reports.build import format_or_na
+
+    atomic_write_json(tmp_path / "x.json", {"a": float("nan"), "b": [1.5, float("inf")], "c": {"d": -float("inf")}})
+    assert json.loads((tmp_path / "x.json").read_text()) == {"a": None, "b": [1.5, None], "c": {"d": None}}
+    assert format_or_na("%.2f", None) == format_or_na("%.1f%%", float("nan")) == "n/a"
+    assert format_or_na("%.2f", 0.125) == "0.12"
