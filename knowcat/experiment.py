@@ -19,7 +19,10 @@ the questions it answers.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -125,9 +128,19 @@ def run_experiment(run_dir, model: str, cfg: ExperimentConfig = ExperimentConfig
     for v in variants:
         if v not in names:
             raise ValueError(f"unknown variant {v!r}; the mixtures are {names}")
+    trained: dict[str, str] = {}  # sha256 of a training file -> the variant first trained on it
     for i, v in enumerate(variants):
         if sets["_manifest"]["sets"][v]["n"] == 0:
             log(f"[{i + 1}/{len(variants)}] {v} is empty: skipped")
+            continue
+        digest = hashlib.sha256((mix_dir / f"{v}.jsonl").read_bytes()).hexdigest()
+        twin = trained.setdefault(digest, v)
+        if twin != v and _complete(run / "finetune" / twin):
+            # e.g. D_Unknown and the 100% Unknown set under the paper's |D| rule: the same examples in the same
+            # order, and fine-tuning is deterministic, so the run is copied rather than repeated
+            log(f"[{i + 1}/{len(variants)}] {v} is the same training set as {twin} (identical file): "
+                f"its fine-tuning run is reused")
+            reuse_finetune_run(run / "finetune" / twin, run / "finetune" / v, twin)
             continue
         rows = read_training_set(mix_dir / f"{v}.jsonl")
         log(f"[{i + 1}/{len(variants)}] fine-tuning on {v} ({len(rows)} examples)")
@@ -140,6 +153,26 @@ def run_experiment(run_dir, model: str, cfg: ExperimentConfig = ExperimentConfig
     atomic_write_json(run / "analysis.json", analysis)
     log(format_findings(analysis))
     return analysis
+
+
+def _complete(d: Path) -> bool:
+    return (d / "metrics.json").exists() and bool(json.loads((d / "metrics.json").read_text()).get("complete"))
+
+
+def reuse_finetune_run(src: Path, dst: Path, name: str) -> None:
+    """Copy the finished fine-tuning run ``src`` (measurements, answers and any saved model; not checkpoints) to ``dst``,
+    whose training set is the same file; its config.json records ``same_training_set_as``. Atomic:
+    ``dst`` appears whole or not at all."""
+    m = json.loads((src / "metrics.json").read_text())
+    if (dst / "metrics.json").exists() and json.loads((dst / "metrics.json").read_text()) == m:
+        return
+    tmp = dst.with_name(f".{dst.name}.reuse")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("checkpoints"))
+    cfg = json.loads((tmp / "config.json").read_text())
+    atomic_write_json(tmp / "config.json", {**cfg, "same_training_set_as": name})
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
 
 
 # ---------------------------------------------------------------------------------------------

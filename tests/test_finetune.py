@@ -435,3 +435,44 @@ def test_cli_finetune_ood_is_relative_to_the_categorized_train_split(tmp_path, m
     assert calls[-1]["ood_relations"] == []
     assert main(base + ["--test", str(tmp_path / "test_only.jsonl")]) == 0
     assert calls[-1]["ood_relations"] == ["P3", "P4"] and "no train split" in calls[-1]["ood_rule"]
+
+
+def test_identical_training_sets_are_trained_once(quick_demo, tmp_path, monkeypatch):
+    """D_Unknown and the 100% Unknown set are the same file under the paper's |D| rule: the study trains on it
+    once and copies the run (config.json says so); a resumed study keeps the copy."""
+    import knowcat.experiment as ex
+    from knowcat.experiment import ExperimentConfig, run_experiment
+
+    run, _ = quick_demo
+    mine = tmp_path / "run"
+    mine.mkdir()
+    # the quick world lacks some categories in every relation: relabel its train questions round-robin so that
+    # every relation holds every category (this test is about the orchestration, not the labels)
+    cats = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
+    rows = [r for r in _categorized(run) if r["split"] in ("train", "test")]
+    rels = sorted({r["relation"] for r in rows if r["split"] == "train"})[:2]
+    rows = [r for r in rows if r["relation"] in rels]
+    for i, r in enumerate(r for r in rows if r["split"] == "train"):
+        r["category"] = cats[i % 4]
+    (mine / "categorized.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    calls = []
+    real = ex.finetune
+    monkeypatch.setattr(ex, "finetune", lambda *a, **k: calls.append(Path(a[3]).name) or real(*a, **k))
+    cfg = ExperimentConfig(mixtures=MixtureConfig(unknown_percents=(0, 100), known=False, idk=False,
+                                                  natural=False),
+                           finetune=FinetuneConfig(epochs=1, lr=3e-3, batch_size=8),
+                           variants=("unknown_100", "Unknown", "unknown_00"))
+    run_experiment(mine, str(run / "model"), cfg, dev=[], device="cpu", log=lambda s: None, progress=False)
+    mix = mine / "mixtures"
+    assert (mix / "Unknown.jsonl").read_bytes() == (mix / "unknown_100.jsonl").read_bytes()
+    assert (mix / "unknown_00.jsonl").read_bytes() != (mix / "unknown_100.jsonl").read_bytes()
+    assert calls == ["unknown_100", "unknown_00"]
+    ft = mine / "finetune"
+    assert json.loads((ft / "Unknown" / "config.json").read_text())["same_training_set_as"] == "unknown_100"
+    assert (ft / "Unknown" / "metrics.json").read_text() == (ft / "unknown_100" / "metrics.json").read_text()
+    assert not (ft / "Unknown" / "checkpoints").exists()
+    a = json.loads((mine / "analysis.json").read_text())
+    assert {"Unknown", "unknown_100", "unknown_00"} <= set(a["variants"])
+    calls.clear()
+    run_experiment(mine, str(run / "model"), cfg, dev=[], device="cpu", log=lambda s: None, progress=False)
+    assert calls == ["unknown_100", "unknown_00"]  # finetune returns at once: "already complete"
