@@ -23,6 +23,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -103,10 +104,7 @@ def main(argv=None):
 
 
 def _count(rows, key):
-    out: dict = {}
-    for r in rows:
-        out[str(r.get(key))] = out.get(str(r.get(key)), 0) + 1
-    return out
+    return dict(Counter(str(r.get(key)) for r in rows))
 
 
 def products(model, tok, todo, prompts, cfg) -> dict:

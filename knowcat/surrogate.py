@@ -237,6 +237,8 @@ def _answer_jacobian(model, tok, todo, prompts, cats, cfg, out, log, progress) -
 
     dt = _dtype(cfg.dtype)
     tol = Tolerance(cfg.rtol, cfg.atol)
+    if cfg.matrix_free_products not in ("jvp", "double_backward"):
+        raise ValueError(f"matrix_free_products must be jvp or double_backward, not {cfg.matrix_free_products!r}")
     W_U, bias = (x.detach() if x is not None else None for x in
                  (model.get_output_embeddings().weight, getattr(model.get_output_embeddings(), "bias", None)))
     end = _end_token(tok)
@@ -308,8 +310,6 @@ def _matrix_free_features(model, sysm, b: torch.Tensor, d: int, cfg: SurrogateCo
     from probes.jacobians import answer_operators
 
     n = sysm.x_gen.numel()
-    if cfg.matrix_free_products not in ("jvp", "double_backward"):
-        raise ValueError(f"matrix_free_products must be jvp or double_backward, not {cfg.matrix_free_products!r}")
     mv, rmv = answer_operators(model, sysm, mode="auto" if cfg.matrix_free_products == "jvp" else "double_backward")
     matvec, rmatvec = zero_block_operators(mv, rmv, d)
     bn = float(b.norm())

@@ -112,11 +112,6 @@ def ridge_loo(S: torch.Tensor, Y: torch.Tensor, ridge: float | None = None, grid
     cutoff on S_c's singular values; ``dtype``: of the computation (default S's), on S's device. Returns W [d, k],
     c [k], residuals, LOO residuals, leverages, the relative LOO residual per example, rank(S_c),
     its condition numbers (all singular values; the kept ones) and effective rank."""
-    if ridge is None:
-        fits = [ridge_loo(S, Y, r, tol=tol, dtype=dtype) for r in grid]
-        best = min(range(len(grid)), key=lambda i: float((fits[i]["loo"] ** 2).sum(1).mean()))
-        return {**fits[best], "ridge": grid[best], "ridge_grid": list(grid),
-                "loo_mse_grid": [float((f["loo"] ** 2).sum(1).mean()) for f in fits]}
     n, d = S.shape
     dtype = dtype or S.dtype
     S_, Y_ = S.to(dtype), Y.to(dtype=dtype, device=S.device)
@@ -124,30 +119,41 @@ def ridge_loo(S: torch.Tensor, Y: torch.Tensor, ridge: float | None = None, grid
     Sc, Yc = S_ - s_bar, Y_ - y_bar
     tiny = torch.finfo(dtype).tiny
     with no_tf32():
+        # one SVD serves every ridge value of the grid
         U, sig, Vh = torch.linalg.svd(Sc, full_matrices=False)
         smax = sig[0] if len(sig) else sig.new_zeros(())
         cut = tol.cutoff(smax, (n, d), dtype)
         keep = sig > cut
         rank = int(keep.sum())
         sig2 = sig * sig
-        lam = ridge * sig2.sum() / d  # = ridge * trace(S_c^T S_c) / d
-        denom = torch.where(keep, sig2 + lam, torch.ones_like(sig))
-        f = torch.where(keep, sig / denom, torch.zeros_like(sig))
-        W = Vh.transpose(0, 1) @ (f[:, None] * (U.transpose(0, 1) @ Yc))
-        c = y_bar - s_bar @ W
-        h = torch.where(keep, sig2 / denom, torch.zeros_like(sig))
-        lev = (U * U) @ h + 1.0 / n
-        E = Yc - Sc @ W
-        loo = E / (1 - lev).clamp(min=max(1e-12, torch.finfo(dtype).eps))[:, None]
+        UtY = U.transpose(0, 1) @ Yc
         denom_y = torch.linalg.vector_norm(Yc, dim=1).clamp(min=tiny)
         smin = sig[-1] if len(sig) else smax
-        cond = float(smax / smin) if float(smin) > 0 else math.inf
-        cond_kept = float(smax / sig[rank - 1]) if rank else math.inf
-    return {"W": W, "c": c, "residuals": E, "loo": loo, "leverage": lev, "lambda": float(lam), "ridge": ridge,
-            "rel_loo": torch.linalg.vector_norm(loo, dim=1) / denom_y,
-            "rel_fit": torch.linalg.vector_norm(E, dim=1) / denom_y, "rank": rank, "n": n, "d": d,
-            "singular_values": sig, "cutoff": float(cut), "cond": cond, "cond_kept": cond_kept,
-            "effective_rank": float(effective_rank(sig))}
+        common = {"rank": rank, "n": n, "d": d, "singular_values": sig, "cutoff": float(cut),
+                  "cond": float(smax / smin) if float(smin) > 0 else math.inf,
+                  "cond_kept": float(smax / sig[rank - 1]) if rank else math.inf,
+                  "effective_rank": float(effective_rank(sig))}
+
+        def fit(r: float) -> dict:
+            lam = r * sig2.sum() / d  # = ridge * trace(S_c^T S_c) / d
+            denom = torch.where(keep, sig2 + lam, torch.ones_like(sig))
+            f = torch.where(keep, sig / denom, torch.zeros_like(sig))
+            W = Vh.transpose(0, 1) @ (f[:, None] * UtY)
+            c = y_bar - s_bar @ W
+            h = torch.where(keep, sig2 / denom, torch.zeros_like(sig))
+            lev = (U * U) @ h + 1.0 / n
+            E = Yc - Sc @ W
+            loo = E / (1 - lev).clamp(min=max(1e-12, torch.finfo(dtype).eps))[:, None]
+            return {"W": W, "c": c, "residuals": E, "loo": loo, "leverage": lev, "lambda": float(lam), "ridge": r,
+                    "rel_loo": torch.linalg.vector_norm(loo, dim=1) / denom_y,
+                    "rel_fit": torch.linalg.vector_norm(E, dim=1) / denom_y, **common}
+
+        if ridge is not None:
+            return fit(ridge)
+        fits = [fit(r) for r in grid]
+    mse = [float((f["loo"] ** 2).sum(1).mean()) for f in fits]
+    best = min(range(len(grid)), key=mse.__getitem__)
+    return {**fits[best], "ridge_grid": list(grid), "loo_mse_grid": mse}
 
 
 def relation_map_classes(fit: dict, residual_tol: float) -> list[str]:

@@ -259,6 +259,11 @@ def format_or_na(spec: str, *args) -> str:
     return spec % args
 
 
+def format_pct(x, digits: int = 1) -> str:
+    """A share as a percentage, or "n/a" when undefined; the template's ``pct`` filter."""
+    return format_or_na(f"%.{digits}f%%", 100 * x if _defined(x) else None)
+
+
 def summary_lines(know: dict, ft: dict | None, sg: dict | None, gt: dict | None) -> list[str]:
     lines = []
     if know["n"]:
@@ -268,7 +273,7 @@ def summary_lines(know: dict, ft: dict | None, sg: dict | None, gt: dict | None)
     if gt:
         lines.append(f"Ground truth (demo world): greedy accuracy against exposure, Spearman "
                      f"{format_or_na('%.2f', gt.get('spearman'))}; never-seen facts answered correctly "
-                     f"{format_or_na('%.1f%%', 100 * gt['never_seen_accuracy'] if _defined(gt.get('never_seen_accuracy')) else None)}; mean exposure ordered "
+                     f"{format_pct(gt.get('never_seen_accuracy'))}; mean exposure ordered "
                      f"HighlyKnown > MaybeKnown > WeaklyKnown > Unknown: {'yes' if know.get('ordered') else 'no'}.")
     if ft:
         f = ft["findings"]
@@ -310,7 +315,7 @@ def build_report(run_dir, out: str | Path | None = None, max_table_rows: int = 2
     env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"),
                       autoescape=select_autoescape(["html", "j2"]))
     env.filters["format"] = format_or_na
-    env.filters["pct"] = lambda x, digits=1: format_or_na(f"%.{digits}f%%", 100 * x if _defined(x) else None)
+    env.filters["pct"] = format_pct
     html = env.get_template("report.html.j2").render(
         title=f"knowcat report: {run.name}", run=str(run), generated=time.strftime("%Y-%m-%d %H:%M:%S"),
         model=(cat_cfg or {}).get("model"), data=(cat_cfg or {}).get("data"),
