@@ -22,7 +22,8 @@ def test_quick_demo_writes_every_stage(quick_demo):
     answers = [a for g in greedy for a in g["greedy_answers"]]
     assert sum(bool(a) for a in answers) / len(answers) > 0.9
     assert all("\n" not in a for a in answers)
-    assert sum(summary["seconds"].values()) < 120
+    # stage timings are recorded, never bounded here: wall time belongs in bench/
+    assert set(summary["seconds"]) and all(v >= 0 for v in summary["seconds"].values())
 
 
 def test_quick_demo_runs_the_study_and_the_surrogates(quick_demo):
