@@ -29,3 +29,19 @@ def quick_model(quick_demo):
 
     run, _ = quick_demo
     return load_model(str(run / "model"), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained in memory on a few lines (no quick demo needed)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    lines = ["Q: Where was Kel Mar born?\nA: Vorma Rusk", "Q: Who founded Tessa Lind?\nA: Oren Vale",
+             "Answer the following question. What is the capital of Dorn?\nDorn City"] * 20
+    tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")

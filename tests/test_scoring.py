@@ -1,0 +1,76 @@
+"""Teacher-forced scoring (probes.scoring) equals scoring each text alone, unpadded, on
+Llama-, Qwen2-, Mistral- and GPT-2-style models; margins and greedy flags follow the logits."""
+
+import pytest
+import torch
+
+from probes.scoring import ScoreRequest, score, split_tokens
+from tests.test_architectures import _tiny
+
+REQS = [ScoreRequest("a", "Q: Where was Kel Mar born?\nA:", " Vorma Rusk"),
+        ScoreRequest("b", "Q: Who founded Tessa Lind?\nA:", " Oren Vale\n"),
+        ScoreRequest("c", "Answer the following question. What is the capital of Dorn?\n", "Dorn City"),
+        ScoreRequest("d", "Q: Where was Kel Mar born?\nA:", " Q")]
+
+
+def _alone(model, ids: list[int], n: int, layer: int):
+    x = torch.tensor([ids])
+    got = {}
+    from probes.jacobians import decoder_layers
+
+    h = decoder_layers(model)[layer].register_forward_hook(
+        lambda m, a, o: got.__setitem__("h", (o[0] if isinstance(o, tuple) else o)[0, n - 1]))
+    with torch.no_grad():
+        logits = model(input_ids=x).logits[0].float()
+    h.remove()
+    logp = torch.log_softmax(logits, -1)
+    lps = [logp[t - 1, ids[t]].item() for t in range(n, len(ids))]
+    first = logits[n - 1].clone()
+    gold = first[ids[n]].item()
+    first[ids[n]] = -float("inf")
+    greedy = all(int(logits[t - 1].argmax()) == ids[t] for t in range(n, len(ids)))
+    return lps, gold - first.max().item(), greedy, got["h"].numpy()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "gpt2"])
+@pytest.mark.parametrize("max_batch_tokens", [None, 40])
+def test_scores_equal_each_text_alone(kind, max_batch_tokens, tiny_tokenizer):
+    tok = tiny_tokenizer
+    model = _tiny(kind, len(tok))
+    model.config.pad_token_id = tok.pad_token_id
+    got = score(model, tok, REQS, layers=(0, -1), max_batch_tokens=max_batch_tokens)
+    assert set(got) == {r.key for r in REQS}
+    for r, (ids, n) in zip(REQS, split_tokens(tok, REQS)):
+        lps, margin, greedy, h = _alone(model, ids, n, -1)
+        s = got[r.key]
+        assert s.n_tokens == len(ids) - n >= 1
+        assert s.token_logprobs == pytest.approx(lps, abs=1e-4)
+        assert s.logprob == pytest.approx(sum(lps), abs=1e-3)
+        assert s.first_token_margin == pytest.approx(margin, abs=1e-4)
+        assert s.greedy_match == greedy
+        assert s.hidden[-1] == pytest.approx(h, abs=1e-4)
+        assert s.hidden[0].shape == h.shape
+
+
+def test_margin_sign_is_greedy_first_token(tiny_tokenizer):
+    tok = tiny_tokenizer
+    model = _tiny("llama", len(tok))
+    prefix = "Q: Where was Kel Mar born?\nA:"
+    ids = tok(prefix)["input_ids"]
+    with torch.no_grad():
+        top = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+    other = (top + 1) % len(tok)
+    reqs = [ScoreRequest("top", prefix, tok.decode([top])), ScoreRequest("other", prefix, tok.decode([other]))]
+    s = score(model, tok, reqs)
+    # decoding a single token and re-encoding can merge differently; only compare when it round-trips
+    for key, want in (("top", top), ("other", other)):
+        full = tok(prefix + reqs[0 if key == "top" else 1].continuation)["input_ids"]
+        if full[len(ids):] == [want]:
+            assert (s[key].first_token_margin > 0) == (key == "top")
+            assert s[key].greedy_match == (key == "top")
+
+
+def test_empty_continuation_is_refused(tiny_tokenizer):
+    model = _tiny("llama", len(tiny_tokenizer))
+    with pytest.raises(ValueError, match="adds no token"):
+        score(model, tiny_tokenizer, [ScoreRequest("x", "Q: a?\nA:", "")])
