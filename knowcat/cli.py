@@ -185,28 +185,28 @@ def cmd_data(args):
 
 def cmd_greedy(args):
     from knowcat.fewshot import greedy_accuracy
-    from knowcat.io import atomic_write_json, atomic_write_text
+    from knowcat.io import atomic_write_json
     from knowcat.prompts import FewShotConfig
-    from probes.loading import load_model
+    from knowcat.rundir import RunDir, write_jsonl
+    from probes.engine import open_engine
 
     examples = load_from_args(args)
     fs = _override(FewShotConfig(), args)
     pool = [e for e in examples if e.split == fs.exemplar_split]
     evalset = [e for e in examples if e.split == args.eval_split] if args.eval_split else examples
-    model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
-    res = greedy_accuracy(model, tok, evalset, pool, fs, match=args.match, batch_size=args.batch_size)
-    out = Path(args.out)
-    atomic_write_text(out / "greedy.jsonl", "".join(
-        json.dumps({"id": r.id, "relation": r.relation, "p_correct_greedy": r.p_correct,
-                    "greedy_answers": r.answers}, ensure_ascii=False) + "\n" for r in res))
+    engine = open_engine("transformers", args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
+    res = greedy_accuracy(engine, evalset, pool, fs, match=args.match)
+    out = RunDir(args.out)
+    write_jsonl(out.greedy_jsonl, ({"id": r.id, "relation": r.relation, "p_correct_greedy": r.p_correct,
+                                    "greedy_answers": r.answers} for r in res))
     acc = sum(r.p_correct for r in res) / max(1, len(res))
-    print(f"greedy accuracy {acc:.1%} over {len(res)} examples -> {out / 'greedy.jsonl'}")
+    print(f"greedy accuracy {acc:.1%} over {len(res)} examples -> {out.greedy_jsonl}")
     if args.world:
         from knowcat.world.build import read_exposures
         from knowcat.world.validate import exposure_check, format_check
 
         check = exposure_check({r.id: r.p_correct for r in res}, read_exposures(args.world))
-        atomic_write_json(out / "exposure_check.json", check)
+        atomic_write_json(out.exposure_check, check)
         print(format_check(check))
 
 

@@ -25,9 +25,10 @@ class GreedyResult:
         return sum(self.correct) / len(self.correct) if self.correct else 0.0
 
 
-def greedy_accuracy(model, tokenizer, examples: list[QAExample], exemplar_pool: list[QAExample],
-                    cfg: FewShotConfig = FewShotConfig(), match: str = "exact", batch_size: int | None = None,
-                    max_new_tokens: int = 32, progress: bool = True) -> list[GreedyResult]:
+def greedy_accuracy(engine, examples: list[QAExample], exemplar_pool: list[QAExample],
+                    cfg: FewShotConfig = FewShotConfig(), match: str = "exact", max_new_tokens: int = 32,
+                    progress: bool = True) -> list[GreedyResult]:
+    """Greedy answers of ``engine`` (a :class:`probes.engine.Engine`) under every prompt."""
     from tqdm.auto import tqdm
 
     from knowcat.matching import is_correct
@@ -36,7 +37,7 @@ def greedy_accuracy(model, tokenizer, examples: list[QAExample], exemplar_pool: 
     scfg = SliCKConfig(n_prompts=cfg.n_prompts, k=cfg.k, seed=cfg.seed, exemplar_split=cfg.exemplar_split,
                        n_samples=0, match=match, max_new_tokens=max_new_tokens, keep_answers=True)
     bar = tqdm(total=len(examples) * cfg.n_prompts, desc="greedy", unit="prompt", disable=not progress)
-    res = categorize(model, tokenizer, examples, exemplar_pool, scfg, batch_size=batch_size, progress=bar.update)
+    res = categorize(engine, examples, exemplar_pool, scfg, progress=bar.update)
     bar.close()
     by_id = {ex.id: ex for ex in examples}
     return [GreedyResult(r.id, by_id[r.id].relation, r.greedy_answers,

@@ -1,9 +1,10 @@
 """Categorization over several engines: a Ray cluster, or vLLM data-parallel replicas on one machine.
 
-Both split the run into the shards :func:`knowcat.runs.run_categorize` uses, hand the
-unfinished ones to workers that each load the model once, and let each worker write
-every shard it finishes atomically into ``RUN/categorize/shards/``; the shard files are
-the checkpoint, and the output is a single-machine run's.
+Both are executors of a :class:`knowcat.runs.CategorizeRun`: they hand its unfinished
+shards to workers that each open the engine once (:func:`probes.engine.open_engine`) and
+compute each shard they get with :meth:`~knowcat.runs.CategorizeRun.compute_shard`, the
+same function a single-process run calls; the shard files are the checkpoint (one resume
+rule, one identity check), and the output is a single-machine run's.
 
 **Ray** (``pip install knowcat[ray]``; ``--backend ray`` or ``--ray-address``):
 
@@ -12,9 +13,9 @@ examples into shards as :func:`knowcat.runs.run_categorize`) are the rows of a
 dataset; ``map_batches`` sends them to a pool of actors, each loading the model
 once (with the transformers engine, or vLLM with ``engine="vllm"``) and writing
 every shard it finishes atomically into ``RUN/categorize/shards/``. The shard
-files are the checkpoint: each lists the example ids it holds, so a restarted
-job, or a worker lost mid-run (its actor is restarted and the shard retried),
-redoes only the examples no finished shard holds. Categories and answers are a
+files are the checkpoint: a restarted job, or a worker lost mid-run (its actor is
+restarted and the shard retried; the shard's lock died with it), redoes only the
+shards not written. Categories and answers are a
 pure function of (model, data, protocol) per example, independent of batch,
 worker and order, so the output equals a single-machine run's.
 
@@ -30,74 +31,38 @@ shard in progress: the others finish theirs, and a rerun redoes only what is mis
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict
-from pathlib import Path
 
-from knowcat.io import atomic_write_text
+from knowcat.runs import CategorizeRun, open_run
 from knowcat.slick import SliCKConfig
 
 
 class _ShardWorker:
-    """A Ray Data actor: categorizes whole shards and writes them."""
+    """A worker (a Ray Data actor, or a data-parallel process): opens its engine once, then computes
+    the shards it is handed with :meth:`knowcat.runs.CategorizeRun.compute_shard`."""
 
-    def __init__(self, model_name, examples, pool, cfg_dict, shards_dir, shard_size, device, dtype, engine,
-                 engine_options):
-        from knowcat.examples import QAExample
+    def __init__(self, spec: dict, model_name: str, engine: str, engine_options: dict):
+        from probes.engine import open_engine
 
-        self.examples = [QAExample(**e) for e in examples]
-        self.pool = [QAExample(**e) for e in pool]
-        self.cfg = SliCKConfig(**cfg_dict)
-        self.shards_dir = Path(shards_dir)
-        self.shard_size = shard_size
-        self.generate_fn = None
-        if engine == "vllm":
-            from probes.vllm_backend import VLLMEngine
-
-            self.model = VLLMEngine(model_name, seed=self.cfg.seed, **(engine_options or {}))
-            self.tok, self.generate_fn = None, self.model.generate
-        else:
-            from probes.loading import load_model
-
-            self.model, self.tok = load_model(model_name, device=device, dtype=dtype)
+        self.run = CategorizeRun.from_spec(spec)
+        self.engine = open_engine(engine, model_name, **{"seed": self.run.cfg.seed, **(engine_options or {})})
+        self.run.commit()  # the model is loaded: the run's identity may be recorded
 
     def run_shard(self, i: int) -> int:
-        from knowcat.slick import categorize
-
-        shard = self.examples[i * self.shard_size:(i + 1) * self.shard_size]
-        res = categorize(self.model, self.tok, shard, self.pool, self.cfg, generate_fn=self.generate_fn)
-        atomic_write_text(self.shards_dir / f"{i:05d}.jsonl", "".join(
-            json.dumps({"id": r.id, **r.fields()}, ensure_ascii=False) + "\n" for r in res))
+        self.run.compute_shard(self.engine, i, wait=True)
         return i
 
     def __call__(self, batch):
         return {"shard": [self.run_shard(int(i)) for i in batch["shard"]]}
 
 
-def _open_shards(run: Path, model_name, examples, cfg, shard_size, data_source, backend, log, name):
-    """Check or write the run's config; (shards dir, number of shards, the unfinished shards)."""
-    from knowcat.runs import open_run_config
-
-    shards_dir = run / "categorize" / "shards"
-    shards_dir.mkdir(parents=True, exist_ok=True)
-    open_run_config(run / "categorize", model_name, examples, cfg, shard_size, data_source, backend)
-    n_shards = (len(examples) + shard_size - 1) // shard_size
-    # the checkpoint: example ids already held by finished shards
-    finished = set()
-    for p in shards_dir.glob("*.jsonl"):
-        finished.update(json.loads(line)["id"] for line in open(p, encoding="utf-8"))
-    todo = [i for i in range(n_shards)
-            if any(e.id not in finished for e in examples[i * shard_size:(i + 1) * shard_size])]
-    if len(todo) < n_shards:
-        log(f"categorize ({name}): {n_shards - len(todo)}/{n_shards} shards already finished; resuming")
-    return shards_dir, n_shards, todo
-
-
-def _check_written(shards_dir: Path, n_shards: int, why: str = "") -> None:
-    missing = [i for i in range(n_shards) if not (shards_dir / f"{i:05d}.jsonl").exists()]
-    if missing:
-        raise RuntimeError(f"shards {missing} were not written{why}; rerun the same command to resume")
+def _open(run_dir, model_name, examples, exemplar_pool, cfg, shard_size, data_source, backend, log, name):
+    """Open and check the run; (the run, its unfinished shards)."""
+    run = open_run(run_dir, model_name, examples, exemplar_pool, cfg, shard_size, data_source, backend)
+    todo = run.todo()
+    if len(todo) < run.n_shards:
+        log(f"categorize ({name}): {run.n_shards - len(todo)}/{run.n_shards} shards already finished; resuming")
+    return run, todo
 
 
 def run_categorize_ray(model_name: str, examples, exemplar_pool, run_dir, cfg: SliCKConfig = SliCKConfig(),
@@ -107,12 +72,9 @@ def run_categorize_ray(model_name: str, examples, exemplar_pool, run_dir, cfg: S
                        fields=None, data_source: str | None = None, log=print) -> dict:
     """Like :func:`knowcat.runs.run_categorize`, with the shards computed by Ray workers."""
     import ray
+    from ray.data import ActorPoolStrategy
 
-    from knowcat.runs import finalize
-
-    run = Path(run_dir)
-    shards_dir, n_shards, todo = _open_shards(run, model_name, examples, cfg, shard_size, data_source, engine, log,
-                                              "ray")
+    run, todo = _open(run_dir, model_name, examples, exemplar_pool, cfg, shard_size, data_source, engine, log, "ray")
     t0 = time.time()
     if todo:
         started = False
@@ -122,12 +84,12 @@ def run_categorize_ray(model_name: str, examples, exemplar_pool, run_dir, cfg: S
             started = True
         try:
             ds = ray.data.from_items([{"shard": i} for i in todo])
-            args = (str(model_name), [asdict(e) for e in examples], [asdict(e) for e in exemplar_pool], asdict(cfg),
-                    str(shards_dir), shard_size, device, dtype, engine, engine_options)
-            out = ds.map_batches(_ShardWorker, fn_constructor_args=args, batch_size=1, compute=None,
-                                 concurrency=max(1, min(num_workers, len(todo))), num_cpus=cpus_per_worker,
-                                 num_gpus=gpus_per_worker or None,
-                                 ray_remote_args_fn=None, max_restarts=-1, max_task_retries=-1)
+            options = {"device": device, "dtype": dtype, **(engine_options or {})}
+            # each worker loads the model, then records the run's identity (if no one has), then writes shards
+            out = ds.map_batches(_ShardWorker, fn_constructor_args=(run.spec(), str(model_name), engine, options),
+                                 batch_size=1, compute=ActorPoolStrategy(size=max(1, min(num_workers, len(todo)))),
+                                 num_cpus=cpus_per_worker, num_gpus=gpus_per_worker or None)
+            # Ray Data's actor pools restart a lost actor and retry its task by default
             n_done = 0
             for row in out.iter_rows():
                 n_done += 1
@@ -135,8 +97,8 @@ def run_categorize_ray(model_name: str, examples, exemplar_pool, run_dir, cfg: S
         finally:
             if started:
                 ray.shutdown()
-    _check_written(shards_dir, n_shards)
-    return finalize(run, examples, n_shards, fields=fields, seconds=time.time() - t0, log=log)
+    run.commit()
+    return run.finalize(fields=fields, seconds=time.time() - t0, log=log)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,14 +153,11 @@ def run_categorize_data_parallel(model_name: str, examples, exemplar_pool, run_d
     import multiprocessing as mp
     import queue as queue_mod
 
-    from knowcat.runs import finalize
-
     opts = dict(engine_options or {})
     opts.pop("data_parallel_size", None)
     devices = replica_devices(data_parallel_size, int(opts.get("tensor_parallel_size", 1)), device_ids)
-    run = Path(run_dir)
-    shards_dir, n_shards, todo = _open_shards(run, model_name, examples, cfg, shard_size, data_source, "vllm", log,
-                                              "vllm data parallel")
+    run, todo = _open(run_dir, model_name, examples, exemplar_pool, cfg, shard_size, data_source, "vllm", log,
+                      "vllm data parallel")
     t0 = time.time()
     replicas = [{"rank": r, "devices": d, "pid": None, "shards": []} for r, d in enumerate(devices)]
     if todo:
@@ -209,8 +168,7 @@ def run_categorize_data_parallel(model_name: str, examples, exemplar_pool, run_d
         n_procs = min(data_parallel_size, len(todo))
         for _ in range(n_procs):
             tasks.put(None)
-        args = (str(model_name), [asdict(e) for e in examples], [asdict(e) for e in exemplar_pool], asdict(cfg),
-                str(shards_dir), shard_size, "auto", "auto", "vllm", opts)
+        args = (run.spec(), str(model_name), "vllm", opts)
         # not daemonic: a vLLM engine starts processes of its own (its engine core, its tensor-parallel workers)
         procs = [ctx.Process(target=_replica_main, args=(r, devices[r], args, tasks, events),
                              name=f"knowcat-vllm-dp{r}") for r in range(n_procs)]
@@ -243,11 +201,12 @@ def run_categorize_data_parallel(model_name: str, examples, exemplar_pool, run_d
                     p.kill()
                     p.join()
         failed = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode != 0]
-        if failed:
-            _check_written(shards_dir, n_shards, " (engine process " + ", ".join(
+        missing = run.todo()
+        if failed and missing:
+            raise RuntimeError(f"shards {missing} were not written (engine process " + ", ".join(
                 f"{r} exited with {c}" + (f" during shard {in_flight[r]}" if r in in_flight else "")
-                for r, c in failed) + ")")
-    _check_written(shards_dir, n_shards)
-    summary = finalize(run, examples, n_shards, fields=fields, seconds=time.time() - t0, log=log)
+                for r, c in failed) + "); rerun the same command to resume")
+    run.commit()
+    summary = run.finalize(fields=fields, seconds=time.time() - t0, log=log)
     summary["replicas"] = replicas
     return summary

@@ -1,17 +1,27 @@
-"""Resumable categorization runs.
+"""Resumable categorization runs: the run's identity, its shards, the one resume rule, the final files.
 
-A run directory holds::
+The run directory's layout is :class:`knowcat.rundir.RunDir`'s. Examples are cut, in input
+order, into shards of ``shard_size``; a shard is categorized whole and then written
+(temporary name, then rename), so a run killed at any moment loses at most the shard in
+flight, and a restart skips the finished shards (the one resume rule:
+:meth:`RunDir.shard_done`). Every answer is a pure function of (model, data, protocol), so a
+resumed run ends with output identical to an uninterrupted one.
 
-    categorize/config.json      protocol, model, data and the ordered example ids (fingerprint)
-    categorize/shards/NNNNN.jsonl   finished shards, each written atomically
-    categorized.jsonl / .parquet    the input records with the SliCK fields, in input order
-    categorize_summary.json         counts per relation and category, timings
+**Identity by content.** ``categorize/config.json`` records what the shards depend on: the
+protocol, the records' content (id, relation, question, answers, in order), the exemplar
+pool's content, the model's identity (:func:`probes.loading.model_identity`: its resolved
+path and a digest of its config, tokenizer and weight files), the sharding and the engine.
+A rerun into the same directory with any of these changed is refused (:class:`RunMismatch`,
+naming what changed). Nothing is written before the inputs are checked and the model is
+loaded, so a failed attempt leaves nothing that blocks the corrected rerun.
 
-Examples are cut, in input order, into shards of ``shard_size``; a shard is
-categorized whole and then written (temporary name, then rename), so a run
-killed at any moment loses at most the shard in flight, and a restart skips the
-finished shards. Every answer is a pure function of (model, data, protocol), so
-a resumed run ends with output identical to an uninterrupted one.
+**Concurrency.** A process computes shard ``i`` only while it holds the shard's lock
+(``flock``, released when the process ends, however it ends) and only if the shard is not
+finished: two runs on one directory share the shards, none computed twice.
+
+**Executors** (:func:`run_categorize` in this process; :mod:`knowcat.ray_runner`: data-parallel
+processes and Ray Data) only hand out shard indices; every one of them calls
+:meth:`CategorizeRun.compute_shard`, the one place that categorizes and writes a shard.
 """
 
 from __future__ import annotations
@@ -20,12 +30,13 @@ import hashlib
 import json
 import time
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from knowcat.examples import QAExample
-from knowcat.io import atomic_write_json, atomic_write_text, read_json
-from knowcat.slick import CATEGORIES, SliCKConfig, SliCKResult, categorize
+from knowcat.io import atomic_write_json
+from knowcat.rundir import RunDir
+from knowcat.slick import CATEGORIES, SliCKConfig, categorize
 
 
 class RunMismatch(RuntimeError):
@@ -59,126 +70,208 @@ def _ids_fingerprint(examples: list[QAExample]) -> str:
     return h.hexdigest()
 
 
-def open_run_config(cdir: Path, model_name: str, examples: list[QAExample], cfg: SliCKConfig, shard_size: int,
-                    data_source: str | None, backend: str) -> dict:
-    """Write ``cdir/config.json`` for a new run, or check that an existing run was made with the
-    same protocol, model, examples, sharding and backend (``RunMismatch`` otherwise)."""
+def content_fingerprint(examples: list[QAExample]) -> str:
+    """SHA-256 of what categorization reads of each example (id, relation, question, answers), in order."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps([ex.id, ex.relation, ex.question, list(ex.answers)], ensure_ascii=False).encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+# what a run's identity compares, and how a mismatch is named
+_IDENTITY = (
+    ("protocol", "protocol (SliCK settings)"),
+    ("ids_sha1", "example ids or their order"),
+    ("records_sha256", "records (a question, answer or relation changed for the same ids)"),
+    ("exemplars_sha256", "exemplar pool (the few-shot exemplars' questions or answers)"),
+    ("model_digest", "model (other weights, config or tokenizer files)"),
+    ("shard_size", "shard size"),
+    ("backend", "backend"),
+)
+
+
+def run_identity(model_name: str, examples: list[QAExample], exemplar_pool: list[QAExample], cfg: SliCKConfig,
+                 shard_size: int, data_source: str | None, backend: str) -> dict:
+    """The config a run records: its identity (what the shards depend on) and what later stages read."""
+    from probes.loading import model_identity
+
     ids = [ex.id for ex in examples]
     if len(set(ids)) != len(ids):
         dup = next(i for i, c in Counter(ids).items() if c > 1)
         raise ValueError(f"example ids must be unique; {dup!r} appears more than once")
     if data_source and Path(data_source).exists():
         data_source = str(Path(data_source).resolve())  # later stages read it from any working directory
-    config = {"protocol": asdict(cfg), "model": str(model_name), "data": data_source, "n_examples": len(examples),
-              "shard_size": shard_size, "ids_sha1": _ids_fingerprint(examples), "backend": backend}
-    if (cdir / "config.json").exists():
-        old = read_json(cdir / "config.json")
-        keys = ("protocol", "model", "n_examples", "shard_size", "ids_sha1", "backend")
-        old.setdefault("backend", "transformers")  # runs from before backends were recorded
-        diff = [k for k in keys if old.get(k) != config[k]]
-        if diff:
-            raise RunMismatch(f"{cdir} holds a categorization made with another {', '.join(diff)}; "
-                              f"use another run directory or delete {cdir}")
-    else:
-        cdir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(cdir / "config.json", config)
-    return config
+    model = model_identity(model_name)
+    return {"protocol": asdict(cfg), "model": model["name"], "data": data_source, "n_examples": len(examples),
+            "shard_size": shard_size, "ids_sha1": _ids_fingerprint(examples),
+            "records_sha256": content_fingerprint(examples), "exemplars_sha256": content_fingerprint(exemplar_pool),
+            "model_digest": model["digest"] or model["name"], "backend": backend}
+
+
+def check_identity(old: dict, new: dict, where) -> None:
+    """``RunMismatch`` naming every component of the identity that changed."""
+    old = dict(old)
+    old.setdefault("backend", "transformers")  # runs from before backends were recorded
+    diff = [name for key, name in _IDENTITY if old.get(key) != new[key]]
+    if diff:
+        missing = [key for key, _ in _IDENTITY if key not in old]
+        why = (" (the run was made by an earlier knowcat, which did not record "
+               + ", ".join(missing) + ")") if missing else ""
+        raise RunMismatch(f"{where} holds a categorization made with another {'; another '.join(diff)}{why}. "
+                          f"To start over, delete {where} or give another --out directory")
+
+
+@dataclass
+class CategorizeRun:
+    """One categorization run: its directory, inputs and identity (:func:`open_run`)."""
+
+    dir: RunDir
+    examples: list[QAExample]
+    exemplar_pool: list[QAExample]
+    cfg: SliCKConfig
+    shard_size: int
+    config: dict = field(default_factory=dict)
+
+    @property
+    def n_shards(self) -> int:
+        return (len(self.examples) + self.shard_size - 1) // self.shard_size
+
+    def shard_examples(self, i: int) -> list[QAExample]:
+        return self.examples[i * self.shard_size:(i + 1) * self.shard_size]
+
+    def todo(self) -> list[int]:
+        """The unfinished shards."""
+        return [i for i in range(self.n_shards) if not self.dir.shard_done(i)]
+
+    def commit(self) -> None:
+        """Record the run's identity (after the inputs were checked and the model loaded); a run
+        that another process committed meanwhile is checked again."""
+        with self.dir.run_lock():
+            old = self.dir.read_categorize_config()
+            if old is None:
+                self.dir.write_categorize_config(self.config)
+            else:
+                check_identity(old, self.config, self.dir.categorize_dir)
+
+    def compute_shard(self, engine, i: int, wait: bool = True) -> bool:
+        """Categorize shard ``i`` with ``engine`` and write it, unless it is finished; the one place
+        that writes a shard. Holds the shard's lock meanwhile (``wait=False``: return ``False`` at
+        once when another process holds it). Returns whether this call computed it."""
+        with self.dir.shard_lock(i, wait=wait) as taken:
+            if not taken or self.dir.shard_done(i):
+                return False
+            res = categorize(engine, self.shard_examples(i), self.exemplar_pool, self.cfg)
+            self.dir.write_shard(i, [{"id": r.id, **r.fields()} for r in res])
+            return True
+
+    def finalize(self, fields=None, seconds: float = 0.0, log=print) -> dict:
+        missing = self.todo()
+        if missing:
+            raise RuntimeError(f"shards {missing} were not written; rerun the same command to resume")
+        return finalize(self.dir.root, self.examples, self.n_shards, fields=fields, seconds=seconds, log=log)
+
+    def spec(self) -> dict:
+        """What a worker process needs to rebuild this run (plain data: nothing is pickled)."""
+        return {"run_dir": str(self.dir.root), "examples": [asdict(e) for e in self.examples],
+                "exemplar_pool": [asdict(e) for e in self.exemplar_pool], "cfg": asdict(self.cfg),
+                "shard_size": self.shard_size, "config": self.config}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "CategorizeRun":
+        return cls(RunDir(spec["run_dir"]), [QAExample(**e) for e in spec["examples"]],
+                   [QAExample(**e) for e in spec["exemplar_pool"]], SliCKConfig(**spec["cfg"]), spec["shard_size"],
+                   spec["config"])
+
+
+def open_run(run_dir, model_name: str, examples: list[QAExample], exemplar_pool: list[QAExample],
+             cfg: SliCKConfig, shard_size: int = 256, data_source: str | None = None,
+             backend: str = "transformers") -> CategorizeRun:
+    """Open a categorization run: compute its identity and check it against a run already in
+    ``run_dir`` (``RunMismatch``). Writes nothing (:meth:`CategorizeRun.commit` does, once the
+    model is loaded)."""
+    if shard_size < 1:
+        raise ValueError(f"shard size must be positive, got {shard_size}")
+    rd = RunDir(run_dir)
+    config = run_identity(model_name, examples, exemplar_pool, cfg, shard_size, data_source, backend)
+    old = rd.read_categorize_config()
+    if old is not None:
+        check_identity(old, config, rd.categorize_dir)
+    return CategorizeRun(rd, list(examples), list(exemplar_pool), cfg, shard_size, config)
 
 
 def run_categorize(model_name: str, examples: list[QAExample], exemplar_pool: list[QAExample], run_dir,
                    cfg: SliCKConfig = SliCKConfig(), shard_size: int = 256, device: str = "auto",
-                   dtype: str = "auto", batch_size: int | None = None, fields=None, model=None, tokenizer=None,
+                   dtype: str = "auto", batch_size: int | None = None, fields=None, engine=None,
                    data_source: str | None = None, log=print, progress: bool = True, stop_after_shards=None,
                    backend: str = "transformers", backend_options: dict | None = None) -> dict:
-    """Categorize ``examples`` into ``run_dir``, resuming finished shards.
+    """Categorize ``examples`` into ``run_dir`` in this process, resuming finished shards.
 
-    ``model``/``tokenizer`` may be given already loaded; otherwise ``model_name``
-    (hub id or folder) is loaded. ``backend="vllm"`` generates with vLLM instead
-    (``backend_options`` go to :class:`probes.vllm_backend.VLLMEngine`). ``stop_after_shards`` stops after that many new
-    shards, as a killed run would (for tests). Returns the summary.
+    ``engine`` may be given already open (a :class:`probes.engine.Engine`); otherwise
+    :func:`probes.engine.open_engine` opens ``backend`` on ``model_name`` (``backend_options`` go to
+    it). ``stop_after_shards`` stops after that many new shards, as a killed run would (for tests).
+    Returns the summary.
     """
     from tqdm.auto import tqdm
 
-    run = Path(run_dir)
-    cdir = run / "categorize"
-    shards_dir = cdir / "shards"
-    open_run_config(cdir, model_name, examples, cfg, shard_size, data_source, backend)
-
-    n_shards = (len(examples) + shard_size - 1) // shard_size
-    done = {int(p.stem) for p in shards_dir.glob("*.jsonl")} if shards_dir.exists() else set()
-    todo = [i for i in range(n_shards) if i not in done]
-    if done:
-        log(f"categorize: {len(done)}/{n_shards} shards already finished in {shards_dir}; resuming")
+    run = open_run(run_dir, model_name, examples, exemplar_pool, cfg, shard_size, data_source, backend)
+    n_shards, todo = run.n_shards, run.todo()
+    if len(todo) < n_shards:
+        log(f"categorize: {n_shards - len(todo)}/{n_shards} shards already finished in {run.dir.shards_dir}; "
+            "resuming")
     t0 = time.time()
     if todo:
-        generate_fn = None
-        if backend == "vllm":
-            from probes.vllm_backend import VLLMEngine
+        if engine is None:
+            from probes.engine import open_engine
 
-            model = model if isinstance(model, VLLMEngine) else VLLMEngine(model_name, seed=cfg.seed,
-                                                                            **(backend_options or {}))
-            generate_fn, tokenizer = model.generate, None
-        elif backend != "transformers":
-            raise ValueError(f"unknown backend {backend!r}; choose transformers or vllm")
-        elif model is None:
-            from probes.loading import load_model
-
-            model, tokenizer = load_model(model_name, device=device, dtype=dtype)
-        log(f"categorize: {len(examples)} examples, {n_shards} shards of {shard_size}, on {model.device}; "
+            engine = open_engine(backend, model_name, **{**dict(device=device, dtype=dtype, batch_size=batch_size,
+                                                                 log=log, seed=cfg.seed), **(backend_options or {})})
+        run.commit()
+        log(f"categorize: {len(examples)} examples, {n_shards} shards of {shard_size}, on {engine.device}; "
             f"{cfg.n_prompts} prompts x (1 greedy + {cfg.n_samples} samples at T={cfg.temperature}), "
             f"{'exact' if cfg.exact else 'lazy'}")
-        bar = tqdm(total=len(examples), initial=len(examples) - sum(
-            len(examples[i * shard_size:(i + 1) * shard_size]) for i in todo),
-            desc="categorize", unit="ex", disable=not progress)
-        counts: Counter = Counter()
-        for n_new, i in enumerate(todo):
-            if stop_after_shards is not None and n_new >= stop_after_shards:
-                bar.close()
-                log(f"categorize: stopped after {n_new} new shards")
-                return {}
-            shard = examples[i * shard_size:(i + 1) * shard_size]
-            res = categorize(model, tokenizer, shard, exemplar_pool, cfg, batch_size=batch_size, log=log,
-                             generate_fn=generate_fn)
-            counts.update(r.category for r in res)
-            atomic_write_text(shards_dir / f"{i:05d}.jsonl", "".join(
-                json.dumps({"id": r.id, **r.fields()}, ensure_ascii=False) + "\n" for r in res))
-            bar.update(len(shard))
-            bar.set_postfix({c[:4]: counts[c] for c in CATEGORIES})
+        bar = tqdm(total=len(examples), initial=len(examples) - sum(len(run.shard_examples(i)) for i in todo),
+                   desc="categorize", unit="ex", disable=not progress)
+        n_new, deferred = 0, []
+        # first every shard no other process holds, then (waiting for their locks) the rest
+        for i, wait in [(i, False) for i in todo] + [(None, True)]:
+            for j in ([i] if i is not None else deferred):
+                if stop_after_shards is not None and n_new >= stop_after_shards:
+                    bar.close()
+                    log(f"categorize: stopped after {n_new} new shards")
+                    return {}
+                if run.compute_shard(engine, j, wait=wait):
+                    n_new += 1
+                elif not wait and not run.dir.shard_done(j):
+                    deferred.append(j)
+                    continue
+                bar.update(len(run.shard_examples(j)))
         bar.close()
-    return finalize(run, examples, n_shards, fields=fields, seconds=time.time() - t0, log=log)
+    else:
+        run.commit()
+    return run.finalize(fields=fields, seconds=time.time() - t0, log=log)
 
 
 def read_shards(run_dir, n_shards: int) -> dict[str, dict]:
-    shards_dir = Path(run_dir) / "categorize" / "shards"
-    out = {}
-    for i in range(n_shards):
-        with open(shards_dir / f"{i:05d}.jsonl", encoding="utf-8") as f:
-            for line in f:
-                r = json.loads(line)
-                out[r.pop("id")] = r
-    return out
+    return RunDir(run_dir).read_shards(n_shards)
 
 
 def finalize(run_dir, examples: list[QAExample], n_shards: int, fields=None, seconds: float = 0.0, log=print) -> dict:
     """Join the shards with the input records; write JSONL, Parquet and the summary."""
-    run = Path(run_dir)
-    res = read_shards(run, n_shards)
+    rd = RunDir(run_dir)
+    res = rd.read_shards(n_shards)
     records = []
     for ex in examples:
         rec = user_record(ex, fields)
         for k, v in res[ex.id].items():
             rec[k] = list(v) if isinstance(v, tuple) else v
         records.append(rec)
-    atomic_write_text(run / "categorized.jsonl",
-                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    from knowcat.filtering import write_records
-
-    write_records(run / "categorized.parquet", records)
+    rd.write_categorized(records)
     summary = summarize(examples, res)
     summary["seconds"] = round(seconds, 1)
-    atomic_write_json(run / "categorize_summary.json", summary)
+    atomic_write_json(rd.categorize_summary, summary)
     log(format_summary(summary))
-    log(f"categorize: wrote {run / 'categorized.jsonl'} and {run / 'categorized.parquet'}")
+    log(f"categorize: wrote {rd.categorized_jsonl} and {rd.categorized_parquet}")
     return summary
 
 

@@ -115,20 +115,16 @@ class _State:
     n_sampled_correct: int = 0
 
 
-def categorize(model, tokenizer, examples: list[QAExample], exemplar_pool: list[QAExample],
-               cfg: SliCKConfig = SliCKConfig(), batch_size: int | None = None,
-               progress: Callable[[int], object] | None = None, log=None, generate_fn=None,
-               **engine_options) -> list[SliCKResult]:
+def categorize(engine, examples: list[QAExample], exemplar_pool: list[QAExample],
+               cfg: SliCKConfig = SliCKConfig(), progress: Callable[[int], object] | None = None
+               ) -> list[SliCKResult]:
     """SliCK categories of ``examples`` (a pure function of model, data and config).
 
+    ``engine``: a :class:`probes.engine.Engine` (:func:`probes.engine.open_engine`).
     ``exemplar_pool``: the examples few-shot exemplars are drawn from (the dev
-    split). ``progress`` is called with numbers of finished prompts. ``generate_fn``:
-    another engine with the signature of :func:`probes.generation.generate` (the vLLM
-    backend's ``VLLMEngine.generate``); default the transformers engine.
+    split). ``progress`` is called with numbers of finished prompts.
     """
-    from probes.generation import PromptRequest, generate
-
-    generate = generate_fn or generate
+    from probes.generation import PromptRequest
     from probes.sampling import stream_seed
 
     sets = exemplar_sets(exemplar_pool, cfg.fewshot)
@@ -138,8 +134,6 @@ def categorize(model, tokenizer, examples: list[QAExample], exemplar_pool: list[
     prompts = {ex.id: [prompt_for(ex, s) for s in sets[ex.relation]] for ex in examples}
     state = {ex.id: _State([None] * cfg.n_prompts) for ex in examples}
     by_id = {ex.id: ex for ex in examples}
-    gen_kw = dict(max_new_tokens=cfg.max_new_tokens, batch_size=batch_size, temperature=cfg.temperature,
-                  top_k=cfg.top_k, progress=progress, log=log, **engine_options)
 
     def record(req, g):
         ex_id, j = req.key
@@ -157,15 +151,15 @@ def categorize(model, tokenizer, examples: list[QAExample], exemplar_pool: list[
             return PromptRequest(req.key, req.prefix, req.suffix, True, ())
         return req
 
-    # One pass, prompt by prompt (all questions under prompt 0, then prompt 1 ...): the
-    # greedy answer and the samples of a prompt come from one prefill. Lazy mode drops
-    # the samples of an example once one of its answers so far is correct: its
+    # One round per prompt (all questions under prompt 0, then prompt 1 ...): the greedy
+    # answer and the samples of a prompt come from one prefill. Lazy mode drops the
+    # samples of an example once one of its answers in earlier rounds is correct: its
     # category is then decided by the greedy answers alone, or it is WeaklyKnown.
-    generate(model, tokenizer, [
-        PromptRequest((ex.id, j), pre, suf, True,
-                      tuple(stream_seed(cfg.seed, ex.id, j, s) for s in range(cfg.n_samples)))
-        for j in range(cfg.n_prompts) for ex in examples for pre, suf in [prompts[ex.id][j]]],
-        on_result=record, prepare=None if cfg.exact else prepare, **gen_kw)
+    rounds = ([PromptRequest((ex.id, j), *prompts[ex.id][j], True,
+                             tuple(stream_seed(cfg.seed, ex.id, j, s) for s in range(cfg.n_samples)))
+               for ex in examples] for j in range(cfg.n_prompts))
+    engine.generate(rounds, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                    prepare=None if cfg.exact else prepare, on_result=record, progress=progress)
 
     results = []
     for ex in examples:

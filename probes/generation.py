@@ -43,6 +43,29 @@ class Generation:
     samples: list[str] = field(default_factory=list)
 
 
+def _forward_params(model) -> frozenset:
+    import inspect
+
+    try:
+        return frozenset(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return frozenset()
+
+
+def cache_kwargs(model, cache) -> dict:
+    """The keyword that hands a KV cache to ``model.forward``: ``cache`` (transformers' current
+    name), or ``past_key_values`` for a model whose forward predates it."""
+    params = _forward_params(model)
+    return {"past_key_values": cache} if "past_key_values" in params and "cache" not in params else {"cache": cache}
+
+
+def output_cache(out):
+    """The KV cache a forward pass returned (``out.cache``; ``past_key_values`` in older outputs)."""
+    if "cache" in out:
+        return out["cache"]
+    return out["past_key_values"]
+
+
 def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -89,7 +112,7 @@ class PrefixEncoder:
             dev = self.model.device
             x = torch.tensor([ids], device=dev)
             out = self.model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=True)
-            cache = out.past_key_values
+            cache = output_cache(out)
             self._caches[ids] = cache
             self.encoded_tokens += len(ids)
         c = copy.deepcopy(cache)
@@ -119,8 +142,8 @@ def _decode_chunk(model, prefix_cache, prefix_len: int, suffixes: list[list[int]
     ids, smask = ids.to(dev), smask.to(dev)
     attn = torch.cat([torch.ones((R, prefix_len), dtype=torch.long, device=dev), smask], dim=1)
     pos = (prefix_len + smask.cumsum(1) - 1).clamp(min=prefix_len)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=prefix_cache, use_cache=True,
-                **_last_logits_only(model))
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
+                **cache_kwargs(model, prefix_cache), **_last_logits_only(model))
 
     # Decoding runs over *nodes*: distinct (request, tokens generated so far). Branches
     # whose continuations coincide share a node, so a node's forward pass is computed
@@ -132,7 +155,7 @@ def _decode_chunk(model, prefix_cache, prefix_len: int, suffixes: list[list[int]
     is_greedy = np.array([b == -1 for br in branches for b in br])
     node = owner.copy()  # branch -> node (the prefill's rows are the first nodes)
     live = np.arange(len(owner))
-    cache = out.past_key_values
+    cache = output_cache(out)
     logits = out.logits[:, -1, :]
     next_pos = pos[:, -1] + 1
     generated: list[list[int]] = [[] for _ in owner]
@@ -168,8 +191,8 @@ def _decode_chunk(model, prefix_cache, prefix_len: int, suffixes: list[list[int]
         node[live] = new_of_live
         attn = torch.cat([attn, torch.ones((len(keys), 1), dtype=torch.long, device=dev)], dim=1)
         out = model(input_ids=torch.from_numpy(keys[:, 1:]).to(dev), attention_mask=attn,
-                    position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+                    position_ids=next_pos[:, None], use_cache=True, **cache_kwargs(model, cache))
+        cache = output_cache(out)
         logits = out.logits[:, -1, :]
         next_pos = next_pos + 1
     per_request: list[list[list[int]]] = [[] for _ in range(R)]
@@ -243,78 +266,79 @@ def default_batch_size(model, context_tokens: int = 256) -> int:
     return int(max(8, min(512, free // 4 // max(1, per_row))))
 
 
+class RoundGenerator:
+    """One round of requests on a transformers model (an engine's part of
+    :func:`probes.engine.run_rounds`): rows grouped by shared token prefix, batched by length,
+    decoded together. ``batch_size`` counts decoded rows (a request with 1 greedy + 16 samples
+    is 17 rows); ``None`` picks one for the device, halved on out-of-memory (kept for later
+    rounds). ``prefix_reuse=False`` prefills every prompt whole (the comparison the benchmarks make)."""
+
+    def __init__(self, model, tokenizer, max_new_tokens: int = 32, batch_size: int | None = None,
+                 temperature: float = 0.5, top_k: int = 40, stop: str = "\n", log=None, prefix_reuse: bool = True):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_new_tokens, self.temperature, self.top_k, self.stop = max_new_tokens, temperature, top_k, stop
+        self.log, self.prefix_reuse = log, prefix_reuse
+        self.stop_t = torch.tensor(sorted(stop_token_ids(tokenizer, stop)), device=model.device)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.rows_per_batch = batch_size or default_batch_size(model)
+        self.encoder = PrefixEncoder(model)
+
+    def __call__(self, requests: list[PromptRequest], progress: Callable[[int], object] | None = None
+                 ) -> dict[Hashable, Generation]:
+        model, tokenizer = self.model, self.tokenizer
+        if not self.prefix_reuse:  # for benchmarks: every row prefills its whole prompt
+            requests = [PromptRequest(r.key, "", r.prefix + r.suffix, r.greedy, r.streams) for r in requests]
+        results: dict[Hashable, Generation] = {}
+        for pre, items in group_requests(tokenizer, requests).items():
+            items.sort(key=lambda rs: len(rs[1]))  # batch by length: little padding
+            i = 0
+            while i < len(items):
+                chunk, rows = [], 0
+                while i + len(chunk) < len(items):
+                    req = items[i + len(chunk)][0]
+                    n = int(req.greedy) + len(req.streams)
+                    if chunk and rows + n > self.rows_per_batch:
+                        break
+                    chunk.append(items[i + len(chunk)])
+                    rows += n
+                branches = [([-1] if r.greedy else []) + list(r.streams) for r, _ in chunk]
+                try:
+                    cache = self.encoder.get(pre, len(chunk))
+                    gen = _decode_chunk(model, cache, len(pre), [s for _, s in chunk], branches, self.pad_id,
+                                        self.stop_t, self.max_new_tokens, self.temperature, self.top_k)
+                except (torch.OutOfMemoryError, RuntimeError) as err:
+                    if not _is_oom(err) or self.rows_per_batch <= 1:
+                        raise
+                    self.rows_per_batch = max(1, self.rows_per_batch // 2)
+                    if model.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    if self.log:
+                        self.log(f"out of memory: batch size now {self.rows_per_batch} rows")
+                    continue
+                for (req, _), outs in zip(chunk, gen):
+                    texts = [decode_answer(tokenizer, g, self.stop) for g in outs]
+                    results[req.key] = Generation(texts[0] if req.greedy else None, texts[int(req.greedy):])
+                i += len(chunk)
+                if progress is not None:
+                    progress(len(chunk))
+        return results
+
+
 def generate(model, tokenizer, requests: Iterable[PromptRequest], max_new_tokens: int = 32,
              batch_size: int | None = None, temperature: float = 0.5, top_k: int = 40, stop: str = "\n",
              progress: Callable[[int], object] | None = None, log=None,
              prepare: Callable[[PromptRequest], PromptRequest | None] | None = None,
              on_result: Callable[[PromptRequest, Generation], object] | None = None,
              prefix_reuse: bool = True) -> dict[Hashable, Generation]:
-    """Greedy and sampled answers for every request, keyed by ``request.key``.
+    """Greedy and sampled answers for every request, keyed by ``request.key``: the requests as
+    one round of :meth:`probes.engine.TransformersEngine.generate` (``prepare`` is asked for
+    each request before any is computed; ``on_result`` sees each result). ``progress`` is
+    called with the number of requests just finished."""
+    from probes.engine import run_rounds
 
-    ``batch_size`` counts decoded rows (a request with 1 greedy + 16 samples is 17
-    rows); ``None`` picks one for the device and halves it on out-of-memory.
-    ``progress`` is called with the number of requests just finished.
-    Requests are processed prefix group by prefix group, in order of first
-    appearance; ``on_result`` sees each result as its batch finishes, and
-    ``prepare(request)``, asked when a batch is formed, may replace a request (for
-    instance drop its samples) or return ``None`` to skip it: lazy categorization
-    decides what an example still needs from the answers of its earlier prompts.
-    ``prefix_reuse=False`` prefills every prompt whole (the comparison the benchmarks make).
-    """
-    if not prefix_reuse:  # for benchmarks: every row prefills its whole prompt
-        requests = [PromptRequest(r.key, "", r.prefix + r.suffix, r.greedy, r.streams) for r in requests]
-    stop_t = torch.tensor(sorted(stop_token_ids(tokenizer, stop)), device=model.device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows_per_batch = batch_size or default_batch_size(model)
-    encoder = PrefixEncoder(model)
-    results: dict[Hashable, Generation] = {}
-    for pre, items in group_requests(tokenizer, requests).items():
-        items.sort(key=lambda rs: len(rs[1]))  # batch by length: little padding
-        i = 0
-        while i < len(items):
-            chunk, rows = [], 0
-            while i + len(chunk) < len(items):
-                req = items[i + len(chunk)][0]
-                if prepare is not None:
-                    new = prepare(req)
-                    if new is None:
-                        items.pop(i + len(chunk))
-                        if progress is not None:
-                            progress(1)
-                        continue
-                    if new is not req:
-                        req = new
-                        items[i + len(chunk)] = (new, items[i + len(chunk)][1])
-                n = int(req.greedy) + len(req.streams)
-                if chunk and rows + n > rows_per_batch:
-                    break
-                chunk.append(items[i + len(chunk)])
-                rows += n
-            if not chunk:
-                break
-            branches = [([-1] if r.greedy else []) + list(r.streams) for r, _ in chunk]
-            try:
-                cache = encoder.get(pre, len(chunk))
-                gen = _decode_chunk(model, cache, len(pre), [s for _, s in chunk], branches, pad_id, stop_t,
-                                    max_new_tokens, temperature, top_k)
-            except (torch.OutOfMemoryError, RuntimeError) as err:
-                if not _is_oom(err) or rows_per_batch <= 1:
-                    raise
-                rows_per_batch = max(1, rows_per_batch // 2)
-                if model.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if log:
-                    log(f"out of memory: batch size now {rows_per_batch} rows")
-                continue
-            for (req, _), outs in zip(chunk, gen):
-                texts = [decode_answer(tokenizer, g, stop) for g in outs]
-                results[req.key] = res = Generation(texts[0] if req.greedy else None, texts[int(req.greedy):])
-                if on_result is not None:
-                    on_result(req, res)
-            i += len(chunk)
-            if progress is not None:
-                progress(len(chunk))
-    return results
+    gen = RoundGenerator(model, tokenizer, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                         temperature=temperature, top_k=top_k, stop=stop, log=log, prefix_reuse=prefix_reuse)
+    return run_rounds(gen, [list(requests)], prepare, on_result, progress)
 
 
 def generate_greedy(model, tokenizer, requests: Iterable[PromptRequest], max_new_tokens: int = 32,

@@ -69,3 +69,42 @@ def load_model(name_or_path: str, device: str | torch.device | None = "auto", dt
     model.to(dev)
     model.eval()
     return model, tok
+
+
+# files that define a model folder's behaviour: config, tokenizer and weights
+_MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".pth", ".model", ".txt", ".tiktoken", ".gguf")
+FULL_HASH_LIMIT = 1 << 30  # files up to 1 GiB are hashed whole
+
+
+def model_identity(name_or_path: str, revision: str | None = None) -> dict:
+    """What identifies a model: for a local folder its resolved path and a digest of its
+    config, tokenizer and weight files (each file's name, size and content: a SHA-256 of the
+    whole file up to :data:`FULL_HASH_LIMIT`; above it the safetensors header, which lists
+    every tensor's name, dtype, shape and offsets, and the modification time); for a hub id,
+    the id and revision. A relative and an absolute path to one folder give one identity;
+    new weights saved at the same path give another."""
+    import hashlib
+    from pathlib import Path
+
+    p = Path(name_or_path).expanduser()
+    if not p.exists():
+        return {"name": str(name_or_path), "revision": revision, "digest": None}
+    p = p.resolve()
+    files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file() and f.suffix in _MODEL_FILE_SUFFIXES)
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}\0{size}\0".encode())
+        if size <= FULL_HASH_LIMIT:
+            d = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    d.update(block)
+            h.update(d.digest())
+        else:
+            with open(f, "rb") as fh:
+                head = fh.read(8)
+                if f.suffix == ".safetensors" and len(head) == 8:
+                    h.update(fh.read(int.from_bytes(head, "little")))
+            h.update(str(f.stat().st_mtime_ns).encode())
+    return {"name": str(p), "revision": revision, "digest": h.hexdigest()}

@@ -1,8 +1,7 @@
 """The vLLM backend (``pip install knowcat[vllm]``, ``--backend vllm``).
 
-Same protocol, same requests and same output schema as the transformers engine
-(:func:`probes.generation.generate`): :meth:`VLLMEngine.generate` takes the same
-arguments, so :func:`knowcat.slick.categorize` runs on it unchanged.
+An :class:`probes.engine.Engine`: the same requests, rounds and output schema as the
+transformers engine, so :func:`knowcat.slick.categorize` runs on it unchanged.
 
 - Greedy answers: ``SamplingParams(temperature=0, max_tokens, stop=[stop])``.
 - Samples: one request per prompt, ``SamplingParams(n=len(streams), temperature,
@@ -12,9 +11,12 @@ arguments, so :func:`knowcat.slick.categorize` runs on it unchanged.
   sampling makes the answers reproducible whatever the batch or order.
 - ``enable_prefix_caching=True``: the few-shot prefixes shared by every question
   of a relation are computed once by vLLM's automatic prefix caching.
-- Lazy categories are kept: requests are submitted prompt index by prompt index
-  (the order categorize gives them in) and ``prepare`` is asked before each
-  submission, so an example whose answers are already correct gets no samples.
+- One round (the caller's: for SliCK, one prompt index) is one submission; ``prepare``
+  is asked before each (:func:`probes.engine.run_rounds`), so lazy categorization keeps
+  an example whose answers are already correct from getting samples.
+- Scoring (teacher-forced log-probabilities, hidden states) is not offered: vLLM does not
+  expose hidden states, and its prompt log-probabilities are not wired in; use the
+  transformers engine for :meth:`score`.
 - ``tensor_parallel_size`` is passed to ``vllm.LLM``: one engine is one model replica over
   that many GPUs. Data parallelism is several engines, one process each: vLLM's ``LLM()``
   refuses ``data_parallel_size > 1`` in one process (offline data parallelism is one
@@ -30,7 +32,7 @@ answers, and so HighlyKnown and MaybeKnown, agree up to numerics.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 
 from probes.generation import Generation, PromptRequest
 
@@ -71,70 +73,51 @@ class VLLMEngine:
     def device(self):
         return "vllm"
 
-    def generate(self, model, tokenizer, requests: Iterable[PromptRequest], max_new_tokens: int = 32,
-                 batch_size: int | None = None, temperature: float = 0.5, top_k: int = 40, stop: str = "\n",
-                 progress: Callable[[int], object] | None = None, log=None,
+    def generate(self, rounds: Iterable[Sequence[PromptRequest]], *, max_new_tokens: int = 32,
+                 temperature: float = 0.5, top_k: int = 40, stop: str = "\n",
                  prepare: Callable[[PromptRequest], PromptRequest | None] | None = None,
-                 on_result: Callable[[PromptRequest, Generation], object] | None = None
-                 ) -> dict[Hashable, Generation]:
-        """Signature of :func:`probes.generation.generate` (``model``/``tokenizer`` are unused)."""
+                 on_result: Callable[[PromptRequest, Generation], object] | None = None,
+                 progress: Callable[[int], object] | None = None) -> dict[Hashable, Generation]:
+        """:meth:`probes.engine.Engine.generate`: each round one ``llm.generate`` submission."""
+        from probes.engine import run_rounds
+
+        def one_round(todo: list[PromptRequest], progress) -> dict[Hashable, Generation]:
+            return self._submit(todo, max_new_tokens, temperature, top_k, stop, progress)
+
+        return run_rounds(one_round, rounds, prepare, on_result, progress)
+
+    def _submit(self, todo, max_new_tokens, temperature, top_k, stop, progress) -> dict[Hashable, Generation]:
         from vllm import SamplingParams
 
         greedy_params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop=[stop])
-        results: dict[Hashable, Generation] = {}
-        for chunk in _rounds(list(requests)):
-            todo = []
-            for req in chunk:
-                if prepare is not None:
-                    new = prepare(req)
-                    if new is None:
-                        if progress is not None:
-                            progress(1)
-                        continue
-                    req = new
-                todo.append(req)
-            prompts, params, owners = [], [], []
-            for i, req in enumerate(todo):
-                text = req.prefix + req.suffix
-                if req.greedy:
-                    prompts.append(text)
-                    params.append(greedy_params)
-                    owners.append((i, "greedy"))
-                if req.streams:
-                    prompts.append(text)
-                    params.append(SamplingParams(n=len(req.streams), temperature=temperature, top_k=top_k,
-                                                 max_tokens=max_new_tokens, stop=[stop], seed=request_seed(req)))
-                    owners.append((i, "samples"))
-            outs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
-            gens = [Generation(None, []) for _ in todo]
-            for (i, kind), out in zip(owners, outs):
-                texts = [_clean(o.text, stop) for o in out.outputs]
-                if kind == "greedy":
-                    gens[i].greedy = texts[0]
-                else:
-                    gens[i].samples = texts
-            for req, g in zip(todo, gens):
-                results[req.key] = g
-                if on_result is not None:
-                    on_result(req, g)
-            if progress is not None:
-                progress(len(todo))
-        return results
+        prompts, params, owners = [], [], []
+        for i, req in enumerate(todo):
+            text = req.prefix + req.suffix
+            if req.greedy:
+                prompts.append(text)
+                params.append(greedy_params)
+                owners.append((i, "greedy"))
+            if req.streams:
+                prompts.append(text)
+                params.append(SamplingParams(n=len(req.streams), temperature=temperature, top_k=top_k,
+                                             max_tokens=max_new_tokens, stop=[stop], seed=request_seed(req)))
+                owners.append((i, "samples"))
+        outs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
+        gens = [Generation(None, []) for _ in todo]
+        for (i, kind), out in zip(owners, outs):
+            texts = [_clean(o.text, stop) for o in out.outputs]
+            if kind == "greedy":
+                gens[i].greedy = texts[0]
+            else:
+                gens[i].samples = texts
+        if progress is not None:
+            progress(len(todo))
+        return {req.key: g for req, g in zip(todo, gens)}
+
+    def score(self, requests, layers=()):
+        raise NotImplementedError("the vLLM engine does not score continuations (no hidden states in vLLM); "
+                                  "open the transformers engine for scoring")
 
 
 def _clean(text: str, stop: str) -> str:
     return text.split(stop, 1)[0].strip()
-
-
-def _rounds(requests: list[PromptRequest]) -> list[list[PromptRequest]]:
-    """Consecutive requests sharing a prompt index (``key[1]`` of SliCK's ``(id, j)`` keys) form
-    one submission; other keys go in one submission."""
-    rounds: list[list[PromptRequest]] = []
-    last = object()
-    for r in requests:
-        j = r.key[1] if isinstance(r.key, tuple) and len(r.key) == 2 else None
-        if not rounds or j != last:
-            rounds.append([])
-            last = j
-        rounds[-1].append(r)
-    return rounds

@@ -45,3 +45,39 @@ def tiny_tokenizer():
     tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<pad>"],
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def save_tiny_model(path, tokenizer, seed: int = 0):
+    """A randomly initialised two-layer Llama (a few hundred kilobytes) saved with ``tokenizer`` at ``path``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return Path(path)
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_tokenizer):
+    """A tiny random model folder of this test's own (tests may overwrite its weights)."""
+    return save_tiny_model(tmp_path / "tiny_model", tiny_tokenizer)
+
+
+@pytest.fixture
+def tiny_qa():
+    """``(examples, exemplar pool)``: 2 relations, 6 questions and 6 dev exemplars each (no model needed)."""
+    from knowcat.examples import QAExample
+
+    names = ["Kel Mar", "Oren Vale", "Tessa Lind", "Vorma Rusk", "Dorn", "Ilsa Brek", "Pell Toma", "Rhun Adde",
+             "Sorn Kalt", "Wend Ferro", "Yara Mont", "Zeb Hollis"]
+    exs, pool = [], []
+    for r, (rel, q) in enumerate([("P19", "Where was {} born?"), ("P17", "Which country is {} in?")]):
+        for i in range(6):
+            exs.append(QAExample(f"{rel}-t{i}", rel, q.format(names[i]), [names[(i + 5 + r) % 12]], split="train"))
+            pool.append(QAExample(f"{rel}-d{i}", rel, q.format(names[6 + i]), [names[(i + 1 + r) % 12]], split="dev"))
+    return exs, pool

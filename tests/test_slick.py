@@ -6,6 +6,7 @@ import pytest
 
 from knowcat.matching import is_correct, normalize
 from knowcat.slick import CATEGORIES, SliCKConfig, categorize, category_of
+from probes.engine import TransformersEngine
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +65,8 @@ def test_lazy_and_exact_give_identical_categories(quick_model, quick_data):
     model, tok = quick_model
     train, pool = quick_data
     exs = train[:60]
-    lazy = categorize(model, tok, exs, pool, SMALL, batch_size=64)
-    exact = categorize(model, tok, exs, pool, SliCKConfig(**{**SMALL.__dict__, "exact": True}), batch_size=64)
+    lazy = categorize(TransformersEngine(model, tok, batch_size=64), exs, pool, SMALL)
+    exact = categorize(TransformersEngine(model, tok, batch_size=64), exs, pool, SliCKConfig(**{**SMALL.__dict__, "exact": True}))
     assert [r.category for r in lazy] == [r.category for r in exact]
     assert {r.category for r in lazy} >= {"Unknown"}  # the test is not vacuous
     for lz, ex in zip(lazy, exact):
@@ -85,8 +86,8 @@ def test_answers_do_not_depend_on_batch_size_or_order(quick_model, quick_data):
     train, pool = quick_data
     exs = train[:24]
     cfg = SliCKConfig(**{**SMALL.__dict__, "exact": True, "keep_answers": True})
-    a = categorize(model, tok, exs, pool, cfg, batch_size=256)
-    b = categorize(model, tok, list(reversed(exs)), pool, cfg, batch_size=7)
+    a = categorize(TransformersEngine(model, tok, batch_size=256), exs, pool, cfg)
+    b = categorize(TransformersEngine(model, tok, batch_size=7), list(reversed(exs)), pool, cfg)
     b = {r.id: r for r in b}
     for r in a:
         assert r.greedy_answers == b[r.id].greedy_answers
@@ -94,7 +95,7 @@ def test_answers_do_not_depend_on_batch_size_or_order(quick_model, quick_data):
     # samples differ between sample indices (they are samples, not copies)
     assert any(len(set(s)) > 1 for r in a for s in r.sampled_answers)
     # another seed gives other samples
-    c = categorize(model, tok, exs[:8], pool, SliCKConfig(**{**cfg.__dict__, "seed": 8}), batch_size=256)
+    c = categorize(TransformersEngine(model, tok, batch_size=256), exs[:8], pool, SliCKConfig(**{**cfg.__dict__, "seed": 8}))
     assert [r.sampled_answers for r in c] != [r.sampled_answers for r in a[:8]]
 
 
@@ -106,7 +107,7 @@ def test_greedy_answers_match_plain_generate(quick_model, quick_data):
     train, pool = quick_data
     cfg = SliCKConfig(**{**SMALL.__dict__, "keep_answers": True})
     exs = train[:10]
-    res = categorize(model, tok, exs, pool, cfg, batch_size=64)
+    res = categorize(TransformersEngine(model, tok, batch_size=64), exs, pool, cfg)
     sets = exemplar_sets(pool, cfg.fewshot)
     for ex, r in zip(exs, res):
         for j, s in enumerate(sets[ex.relation]):

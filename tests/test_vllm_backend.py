@@ -8,6 +8,7 @@ import pytest
 
 import fake_vllm
 from knowcat.slick import SliCKConfig, categorize
+from probes.engine import TransformersEngine
 from probes.sampling import stream_seed
 
 
@@ -41,11 +42,10 @@ def test_vllm_backend_matches_the_protocol(vllm, small, quick_model):
     engine = VLLMEngine(str(run / "model"), seed=CFG.seed, tensor_parallel_size=2)
     init = vllm.CALLS[0]["init"]
     assert init["enable_prefix_caching"] is True and init["tensor_parallel_size"] == 2 and init["seed"] == 0
-    exact = categorize(engine, None, todo, pool, SliCKConfig(**{**CFG.__dict__, "exact": True}),
-                       generate_fn=engine.generate)
+    exact = categorize(engine, todo, pool, SliCKConfig(**{**CFG.__dict__, "exact": True}))
     # greedy answers: the same as the transformers engine's (both are argmax decoding of the same model)
     model, tok = quick_model
-    ref = {r.id: r for r in categorize(model, tok, todo, pool, SliCKConfig(**{**CFG.__dict__, "exact": True}))}
+    ref = {r.id: r for r in categorize(TransformersEngine(model, tok), todo, pool, SliCKConfig(**{**CFG.__dict__, "exact": True}))}
     for r in exact:
         assert r.greedy_answers == ref[r.id].greedy_answers
         assert r.n_sampled == CFG.n_prompts * CFG.n_samples and all(len(s) == CFG.n_samples for s in r.sampled_answers)
@@ -66,18 +66,17 @@ def test_vllm_lazy_equals_exact_and_is_reproducible(vllm, small):
 
     run, todo, pool = small
     engine = VLLMEngine(str(run / "model"), seed=0)
-    exact = categorize(engine, None, todo, pool, SliCKConfig(**{**CFG.__dict__, "exact": True}),
-                       generate_fn=engine.generate)
+    exact = categorize(engine, todo, pool, SliCKConfig(**{**CFG.__dict__, "exact": True}))
     n_sampling_exact = sum(1 for c in vllm.CALLS if "generate" in c for _, sp in c["generate"] if sp.temperature > 0)
     vllm.CALLS.clear()
-    lazy = categorize(engine, None, todo, pool, CFG, generate_fn=engine.generate)
+    lazy = categorize(engine, todo, pool, CFG)
     n_sampling_lazy = sum(1 for c in vllm.CALLS if "generate" in c for _, sp in c["generate"] if sp.temperature > 0)
     assert [r.category for r in lazy] == [r.category for r in exact]
     assert n_sampling_lazy <= n_sampling_exact
     # reversed order, a fresh engine: the same answers (per-request seeds)
     engine2 = VLLMEngine(str(run / "model"), seed=0)
-    again = {r.id: r for r in categorize(engine2, None, list(reversed(todo)), pool,
-                                         SliCKConfig(**{**CFG.__dict__, "exact": True}), generate_fn=engine2.generate)}
+    again = {r.id: r for r in categorize(engine2, list(reversed(todo)), pool,
+                                         SliCKConfig(**{**CFG.__dict__, "exact": True}))}
     for r in exact:
         assert again[r.id].sampled_answers == r.sampled_answers and again[r.id].category == r.category
 
