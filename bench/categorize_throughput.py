@@ -138,6 +138,7 @@ def main(argv=None):
     from knowcat.demo import world_examples
     from knowcat.prompts import exemplar_sets, prompt_for
     from knowcat.slick import SliCKConfig, categorize
+    from probes.engine import TransformersEngine
     from probes.loading import load_model
 
     torch.manual_seed(0)
@@ -179,11 +180,10 @@ def main(argv=None):
         return out
 
     # untimed warm-up, so the first timed method does not pay for thread pools, allocator and kernel selection
-    categorize(model, tok, examples[:8], pool, cfg, batch_size=args.batch_size)
-    lazy = timed("knowcat_lazy", lambda: categorize(model, tok, examples, pool, cfg, batch_size=args.batch_size))
-    exact = timed("knowcat_exact", lambda: categorize(model, tok, examples, pool,
-                                                      SliCKConfig(keep_answers=True, exact=True),
-                                                      batch_size=args.batch_size))
+    engine = TransformersEngine(model, tok, batch_size=args.batch_size)
+    categorize(engine, examples[:8], pool, cfg)
+    lazy = timed("knowcat_lazy", lambda: categorize(engine, examples, pool, cfg))
+    exact = timed("knowcat_exact", lambda: categorize(engine, examples, pool, SliCKConfig(keep_answers=True, exact=True)))
     gen_tokens = sum(1 for r in exact for a in (r.greedy_answers or []) + sum(r.sampled_answers or [], []))
     res["knowcat_exact"]["answers_generated"] = gen_tokens
     plain_greedy, plain_cats = timed("plain_generate", lambda: plain_loop(model, tok, examples, prompts, cfg))

@@ -7,7 +7,7 @@ Builds, with numpy and no model, a run directory laid out as a demo run is, in
 the formats knowcat's own writers use (most files are written by them):
 
 - ``categorized.jsonl`` / ``.parquet`` (``knowcat.filtering.write_records``), ``categorize/config.json``
-  (``knowcat.runs.open_run_config``), ``categorize_summary.json`` (``knowcat.runs.summarize``): train and
+  (``knowcat.runs.run_identity``), ``categorize_summary.json`` (``knowcat.runs.summarize``): train and
   test questions of 12 in-distribution relations and test questions of 7 OOD ones, categories in the
   paper's shares, counts, P_Correct, Wilson intervals, the greedy answers and, as lazy SliCK keeps
   them, the samples of the questions with no correct greedy answer;
@@ -87,7 +87,8 @@ def _categorized(run: Path, n: int, rng, keep_answers: bool) -> tuple[list[dict]
     from knowcat.examples import QAExample
     from knowcat.filtering import write_records
     from knowcat.io import atomic_write_json
-    from knowcat.runs import open_run_config, summarize
+    from knowcat.rundir import RunDir
+    from knowcat.runs import run_identity, summarize
     from knowcat.slick import SliCKConfig
 
     cfg = SliCKConfig(keep_answers=keep_answers, seed=SEEDS["slick"])
@@ -140,7 +141,7 @@ def _categorized(run: Path, n: int, rng, keep_answers: bool) -> tuple[list[dict]
         rows.append(rec)
     _write_jsonl(run / "categorized.jsonl", rows)
     write_records(run / "categorized.parquet", rows)
-    open_run_config(run / "categorize", "synthetic/model", examples, cfg, 256, None, "transformers")
+    RunDir(run).write_categorize_config(run_identity("synthetic/model", examples, [], cfg, 256, None, "transformers"))
     res = {r["id"]: r for r in rows}
     summary = summarize(examples, res)
     summary["seconds"] = round(n * 0.05, 1)

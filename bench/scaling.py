@@ -41,6 +41,7 @@ def _child(args) -> None:
 
     from knowcat.demo import world_examples
     from knowcat.slick import SliCKConfig, categorize
+    from probes.engine import TransformersEngine
     from probes.loading import load_model
 
     ex = world_examples(args.world)
@@ -49,7 +50,7 @@ def _child(args) -> None:
     model, tok = load_model(args.model, device=args.device)
     cfg = SliCKConfig(n_prompts=args.n_prompts, n_samples=args.n_samples)
     t = time.perf_counter()
-    res = categorize(model, tok, todo, pool, cfg)
+    res = categorize(TransformersEngine(model, tok), todo, pool, cfg)
     sec = time.perf_counter() - t
     cats = {}
     for r in res:
@@ -78,6 +79,7 @@ def main(argv=None):
 
     from knowcat.demo import world_examples
     from knowcat.slick import SliCKConfig, categorize
+    from probes.engine import TransformersEngine
     from probes.loading import load_model
 
     ex = world_examples(world)
@@ -89,7 +91,7 @@ def main(argv=None):
     pr = {}
     for reuse in (True, False):
         t = time.perf_counter()
-        res = categorize(model, tok, todo, pool, cfg, prefix_reuse=reuse)
+        res = categorize(TransformersEngine(model, tok, prefix_reuse=reuse), todo, pool, cfg)
         pr[reuse] = (time.perf_counter() - t, res)
     same = all(a.greedy_answers == b.greedy_answers and a.category == b.category
                for a, b in zip(pr[True][1], pr[False][1]))

@@ -13,6 +13,17 @@ ROOT = Path(__file__).resolve().parents[1]
 ENTITYQUESTIONS = Path(os.environ.get("KNOWCAT_ENTITYQUESTIONS") or ROOT.parent / "shared" / "data" / "entityquestions")
 
 
+# tests that need these fixtures are marked ``slow`` (the quick demo: world, model and study, a few minutes;
+# pretraining a model): ``python -m pytest -m "not slow"`` runs the rest in about two minutes
+SLOW_FIXTURES = frozenset({"quick_demo", "quick_world"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def quick_demo(tmp_path_factory):
     """The quick demo run, once per test session: world, model, greedy evaluation."""
@@ -29,6 +40,22 @@ def quick_model(quick_demo):
 
     run, _ = quick_demo
     return load_model(str(run / "model"), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def quick_split(quick_demo):
+    """``(run, train examples, dev examples)`` of the quick demo's world."""
+    from knowcat.demo import world_examples
+
+    run, _ = quick_demo
+    ex = world_examples(run / "world")
+    return run, [e for e in ex if e.split == "train"], [e for e in ex if e.split == "dev"]
+
+
+def first_per_relation(examples, n: int):
+    """The first ``n`` examples of each relation, in input order."""
+    seen: dict = {}
+    return [e for e in examples if seen.setdefault(e.relation, []).append(e) or len(seen[e.relation]) <= n]
 
 
 @pytest.fixture(scope="session")

@@ -16,15 +16,11 @@ CFG = SliCKConfig(n_prompts=3, n_samples=4, keep_answers=True, max_new_tokens=12
 
 
 @pytest.fixture(scope="module")
-def data(quick_demo):
-    from knowcat.demo import world_examples
+def data(quick_split):
+    from conftest import first_per_relation
 
-    run, _ = quick_demo
-    ex = world_examples(run / "world")
-    train = [e for e in ex if e.split == "train"]
-    by_rel = {}
-    todo = [e for e in train if by_rel.setdefault(e.relation, []).append(e) or len(by_rel[e.relation]) <= 5]
-    return run, todo, [e for e in ex if e.split == "dev"]
+    run, train, pool = quick_split
+    return run, first_per_relation(train, 5), pool
 
 
 def _rows(run_dir):

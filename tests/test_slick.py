@@ -10,13 +10,8 @@ from probes.engine import TransformersEngine
 
 
 @pytest.fixture(scope="module")
-def quick_data(quick_demo):
-    from knowcat.demo import world_examples
-
-    run, _ = quick_demo
-    ex = world_examples(run / "world")
-    pool = [e for e in ex if e.split == "dev"]
-    train = [e for e in ex if e.split == "train"]
+def quick_data(quick_split):
+    _, train, pool = quick_split
     return train, pool
 
 

@@ -20,16 +20,11 @@ def vllm(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def small(quick_demo):
-    from knowcat.demo import world_examples
+def small(quick_split):
+    from conftest import first_per_relation
 
-    run, _ = quick_demo
-    ex = world_examples(run / "world")
-    train = [e for e in ex if e.split == "train"]
-    by_rel = {}
-    todo = [e for e in train if by_rel.setdefault(e.relation, []).append(e) or len(by_rel[e.relation]) <= 3]
-    pool = [e for e in ex if e.split == "dev"]
-    return run, todo, pool
+    run, train, pool = quick_split
+    return run, first_per_relation(train, 3), pool
 
 
 CFG = SliCKConfig(n_prompts=3, n_samples=4, keep_answers=True, max_new_tokens=12)
