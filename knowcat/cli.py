@@ -220,8 +220,10 @@ def _mixture_config(args):
 
 
 def _categorized_path(path: str) -> Path:
+    from knowcat.rundir import RunDir
+
     p = Path(path)
-    return p / "categorized.jsonl" if p.is_dir() else p
+    return RunDir(p).categorized_jsonl if p.is_dir() else p
 
 
 def cmd_mixtures(args):
