@@ -30,6 +30,12 @@ def quick_demo(tmp_path_factory):
     """The quick demo run, once per test session: world, model, greedy evaluation."""
     from knowcat.demo import run_demo
 
+    prebuilt = os.environ.get("KNOWCAT_QUICK_DEMO")  # a quick demo run already built: reuse it (read only)
+    if prebuilt:
+        import json
+
+        summary = Path(prebuilt) / "demo_summary.json"
+        return Path(prebuilt), json.loads(summary.read_text()) if summary.exists() else {}
     run = tmp_path_factory.mktemp("quick_demo")
     summary = run_demo(run, preset="quick", device="cpu", progress=False, log=lambda *a: None)
     return run, summary
