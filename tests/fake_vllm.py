@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from probes.generation import cache_kwargs, output_cache
+
 CALLS: list[dict] = []  # what the tests inspect: constructor arguments and submitted requests
 # when set, each engine also appends its constructor call (with its process id and CUDA_VISIBLE_DEVICES)
 # to this file: how a test sees engines built in other processes
@@ -104,7 +106,7 @@ class LLM:
         outs = []
         for i in range(sp.n):
             out = self.model(input_ids=ids, use_cache=True)
-            cache, logits = out.past_key_values, out.logits[0, -1]
+            cache, logits = output_cache(out), out.logits[0, -1]
             gen: list[int] = []
             reason = "length"
             for _ in range(sp.max_tokens or 16):
@@ -124,8 +126,8 @@ class LLM:
                 if sp.stop and any(s in text for s in sp.stop):
                     reason = "stop"
                     break
-                out = self.model(input_ids=torch.tensor([[t]]), past_key_values=cache, use_cache=True)
-                cache, logits = out.past_key_values, out.logits[0, -1]
+                out = self.model(input_ids=torch.tensor([[t]]), use_cache=True, **cache_kwargs(self.model, cache))
+                cache, logits = output_cache(out), out.logits[0, -1]
             text = self.tok.decode(gen, skip_special_tokens=True)
             for s in sp.stop or []:
                 text = text.split(s, 1)[0]
