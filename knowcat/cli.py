@@ -293,6 +293,12 @@ def cmd_finetune(args):
     test = eval_items(_eval_records(args, args.test, args.test_split))
     dev = eval_items(_eval_records(args, args.dev, args.dev_split))
     ood, ood_rule = finetune_ood(args, rows, test)
+    # EARLY_STOP on the dev questions of the trained relations, as knowcat experiment does
+    from knowcat.experiment import early_stop_dev
+
+    train_rels = (_split_relations(args, args.test, args.train_split) if args.test else set()) \
+        or {r.get("relation") for r in rows if r.get("relation")}
+    dev = early_stop_dev(dev, train_rels, ood)
     m = finetune(args.model, rows, {k: v for k, v in (("dev", dev), ("test", test)) if v}, args.out, cfg,
                  template=args.template or DEFAULT_TEMPLATE, ood_relations=ood, device=args.device,
                  progress=not args.no_progress, ood_rule=ood_rule)

@@ -79,6 +79,17 @@ def linear_model_variants(available, rule: str = "paper") -> tuple[list[str], st
 
 
 OOD_RULE = "test relations absent from the categorized train split"
+DEV_RULE = "dev questions of the train split's relations only (out-of-distribution relations excluded)"
+
+
+def early_stop_dev(dev: list[dict], train_relations, ood_relations=()) -> list[dict]:
+    """The dev questions EARLY_STOP is chosen on, for ``knowcat experiment`` and ``knowcat finetune``
+    alike: those of the relations trained on (``train_relations``; empty: not known, every relation)
+    that are not out-of-distribution. Dev records without relations are kept as they are."""
+    if not any(d.get("relation") for d in dev):
+        return list(dev)
+    train, ood = set(train_relations or ()), set(ood_relations)
+    return [d for d in dev if (not train or d.get("relation") in train) and d.get("relation") not in ood]
 
 
 def _read_jsonl(path) -> list[dict]:
@@ -121,8 +132,8 @@ def run_experiment(run_dir, model: str, cfg: ExperimentConfig = ExperimentConfig
         raise ValueError(f"no categorized '{cfg.test_split}' examples in {run}: categorize the test split too "
                          f"(knowcat categorize ... --splits {cfg.train_split},{cfg.test_split})")
     dev = dev if dev is not None else load_dev(run, cfg.dev_split)
-    dev = [d for d in dev if d["relation"] in train_rels]
     ood = sorted({t["relation"] for t in test} - train_rels)
+    dev = early_stop_dev(dev, train_rels, ood)
     names = [n for n in sets if not n.startswith("_")]
     variants = list(cfg.variants) if cfg.variants else names
     for v in variants:
