@@ -306,8 +306,12 @@ def analyze_replicate(run_dir, cfg: ExperimentConfig = ExperimentConfig(), varia
     return out
 
 
+def _num(x, spec: str = ".2g") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, spec)
+
+
 def _interval(iv) -> str:
-    return "n/a" if not iv or any(x is None for x in iv) else f"[{iv[0]:+.2f}, {iv[1]:+.2f}]"
+    return "n/a" if not iv or any(_num(x) == "n/a" for x in iv) else f"[{iv[0]:+.2f}, {iv[1]:+.2f}]"
 
 
 def format_findings(a: dict) -> str:
@@ -321,20 +325,20 @@ def format_findings(a: dict) -> str:
         if "params" not in r:
             continue
         p = PAPER_LINEAR_MODEL.get(s) or {}
-        lines.append(f"  linear model ({s}, {r['nobs']} points, {r.get('n_clusters', '?')} runs): R^2 {r['r2']:.2f}"
+        lines.append(f"  linear model ({s}, {r['nobs']} points, {r.get('n_clusters', '?')} runs): R^2 {_num(r['r2'], '.2f')}"
                      + (f" (paper: b0 {p['b0']:+.1f}, b_kn {p['b_kn']:+.1f}, b_unk {p['b_unk']:+.1f}, "
                         f"R^2 {p['r2']:.2f})" if p else ""))
         for k in ("b_kn", "b_unk"):
             cl, wb = r.get("cluster") or {}, r.get("wild_bootstrap") or {}
-            lines.append(f"    {k} {r['params'][k]:+.2f}: plain 95% {_interval(r['conf_int_95'][k])} "
-                         f"p {r['pvalues'][k]:.2g}; by run: cluster-robust {_interval(cl.get('conf_int_95', {}).get(k))}"
-                         f" p {cl.get('pvalues', {}).get(k, float('nan')):.2g}, wild bootstrap "
-                         f"{_interval(wb.get('conf_int_95', {}).get(k))} p {wb.get('pvalues', {}).get(k, float('nan')):.2g}")
+            lines.append(f"    {k} {_num(r['params'][k], '+.2f')}: plain 95% {_interval(r['conf_int_95'][k])} "
+                         f"p {_num(r['pvalues'][k])}; by run: cluster-robust {_interval(cl.get('conf_int_95', {}).get(k))}"
+                         f" p {_num(cl.get('pvalues', {}).get(k))}, wild bootstrap "
+                         f"{_interval(wb.get('conf_int_95', {}).get(k))} p {_num(wb.get('pvalues', {}).get(k))}")
     for stop in ("early_stop", "convergence"):
         e = f.get(f"accuracy_vs_unknown_{stop}")
         if e:
             acc = ", ".join(f"{x}%: {y:.1f}" for x, y in sorted(e["accuracy"].items(), key=lambda kv: int(kv[0])))
-            line = (f"  {stop.upper()} test accuracy by %Unknown: {acc} (slope {e['slope_per_10pct_unknown']:+.2f} "
+            line = (f"  {stop.upper()} test accuracy by %Unknown: {acc} (slope {_num(e['slope_per_10pct_unknown'], '+.2f')} "
                     f"per 10%, 95% {_interval(e.get('slope_interval'))})")
             if "known_accuracy" in e:
                 line += "; D_Known: " + ", ".join(f"{x}%: {y:.1f}" for x, y in
@@ -343,7 +347,7 @@ def format_findings(a: dict) -> str:
     for name, e in f.items():
         if isinstance(e, dict) and "decision" in e:
             v = e.get("value")
-            lines.append(f"  [{e['decision']}] {e['claim']}: {'n/a' if v is None else f'{v:+.2f}'}, "
+            lines.append(f"  [{e['decision']}] {e['claim']}: {_num(v, '+.2f')}, "
                          f"95% {_interval(e.get('interval'))}"
                          + (f"; by replicate: {', '.join(e['decisions_by_replicate'])}"
                             if "decisions_by_replicate" in e else ""))

@@ -353,3 +353,15 @@ def test_demo_seeds_aggregate():
     assert s["linear_model"]["in_distribution"]["b_unk"]["n_negative"] == 2
     assert s["findings"]["b_unk_negative"]["decision"] == "unclear"
     assert "seed_2" in format_summary(s)
+
+
+def test_format_findings_prints_undefined_numbers_as_na(synthetic_run):
+    """A constant test accuracy (the quick demo's OOD questions, all wrong) leaves R^2 and p-values undefined."""
+    from knowcat.experiment import format_findings
+
+    a = analyze(synthetic_run, ExperimentConfig(n_boot=200, n_boot_clusters=99))
+    lm = a["linear_model"]["in_distribution"]
+    lm["r2"] = None
+    lm["pvalues"] = dict.fromkeys(lm["pvalues"])
+    lm["wild_bootstrap"] = {"pvalues": dict.fromkeys(lm["pvalues"]), "conf_int_95": dict.fromkeys(lm["pvalues"])}
+    assert "R^2 n/a" in format_findings(a) and "p n/a" in format_findings(a)
