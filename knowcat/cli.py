@@ -156,6 +156,12 @@ def cmd_filter(args):
 def cmd_demo(args):
     from knowcat.demo import run_demo
 
+    if args.seeds:
+        from knowcat.replicates import run_demo_seeds
+
+        run_demo_seeds(args.out, [int(x) for x in args.seeds.split(",") if x.strip()], preset=args.preset,
+                       device=args.device, progress=not args.no_progress)
+        return
     run_demo(args.out, preset=args.preset, seed=args.seed, device=args.device, progress=not args.no_progress,
              study=not args.no_study)
 
@@ -295,6 +301,12 @@ def cmd_finetune(args):
     test = eval_items(_eval_records(args, args.test, args.test_split))
     dev = eval_items(_eval_records(args, args.dev, args.dev_split))
     ood, ood_rule = finetune_ood(args, rows, test)
+    # EARLY_STOP on the dev questions of the trained relations, as knowcat experiment does
+    from knowcat.experiment import early_stop_dev
+
+    train_rels = (_split_relations(args, args.test, args.train_split) if args.test else set()) \
+        or {r.get("relation") for r in rows if r.get("relation")}
+    dev = early_stop_dev(dev, train_rels, ood)
     m = finetune(args.model, rows, {k: v for k, v in (("dev", dev), ("test", test)) if v}, args.out, cfg,
                  template=args.template or DEFAULT_TEMPLATE, ood_relations=ood, device=args.device,
                  progress=not args.no_progress, ood_rule=ood_rule)
@@ -311,6 +323,8 @@ def _experiment_config(args):
         cfg = replace(cfg, variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()))
     if getattr(args, "linear_model_variants", None):
         cfg = replace(cfg, linear_model_variants=args.linear_model_variants)
+    if getattr(args, "replicates", None):
+        cfg = replace(cfg, replicates=args.replicates)
     return cfg
 
 
@@ -385,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--preset", default="default", choices=["default", "quick"])
     d.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     d.add_argument("--seed", type=int, default=None)
+    d.add_argument("--seeds", default=None, help="comma-separated world/pretraining seeds: one demo per seed in "
+                   "OUT/seed_S, then b_kn, b_unk and the findings across them (OUT/replicates.json)")
     d.add_argument("--device", default="auto", help="auto | cpu | cuda")
     d.add_argument("--no-progress", action="store_true")
     d.add_argument("--no-study", action="store_true", help="stop after categorization (skip the fine-tuning study and the surrogates)")
@@ -507,6 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--linear-model-variants", default=None,
                     help="points of the linear model: paper (the X%% Unknown and D_Known sets, the "
                          "default), all (every set) or comma-separated sets")
+    ex.add_argument("--replicates", type=int, default=1, help="fine-tuning seeds per set (replicate r in "
+                    "RUN/replicates/rep_RR/finetune, seed + r); the analysis gives each figure across them")
     ex.add_argument("--device", default="auto")
     ex.add_argument("--no-progress", action="store_true")
     _add_mixture_args(ex)

@@ -24,7 +24,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,10 @@ class ExperimentConfig:
     # the (variant, epoch) points of the linear model: "paper" (the X% Unknown and D_Known sets, as
     # Gekhman et al. 2024 fit it), "all" (every analyzed set) or a comma-separated list of sets
     linear_model_variants: str = "paper"
+    replicates: int = 1  # fine-tuning seeds per set: replicate r trains with seed finetune.seed + r
+    n_boot: int = 1000  # resamples of the test questions (and training examples) behind each finding's interval
+    n_boot_clusters: int = 1999  # draws of the wild cluster bootstrap of the linear model
+    cluster_weights: str = "webb"  # its weights: webb (few runs) or rademacher
 
 
 LINEAR_MODEL_RULES = {
@@ -79,6 +83,17 @@ def linear_model_variants(available, rule: str = "paper") -> tuple[list[str], st
 
 
 OOD_RULE = "test relations absent from the categorized train split"
+DEV_RULE = "dev questions of the train split's relations only (out-of-distribution relations excluded)"
+
+
+def early_stop_dev(dev: list[dict], train_relations, ood_relations=()) -> list[dict]:
+    """The dev questions EARLY_STOP is chosen on, for ``knowcat experiment`` and ``knowcat finetune``
+    alike: those of the relations trained on (``train_relations``; empty: not known, every relation)
+    that are not out-of-distribution. Dev records without relations are kept as they are."""
+    if not any(d.get("relation") for d in dev):
+        return list(dev)
+    train, ood = set(train_relations or ()), set(ood_relations)
+    return [d for d in dev if (not train or d.get("relation") in train) and d.get("relation") not in ood]
 
 
 def _read_jsonl(path) -> list[dict]:
@@ -121,13 +136,31 @@ def run_experiment(run_dir, model: str, cfg: ExperimentConfig = ExperimentConfig
         raise ValueError(f"no categorized '{cfg.test_split}' examples in {run}: categorize the test split too "
                          f"(knowcat categorize ... --splits {cfg.train_split},{cfg.test_split})")
     dev = dev if dev is not None else load_dev(run, cfg.dev_split)
-    dev = [d for d in dev if d["relation"] in train_rels]
     ood = sorted({t["relation"] for t in test} - train_rels)
+    dev = early_stop_dev(dev, train_rels, ood)
     names = [n for n in sets if not n.startswith("_")]
     variants = list(cfg.variants) if cfg.variants else names
     for v in variants:
         if v not in names:
             raise ValueError(f"unknown variant {v!r}; the mixtures are {names}")
+    for r in range(cfg.replicates):
+        ft_dir = "finetune" if r == 0 else f"replicates/rep_{r:02d}/finetune"
+        ft_cfg = replace(cfg.finetune, seed=cfg.finetune.seed + r)
+        if cfg.replicates > 1:
+            log(f"replicate {r + 1}/{cfg.replicates} (fine-tuning seed {ft_cfg.seed}) in {run / ft_dir}")
+        _finetune_variants(run, model, cfg, ft_cfg, sets, variants, dev, test, ood, run / ft_dir, device, log,
+                           progress)
+    analysis = analyze(run, cfg, variants)
+    analysis["seconds"] = round(time.time() - t0, 1)
+    atomic_write_json(run / "analysis.json", analysis)
+    log(format_findings(analysis))
+    return analysis
+
+
+def _finetune_variants(run: Path, model, cfg: ExperimentConfig, ft_cfg, sets, variants, dev, test, ood,
+                       ft_root: Path, device, log, progress) -> None:
+    """One fine-tuning run per set under ``ft_root`` (each resumable)."""
+    mix_dir = run / "mixtures"
     trained: dict[str, str] = {}  # sha256 of a training file -> the variant first trained on it
     for i, v in enumerate(variants):
         if sets["_manifest"]["sets"][v]["n"] == 0:
@@ -135,24 +168,19 @@ def run_experiment(run_dir, model: str, cfg: ExperimentConfig = ExperimentConfig
             continue
         digest = hashlib.sha256((mix_dir / f"{v}.jsonl").read_bytes()).hexdigest()
         twin = trained.setdefault(digest, v)
-        if twin != v and _complete(run / "finetune" / twin):
+        if twin != v and _complete(ft_root / twin):
             # e.g. D_Unknown and the 100% Unknown set under the paper's |D| rule: the same examples in the same
             # order, and fine-tuning is deterministic, so the run is copied rather than repeated
             log(f"[{i + 1}/{len(variants)}] {v} is the same training set as {twin} (identical file): "
                 f"its fine-tuning run is reused")
-            reuse_finetune_run(run / "finetune" / twin, run / "finetune" / v, twin)
+            reuse_finetune_run(ft_root / twin, ft_root / v, twin)
             continue
         rows = read_training_set(mix_dir / f"{v}.jsonl")
         log(f"[{i + 1}/{len(variants)}] fine-tuning on {v} ({len(rows)} examples)")
-        m = finetune(model, rows, {"dev": dev, "test": test}, run / "finetune" / v, cfg.finetune,
+        m = finetune(model, rows, {"dev": dev, "test": test}, ft_root / v, ft_cfg,
                      template=cfg.mixtures.prompt_template, ood_relations=ood, device=device, log=log,
                      progress=progress, ood_rule=OOD_RULE)
         log(format_epochs(m))
-    analysis = analyze(run, cfg, variants)
-    analysis["seconds"] = round(time.time() - t0, 1)
-    atomic_write_json(run / "analysis.json", analysis)
-    log(format_findings(analysis))
-    return analysis
 
 
 def _complete(d: Path) -> bool:
@@ -176,258 +204,153 @@ def reuse_finetune_run(src: Path, dst: Path, name: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# analysis
+# analysis: read the run's files, hand them to linear_models.study
 
 
-def _acc(m: dict, subset: str) -> float | None:
-    t = m.get("test", {})
-    blk = t.get(subset) or (t.get("all") if subset == "in_distribution" else None)
-    return None if blk is None or blk.get("accuracy") is None else 100 * blk["accuracy"]
+def read_answers(run_dir, variant: str, epoch: int, finetune_dir: str = "finetune") -> list[dict]:
+    return _read_jsonl(Path(run_dir) / finetune_dir / variant / "epochs" / f"epoch_{epoch:03d}.answers.jsonl")
 
 
-def _test_correct(run: Path, variant: str, epoch: int, ids: list[str]) -> np.ndarray:
-    rows = _read_jsonl(run / "finetune" / variant / "epochs" / f"epoch_{epoch:03d}.answers.jsonl")
-    ok = {r["id"]: r["correct"] for r in rows if r["set"] == "test"}
-    return np.array([ok[i] for i in ids], dtype=float)
+def study_inputs(run: Path, runs: dict, size: int, subsets: dict, finetune_dir: str = "finetune"):
+    """The measurements ``linear_models.study.analyze_study`` needs, read from the runs' answer files."""
+    from linear_models.study import StudyInputs
+
+    test_answers, train_fitted = {}, {}
+    for v, m in runs.items():
+        test_answers[v], train_fitted[v] = {}, {}
+        for e in m["epochs"]:
+            rows = read_answers(run, v, e["epoch"], finetune_dir)
+            t = [r for r in rows if r.get("set") == "test"]
+            test_answers[v][e["epoch"]] = {"id": [r["id"] for r in t], "correct": [bool(r["correct"]) for r in t],
+                                           "abstained": [bool(r.get("abstained", False)) for r in t]}
+            tr = [r for r in rows if r.get("set") == "train"]
+            if tr:
+                train_fitted[v][e["epoch"]] = {"category": [r.get("category") for r in tr],
+                                               "fitted": [bool(r["fitted"]) for r in tr]}
+        if not train_fitted[v]:
+            del train_fitted[v]
+    return StudyInputs(size=size, runs=runs, subsets=subsets, test_answers=test_answers, train_fitted=train_fitted)
 
 
-def analyze(run_dir, cfg: ExperimentConfig = ExperimentConfig(), variants=None) -> dict:
+def replicate_dirs(run_dir) -> dict[str, str]:
+    """{replicate name: its fine-tuning folder, relative to the run}: ``finetune`` (replicate 0)
+    and every ``replicates/rep_NN/finetune`` present."""
+    run = Path(run_dir)
+    out = {"rep_00": "finetune"}
+    for d in sorted((run / "replicates").glob("rep_*")):
+        if (d / "finetune").is_dir():
+            out[d.name] = str(Path("replicates") / d.name / "finetune")
+    return out
+
+
+def analyze(run_dir, cfg: ExperimentConfig = ExperimentConfig(), variants=None, replicates: bool = True) -> dict:
     """The study's statistics from the run's files, over ``variants`` (default ``cfg.variants``,
     or every set of the mixtures manifest); a requested set without a finished run is listed
-    in ``variants_without_runs``."""
-    from linear_models.study import (PAPER_LINEAR_MODEL, PAPER_TABLE2, fit_linear_model, fitting_speed,
-                                     paired_split_ttest)
-    from scipy import stats
+    in ``variants_without_runs``. With replicates (``replicates/rep_NN/finetune``), each is
+    analyzed alike and ``replicates`` gives every coefficient and finding across them; a
+    finding's ``decision`` is then the one across replicates (holds only if it holds in each)."""
+    from linear_models.study import replicate_summary
+
+    a = analyze_replicate(run_dir, cfg, variants, "finetune")
+    reps = replicate_dirs(run_dir) if replicates else {}
+    if len(reps) > 1:
+        each = {"rep_00": a}
+        for name, d in reps.items():
+            if name != "rep_00":
+                each[name] = analyze_replicate(run_dir, cfg, variants, d)
+        summ = replicate_summary(each)
+        summ["folders"] = reps
+        summ["seeds"] = {name: cfg.finetune.seed + int(name.split("_")[1]) for name in reps}
+        a["replicates"] = summ
+        for n, s in summ["findings"].items():
+            if n in a["findings"]:
+                fnd = a["findings"][n]
+                fnd["decision_first_replicate"] = fnd["decision"]
+                fnd["decision"], fnd["holds"] = s["decision"], s["decision"] == "holds"
+                fnd["decisions_by_replicate"] = s["decisions"]
+    return a
+
+
+def analyze_replicate(run_dir, cfg: ExperimentConfig = ExperimentConfig(), variants=None,
+                      finetune_dir: str = "finetune") -> dict:
+    from linear_models.study import StudyOptions, analyze_study
 
     run = Path(run_dir)
     manifest = json.loads((run / "mixtures" / "manifest.json").read_text())
-    size = manifest["size"]
     requested = list(variants or cfg.variants or manifest["sets"])
     unknown = [v for v in requested if v not in manifest["sets"]]
     if unknown:
         raise ValueError(f"unknown variant(s) {', '.join(unknown)}; the mixtures are {list(manifest['sets'])}")
     runs = {}
     for v in requested:
-        p = run / "finetune" / v / "metrics.json"
+        p = run / finetune_dir / v / "metrics.json"
         if p.exists():
             runs[v] = json.loads(p.read_text())
     if not runs:
-        raise ValueError(f"no finished fine-tuning runs under {run / 'finetune'} for {requested}")
+        raise ValueError(f"no finished fine-tuning runs under {run / finetune_dir} for {requested}")
     categorized = _read_jsonl(run / "categorized.jsonl")
     train_rels = {r["relation"] for r in categorized if r.get("split") == cfg.train_split}
     test = eval_items(categorized, cfg.test_split)
     subsets = {"in_distribution": [t["id"] for t in test if t["relation"] in train_rels],
                "ood": [t["id"] for t in test if t["relation"] not in train_rels]}
     subsets = {k: v for k, v in subsets.items() if v}
-    mix = sorted((v for v in runs if v.startswith("unknown_")), key=_pct)
-    stop_of = {v: {"early_stop": m.get("early_stop"), "convergence": m["convergence"]} for v, m in runs.items()}
-    no_early = {v: runs[v].get("early_stop_note") or "EARLY_STOP undefined (no dev measurements)"
-                for v in runs if stop_of[v]["early_stop"] is None}
-    out: dict = {"size": size, "variants": sorted(runs),
-                 "variants_without_runs": [v for v in requested if v not in runs], "stops": stop_of}
-    if no_early:
-        out["early_stop_undefined"] = no_early
-
-    # accuracy at both stops, per variant (None where the stop is undefined)
-    acc = {}
-    for v, m in runs.items():
-        by_epoch = {e["epoch"]: e for e in m["epochs"]}
-        acc[v] = {}
-        for stop in ("early_stop", "convergence"):
-            if stop_of[v][stop] is None:
-                acc[v][stop] = {"epoch": None, **{s: None for s in subsets}, "dev": None, "train_fitted": None,
-                                "note": no_early[v]}
-                continue
-            e = by_epoch[stop_of[v][stop]]
-            dev_acc = (e.get("dev") or {}).get("all", {}).get("accuracy")
-            acc[v][stop] = {"epoch": stop_of[v][stop], **{s: _acc(e, s) for s in subsets},
-                            "dev": None if dev_acc is None else 100 * dev_acc,
-                            "train_fitted": e["train"]["fitted"]}
-    out["accuracy"] = acc
-
-    # the linear model over every (variant, epoch) point of the chosen sets (default: the paper's,
-    # the X% Unknown and D_Known sets)
     lm_variants, lm_rule = linear_model_variants(runs, cfg.linear_model_variants)
-    lm = {}
-    for s in subsets:
-        y, nk, nu, used = [], [], [], []
-        for v in lm_variants:
-            for e in runs[v]["epochs"]:
-                a = _acc(e, s)
-                if a is None:
-                    continue
-                n_by = e["train"]["n_by_category"]
-                f_by = e["train"]["fitted_by_category"]
-                y.append(a)
-                nk.append(sum(f_by.get(c, 0) * n_by.get(c, 0) for c in KNOWN))
-                nu.append(f_by.get("Unknown", 0) * n_by.get("Unknown", 0))
-                used.append([v, e["epoch"]])
-        where = {"rule": cfg.linear_model_variants, "rule_description": lm_rule, "variants": lm_variants,
-                 "points": used}
-        try:
-            lm[s] = {**fit_linear_model(y, nk, nu, size), "paper": PAPER_LINEAR_MODEL[s], **where}
-        except ValueError as err:
-            lm[s] = {"error": str(err), **where}
-    out["linear_model"] = lm
-    out["linear_model_variants"] = {"rule": cfg.linear_model_variants, "rule_description": lm_rule,
-                                    "variants": lm_variants}
-
-    # accuracy against %Unknown, at both stops, D_Known beside
-    vs = {}
-    for stop in ("early_stop", "convergence"):
-        rows = []
-        for v in mix:
-            x = int(v.split("_")[1])
-            k = f"known_{x:02d}"
-            rows.append({"unknown_percent": x, **{s: acc[v][stop][s] for s in subsets},
-                         **({f"known_{s}": acc[k][stop][s] for s in subsets} if k in acc else {})})
-        vs[stop] = rows
-    out["accuracy_vs_unknown"] = vs
-
-    # Table 2: single-category sets and D_Natural, in-distribution test by category
-    t2 = {}
-    for stop in ("early_stop", "convergence"):
-        t2[stop] = {}
-        for v in [*CATEGORIES, "natural"]:
-            if v not in runs or stop_of[v][stop] is None:
-                continue
-            e = {x["epoch"]: x for x in runs[v]["epochs"]}[stop_of[v][stop]]
-            blk = e["test"].get("in_distribution") or e["test"]["all"]
-            t2[stop][v] = {"full": 100 * blk["accuracy"],
-                           **{c: 100 * blk["by_category"][c]["accuracy"] if c in blk["by_category"] else None
-                              for c in CATEGORIES},
-                           "paper": PAPER_TABLE2[stop].get(v)}
-    out["table2"] = t2
-    skipped = [v for v in [*CATEGORIES, "natural"] if v in runs and v in no_early]
-    if skipped:
-        out["table2_notes"] = {v: f"no EARLY_STOP row: {no_early[v]}" for v in skipped}
-
-    # EARLY_STOP vs CONVERGENCE: paired t-tests over random splits of the test set
-    tt = {}
-    for v, m in runs.items():
-        tt[v] = {}
-        if v in no_early:
-            out.setdefault("t_tests_skipped", {})[v] = no_early[v]
-            continue
-        for s, ids in subsets.items():
-            a = _test_correct(run, v, m["early_stop"], ids)
-            b = _test_correct(run, v, m["convergence"], ids)
-            tt[v][s] = paired_split_ttest(a, b, cfg.t_test_parts, seed=cfg.mixtures.seed)
-    out["t_tests"] = tt
-
-    # fitting speed per category
-    fit = {}
-    for v, m in runs.items():
-        curves = {}
-        for c in CATEGORIES:
-            cur = {e["epoch"]: e["train"]["fitted_by_category"][c] for e in m["epochs"]
-                   if c in e["train"]["fitted_by_category"]}
-            if cur:
-                curves[c] = {"curve": cur, **fitting_speed(cur)}
-        kn = {}
-        for e in m["epochs"]:
-            n_by, f_by = e["train"]["n_by_category"], e["train"]["fitted_by_category"]
-            n = sum(n_by.get(c, 0) for c in KNOWN)
-            if n:
-                kn[e["epoch"]] = sum(f_by.get(c, 0) * n_by.get(c, 0) for c in KNOWN) / n
-        if kn:
-            curves["Known"] = {"curve": kn, **fitting_speed(kn)}
-        fit[v] = curves
-    out["fitting"] = fit
-
-    # D_IDK
-    if "idk" in runs:
-        m = runs["idk"]
-        by = {e["epoch"]: e for e in m["epochs"]}
-        idk = {}
-        for stop in ("early_stop", "convergence"):
-            if stop_of["idk"][stop] is None:
-                idk[stop] = None
-                continue
-            e = by[m[stop]]
-            blk = e["test"].get("in_distribution") or e["test"]["all"]
-            idk[stop] = {"epoch": m[stop], "accuracy_answered": 100 * (blk["accuracy_answered"] or 0),
-                         "answered_share": 100 * blk["answered"] / blk["n"], "accuracy": 100 * blk["accuracy"],
-                         "hallucination_rate": 100 * (blk["hallucination_rate"] or 0)}
-        base = f"unknown_{cfg.mixtures.idk_from:02d}"
-        if base in acc:
-            idk["plain_counterpart"] = {"variant": base, **{st: acc[base][st].get("in_distribution")
-                                                             for st in ("early_stop", "convergence")}}
-        out["idk"] = idk
-
-    # findings, as measured
-    f = {}
-    paired = [v for v in runs if "Unknown" in fit[v] and "Known" in fit[v]]
-    if paired:
-        gaps = [fit[v]["Known"]["mean_fitted"] - fit[v]["Unknown"]["mean_fitted"] for v in paired]
-        f["unknown_fitted_more_slowly"] = {
-            "holds": bool(np.mean(gaps) > 0), "variants": paired,
-            "mean_fitted_known_minus_unknown": float(np.mean(gaps)),
-            "epoch_to_50": {v: {"Known": fit[v]["Known"]["epoch_to_50"], "Unknown": fit[v]["Unknown"]["epoch_to_50"]}
-                            for v in paired}}
-    s0 = "in_distribution" if "in_distribution" in subsets else next(iter(subsets))
-    if s0 in lm and "params" in lm[s0]:
-        f["b_unk_negative"] = {"holds": lm[s0]["params"]["b_unk"] < 0, "b_unk": lm[s0]["params"]["b_unk"],
-                               "p": lm[s0]["pvalues"]["b_unk"], "b_kn": lm[s0]["params"]["b_kn"],
-                               "r2": lm[s0]["r2"]}
-    for stop in ("convergence", "early_stop"):
-        rows = [r for r in vs[stop] if r.get(s0) is not None]
-        if len(rows) >= 3:
-            x = [r["unknown_percent"] for r in rows]
-            y = [r[s0] for r in rows]
-            slope = float(np.polyfit(x, y, 1)[0])
-            # a constant series has no rank correlation: recorded as None, not NaN
-            rho = None if len(set(x)) < 2 or len(set(y)) < 2 else float(stats.spearmanr(x, y).statistic)
-            entry = {"slope_per_10pct_unknown": 10 * slope, "spearman": rho,
-                     "accuracy": {str(a): b for a, b in zip(x, y)}}
-            kx = [r["unknown_percent"] for r in rows if r.get(f"known_{s0}") is not None]
-            if len(kx) >= 2:
-                ky = [r[f"known_{s0}"] for r in rows if r.get(f"known_{s0}") is not None]
-                entry["known_slope_per_10pct_unknown"] = 10 * float(np.polyfit(kx, ky, 1)[0])
-                entry["known_accuracy"] = {str(a): b for a, b in zip(kx, ky)}
-            f[f"accuracy_vs_unknown_{stop}"] = entry
-    if "accuracy_vs_unknown_convergence" in f:
-        e = f["accuracy_vs_unknown_convergence"]
-        f["convergence_accuracy_falls_with_unknown"] = {"holds": e["slope_per_10pct_unknown"] < 0 and (e["spearman"] or 0) < 0,
-                                                        "slope_per_10pct_unknown": e["slope_per_10pct_unknown"]}
-        if "known_slope_per_10pct_unknown" in e:
-            f["known_does_not_fall"] = {
-                "holds": e["known_slope_per_10pct_unknown"] > e["slope_per_10pct_unknown"]
-                and e["known_slope_per_10pct_unknown"] > -1.0,
-                "known_slope_per_10pct_unknown": e["known_slope_per_10pct_unknown"]}
-    if "idk" in out:
-        f["idk"] = {st: out["idk"][st] for st in ("early_stop", "convergence")}
-        if "plain_counterpart" in out["idk"]:
-            f["idk"]["plain_counterpart"] = out["idk"]["plain_counterpart"]
-    out["findings"] = f
+    opt = StudyOptions(linear_model_variants=lm_variants, linear_model_rule=cfg.linear_model_variants,
+                       linear_model_rule_description=lm_rule, t_test_parts=cfg.t_test_parts,
+                       idk_from=cfg.mixtures.idk_from, seed=cfg.mixtures.seed, n_boot=cfg.n_boot,
+                       n_boot_clusters=cfg.n_boot_clusters, cluster_weights=cfg.cluster_weights)
+    out = analyze_study(study_inputs(run, runs, manifest["size"], subsets, finetune_dir), opt)
+    out["variants_without_runs"] = [v for v in requested if v not in runs]
+    out["finetune_dir"] = finetune_dir
     out["config"] = json.loads(json.dumps(asdict(cfg)))
     return out
 
 
+def _num(x, spec: str = ".2g") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not np.isfinite(x)) else format(x, spec)
+
+
+def _interval(iv) -> str:
+    return "n/a" if not iv or any(_num(x) == "n/a" for x in iv) else f"[{iv[0]:+.2f}, {iv[1]:+.2f}]"
+
+
 def format_findings(a: dict) -> str:
+    from linear_models.study import PAPER_LINEAR_MODEL
+
     f = a["findings"]
     lines = [f"fine-tuning study (|D| = {a['size']}, {len(a['variants'])} variants):"]
     for v, note in a.get("early_stop_undefined", {}).items():
         lines.append(f"  {v}: EARLY_STOP undefined ({note})")
-    if "unknown_fitted_more_slowly" in f:
-        u = f["unknown_fitted_more_slowly"]
-        lines.append(f"  Unknown fitted more slowly than Known: {'yes' if u['holds'] else 'no'} "
-                     f"(mean fitted share Known - Unknown over epochs: {u['mean_fitted_known_minus_unknown']:+.2f})")
-    if "b_unk_negative" in f:
-        b = f["b_unk_negative"]
-        lines.append(f"  linear model: b_kn {b['b_kn']:+.1f}, b_unk {b['b_unk']:+.1f} (p {b['p']:.2g}), "
-                     f"R^2 {b['r2']:.2f}; b_unk < 0: {'yes' if b['holds'] else 'no'} "
-                     f"(paper: +7.3, -8.3, R^2 0.86); points: "
-                     f"{a.get('linear_model_variants', {}).get('rule_description', '?')}")
+    for s, r in a.get("linear_model", {}).items():
+        if "params" not in r:
+            continue
+        p = PAPER_LINEAR_MODEL.get(s) or {}
+        lines.append(f"  linear model ({s}, {r['nobs']} points, {r.get('n_clusters', '?')} runs): R^2 {_num(r['r2'], '.2f')}"
+                     + (f" (paper: b0 {p['b0']:+.1f}, b_kn {p['b_kn']:+.1f}, b_unk {p['b_unk']:+.1f}, "
+                        f"R^2 {p['r2']:.2f})" if p else ""))
+        for k in ("b_kn", "b_unk"):
+            cl, wb = r.get("cluster") or {}, r.get("wild_bootstrap") or {}
+            lines.append(f"    {k} {_num(r['params'][k], '+.2f')}: plain 95% {_interval(r['conf_int_95'][k])} "
+                         f"p {_num(r['pvalues'][k])}; by run: cluster-robust {_interval(cl.get('conf_int_95', {}).get(k))}"
+                         f" p {_num(cl.get('pvalues', {}).get(k))}, wild bootstrap "
+                         f"{_interval(wb.get('conf_int_95', {}).get(k))} p {_num(wb.get('pvalues', {}).get(k))}")
     for stop in ("early_stop", "convergence"):
         e = f.get(f"accuracy_vs_unknown_{stop}")
         if e:
             acc = ", ".join(f"{x}%: {y:.1f}" for x, y in sorted(e["accuracy"].items(), key=lambda kv: int(kv[0])))
-            line = f"  {stop.upper()} test accuracy by %Unknown: {acc} (slope {e['slope_per_10pct_unknown']:+.2f} per 10%)"
+            line = (f"  {stop.upper()} test accuracy by %Unknown: {acc} (slope {_num(e['slope_per_10pct_unknown'], '+.2f')} "
+                    f"per 10%, 95% {_interval(e.get('slope_interval'))})")
             if "known_accuracy" in e:
                 line += "; D_Known: " + ", ".join(f"{x}%: {y:.1f}" for x, y in
                                                   sorted(e["known_accuracy"].items(), key=lambda kv: int(kv[0])))
             lines.append(line)
+    for name, e in f.items():
+        if isinstance(e, dict) and "decision" in e:
+            v = e.get("value")
+            lines.append(f"  [{e['decision']}] {e['claim']}: {_num(v, '+.2f')}, "
+                         f"95% {_interval(e.get('interval'))}"
+                         + (f"; by replicate: {', '.join(e['decisions_by_replicate'])}"
+                            if "decisions_by_replicate" in e else ""))
     if "idk" in f:
         i = f["idk"]
         for stop in ("early_stop", "convergence"):
@@ -438,4 +361,13 @@ def format_findings(a: dict) -> str:
                          f"answers {i[stop]['answered_share']:.1f}% of questions"
                          + (f" (plain set: {i['plain_counterpart'][stop]:.1f}%)"
                             if (i.get("plain_counterpart") or {}).get(stop) is not None else ""))
+    rep = a.get("replicates")
+    if rep:
+        lines.append(f"  across {len(rep['replicates'])} replicates (fine-tuning seeds):")
+        for s, co in rep["linear_model"].items():
+            for k in ("b_kn", "b_unk"):
+                c = co[k]
+                if c["n"]:
+                    lines.append(f"    {s} {k}: mean {c['mean']:+.2f}, sd {c['sd'] if c['sd'] is not None else float('nan'):.2f}, "
+                                 f"range [{c['min']:+.2f}, {c['max']:+.2f}], {c['n_negative']}/{c['n']} negative")
     return "\n".join(lines)

@@ -10,10 +10,13 @@ Sets (names are file stems under ``mixtures/``):
 
 - ``unknown_XX``: XX% Unknown, the rest Known (HighlyKnown, MaybeKnown or
   WeaklyKnown, drawn uniformly from their union), per relation: the Unknown
-  count of each relation is its share of XX% of |D| (largest remainders, so the
-  total is exact). The sets are nested: each relation's Unknown and Known
-  examples are prefixes of one fixed random order, so a set with more Unknown
-  holds the Unknown of every set with fewer.
+  count of each relation is its share of XX% of |D|, within one example, and the
+  total is exact. The sets are nested by construction: going up the XX, each
+  step's increase is allocated on top of the previous counts (one example at a
+  time to the relation furthest below its share; from zero this is the largest-
+  remainder rule), so no relation ever loses Unknown at a higher XX; and each
+  relation's Unknown and Known examples are prefixes of one fixed random order,
+  so a set with more Unknown holds the Unknown of every set with fewer.
 - ``known_XX``: ``unknown_XX`` with its Unknown examples removed (D_Known).
 - ``HighlyKnown`` ... ``Unknown``: one category only (D_HighlyKnown ...).
 - ``natural``: drawn uniformly per relation from the whole split (D_Natural).
@@ -90,6 +93,27 @@ def apportion(total: int, weights: dict[str, float]) -> dict[str, int]:
     return {k: int(b) for k, b in zip(keys, base)}
 
 
+def nested_counts(percents, per_rel: dict[str, int]) -> dict[int, dict[str, int]]:
+    """``{x: {relation: Unknown count}}`` for every percent ``x``: the total is
+    ``round(|D| * x / 100)``, each relation's count is within one example of its share
+    ``x% * per_rel[r]`` and never above ``per_rel[r]``, and the counts never decrease with
+    ``x``: each step's increase is given, one example at a time, to the relation furthest
+    below its share (ties by key order) on top of the previous step's counts."""
+    keys = sorted(per_rel)
+    cap = np.array([per_rel[k] for k in keys], dtype=float)
+    D = int(cap.sum())
+    cur = np.zeros(len(keys), dtype=int)
+    out = {}
+    for x in sorted(set(percents)):
+        total = round(D * x / 100)
+        exact = total * cap / D if D else cap * 0
+        for _ in range(total - int(cur.sum())):
+            deficit = np.where(cur < cap, exact - cur, -np.inf)
+            cur[int(np.argmax(deficit))] += 1  # argmax takes the first of ties: key order
+        out[x] = {k: int(c) for k, c in zip(keys, cur)}
+    return out
+
+
 def _validate(records: list[dict], cfg: MixtureConfig, source: str | None) -> list[dict]:
     out = []
     for i, rec in enumerate(records):
@@ -152,9 +176,10 @@ def build_mixtures(records: list[dict], cfg: MixtureConfig = MixtureConfig(), so
         return avail[:n]
 
     sets: dict[str, list[dict]] = {}
+    unk_by_x = nested_counts(cfg.unknown_percents, per_rel)
     for x in cfg.unknown_percents:
-        # each relation's Unknown count is its share of x% of |D| (never above its share of |D|)
-        unk = apportion(round(D * x / 100), per_rel)
+        # each relation's Unknown count is its share of x% of |D| (never above its share of |D|), nested in x
+        unk = unk_by_x[x]
         rows = []
         for r in relations:
             u = unk[r]

@@ -3,8 +3,13 @@
 For each relation and prompt index ``j`` (``n_prompts`` of them) ``k`` exemplars
 are drawn at random from the exemplar split (dev) of the same relation, once;
 every question of the relation is asked under the same ``n_prompts`` prefixes,
-so their KV caches can be shared. An example is never its own exemplar: if it is
-one of prompt ``j``'s exemplars, that slot takes the prompt's spare exemplar.
+so their KV caches can be shared. An example is never its own exemplar, whatever the
+ids (the same question can appear in several splits under different ids): an exemplar
+is the example's own question when their SQuAD-normalized question texts are equal, or
+when both know their subject and they share (subject, relation). Such a slot takes
+the prompt's first spare exemplar that is not the question either (the spares follow
+the ``k`` exemplars: the one drawn with them, then the rest of the relation's pool in
+a seeded order), so prompts without a clash are unchanged.
 
 Format: ``Q: {question}\\nA: {answer}\\n`` per exemplar, then ``Q: {question}\\nA:``.
 """
@@ -12,10 +17,12 @@ Format: ``Q: {question}\\nA: {answer}\\n`` per exemplar, then ``Q: {question}\\n
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
 from knowcat.examples import QAExample
+from knowcat.matching import normalize
 
 
 @dataclass(frozen=True)
@@ -26,9 +33,18 @@ class FewShotConfig:
     exemplar_split: str = "dev"
 
 
+class ExemplarSet(list):
+    """One prompt's exemplars: the first ``k`` are used, the rest are spares."""
+
+    def __init__(self, items=(), k: int | None = None):
+        super().__init__(items)
+        self.k = len(self) - 1 if k is None else k
+
+
 def exemplar_sets(pool: list[QAExample], cfg: FewShotConfig) -> dict[str, list[list[QAExample]]]:
-    """``{relation: [exemplars of prompt 0, ..., prompt n-1]}``; each list holds ``k`` exemplars
-    and one spare at the end."""
+    """``{relation: [exemplars of prompt 0, ..., prompt n-1]}``; each list holds ``k`` exemplars,
+    then the spares: the one drawn with them, then every other exemplar of the relation in a
+    seeded order (the lists share their elements, so this costs references only)."""
     by_rel: dict[str, list[QAExample]] = {}
     for ex in pool:
         by_rel.setdefault(ex.relation, []).append(ex)
@@ -39,8 +55,13 @@ def exemplar_sets(pool: list[QAExample], cfg: FewShotConfig) -> dict[str, list[l
             raise ValueError(f"relation {rel}: {len(exs)} exemplars in the {cfg.exemplar_split} split, "
                              f"need at least k+1 = {cfg.k + 1}")
         rng = np.random.default_rng([cfg.seed, _rel_key(rel)])
-        out[rel] = [[exs[i] for i in rng.choice(len(exs), size=cfg.k + 1, replace=False)]
-                    for _ in range(cfg.n_prompts)]
+        sets = []
+        for j in range(cfg.n_prompts):
+            drawn = rng.choice(len(exs), size=cfg.k + 1, replace=False)
+            rest = np.setdiff1d(np.arange(len(exs)), drawn)
+            rest = rest[np.random.default_rng([cfg.seed, _rel_key(rel), j]).permutation(len(rest))]
+            sets.append(ExemplarSet([exs[i] for i in drawn] + [exs[i] for i in rest], k=cfg.k))
+        out[rel] = sets
     return out
 
 
@@ -48,15 +69,42 @@ def _rel_key(rel: str) -> int:
     return int.from_bytes(rel.encode("utf-8")[:8].ljust(8, b"\0"), "little")
 
 
+def same_question(a: QAExample, b: QAExample) -> bool:
+    """Whether ``a`` and ``b`` ask the same question: the same id, the same SQuAD-normalized
+    question text, or (where both know it) the same (subject, relation)."""
+    if a.id == b.id or _norm(a.question) == _norm(b.question):
+        return True
+    return (a.subject is not None and b.subject is not None and a.relation == b.relation
+            and _norm(a.subject) == _norm(b.subject))
+
+
+_norm = lru_cache(maxsize=1 << 20)(normalize)
+
+
+def choose_exemplars(example: QAExample, exemplars_with_spares: list[QAExample], k: int) -> list[QAExample]:
+    """The ``k`` exemplars of one prompt for ``example``: the first ``k``, each one that asks the
+    example's own question replaced in place by the next spare that does not."""
+    spares = (e for e in exemplars_with_spares[k:] if not same_question(example, e))
+    chosen = []
+    for e in exemplars_with_spares[:k]:
+        if same_question(example, e):
+            e = next(spares, None)
+            if e is None:
+                raise ValueError(f"relation {example.relation}: not enough exemplars that differ from "
+                                 f"question {example.id!r} to fill {k} slots")
+        chosen.append(e)
+    return chosen
+
+
 def qa_block(question: str, answer: str) -> str:
     return f"Q: {question}\nA: {answer}\n"
 
 
-def prompt_for(example: QAExample, exemplars_with_spare: list[QAExample]) -> tuple[str, str]:
-    """``(prefix, suffix)`` of the prompt asking ``example`` under one exemplar set."""
-    chosen = exemplars_with_spare[:-1]
-    if any(e.id == example.id for e in chosen):
-        spare = exemplars_with_spare[-1]
-        chosen = [spare if e.id == example.id else e for e in chosen]
+def prompt_for(example: QAExample, exemplars_with_spares: list[QAExample], k: int | None = None) -> tuple[str, str]:
+    """``(prefix, suffix)`` of the prompt asking ``example`` under one exemplar set (``k``:
+    the number of exemplars; default: the set's ``k``, or all but one of a plain list)."""
+    if k is None:
+        k = getattr(exemplars_with_spares, "k", len(exemplars_with_spares) - 1)
+    chosen = choose_exemplars(example, exemplars_with_spares, k)
     prefix = "".join(qa_block(e.question, e.answers[0]) for e in chosen)
     return prefix, f"Q: {example.question}\nA:"

@@ -5,7 +5,8 @@ Each sampled row carries a 64-bit stream seed derived from those four values;
 the uniform number used at decoding step ``t`` is ``splitmix64(stream + t)``.
 Nothing depends on the batch a row lands in, the order rows are processed in,
 or whether the run was resumed. A token is drawn by inverse-CDF sampling over
-the top-k tokens of ``softmax(logits / temperature)``.
+the top-k tokens of ``softmax(logits / temperature)`` (every token tied with the
+k-th logit kept, as in transformers and vLLM).
 """
 
 from __future__ import annotations
@@ -48,11 +49,31 @@ def uniforms(streams: np.ndarray, step: int) -> np.ndarray:
 
 
 def topk_cdf(logits: torch.Tensor, temperature: float, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and cumulative probabilities of the top-k of ``softmax(logits / temperature)``, per row."""
-    k = min(top_k, logits.shape[-1]) if top_k and top_k > 0 else logits.shape[-1]
-    vals, idx = torch.topk(logits.float(), k, dim=-1)
+    """Token ids and cumulative probabilities of ``softmax(top_k(logits) / temperature)``, per row.
+
+    Top-k keeps every token whose logit is at least the k-th largest, ties included, as
+    transformers' ``TopKLogitsWarper`` and vLLM do; so a row can keep more than ``k`` tokens.
+    The kept tokens are ordered by logit (descending), ties by token id (ascending), so the
+    token a uniform maps to does not depend on how ``torch.topk`` orders ties. Rows that keep
+    fewer tokens than the widest row are padded with zero-probability entries (cdf 1.0), which
+    ``searchsorted`` of a uniform in [0, 1) never selects.
+    """
+    x = logits.float()
+    V = x.shape[-1]
+    k = min(top_k, V) if top_k and top_k > 0 else V
+    kth = torch.topk(x, k, dim=-1).values[:, -1:]
+    keep = x >= kth
+    width = int(keep.sum(dim=-1).max())
+    vals, idx = torch.topk(x.masked_fill(~keep, float("-inf")), width, dim=-1)
+    # canonical order: token id ascending, then a stable sort by logit descending
+    idx, o = torch.sort(idx, dim=-1)
+    vals = vals.gather(1, o)
+    vals, o = torch.sort(vals, dim=-1, descending=True, stable=True)
+    idx = idx.gather(1, o)
     cdf = torch.softmax(vals.double() / temperature, dim=-1).cumsum(dim=-1)
-    cdf[:, -1] = 1.0
+    n_kept = keep.sum(dim=-1, keepdim=True)
+    pos = torch.arange(width, device=cdf.device)[None, :]
+    cdf = torch.where(pos >= n_kept.to(cdf.device) - 1, torch.ones_like(cdf), cdf)
     return idx, cdf
 
 

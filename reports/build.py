@@ -182,8 +182,6 @@ def finetune_section(run: Path) -> dict | None:
     a = _read_json(run / "analysis.json")
     if not a:
         return None
-    from linear_models.study import PAPER_LINEAR_MODEL, PAPER_TABLE2
-
     sec = {"size": a["size"], "variants": a["variants"], "findings": a.get("findings", {})}
     fit = a.get("fitting", {})
     figs = []
@@ -203,16 +201,31 @@ def finetune_section(run: Path) -> dict | None:
         if "params" not in res:
             lm.append({"subset": s, "error": res.get("error")})
             continue
-        lm.append({"subset": s, "r2": res["r2"], "nobs": res["nobs"], "paper": PAPER_LINEAR_MODEL.get(s, {}),
+        paper = res.get("paper") or {}
+        cl, wb = res.get("cluster") or {}, res.get("wild_bootstrap") or {}
+        lm.append({"subset": s, "r2": res["r2"], "nobs": res["nobs"], "paper": paper,
+                   "n_clusters": res.get("n_clusters"), "inference": res.get("inference"),
+                   "note": res.get("inference_note"), "weights": wb.get("weights"), "n_boot": wb.get("n_boot"),
                    "coefs": [{"name": k, "value": res["params"][k], "se": res["bse"][k], "ci": res["conf_int_95"][k],
-                              "p": res["pvalues"][k], "paper": PAPER_LINEAR_MODEL.get(s, {}).get(k)}
+                              "p": res["pvalues"][k], "paper": paper.get(k),
+                              "se_cluster": cl.get("bse", {}).get(k), "ci_cluster": cl.get("conf_int_95", {}).get(k),
+                              "p_cluster": cl.get("pvalues", {}).get(k), "ci_wild": wb.get("conf_int_95", {}).get(k),
+                              "p_wild": wb.get("pvalues", {}).get(k)}
                              for k in ("b0", "b_kn", "b_unk")]})
+    sec["decided"] = [{"name": n, **f} for n, f in a.get("findings", {}).items()
+                      if isinstance(f, dict) and "decision" in f]
+    sec["inference"] = a.get("inference", {})
+    rep = a.get("replicates")
+    if rep:
+        sec["replicates"] = {"n": len(rep["replicates"]), "seeds": rep.get("seeds", {}),
+                             "coefs": [{"subset": s, "name": k, **c[k]} for s, c in rep["linear_model"].items()
+                                       for k in ("b_kn", "b_unk")]}
     sec["linear_model"] = lm
     t2 = []
     for stop, rows in a.get("table2", {}).items():
         for v, r in rows.items():
             t2.append({"stop": stop, "variant": v, "full": r["full"], **{c: r.get(c) for c in CATEGORIES},
-                       "paper": PAPER_TABLE2[stop].get(v)})
+                       "paper": r.get("paper")})
     sec["table2"] = t2
     sec["t_tests"] = [{"variant": v, "subset": s, **t} for v, d in a.get("t_tests", {}).items() for s, t in d.items()]
     sec["accuracy"] = [{"variant": v, **{f"{stop}_{k}": d[stop].get(k) for stop in ("early_stop", "convergence")
@@ -264,6 +277,10 @@ def format_pct(x, digits: int = 1) -> str:
     return format_or_na(f"%.{digits}f%%", 100 * x if _defined(x) else None)
 
 
+def _iv(iv) -> str:
+    return "n/a" if not iv or not all(_defined(x) for x in iv) else f"[{iv[0]:+.1f}, {iv[1]:+.1f}]"
+
+
 def summary_lines(know: dict, ft: dict | None, sg: dict | None, gt: dict | None) -> list[str]:
     lines = []
     if know["n"]:
@@ -278,19 +295,25 @@ def summary_lines(know: dict, ft: dict | None, sg: dict | None, gt: dict | None)
     if ft:
         f = ft["findings"]
         if "unknown_fitted_more_slowly" in f:
-            lines.append("Fine-tuning: Unknown examples were fitted "
-                         + ("more slowly" if f["unknown_fitted_more_slowly"]["holds"] else "no more slowly")
-                         + " than Known ones.")
+            u = f["unknown_fitted_more_slowly"]
+            lines.append(f"Fine-tuning: Unknown examples fitted more slowly than Known ones: {u.get('decision', 'unclear')} "
+                         f"(gap {format_or_na('%+.2f', u.get('value'))}, 95% {_iv(u.get('interval'))}).")
         if "b_unk_negative" in f:
             b = f["b_unk_negative"]
+            paper = b.get("paper") or {}
             lines.append(f"Linear model: each fitted Unknown example (as a share of |D|) changes test accuracy by "
-                         f"b_unk = {b['b_unk']:+.1f} points (p = {b['p']:.2g}), each Known one by b_kn = {b['b_kn']:+.1f} "
-                         f"(paper: -8.3 and +7.3).")
+                         f"b_unk = {b['b_unk']:+.1f} points (95% by fine-tuning run {_iv(b.get('interval'))}, "
+                         f"{b.get('interval_from', 'plain OLS')}; points treated as independent: "
+                         f"{_iv(b.get('interval_plain'))}), each Known one by b_kn = {b['b_kn']:+.1f}"
+                         + (f" (paper: {paper['b_unk']:+.1f} and {paper['b_kn']:+.1f})" if paper else "")
+                         + f"; b_unk < 0: {b.get('decision', 'unclear')}.")
         c = f.get("accuracy_vs_unknown_convergence")
         if c:
             lines.append(f"At CONVERGENCE, test accuracy changes by {c['slope_per_10pct_unknown']:+.1f} points per 10% more "
-                         "Unknown" + (f"; with the Unknown removed (D_Known) by {c['known_slope_per_10pct_unknown']:+.1f}"
-                                      if "known_slope_per_10pct_unknown" in c else "") + ".")
+                         f"Unknown (95% {_iv(c.get('slope_interval'))})"
+                         + (f"; with the Unknown removed (D_Known) by {c['known_slope_per_10pct_unknown']:+.1f} "
+                            f"(95% {_iv(c.get('known_slope_interval'))})" if "known_slope_per_10pct_unknown" in c else "")
+                         + ".")
     if sg:
         lines.append("Ax=b surrogates: " + "; ".join(f"{s['name']} {s['verdict']}" for s in sg["surrogates"]) + ".")
     return lines

@@ -117,7 +117,10 @@ def _write_variant(run, name, n_by, epochs):
         if dev is not None:
             m["dev"] = {"all": {"n": 10, "accuracy": dev}}
         (d / f"epoch_{e:03d}.json").write_text(json.dumps(m))
-        (d / f"epoch_{e:03d}.answers.jsonl").write_text("".join(json.dumps({"set": "test", **r}) + "\n" for r in rows))
+        train = [{"set": "train", "id": f"{name}-{c}-{i}", "category": c, "fitted": i < fitted.get(c, 0)}
+                 for c in CATS for i in range(n_by.get(c, 0))]
+        (d / f"epoch_{e:03d}.answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train) +
+                                                         "".join(json.dumps({"set": "test", **r}) + "\n" for r in rows))
         ms.append(m)
     (run / "finetune" / name / "metrics.json").write_text(json.dumps({"complete": True, "epochs": ms,
                                                                       **choose_stops(ms)}))
@@ -263,3 +266,102 @@ def test_json_writes_undefined_numbers_as_null(tmp_path):
     assert json.loads((tmp_path / "x.json").read_text()) == {"a": None, "b": [1.5, None], "c": {"d": None}}
     assert format_or_na("%.2f", None) == format_or_na("%.1f%%", float("nan")) == "n/a"
     assert format_or_na("%.2f", 0.125) == "0.12"
+
+
+def test_every_decided_finding_has_an_interval_and_a_decision(synthetic_run):
+    from knowcat.experiment import format_findings
+
+    a = analyze(synthetic_run, ExperimentConfig(n_boot=300, n_boot_clusters=299))
+    lm = a["linear_model"]["in_distribution"]
+    # the fit is exact here, so run-level intervals collapse; the clustered fields are there, 8 runs
+    assert lm["n_clusters"] == 8 and lm["cluster"]["df"] == 7 and "clustered by fine-tuning run" in lm["inference"]
+    assert "wild" in a["inference"]["linear_model"] and "resamples" in a["inference"]["findings"]
+    decided = {n: f for n, f in a["findings"].items() if isinstance(f, dict) and "decision" in f}
+    assert {"unknown_fitted_more_slowly", "b_unk_negative", "convergence_accuracy_falls_with_unknown",
+            "known_does_not_fall", "known_falls_less_than_mixture"} <= set(decided)
+    for n, f in decided.items():
+        assert f["decision"] in ("holds", "does not hold", "unclear") and f["holds"] == (f["decision"] == "holds")
+        assert f["claim"] and "interval" in f
+        if f["decision"] != "unclear":
+            lo, hi = f["interval"]
+            assert lo <= hi
+    # Known examples are fitted from epoch 1, Unknown one epoch later: the gap's interval is above 0
+    u = decided["unknown_fitted_more_slowly"]
+    assert u["interval"][0] > 0 and u["decision"] == "holds" and "training examples" in u["resampled"]
+    assert decided["b_unk_negative"]["decision"] == "holds"
+    # slopes over 5 sets come with intervals; the Spearman correlation is reported, not decided
+    e = a["findings"]["accuracy_vs_unknown_convergence"]
+    assert e["n_points"] == 5 and len(e["slope_interval"]) == 2 and "decision" not in e
+    assert "holds" in format_findings(a) or "unclear" in format_findings(a)
+
+
+def test_replicates_are_summarized_and_a_finding_holds_only_if_it_holds_in_each(synthetic_run):
+    import shutil
+
+    from reports import build_report
+
+    rep = synthetic_run / "replicates" / "rep_01" / "finetune"
+    shutil.copytree(synthetic_run / "finetune", rep)
+    cfg = ExperimentConfig(n_boot=300, n_boot_clusters=299)
+    a = analyze(synthetic_run, cfg)
+    r = a["replicates"]
+    assert r["replicates"] == ["rep_00", "rep_01"] and r["folders"]["rep_01"] == "replicates/rep_01/finetune"
+    b = r["linear_model"]["in_distribution"]["b_unk"]
+    assert b["n"] == 2 and b["mean"] == pytest.approx(-10.0) and b["n_negative"] == 2 and b["sd"] == pytest.approx(0)
+    assert a["findings"]["b_unk_negative"]["decisions_by_replicate"] == ["holds", "holds"]
+    assert a["findings"]["b_unk_negative"]["decision"] == "holds"
+    # replicate 1: the X% Unknown sets with every answer wrong; its trend and b_unk findings no longer hold
+    for name, n_by in PAPER_SETS.items():
+        shutil.rmtree(rep / name)
+        eps = []
+        for e in (1, 2, 3):
+            n_kn = sum(v for c, v in n_by.items() if c != "Unknown")
+            fitted = {**_fill({c: v for c, v in n_by.items() if c != "Unknown"}, min(e, n_kn)),
+                      **({"Unknown": min(e - 1, n_by["Unknown"])} if "Unknown" in n_by else {})}
+            eps.append((fitted, {}, 0, 0.3))
+        _write_variant_at(rep / name, name, n_by, eps)
+    a = analyze(synthetic_run, cfg)
+    f = a["findings"]["convergence_accuracy_falls_with_unknown"]
+    assert f["decisions_by_replicate"][1] == "does not hold" and f["decision"] != "holds"
+    assert f["decision_first_replicate"] == a["findings"]["convergence_accuracy_falls_with_unknown"]["decisions_by_replicate"][0]
+    (synthetic_run / "analysis.json").write_text(json.dumps(a))
+    assert build_report(synthetic_run).stat().st_size > 0
+
+
+def _write_variant_at(folder, name, n_by, epochs):
+    """``_write_variant`` into a given fine-tuning folder (a replicate's)."""
+    import tempfile
+    from pathlib import Path
+
+    tmp = Path(tempfile.mkdtemp())
+    _write_variant(tmp, name, n_by, epochs)
+    import shutil
+
+    shutil.copytree(tmp / "finetune" / name, folder)
+
+
+def test_demo_seeds_aggregate():
+    from knowcat.replicates import aggregate, format_summary
+
+    def one(b_unk, decision):
+        return {"linear_model": {"in_distribution": {"params": {"b0": 10, "b_kn": 1.0, "b_unk": b_unk}, "r2": 0.5}},
+                "findings": {"b_unk_negative": {"claim": "b_unk < 0", "value": b_unk, "interval": [b_unk - 1, b_unk + 1],
+                                                "decision": decision}}}
+
+    s = aggregate({"seed_0": one(-11.7, "holds"), "seed_1": one(-14.7, "holds"), "seed_2": one(0.5, "unclear")})
+    assert s["per_seed"]["seed_1"]["linear_model"]["in_distribution"]["b_unk"] == -14.7
+    assert s["linear_model"]["in_distribution"]["b_unk"]["n_negative"] == 2
+    assert s["findings"]["b_unk_negative"]["decision"] == "unclear"
+    assert "seed_2" in format_summary(s)
+
+
+def test_format_findings_prints_undefined_numbers_as_na(synthetic_run):
+    """A constant test accuracy (the quick demo's OOD questions, all wrong) leaves R^2 and p-values undefined."""
+    from knowcat.experiment import format_findings
+
+    a = analyze(synthetic_run, ExperimentConfig(n_boot=200, n_boot_clusters=99))
+    lm = a["linear_model"]["in_distribution"]
+    lm["r2"] = None
+    lm["pvalues"] = dict.fromkeys(lm["pvalues"])
+    lm["wild_bootstrap"] = {"pvalues": dict.fromkeys(lm["pvalues"]), "conf_int_95": dict.fromkeys(lm["pvalues"])}
+    assert "R^2 n/a" in format_findings(a) and "p n/a" in format_findings(a)
