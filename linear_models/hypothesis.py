@@ -126,7 +126,8 @@ def multinomial_logit(features: dict[str, list[float]], categories: list[str]) -
     (e.g. perfect separation) instead of raising."""
     import statsmodels.api as sm
 
-    names = [k for k, v in features.items() if np.nanstd(np.asarray(v, float)) > 0]
+    names = [k for k, v in features.items() if np.isfinite(np.asarray(v, float)).sum() > 1
+             and np.nanstd(np.asarray(v, float)) > 0]
     present = [c for c in CATEGORIES if c in categories]
     if not names or len(present) < 2:
         return {"error": "no varying feature or fewer than two categories"}
