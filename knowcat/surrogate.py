@@ -200,8 +200,8 @@ def fit_epochs(run: Path, variant: str | None = None) -> dict | None:
     """The epoch at which each training example is first fitted (greedy decoding reproduces its target),
     from ``finetune/<variant>/epochs/epoch_NNN.answers.jsonl``; an example never fitted gets
     n_epochs + 1 (it ranks after every fitted one). ``variant``: one fine-tuning run, or None for every
-    run: then an example's value is the mean of its first-fit epochs over the runs whose training set
-    holds it (the runs are different mixtures, so each example is seen in several)."""
+    run but D_IDK's: then an example's value is the mean of its first-fit epochs over the runs whose
+    training set holds it (the runs are different mixtures, so each example is seen in several)."""
     ft = run / "finetune"
     runs = {d.name: sorted((d / "epochs").glob("epoch_[0-9][0-9][0-9].answers.jsonl"))
             for d in sorted(ft.glob("*")) if (d / "epochs").is_dir()} if ft.is_dir() else {}
@@ -210,7 +210,9 @@ def fit_epochs(run: Path, variant: str | None = None) -> dict | None:
         return None
     if variant is not None and variant not in runs:
         raise ValueError(f"no fine-tuning run {variant!r} with measured epochs in {ft}; have {sorted(runs)}")
-    chosen = [variant] if variant is not None else sorted(runs)
+    # D_IDK trains Unknown examples on the abstention string: its "fitted" is another target, so it is left
+    # out of the mean (it can still be chosen by name)
+    chosen = [variant] if variant is not None else sorted(v for v in runs if "idk" not in v.lower())
     per: dict[str, list[int]] = {}
     never = 0
     for v in chosen:
@@ -560,4 +562,7 @@ def _tests(rows: list[dict], cfg: SurrogateConfig, name: str) -> dict:
                  n_boot=cfg.bootstrap, seed=cfg.seed)[name]
     t["sweep_over"] = "relative residual tolerance" if name in ("relation_map", "weight_update") else "rank rtol"
     t["reachable"] = _reachable_summary(rows)
+    paths = [r.get("path") for r in rows if r.get("path")]
+    if paths:
+        t["paths"] = {p: paths.count(p) for p in sorted(set(paths))}
     return t

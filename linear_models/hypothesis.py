@@ -574,6 +574,9 @@ def evaluate(rows_by_name: dict[str, list[dict]], baseline: dict[str, dict] | No
                                          else link_fields) if any(r.get(f) is not None for r in sub)}}
         d = res.pop(default_key)
         out[name] = {"at_default": d, "sweep": res, "fit_epoch_link": link}
+        keys = [set(r.get("sweep") or {}) for r in rows]
+        if keys and set.union(*keys) != set.intersection(*keys):
+            out[name]["sweep_left_out"] = sorted(set.union(*keys) - set.intersection(*keys), key=float)
     return out
 
 
