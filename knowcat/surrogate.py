@@ -520,7 +520,7 @@ def _weight_update(model, tok, todo, prompts, cats, cfg, out, log, progress) -> 
     down projection's top ``weight_update_rank`` singular pairs (:mod:`linear_models.surrogates`)."""
     from linear_models.lstsq import Tolerance, no_tf32
     from linear_models.surrogates import weight_update_system
-    from probes.jacobians import down_projection_basis, margin_gradients
+    from probes.jacobians import down_projection_basis, margin_gradients_batch
 
     dt = _dtype(cfg.dtype)
     tol = Tolerance(cfg.rtol, cfg.atol)
@@ -532,16 +532,15 @@ def _weight_update(model, tok, todo, prompts, cats, cfg, out, log, progress) -> 
     if R < k:
         log(f"weight_update: only {R} anchors for k = {k} directions: systems may be wide (see reachable)")
     anchor_idx = sorted(rng.choice(len(todo), R, replace=False).tolist()) if R else []
-    anchors = {}
-    for i in anchor_idx:
-        e = todo[i]
-        anchors[e.id] = margin_gradients(model, tok, prompts[e.id], e.answers[0], end, U, V, cfg.margin,
-                                         first_only=True)["G"][0]
+    got = margin_gradients_batch(model, tok, [(prompts[todo[i].id], todo[i].answers[0]) for i in anchor_idx], end,
+                                 U, V, cfg.margin, first_only=True)
+    anchors = {todo[i].id: g["G"][0] for i, g in zip(anchor_idx, got)}
     rows = []
     bar = _bar(len(todo), "surrogate weight_update", progress)
     with no_tf32():
-        for e in todo:
-            g = margin_gradients(model, tok, prompts[e.id], e.answers[0], end, U, V, cfg.margin)
+        grads = margin_gradients_batch(model, tok, [(prompts[e.id], e.answers[0]) for e in todo], end, U, V,
+                                       cfg.margin)
+        for e, g in zip(todo, grads):
             others = [v for a_id, v in anchors.items() if a_id != e.id]
             G_anc = torch.stack(others).to(dt) if others else g["G"].new_zeros(0, k).to(dt)
             feats = weight_update_system(g["G"].to(dt), g["need"].to(dt), G_anc, tol, cfg.residual_tol,

@@ -338,39 +338,71 @@ def down_projection_basis(model, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return U[:, :k].to(W.dtype), Vh[:k].T.to(W.dtype)
 
 
-@torch.no_grad()
-def margin_gradients(model, tokenizer, prompt: str, answer: str, end_token: int, U: torch.Tensor, V: torch.Tensor,
-                     margin: float, first_only: bool = False) -> dict:
-    """Surrogate (c)'s rows for one example, from one teacher-forced pass: at each answer position
-    (the last prompt position, then each answer token; ``first_only``: the first only) the margin
-    mu_t of the next gold token (then the end token) over its strongest competitor, how much it must
-    grow (max(0, margin - mu_t)) and its gradient with respect to theta in dW = sum_j theta_j u_j v_j^T:
-    g_t[j] = (v_t . u_j)(v_j . a_t), v_t = J_norm(r_t)^T (w_y - w_c), a_t the down projection's
-    input. Exact to first order: the down projection's output is added to r_t and nothing after it
-    but the final norm and the head depends on it."""
-    mod, _ = down_projection(model)
-    dev = model.device
+def _answer_ids(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
     p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     full = tokenizer(prompt + " " + answer, add_special_tokens=True)["input_ids"]
     a_ids = full[len(p_ids):] if full[:len(p_ids)] == p_ids else \
         tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
-    ids = p_ids + list(a_ids)
-    got = {}
-    handle = mod.register_forward_pre_hook(lambda m_, args: got.__setitem__("a", args[0]))
-    try:
-        with capture_readout(model) as store, capture_prenorm(model) as pre:
-            model(input_ids=torch.tensor([ids], device=dev))
-    finally:
-        handle.remove()
-    P = len(p_ids)
-    T = 1 if first_only else len(a_ids) + 1
-    pos = slice(P - 1, P - 1 + T)
-    r, h, a = pre[-1][0, pos], store[-1][0, pos], got["a"][0, pos]
-    check_prenorm(model, r, h)
-    targets = (list(a_ids) + [end_token])[:T]
-    _, mu, _, v = prenorm_margin_targets(model, r, targets, margin)
-    G = (v @ U) * (a @ V)  # [T, k]
-    return {"G": G, "mu": mu, "need": torch.clamp(margin - mu, min=0), "answer_tokens": len(a_ids)}
+    return p_ids, list(a_ids)
+
+
+@torch.no_grad()
+def margin_gradients_batch(model, tokenizer, items: list[tuple[str, str]], end_token: int, U: torch.Tensor,
+                           V: torch.Tensor, margin: float, first_only: bool = False,
+                           max_batch_tokens: int = 4096) -> list[dict]:
+    """Surrogate (c)'s rows for each (prompt, answer) of ``items``, from teacher-forced passes batched
+    with right padding (causal attention: padding after a row's tokens does not change them). Per item,
+    at each answer position (the last prompt position, then each answer token; ``first_only``: the first
+    only): the margin mu_t of the next gold token (then the end token) over its strongest competitor, how
+    much it must grow (max(0, margin - mu_t)) and its gradient with respect to theta in
+    dW = sum_j theta_j u_j v_j^T: g_t[j] = (v_t . u_j)(v_j . a_t), v_t = J_norm(r_t)^T (w_y - w_c), a_t
+    the down projection's input. Exact to first order: the down projection's output is added to r_t and
+    nothing after it but the final norm and the head depends on it."""
+    mod, _ = down_projection(model)
+    dev = model.device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_token
+    toks = [_answer_ids(tokenizer, p, a) for p, a in items]
+    out: list[dict | None] = [None] * len(items)
+    order = sorted(range(len(items)), key=lambda i: len(toks[i][0]) + len(toks[i][1]))
+    i = 0
+    while i < len(order):
+        j = i + 1
+        while j < len(order) and (len(toks[order[j]][0]) + len(toks[order[j]][1])) * (j + 1 - i) <= max_batch_tokens:
+            j += 1
+        chunk = order[i:j]
+        seqs = [toks[k][0] + toks[k][1] for k in chunk]
+        L = max(len(x) for x in seqs)
+        ids = torch.full((len(chunk), L), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), L), dtype=torch.long)
+        for r, x in enumerate(seqs):
+            ids[r, :len(x)] = torch.tensor(x)
+            mask[r, :len(x)] = 1
+        got = {}
+        handle = mod.register_forward_pre_hook(lambda m_, args: got.__setitem__("a", args[0]))
+        try:
+            with capture_readout(model) as store, capture_prenorm(model) as pre:
+                model(input_ids=ids.to(dev), attention_mask=mask.to(dev))
+        finally:
+            handle.remove()
+        for r, k in enumerate(chunk):
+            p_ids, a_ids = toks[k]
+            P = len(p_ids)
+            T = 1 if first_only else len(a_ids) + 1
+            pos = slice(P - 1, P - 1 + T)
+            rr, h, a = pre[-1][r, pos], store[-1][r, pos], got["a"][r, pos]
+            check_prenorm(model, rr, h)
+            targets = (a_ids + [end_token])[:T]
+            _, mu, _, v = prenorm_margin_targets(model, rr, targets, margin)
+            out[k] = {"G": (v @ U) * (a @ V), "mu": mu, "need": torch.clamp(margin - mu, min=0),
+                      "answer_tokens": len(a_ids)}
+        i = j
+    return out
+
+
+def margin_gradients(model, tokenizer, prompt: str, answer: str, end_token: int, U: torch.Tensor, V: torch.Tensor,
+                     margin: float, first_only: bool = False) -> dict:
+    """:func:`margin_gradients_batch` for one example: ``G`` [T, k], ``mu`` [T], ``need`` [T], ``answer_tokens``."""
+    return margin_gradients_batch(model, tokenizer, [(prompt, answer)], end_token, U, V, margin, first_only)[0]
 
 
 # ---------------------------------------------------------------------------------------------
