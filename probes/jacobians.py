@@ -372,10 +372,10 @@ def margin_gradients_batch(model, tokenizer, items: list[tuple[str, str]], end_t
         chunk = order[i:j]
         seqs = [toks[k][0] + toks[k][1] for k in chunk]
         L = max(len(x) for x in seqs)
-        ids = torch.full((len(chunk), L), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), L), dtype=torch.long)
+        ids = torch.full((len(chunk), L), pad, dtype=torch.long, device="cpu")
+        mask = torch.zeros((len(chunk), L), dtype=torch.long, device="cpu")
         for r, x in enumerate(seqs):
-            ids[r, :len(x)] = torch.tensor(x)
+            ids[r, :len(x)] = torch.tensor(x, device="cpu")
             mask[r, :len(x)] = 1
         got = {}
         handle = mod.register_forward_pre_hook(lambda m_, args: got.__setitem__("a", args[0]))

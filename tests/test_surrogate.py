@@ -294,6 +294,7 @@ def test_surrogate_command_on_the_quick_run(quick_demo, tmp_path):
     work.mkdir()
     shutil.copy(run / "categorized.jsonl", work)
     shutil.copytree(run / "categorize", work / "categorize", ignore=shutil.ignore_patterns("shards"))
+    shutil.copytree(run / "finetune", work / "finetune", ignore=shutil.ignore_patterns("checkpoints"))
     rc = main(["surrogate", str(work), "--model", str(run / "model"), "--max-examples", "40",
                "--answer-jacobian-per-category", "4", "--no-progress"])
     assert rc == 0
