@@ -13,8 +13,10 @@ process, same prompts):
   mode (torch.func.jvp, what the path uses) against double backward (its fallback), and
   the transposed product (torch.func.vjp);
 - surrogate (b), relation_map (subject states + ridge/LOO), per example;
-- surrogate (b'), relation_jacobian (local Jacobians + solves), per example.
-Prints JSON and a one-line summary of the ratios.
+- surrogate (b'), relation_jacobian (local Jacobians + solves), per example;
+- surrogate (c), weight_update (one teacher-forced pass with hooks + a small SVD), per example;
+- the trivial baseline (teacher-forced log-probability and first-token margin, batched), per example.
+Prints JSON and a one-line summary of the ratios (CPU seconds when the device is the CPU).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main(argv=None):
     from knowcat.surrogate import (SurrogateConfig, _answer_jacobian, _load_examples, _prompts, _relation_jacobian,
-                                   _relation_map)
+                                   _relation_map, _weight_update, baseline_scores)
     from probes.loading import load_model
 
     ap = argparse.ArgumentParser(description=__doc__)
@@ -88,9 +90,12 @@ def main(argv=None):
     for name, fn, c in (("answer_jacobian_dense", _answer_jacobian, replace(cfg, matrix_free=False)),
                         ("answer_jacobian_matrix_free", _answer_jacobian, replace(cfg, matrix_free=True)),
                         ("relation_map", _relation_map, cfg),
-                        ("relation_jacobian", _relation_jacobian, cfg)):
+                        ("relation_jacobian", _relation_jacobian, cfg),
+                        ("weight_update", _weight_update, cfg)):
         s = timed(surrogate(fn, c))
         res["surrogates"][name] = {"seconds_per_example": s, "ratio_to_forward_backward": s / unit}
+    s = timed(lambda: baseline_scores(model, tok, todo, prompts))
+    res["surrogates"]["baseline_scores"] = {"seconds_per_example": s, "ratio_to_forward_backward": s / unit}
     res["surrogates"]["answer_jacobian_matrix_free"]["decided_by"] = _count(mf_rows, "decided_by")
     res["surrogates"]["answer_jacobian_matrix_free"]["classes"] = _count(mf_rows, "class")
     res["products"] = products(model, tok, todo, prompts, cfg)

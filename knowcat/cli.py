@@ -350,6 +350,10 @@ def cmd_analyze(args):
 def cmd_surrogate(args):
     from knowcat.surrogate import SurrogateConfig, run_surrogates
 
+    if not args.tests_only and not args.model:
+        print("knowcat surrogate: --model is required (unless --tests-only)", file=sys.stderr)
+        raise SystemExit(2)
+
     cfg = _override(SurrogateConfig(), args)
     if args.surrogates:
         cfg = replace(cfg, surrogates=tuple(x.strip() for x in args.surrogates.split(",") if x.strip()))
@@ -357,6 +361,13 @@ def cmd_surrogate(args):
         cfg = replace(cfg, rtol_sweep=tuple(float(x) for x in args.rtol_sweep_csv.split(",")))
     if args.residual_sweep_csv:
         cfg = replace(cfg, residual_sweep=tuple(float(x) for x in args.residual_sweep_csv.split(",")))
+    if args.tests_only:
+        from knowcat.surrogate import evaluate_run
+        from linear_models.hypothesis import format_verdict
+
+        for name, t in evaluate_run(args.run, cfg).items():
+            print(format_verdict(name, t["at_default"]))
+        return
     run_surrogates(args.run, args.model, cfg, data=args.data, device=args.device, progress=not args.no_progress)
 
 
@@ -536,7 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sg = sub.add_parser("surrogate", help="linearized surrogates (Ax=b) per example and the hypothesis test")
     sg.add_argument("run", help="a categorized run directory")
-    sg.add_argument("--model", required=True, help="hub id or local folder")
+    sg.add_argument("--model", default=None, help="hub id or local folder (required unless --tests-only)")
+    sg.add_argument("--tests-only", action="store_true",
+                    help="recompute tests.json from the stored rows (e.g. once the fine-tuning study has finished)")
     sg.add_argument("--data", default=None, help="the data the run was categorized from (default: as recorded)")
     sg.add_argument("--surrogates", default=None, help=f"comma-separated, from {','.join(SURROGATES)} (default all)")
     sg.add_argument("--rtol-sweep", dest="rtol_sweep_csv", default=None, help="comma-separated rank rtols to sweep")

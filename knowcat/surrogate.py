@@ -1,25 +1,34 @@
 """``knowcat surrogate``: fit the linearized surrogates on a categorized run and test
 the Ax=b hypothesis against the SliCK categories.
 
-Surrogates (equations in :mod:`linear_models.surrogates`):
+Surrogates (unknowns, equations, linearization point and reachable classes in
+:mod:`linear_models.surrogates`):
 
-- ``answer_jacobian`` (a): per example, the Jacobian of the readout states at the
-  answer positions with respect to the gold answer tokens' embeddings, under the
-  example's SliCK prompt ``prompt_index``; dense (SVD) when the example's Jacobian
-  fits the memory budget, matrix-free (randomized SVD + CGLS from Jacobian products)
-  when it does not, so one run may mix both (their rows carry the same fields and
-  swept tolerances; the matrix-free ones may also be ``consistent_rank_unknown`` or
-  ``undetermined``, see :mod:`linear_models.lstsq`);
+- ``answer_jacobian`` (a): the blog's system, x_gen unknown: per example, the Jacobian of
+  the pre-norm states at the answer positions with respect to the gold answer tokens'
+  embeddings, under the example's SliCK prompt ``prompt_index``; the causally forced
+  first block (first-token greedy margin) reported as its own component; dense (SVD)
+  when the Jacobian fits the memory budget, matrix-free (randomized SVD + CGLS from
+  Jacobian products) when it does not (those rows may also be
+  ``consistent_rank_unknown`` or ``undetermined``, see :mod:`linear_models.lstsq`);
 - ``relation_map`` (b): per relation, ridge least squares from subject states at
   a middle layer to the gold answers' unembedding rows, with leave-one-out
   residuals from the hat matrix;
 - ``relation_jacobian`` (b'): per relation, the mean local Jacobian W and bias,
-  and per example the square system W s = z* - bias.
+  and per example the square system W s = z* - bias;
+- ``weight_update`` (c): a weight update of the last MLP's down projection in the span
+  of its top-k singular pairs; per example, the update making the gold answer win by the
+  margin without moving R anchor examples' margins, its minimum-norm size and its
+  interference.
 
-Writes ``RUN/surrogates/<name>.jsonl`` and ``.parquet`` (one row per example: the
-class, relative residual, ranks, nullity, condition numbers, effective rank and
-the class at every swept tolerance) and ``RUN/surrogates/tests.json`` (per
-surrogate: the hypothesis test at the chosen tolerance and at every swept one).
+Writes ``RUN/surrogates/<name>.jsonl`` and ``.parquet`` (one row per example: the class,
+what it could have been (``reachable``), relative residual, ranks, nullity, condition
+numbers, effective rank and the class at every swept tolerance),
+``RUN/surrogates/baseline.jsonl`` (the trivial baseline: log-probability of the gold
+answer and first-token margin under the same prompt, from :mod:`probes.scoring`) and
+``RUN/surrogates/tests.json`` (per surrogate: the per-arm tests, verdicts, incremental
+validity and the fine-tuning link, at the chosen tolerance and at every swept one; all
+surrogates present in the directory are read together for the Holm correction).
 ``answer_jacobian`` streams its rows to shards, so a killed run resumes.
 """
 
@@ -35,7 +44,7 @@ import torch
 
 from knowcat.io import atomic_write_json, atomic_write_text
 
-SURROGATES = ("answer_jacobian", "relation_map", "relation_jacobian")
+SURROGATES = ("answer_jacobian", "relation_map", "relation_jacobian", "weight_update")
 
 
 @dataclass
@@ -73,6 +82,12 @@ class SurrogateConfig:
     answer_jacobian_per_category: int = 75
     shard_size: int = 128
     seed: int = 0
+    weight_update_rank: int = 8  # k: directions of the last down projection the update may use
+    weight_update_anchors: int = 32  # R: other examples whose first-token margins the update must not move
+    permutations: int = 2000  # permutation tests within relations (arms with an expected count below 5)
+    cv_folds: int = 5  # incremental validity: cross-validation folds
+    bootstrap: int = 500  # bootstrap resamples (AUROC difference, Spearman intervals)
+    finetune_variant: str | None = None  # fine-tuning run for the fit-epoch link (None: the mean over every run)
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -137,6 +152,7 @@ def _prompts(todo, pool, protocol, index: int) -> dict:
 def run_surrogates(run_dir, model_name: str, cfg: SurrogateConfig = SurrogateConfig(), data: str | None = None,
                    device: str = "auto", log=print, progress: bool = True) -> dict:
     from linear_models.hypothesis import format_verdict
+
     from probes.loading import load_model
 
     for s in cfg.surrogates:
@@ -150,21 +166,129 @@ def run_surrogates(run_dir, model_name: str, cfg: SurrogateConfig = SurrogateCon
     model, tok = load_model(model_name, device=device, dtype="float32")
     model.requires_grad_(False)
     atomic_write_json(out / "config.json", {"model": model_name, "config": asdict(cfg), "n": len(todo)})
-    tests = json.loads((out / "tests.json").read_text()) if (out / "tests.json").exists() else {}
+    t = time.time()
+    baseline = baseline_scores(model, tok, todo, prompts)
+    atomic_write_text(out / "baseline.jsonl", "".join(json.dumps({"id": i, **v}) + "\n" for i, v in baseline.items()))
+    seconds = {"baseline": round(time.time() - t, 1)}
     for name in cfg.surrogates:
         t = time.time()
         fn = {"answer_jacobian": _answer_jacobian, "relation_map": _relation_map,
-              "relation_jacobian": _relation_jacobian}[name]
+              "relation_jacobian": _relation_jacobian, "weight_update": _weight_update}[name]
         rows = fn(model, tok, todo, prompts, cats, cfg, out, log, progress)
-        seconds = time.time() - t
+        for r in rows:
+            r.update({f"baseline_{k}": v for k, v in baseline.get(r["id"], {}).items()})
+        seconds[name] = round(time.time() - t, 1)
         _write_rows(out / name, rows)
-        tests[name] = _tests(rows, cfg, name)
-        tests[name]["seconds"] = round(seconds, 1)
-        tests[name]["seconds_per_example"] = seconds / max(1, len(rows))
-        atomic_write_json(out / "tests.json", tests)
-        log(format_verdict(name, tests[name]["at_default"]))
-        log(f"  ({len(rows)} examples in {seconds:.0f} s)")
+        log(f"surrogate {name}: {len(rows)} examples in {seconds[name]:.0f} s")
+    tests = evaluate_run(run, cfg, seconds, log)
+    for name, t_ in tests.items():
+        log(format_verdict(name, t_["at_default"]))
     return tests
+
+
+def baseline_scores(model, tok, todo, prompts) -> dict:
+    """The trivial baseline per example: the gold answer's log-probability and its first-token margin
+    under the same prompt the systems are built under (teacher-forced, :func:`probes.scoring.score`)."""
+    from probes.scoring import ScoreRequest, score
+
+    got = score(model, tok, [ScoreRequest(e.id, prompts[e.id], " " + e.answers[0]) for e in todo])
+    return {k: {"logprob": s.logprob, "first_token_margin": s.first_token_margin, "greedy_match": s.greedy_match}
+            for k, s in got.items()}
+
+
+def fit_epochs(run: Path, variant: str | None = None) -> dict | None:
+    """The epoch at which each training example is first fitted (greedy decoding reproduces its target),
+    from ``finetune/<variant>/epochs/epoch_NNN.answers.jsonl``; an example never fitted gets
+    n_epochs + 1 (it ranks after every fitted one). ``variant``: one fine-tuning run, or None for every
+    run but D_IDK's: then an example's value is the mean of its first-fit epochs over the runs whose
+    training set holds it (the runs are different mixtures, so each example is seen in several)."""
+    ft = run / "finetune"
+    runs = {d.name: sorted((d / "epochs").glob("epoch_[0-9][0-9][0-9].answers.jsonl"))
+            for d in sorted(ft.glob("*")) if (d / "epochs").is_dir()} if ft.is_dir() else {}
+    runs = {k: v for k, v in runs.items() if v}
+    if not runs:
+        return None
+    if variant is not None and variant not in runs:
+        raise ValueError(f"no fine-tuning run {variant!r} with measured epochs in {ft}; have {sorted(runs)}")
+    # D_IDK trains Unknown examples on the abstention string: its "fitted" is another target, so it is left
+    # out of the mean (it can still be chosen by name)
+    chosen = [variant] if variant is not None else sorted(v for v in runs if "idk" not in v.lower())
+    per: dict[str, list[int]] = {}
+    never = 0
+    for v in chosen:
+        first: dict[str, int | None] = {}
+        for p in runs[v]:
+            epoch = int(p.name[6:9])
+            for line in open(p, encoding="utf-8"):
+                r = json.loads(line)
+                if r.get("set") != "train":
+                    continue
+                first.setdefault(r["id"], None)
+                if r.get("fitted") and first[r["id"]] is None:
+                    first[r["id"]] = epoch
+        n_epochs = len(runs[v])
+        for k, e in first.items():
+            never += e is None
+            per.setdefault(k, []).append(e if e is not None else n_epochs + 1)
+    return {"variant": variant or "mean over " + ",".join(chosen), "runs": chosen,
+            "n_epochs": {v: len(runs[v]) for v in chosen}, "never_fitted_as": "n_epochs + 1",
+            "never_fitted": never, "epochs": {k: float(np.mean(v)) for k, v in per.items()}}
+
+
+LINK_FIELDS = {"answer_jacobian": ("residual", "solution_norm"), "relation_map": ("residual",),
+               "relation_jacobian": ("residual",), "weight_update": ("residual", "update_norm", "interference")}
+
+
+def evaluate_run(run, cfg: SurrogateConfig = SurrogateConfig(), seconds: dict | None = None, log=print) -> dict:
+    """The tests of every surrogate whose rows are in ``RUN/surrogates`` (read together for the Holm
+    correction) against the baseline and the fine-tuning run; writes ``tests.json``."""
+    from linear_models.hypothesis import evaluate
+
+    run = Path(run)
+    out = run / "surrogates"
+    rows = {n: [json.loads(line) for line in open(out / f"{n}.jsonl", encoding="utf-8")]
+            for n in SURROGATES if (out / f"{n}.jsonl").exists()}
+    rows = {n: r for n, r in rows.items() if r}
+    baseline = {}
+    if (out / "baseline.jsonl").exists():
+        for line in open(out / "baseline.jsonl", encoding="utf-8"):
+            r = json.loads(line)
+            baseline[r.pop("id")] = r
+    fe = fit_epochs(run, cfg.finetune_variant)
+    if fe is None:
+        log("surrogates: no fine-tuning run with per-epoch answers in this run: no fit-epoch link")
+    tests = evaluate(rows, baseline, fe, alpha=cfg.alpha, n_perm=cfg.permutations, folds=cfg.cv_folds,
+                     n_boot=cfg.bootstrap, seed=cfg.seed, link_fields=LINK_FIELDS)
+    old = json.loads((out / "tests.json").read_text()) if (out / "tests.json").exists() else {}
+    for name, t in tests.items():
+        t["sweep_over"] = "relative residual tolerance" if name in ("relation_map", "weight_update") else "rank rtol"
+        t["reachable"] = _reachable_summary(rows[name])
+        paths = [r.get("path") for r in rows[name] if r.get("path")]
+        if paths:
+            t["paths"] = {p: paths.count(p) for p in sorted(set(paths))}
+        s = (seconds or {}).get(name, (old.get(name) or {}).get("seconds"))
+        t["seconds"] = s
+        t["seconds_per_example"] = s / max(1, len(rows[name])) if s is not None else None
+    if seconds and "baseline" in seconds:
+        tests_meta = {"baseline_seconds": seconds["baseline"]}
+    else:
+        tests_meta = {}
+    atomic_write_json(out / "tests.json", {**tests})
+    if tests_meta:
+        atomic_write_json(out / "timings.json", tests_meta)
+    return tests
+
+
+def _reachable_summary(rows: list[dict]) -> dict:
+    """How many examples could reach each class, and under which shapes (equations x unknowns)."""
+    from linear_models.hypothesis import CLASSES
+
+    shapes: dict[str, int] = {}
+    for r in rows:
+        key = f"{r.get('n_equations')}x{r.get('n_unknowns')}"
+        shapes[key] = shapes.get(key, 0) + 1
+    return {"examples_that_can_reach": {c: sum(c in (r.get("reachable") or CLASSES) for r in rows) for c in CLASSES},
+            "n": len(rows), "shapes": dict(sorted(shapes.items(), key=lambda kv: -kv[1])[:10])}
 
 
 def _write_rows(stem: Path, rows: list[dict]) -> None:
@@ -175,36 +299,6 @@ def _write_rows(stem: Path, rows: list[dict]) -> None:
     tmp = stem.with_suffix(".parquet.tmp")
     pd.DataFrame(flat).to_parquet(tmp, index=False)
     tmp.replace(stem.with_suffix(".parquet"))
-
-
-def _tests(rows: list[dict], cfg: SurrogateConfig, name: str) -> dict:
-    from linear_models.hypothesis import hypothesis_test
-
-    cats = [r["category"] for r in rows]
-    res = [r["residual"] for r in rows]
-    feats = {"log_residual": [float(np.log10(max(r["residual"], 1e-12))) for r in rows],
-             "rank_share": [r["rank"] / max(1, r["n_unknowns"]) for r in rows],
-             "log_cond": [float(np.log10(min(max(r["cond_kept"], 1.0), 1e300))) for r in rows],
-             "effective_rank_share": [r["effective_rank"] / max(1, r["n_unknowns"]) for r in rows]}
-    at_default = hypothesis_test([r["class"] for r in rows], res, cats, feats, cfg.alpha)
-    # every row carries the same swept tolerances, dense and matrix-free alike (the path is chosen per
-    # example); a tolerance missing from some row (rows from an older run) is left out, and said so
-    keys = [set(r.get("sweep") or {}) for r in rows]
-    common = set.intersection(*keys) if keys else set()
-    sweep = {}
-    for tol in sorted(common, key=float):
-        cl = [r["sweep"][tol] for r in rows]
-        h = hypothesis_test(cl, res, cats, None, cfg.alpha)
-        sweep[tol] = {"class_counts": h["class_counts"], "verdict": h["verdict"],
-                      "chi_square_p": h["chi_square"]["p"], "cramers_v": h["chi_square"]["cramers_v"]}
-    out = {"at_default": at_default, "sweep": sweep,
-           "sweep_over": "relative residual tolerance" if name == "relation_map" else "rank rtol"}
-    if keys and set.union(*keys) != common:
-        out["sweep_left_out"] = sorted(set.union(*keys) - common, key=float)
-    paths = [r.get("path") for r in rows if r.get("path")]
-    if paths:
-        out["paths"] = {p: paths.count(p) for p in sorted(set(paths))}
-    return out
 
 
 def _bar(total, desc, progress):
@@ -230,24 +324,27 @@ def stratified_sample(todo, cats: dict, per_category: int, seed: int) -> list:
     return [e for i, e in enumerate(todo) if i in keep]
 
 
+def _rank_at(S: torch.Tensor, rt: float, atol: float) -> int:
+    smax = float(S[0]) if len(S) else 0.0
+    return int((S > max(atol, rt * smax)).sum())
+
+
 def _answer_jacobian(model, tok, todo, prompts, cats, cfg, out, log, progress) -> list[dict]:
     from linear_models.lstsq import Tolerance, no_tf32, sweep_classes
-    from linear_models.surrogates import solve_answer_system
-    from probes.jacobians import answer_jacobian, answer_system, margin_targets
+    from linear_models.surrogates import reachable_classes, solve_answer_system
+    from probes.jacobians import answer_jacobian, answer_system, prenorm_margin_targets
 
     dt = _dtype(cfg.dtype)
     tol = Tolerance(cfg.rtol, cfg.atol)
     if cfg.matrix_free_products not in ("jvp", "double_backward"):
         raise ValueError(f"matrix_free_products must be jvp or double_backward, not {cfg.matrix_free_products!r}")
-    W_U, bias = (x.detach() if x is not None else None for x in
-                 (model.get_output_embeddings().weight, getattr(model.get_output_embeddings(), "bias", None)))
     end = _end_token(tok)
     n_all = len(todo)
     todo = stratified_sample(todo, cats, cfg.answer_jacobian_per_category, cfg.seed)
     if len(todo) < n_all:
         log(f"answer_jacobian: a stratified sample of {len(todo)} of {n_all} examples "
             f"(at most {cfg.answer_jacobian_per_category} per category; --answer-jacobian-per-category 0 for all)")
-    device = W_U.device
+    device = model.get_output_embeddings().weight.device
     budget = (cfg.memory_budget_mb * 2 ** 20) if cfg.memory_budget_mb else _free_bytes(device) / 8
     itemsize = torch.finfo(dt).bits // 8
     shard_dir = out / "answer_jacobian.shards"
@@ -257,7 +354,8 @@ def _answer_jacobian(model, tok, todo, prompts, cats, cfg, out, log, progress) -
                 "matrix_free_iters", "matrix_free_residual_tol", "matrix_free_normal_tol", "matrix_free_products",
                 "max_examples",
                 "answer_jacobian_per_category", "shard_size", "seed")
-    config_key = json.dumps({"model": getattr(model, "name_or_path", None),
+    # "system": the formulation (pre-norm states, forced first block apart): shards of another are not reused
+    config_key = json.dumps({"model": getattr(model, "name_or_path", None), "system": "prenorm-forced-first-block",
                              **{k: v for k, v in asdict(cfg).items() if k in relevant}}, sort_keys=True)
     if (shard_dir / "config.json").exists() and (shard_dir / "config.json").read_text() != config_key:
         for p in shard_dir.glob("*.jsonl"):
@@ -276,24 +374,30 @@ def _answer_jacobian(model, tok, todo, prompts, cats, cfg, out, log, progress) -
         for e in chunk:
             t = time.time()
             sysm = answer_system(model, tok, prompts[e.id], e.answers[0], end)
-            delta, mu, _ = margin_targets(sysm.readout, sysm.targets, W_U, bias, cfg.margin)
+            delta, mu, _, _ = prenorm_margin_targets(model, sysm.prenorm, sysm.targets, cfg.margin)
             m, d = sysm.x_gen.shape
             n = m * d
-            b = delta.reshape(-1).to(dt)
+            b = delta[1:].reshape(-1).to(dt)  # the forced first block (position P-1) is not part of the system
+            x_norm = float(sysm.x_gen.norm())
             dense = dense_fits(n, d, itemsize, budget) if cfg.matrix_free is None else not cfg.matrix_free
             if dense:
                 with no_tf32():
                     J = answer_jacobian(model, sysm).to(dt)
-                feats, full = solve_answer_system(J, b, d, tol)
+                feats, full = solve_answer_system(J, b, tol, x_norm)
                 feats |= {"rank_upper": feats["rank"], "rank_exact": True, "decided_by": "rank"}
-                sweep = sweep_classes(full["singular_values"], full["singular_values_aug"], n, cfg.rtol_sweep,
-                                      cfg.atol)
+                S = full["singular_values"]
+                sweep = sweep_classes(S, full["singular_values_aug"], n, cfg.rtol_sweep, cfg.atol)
+                sweep_reach = {str(rt): list(reachable_classes(n, n, _rank_at(S, rt, cfg.atol))) for rt in cfg.rtol_sweep}
             else:
-                feats, sweep = _matrix_free_features(model, sysm, b, d, cfg, tol)
+                feats, sweep = _matrix_free_features(model, sysm, b, cfg, tol, x_norm)
+                sweep_reach = {str(rt): list(reachable_classes(n, n, 0, n)) for rt in cfg.rtol_sweep}
             part.append({"id": e.id, "relation": e.relation, "category": cats[e.id], **feats,
                          "path": "dense" if dense else "matrix_free", "answer_tokens": m,
-                         "first_token_margin": float(mu[0]), "min_margin": float(mu.min()),
-                         "sweep": {str(k): v for k, v in sweep.items()}, "seconds": round(time.time() - t, 4)})
+                         "first_token_margin": float(mu[0]), "first_token_greedy": bool(mu[0] > 0),
+                         "first_token_wins_by_margin": bool(mu[0] >= cfg.margin),
+                         "min_margin_rest": float(mu[1:].min()), "b_zero": bool(float(b.abs().max()) == 0.0),
+                         "sweep": {str(k): v for k, v in sweep.items()}, "sweep_reachable": sweep_reach,
+                         "seconds": round(time.time() - t, 4)})
             bar.update(1)
         atomic_write_text(shard, "".join(json.dumps(r) + "\n" for r in part))
         rows += part
@@ -301,31 +405,28 @@ def _answer_jacobian(model, tok, todo, prompts, cats, cfg, out, log, progress) -
     return rows
 
 
-def _matrix_free_features(model, sysm, b: torch.Tensor, d: int, cfg: SurrogateConfig, tol) -> tuple[dict, dict]:
-    """Surrogate (a) on the matrix-free path: A = [0; J] from Jacobian products. The first block of
-    b lies on A's structurally zero rows, so its norm is a lower bound of the least-squares
-    residual (``residual_floor``)."""
+def _matrix_free_features(model, sysm, b: torch.Tensor, cfg: SurrogateConfig, tol, x_norm: float) -> tuple[dict, dict]:
+    """Surrogate (a) on the matrix-free path: A = J (square, the forced first block apart) from Jacobian
+    products."""
     from linear_models.lstsq import matrix_free_solve
-    from linear_models.surrogates import zero_block_operators
+    from linear_models.surrogates import reachable_classes
     from probes.jacobians import answer_operators
 
     n = sysm.x_gen.numel()
     mv, rmv = answer_operators(model, sysm, mode="auto" if cfg.matrix_free_products == "jvp" else "double_backward")
-    matvec, rmatvec = zero_block_operators(mv, rmv, d)
-    bn = float(b.norm())
-    floor = float(b[:d].norm())
-    mf = matrix_free_solve(matvec, rmatvec, b, n, cfg.matrix_free_k, tol, residual_tol=cfg.matrix_free_residual_tol,
+    mf = matrix_free_solve(mv, rmv, b, n, cfg.matrix_free_k, tol, residual_tol=cfg.matrix_free_residual_tol,
                            seed=cfg.seed, max_iter=cfg.matrix_free_iters, oversample=cfg.matrix_free_oversample,
                            power_iters=cfg.matrix_free_power_iters, normal_tol=cfg.matrix_free_normal_tol,
-                           residual_floor=floor, sweep_rtols=cfg.rtol_sweep)
+                           sweep_rtols=cfg.rtol_sweep)
     cg = mf["cgls"] or {}
     feats = {"residual": mf["residual"], "rank": mf["rank"], "rank_upper": mf["rank_upper"],
-             "rank_exact": mf["rank_exact"], "rank_aug": mf["rank_aug"], "n_unknowns": n, "nullity": mf["nullity"],
-             "nullity_lower": mf["nullity_lower"], "cond": None, "cond_kept": mf["cond_kept"],
+             "rank_exact": mf["rank_exact"], "rank_aug": mf["rank_aug"], "n_unknowns": n, "n_equations": n,
+             "nullity": mf["nullity"], "nullity_lower": mf["nullity_lower"], "cond": None, "cond_kept": mf["cond_kept"],
              "effective_rank": mf["effective_rank"], "class": mf["class"], "decided_by": mf["decided_by"],
              "range_error": mf["range_error"], "triplets": mf["triplets"], "cgls_iterations": cg.get("iterations"),
              "cgls_converged": cg.get("converged"), "product": mv.state["mode"],
-             "first_block_norm": floor / bn if bn > 0 else 0.0}
+             "solution_norm": float(mf["x"].norm()) / x_norm if x_norm else float(mf["x"].norm()),
+             "reachable": list(reachable_classes(n, n, mf["rank"], mf["rank_upper"]))}
     return feats, mf["sweep"]
 
 
@@ -350,7 +451,7 @@ def _subject_states(model, tok, todo, prompts, cfg):
 
 def _relation_map(model, tok, todo, prompts, cats, cfg, out, log, progress) -> list[dict]:
     from linear_models.lstsq import Tolerance
-    from linear_models.surrogates import relation_map_classes, ridge_loo
+    from linear_models.surrogates import relation_map_classes, relation_map_reachable, ridge_loo
 
     S, _, first, _, layer = _subject_states(model, tok, todo, prompts, cfg)
     W_U = model.get_output_embeddings().weight.detach()
@@ -374,19 +475,18 @@ def _relation_map(model, tok, todo, prompts, cats, cfg, out, log, progress) -> l
                          "rank": fit["rank"], "n_unknowns": fit["d"], "nullity": fit["d"] - fit["rank"],
                          "relation_n": fit["n"], "cond": fit["cond"], "cond_kept": fit["cond_kept"],
                          "effective_rank": fit["effective_rank"], "cutoff": fit["cutoff"], "layer": layer,
-                         "lambda": fit["lambda"], "ridge": fit["ridge"], "sweep": sweep})
+                         "lambda": fit["lambda"], "ridge": fit["ridge"], "sweep": sweep,
+                         "reachable": list(relation_map_reachable(fit)), "n_equations": fit["n"]})
     return rows
 
 
 def _relation_jacobian(model, tok, todo, prompts, cats, cfg, out, log, progress) -> list[dict]:
     from linear_models.lstsq import Tolerance, no_tf32, sweep_classes
-    from linear_models.surrogates import relation_jacobian_systems
-    from probes.jacobians import layer_jacobian, margin_targets
+    from linear_models.surrogates import reachable_classes, relation_jacobian_systems
+    from probes.jacobians import layer_jacobian, prenorm_margin_targets
 
     dt = _dtype(cfg.dtype)
     S, Z, first, pos, layer = _subject_states(model, tok, todo, prompts, cfg)
-    head = model.get_output_embeddings()
-    W_U, bias = head.weight.detach(), getattr(head, "bias", None)
     rows = []
     rels = sorted({e.relation for e in todo})
     bar = _bar(len(rels), "surrogate relation_jacobian (relations)", progress)
@@ -396,17 +496,72 @@ def _relation_jacobian(model, tok, todo, prompts, cats, cfg, out, log, progress)
         with no_tf32():
             W = torch.stack([layer_jacobian(model, tok, prompts[todo[i].id], pos[i], layer) for i in use]).mean(0)
         beta = (Z[idx] - S[idx] @ W.T).mean(0)
-        delta, mu, _ = margin_targets(Z[idx], [first[i] for i in idx], W_U, bias, cfg.margin)
+        delta, mu, _, _ = prenorm_margin_targets(model, Z[idx], [first[i] for i in idx], cfg.margin)
         target = (Z[idx] + delta - beta).to(dt)
         Wd = W.to(dt)
         feats, full = relation_jacobian_systems(Wd, target, Tolerance(cfg.rtol, cfg.atol))
         for j, i in enumerate(idx):
             e = todo[i]
-            sweep = sweep_classes(full["singular_values"][j], full["singular_values_aug"][j], Wd.shape[1],
-                                  cfg.rtol_sweep, cfg.atol)
+            Sj = full["singular_values"][j]
+            sweep = sweep_classes(Sj, full["singular_values_aug"][j], Wd.shape[1], cfg.rtol_sweep, cfg.atol)
             rows.append({"id": e.id, "relation": rel, "category": cats[e.id], **feats[j], "layer": layer,
                          "first_token_margin": float(mu[j]), "jacobian_examples": len(use),
-                         "sweep": {str(k): v for k, v in sweep.items()}})
+                         "sweep": {str(k): v for k, v in sweep.items()},
+                         "sweep_reachable": {str(rt): list(reachable_classes(Wd.shape[0], Wd.shape[1],
+                                                                             _rank_at(Sj, rt, cfg.atol)))
+                                             for rt in cfg.rtol_sweep}})
         bar.update(1)
     bar.close()
     return rows
+
+
+def _weight_update(model, tok, todo, prompts, cats, cfg, out, log, progress) -> list[dict]:
+    """Surrogate (c): per example the system [G_own; G_anchor] theta = [need; 0] in the span of the last
+    down projection's top ``weight_update_rank`` singular pairs (:mod:`linear_models.surrogates`)."""
+    from linear_models.lstsq import Tolerance, no_tf32
+    from linear_models.surrogates import weight_update_system
+    from probes.jacobians import down_projection_basis, margin_gradients_batch
+
+    dt = _dtype(cfg.dtype)
+    tol = Tolerance(cfg.rtol, cfg.atol)
+    end = _end_token(tok)
+    k = cfg.weight_update_rank
+    U, V = down_projection_basis(model, k)
+    rng = np.random.default_rng(cfg.seed)
+    R = min(cfg.weight_update_anchors, max(0, len(todo) - 1))
+    if R < k:
+        log(f"weight_update: only {R} anchors for k = {k} directions: systems may be wide (see reachable)")
+    anchor_idx = sorted(rng.choice(len(todo), R, replace=False).tolist()) if R else []
+    got = margin_gradients_batch(model, tok, [(prompts[todo[i].id], todo[i].answers[0]) for i in anchor_idx], end,
+                                 U, V, cfg.margin, first_only=True)
+    anchors = {todo[i].id: g["G"][0] for i, g in zip(anchor_idx, got)}
+    rows = []
+    bar = _bar(len(todo), "surrogate weight_update", progress)
+    with no_tf32():
+        grads = margin_gradients_batch(model, tok, [(prompts[e.id], e.answers[0]) for e in todo], end, U, V,
+                                       cfg.margin)
+        for e, g in zip(todo, grads):
+            others = [v for a_id, v in anchors.items() if a_id != e.id]
+            G_anc = torch.stack(others).to(dt) if others else g["G"].new_zeros(0, k).to(dt)
+            feats = weight_update_system(g["G"].to(dt), g["need"].to(dt), G_anc, tol, cfg.residual_tol,
+                                         cfg.residual_sweep)
+            rows.append({"id": e.id, "relation": e.relation, "category": cats[e.id], **feats,
+                         "answer_tokens": g["answer_tokens"], "anchors": len(others), "subspace_rank": k,
+                         "first_token_margin": float(g["mu"][0]), "min_margin": float(g["mu"].min())})
+            bar.update(1)
+    bar.close()
+    return rows
+
+
+def _tests(rows: list[dict], cfg: SurrogateConfig, name: str) -> dict:
+    """The tests of one surrogate's rows alone (no baseline, no fine-tuning link; its own Holm family)."""
+    from linear_models.hypothesis import evaluate
+
+    t = evaluate({name: rows}, None, None, alpha=cfg.alpha, n_perm=cfg.permutations, folds=cfg.cv_folds,
+                 n_boot=cfg.bootstrap, seed=cfg.seed)[name]
+    t["sweep_over"] = "relative residual tolerance" if name in ("relation_map", "weight_update") else "rank rtol"
+    t["reachable"] = _reachable_summary(rows)
+    paths = [r.get("path") for r in rows if r.get("path")]
+    if paths:
+        t["paths"] = {p: paths.count(p) for p in sorted(set(paths))}
+    return t

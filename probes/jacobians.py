@@ -1,11 +1,17 @@
-"""What the surrogates ask a model: readout states, answer-token Jacobians, and
-subject states at a middle layer, through plain forward hooks, for any
-``transformers`` causal LM (Llama, Qwen, Mistral, GPT-2 ...).
+"""What the surrogates ask a model: pre-norm and readout states, answer-token Jacobians,
+subject states at a middle layer and the last MLP's margin gradients, through plain
+forward hooks, for any ``transformers`` causal LM (Llama, Qwen, Mistral, GPT-2 ...).
 
 The *readout state* of a position is the input of the output embedding (the
 ``lm_head``): the vector h with logits = W_U h (+ bias). It is taken with a
-forward pre-hook on ``model.get_output_embeddings()``, which every causal LM in
-``transformers`` has, so no architecture-specific code is needed.
+forward pre-hook on ``model.get_output_embeddings()``. The *pre-norm state* r is the
+last block's output, the input of the final norm (h = norm(r)): the surrogates are
+linearized there, because a state after RMSNorm/LayerNorm has a null radial direction
+(norm(c r) = norm(r)) that would make every Jacobian block rank-deficient by one
+whatever the example. :func:`final_norm` finds the norm (Llama/Qwen/Mistral
+``model.norm``, GPT-2 ``transformer.ln_f``, ...), and every system built here checks
+that norm(r) equals the captured readout state, so a model where they differ is an
+error, not a silent wrong answer.
 
 Jacobians are computed with reverse-mode autograd, many rows at once by the
 batch trick: the input is replicated once per output row, each copy's output
@@ -61,6 +67,58 @@ def unembedding(model) -> tuple[torch.Tensor, torch.Tensor | None]:
     return head.weight, getattr(head, "bias", None)
 
 
+def _find(model, paths, what):
+    for path in paths:
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        return obj
+    raise ValueError(f"cannot find the {what} of {type(model).__name__}")
+
+
+def final_norm(model):
+    """The final norm between the last block and the lm_head."""
+    return _find(model, ("model.norm", "transformer.ln_f", "model.decoder.final_layer_norm",
+                         "gpt_neox.final_layer_norm", "transformer.norm_f", "model.final_layernorm"), "final norm")
+
+
+def down_projection(model):
+    """The last block's MLP output projection (Llama/Qwen/Mistral ``mlp.down_proj``, GPT-2
+    ``mlp.c_proj``, NeoX ``mlp.dense_4h_to_h``, OPT-style ``fc2``) and its weight as [d, d_ff]."""
+    block = decoder_layers(model)[-1]
+    mod = _find(block, ("mlp.down_proj", "mlp.c_proj", "mlp.dense_4h_to_h", "fc2", "mlp.fc2"),
+                "last MLP's down projection")
+    W = mod.weight
+    if type(mod).__name__ == "Conv1D":  # GPT-2 stores [in, out]
+        W = W.T
+    return mod, W
+
+
+@contextlib.contextmanager
+def capture_prenorm(model):
+    """Collects the last block's output hidden states (the final norm's input) of each forward pass."""
+    store: list[torch.Tensor] = []
+    handle = decoder_layers(model)[-1].register_forward_hook(
+        lambda mod, args, out: store.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+def check_prenorm(model, prenorm: torch.Tensor, readout: torch.Tensor) -> None:
+    """norm(prenorm) must be the readout state: the last block feeds the final norm, which feeds the head."""
+    with torch.no_grad():
+        got = final_norm(model)(prenorm)
+    if not torch.allclose(got, readout, atol=1e-4, rtol=1e-3):
+        raise ValueError(f"{type(model).__name__}: the final norm of the last block's output is not the lm_head's "
+                         f"input (max difference {float((got - readout).abs().max()):.3g}); the pre-norm surrogates "
+                         "do not apply to this architecture")
+
+
 def decoder_layers(model):
     """The transformer blocks, for Llama/Qwen/Mistral (``model.model.layers``), GPT-2
     (``transformer.h``) and most others."""
@@ -96,6 +154,7 @@ class AnswerSystem:
     answer_ids: list[int]  # gold answer tokens (x_gen)
     targets: list[int]  # next-token targets at the answer positions: answer tokens then the end token
     readout: torch.Tensor  # [m + 1, d] readout states at the last prompt position and the answer tokens
+    prenorm: torch.Tensor  # [m + 1, d] the same positions' pre-norm states (the last block's output)
     x_gen: torch.Tensor  # [m, d] input embeddings of the answer tokens
     cache: object  # the prompt's KV cache (constants: they do not depend on x_gen)
 
@@ -109,27 +168,30 @@ def answer_system(model, tokenizer, prompt: str, answer: str, end_token: int) ->
         tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
     if not a_ids:
         raise ValueError(f"answer {answer!r} has no tokens")
-    with capture_readout(model) as store:
+    with capture_readout(model) as store, capture_prenorm(model) as pre:
         out = model(input_ids=torch.tensor([p_ids], device=dev), use_cache=True)
-    h_last = store[-1][0, -1]
+    h_last, r_last = store[-1][0, -1], pre[-1][0, -1]
     cache = out.past_key_values
     emb = model.get_input_embeddings()
     x_gen = emb(torch.tensor(a_ids, device=dev))
-    with capture_readout(model) as store:
+    with capture_readout(model) as store, capture_prenorm(model) as pre:
         c = copy.deepcopy(cache)
         model(inputs_embeds=x_gen[None], past_key_values=c, use_cache=True,
               position_ids=torch.arange(len(p_ids), len(p_ids) + len(a_ids), device=dev)[None],
               attention_mask=torch.ones(1, len(p_ids) + len(a_ids), dtype=torch.long, device=dev))
     readout = torch.cat([h_last[None], store[-1][0]], dim=0)
-    return AnswerSystem(len(p_ids), list(a_ids), list(a_ids) + [end_token], readout, x_gen, cache)
+    prenorm = torch.cat([r_last[None], pre[-1][0]], dim=0)
+    check_prenorm(model, prenorm, readout)
+    return AnswerSystem(len(p_ids), list(a_ids), list(a_ids) + [end_token], readout, prenorm, x_gen, cache)
 
 
 def _tail_readout(model, sysm: AnswerSystem, X: torch.Tensor) -> torch.Tensor:
-    """Readout states at the answer tokens for a batch of answer embeddings X [B, m, d]."""
+    """Pre-norm states (the last block's output) at the answer tokens for a batch of answer
+    embeddings X [B, m, d]."""
     B, m, _ = X.shape
     P = sysm.prompt_len
     dev = X.device
-    with capture_readout(model) as store:
+    with capture_prenorm(model) as store:
         model(inputs_embeds=X, past_key_values=_expand_cache(sysm.cache, B), use_cache=True,
               position_ids=torch.arange(P, P + m, device=dev)[None].expand(B, m),
               attention_mask=torch.ones(B, P + m, dtype=torch.long, device=dev))
@@ -137,8 +199,8 @@ def _tail_readout(model, sysm: AnswerSystem, X: torch.Tensor) -> torch.Tensor:
 
 
 def answer_jacobian(model, sysm: AnswerSystem) -> torch.Tensor:
-    """J = d readout(answer positions) / d x_gen, as an [m*d, m*d] matrix (row: output
-    position-major, column: input token-major). The last prompt position's block is
+    """J = d r(answer positions) / d x_gen (r: the pre-norm states), as an [m*d, m*d] matrix (row:
+    output position-major, column: input token-major). The last prompt position's block is
     zero by causality and is not included. Block row t depends on the first t answer
     tokens only, so it is computed from a pass over those t tokens (d copies, one per row)."""
     m, d = sysm.x_gen.shape
@@ -234,6 +296,115 @@ def margin_targets(readout: torch.Tensor, targets: list[int], W_U: torch.Tensor,
     return delta, mu, comp
 
 
+def prenorm_margin_targets(model, prenorm: torch.Tensor, targets: list[int], margin: float):
+    """b of surrogates (a) and (b') in pre-norm coordinates: per position, the smallest change of the
+    pre-norm state r that makes the target token beat its strongest competitor c by ``margin``
+    logits to first order through the final norm: with v = J_norm(r)^T (w_y - w_c),
+    delta = max(0, margin - mu) v / ||v||^2 (zero where the target already wins by the margin).
+    Returns (delta [T, d], current margins mu [T], competitors [T], v [T, d])."""
+    norm = final_norm(model)
+    W_U = model.get_output_embeddings().weight.detach()
+    bias = getattr(model.get_output_embeddings(), "bias", None)
+    r = prenorm.detach()
+    with torch.enable_grad():
+        h, pullback = torch.func.vjp(lambda x: norm(x), r)
+    logits = h.detach() @ W_U.T
+    if bias is not None:
+        logits = logits + bias.detach()
+    t = torch.tensor(targets, device=r.device)
+    rows = torch.arange(len(targets), device=r.device)
+    masked = logits.clone()
+    masked[rows, t] = -torch.inf
+    comp = masked.argmax(-1)
+    mu = logits[rows, t] - logits[rows, comp]
+    w = W_U[t] - W_U[comp]
+    with torch.enable_grad():
+        (v,) = pullback(w.to(h.dtype))
+    v = v.detach()
+    need = torch.clamp(margin - mu, min=0)
+    delta = (need / (v * v).sum(-1).clamp(min=1e-30))[:, None] * v
+    return delta, mu, comp, v
+
+
+# ---------------------------------------------------------------------------------------------
+# surrogate (c): margin gradients of a low-dimensional update of the last MLP's down projection
+
+
+def down_projection_basis(model, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed subspace of surrogate (c): the top-``k`` singular pairs of the last down projection
+    W_down = U S V^T ([d, d_ff]): (U_k [d, k], V_k [d_ff, k])."""
+    _, W = down_projection(model)
+    U, _, Vh = torch.linalg.svd(W.detach().float(), full_matrices=False)
+    return U[:, :k].to(W.dtype), Vh[:k].T.to(W.dtype)
+
+
+def _answer_ids(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    full = tokenizer(prompt + " " + answer, add_special_tokens=True)["input_ids"]
+    a_ids = full[len(p_ids):] if full[:len(p_ids)] == p_ids else \
+        tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+    return p_ids, list(a_ids)
+
+
+@torch.no_grad()
+def margin_gradients_batch(model, tokenizer, items: list[tuple[str, str]], end_token: int, U: torch.Tensor,
+                           V: torch.Tensor, margin: float, first_only: bool = False,
+                           max_batch_tokens: int = 4096) -> list[dict]:
+    """Surrogate (c)'s rows for each (prompt, answer) of ``items``, from teacher-forced passes batched
+    with right padding (causal attention: padding after a row's tokens does not change them). Per item,
+    at each answer position (the last prompt position, then each answer token; ``first_only``: the first
+    only): the margin mu_t of the next gold token (then the end token) over its strongest competitor, how
+    much it must grow (max(0, margin - mu_t)) and its gradient with respect to theta in
+    dW = sum_j theta_j u_j v_j^T: g_t[j] = (v_t . u_j)(v_j . a_t), v_t = J_norm(r_t)^T (w_y - w_c), a_t
+    the down projection's input. Exact to first order: the down projection's output is added to r_t and
+    nothing after it but the final norm and the head depends on it."""
+    mod, _ = down_projection(model)
+    dev = model.device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_token
+    toks = [_answer_ids(tokenizer, p, a) for p, a in items]
+    out: list[dict | None] = [None] * len(items)
+    order = sorted(range(len(items)), key=lambda i: len(toks[i][0]) + len(toks[i][1]))
+    i = 0
+    while i < len(order):
+        j = i + 1
+        while j < len(order) and (len(toks[order[j]][0]) + len(toks[order[j]][1])) * (j + 1 - i) <= max_batch_tokens:
+            j += 1
+        chunk = order[i:j]
+        seqs = [toks[k][0] + toks[k][1] for k in chunk]
+        L = max(len(x) for x in seqs)
+        ids = torch.full((len(chunk), L), pad, dtype=torch.long, device="cpu")
+        mask = torch.zeros((len(chunk), L), dtype=torch.long, device="cpu")
+        for r, x in enumerate(seqs):
+            ids[r, :len(x)] = torch.tensor(x, device="cpu")
+            mask[r, :len(x)] = 1
+        got = {}
+        handle = mod.register_forward_pre_hook(lambda m_, args: got.__setitem__("a", args[0]))
+        try:
+            with capture_readout(model) as store, capture_prenorm(model) as pre:
+                model(input_ids=ids.to(dev), attention_mask=mask.to(dev))
+        finally:
+            handle.remove()
+        for r, k in enumerate(chunk):
+            p_ids, a_ids = toks[k]
+            P = len(p_ids)
+            T = 1 if first_only else len(a_ids) + 1
+            pos = slice(P - 1, P - 1 + T)
+            rr, h, a = pre[-1][r, pos], store[-1][r, pos], got["a"][r, pos]
+            check_prenorm(model, rr, h)
+            targets = (a_ids + [end_token])[:T]
+            _, mu, _, v = prenorm_margin_targets(model, rr, targets, margin)
+            out[k] = {"G": (v @ U) * (a @ V), "mu": mu, "need": torch.clamp(margin - mu, min=0),
+                      "answer_tokens": len(a_ids)}
+        i = j
+    return out
+
+
+def margin_gradients(model, tokenizer, prompt: str, answer: str, end_token: int, U: torch.Tensor, V: torch.Tensor,
+                     margin: float, first_only: bool = False) -> dict:
+    """:func:`margin_gradients_batch` for one example: ``G`` [T, k], ``mu`` [T], ``need`` [T], ``answer_tokens``."""
+    return margin_gradients_batch(model, tokenizer, [(prompt, answer)], end_token, U, V, margin, first_only)[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # surrogate (b): subject states at a middle layer and the relation's local Jacobian
 
@@ -255,8 +426,8 @@ def subject_position(tokenizer, prompt: str, subject: str | None) -> int:
 
 @torch.no_grad()
 def layer_and_readout_states(model, tokenizer, prompts: list[str], positions: list[int], layer: int) -> tuple:
-    """For each prompt: the output of block ``layer`` at ``positions[i]`` and the readout state at
-    the last position. Returns ([N, d], [N, d])."""
+    """For each prompt: the output of block ``layer`` at ``positions[i]`` and the pre-norm state (the
+    last block's output) at the last position. Returns ([N, d], [N, d])."""
     blocks = decoder_layers(model)
     hs, zs = [], []
     for prompt, pos in zip(prompts, positions):
@@ -268,7 +439,7 @@ def layer_and_readout_states(model, tokenizer, prompts: list[str], positions: li
 
         handle = blocks[layer].register_forward_hook(hook)
         try:
-            with capture_readout(model) as store:
+            with capture_prenorm(model) as store:
                 model(input_ids=ids, logits_to_keep=1) if _takes_logits_to_keep(model) else model(input_ids=ids)
         finally:
             handle.remove()
@@ -287,7 +458,7 @@ def _takes_logits_to_keep(model) -> bool:
 
 
 def layer_jacobian(model, tokenizer, prompt: str, position: int, layer: int) -> torch.Tensor:
-    """d z / d h: the readout state at the last position with respect to block ``layer``'s output
+    """d z / d h: the pre-norm state at the last position with respect to block ``layer``'s output
     at ``position`` (the subject's last token), an [d, d] matrix (Hernandez et al. 2023). The
     tokens before ``position`` do not depend on h: they are encoded once into a KV cache and the
     d copies (one per row) run only from ``position`` to the end."""
@@ -312,7 +483,7 @@ def layer_jacobian(model, tokenizer, prompt: str, position: int, layer: int) -> 
 
     handle = blocks[layer].register_forward_hook(hook)
     try:
-        with torch.enable_grad(), capture_readout(model) as store:
+        with torch.enable_grad(), capture_prenorm(model) as store:
             model(input_ids=tail, past_key_values=cache, use_cache=cache is not None,
                   position_ids=torch.arange(position, len(ids), device=dev)[None].expand(d, -1),
                   attention_mask=torch.ones(d, len(ids), dtype=torch.long, device=dev))

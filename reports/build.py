@@ -255,9 +255,33 @@ def surrogate_section(run: Path) -> dict | None:
             "fig_heat": F.class_heatmap(d["table"], f"{name}: class x category"),
             "fig_sweep": F.tolerance_sweep(t["sweep"], t.get("sweep_over", "tolerance"), f"{name}: tolerance sweep")
             if t.get("sweep") else "",
-            "sweep": [{"tol": k, **v} for k, v in sorted(t.get("sweep", {}).items(), key=lambda kv: float(kv[0]))],
+            "sweep": [{"tol": k, "class_counts": v.get("class_counts"), "verdict": v.get("verdict"),
+                       "arms": {a: x.get("verdict") for a, x in (v.get("arms") or {}).items()}}
+                      for k, v in sorted(t.get("sweep", {}).items(), key=lambda kv: float(kv[0]))],
+            "reachable": (t.get("reachable") or {}).get("examples_that_can_reach"),
+            "shapes": (t.get("reachable") or {}).get("shapes"),
+            "arms": [_arm_row(a, x) for a, x in (d.get("arms") or {}).items()],
+            "incremental": d.get("incremental_validity"),
+            "link": _link_rows(t.get("fit_epoch_link")),
+            "link_meta": {k: v for k, v in (t.get("fit_epoch_link") or {}).items() if k != "fields"},
         })
     return {"surrogates": out}
+
+
+def _arm_row(arm: str, x: dict) -> dict:
+    """One arm of a surrogate's verdict for the report: what was tested, how, and what came out."""
+    return {"arm": arm, "categories": "/".join(x.get("categories", [])), "verdict": x.get("verdict"),
+            "n": x.get("n"), "precision": x.get("precision"), "recall": x.get("recall"),
+            "base_rate": x.get("base_rate"), "method": x.get("method"), "statistic": x.get("statistic"),
+            "p": x.get("p"), "p_holm": x.get("p_holm"), "odds_ratio": x.get("odds_ratio_mh"),
+            "fisher_p": x.get("fisher_p"), "min_expected": x.get("min_expected"), "reason": x.get("reason")}
+
+
+def _link_rows(link: dict | None) -> list[dict]:
+    if not link:
+        return []
+    return [{"field": f, "category": c, **{k: v.get(k) for k in ("n", "rho", "p", "ci", "holds")}}
+            for f, per in link.get("fields", {}).items() for c, v in per.items()]
 
 
 def _defined(x) -> bool:
