@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
@@ -102,9 +103,12 @@ def load_from_args(args, log=print, source=None, with_fields=False):
         writer = opts["rejects"] = _rejects_writer(args)
     source = source or args.data
     before = writer.count if writer else 0
+    quiet = logging.getLogger("knowcat.loaders")
+    was, quiet.disabled = quiet.disabled, True  # the line below says what was skipped and where
     try:
         examples = load_examples(source, format=args.format, **opts)
     finally:
+        quiet.disabled = was
         if writer is not None:
             writer.close()
     skipped = (writer.count - before) if writer else 0
@@ -699,8 +703,9 @@ def validate_args(args) -> None:
         flag = "--" + name.replace("_", "-")
         if isinstance(v, float) and not math.isfinite(v):
             raise UsageError(f"{flag} must be a finite number, got {v}")
-        if v < lo or (strict and v == lo) or (hi is not None and v > hi):
-            rng = f"{'above' if strict else 'at least'} {lo}" + (f" and at most {hi}" if hi is not None else "")
+        if v < lo or (strict and v == lo) or (hi is not None and (v > hi or strict and v == hi)):
+            rng = (f"{'above' if strict else 'at least'} {lo}"
+                   + (f" and {'below' if strict else 'at most'} {hi}" if hi is not None else ""))
             raise UsageError(f"{flag} must be {rng}, got {v}")
     fmt = getattr(args, "format", None)
     if fmt is not None and fmt.lower() not in _FORMATS:

@@ -128,6 +128,13 @@ def check_model_source(model) -> None:
                     _check_safetensors(p / s)
         elif w.endswith(".safetensors"):
             _check_safetensors(p / w)
+    if (p / "tokenizer.json").is_file():
+        try:
+            tj = json.loads((p / "tokenizer.json").read_text(encoding="utf-8"))
+            if not isinstance(tj, dict) or "model" not in tj:
+                raise ValueError("no 'model' entry")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UsageError(f"model folder {model}: tokenizer.json is corrupt ({e}); save the tokenizer again") from None
     if not any((p / t).is_file() for t in TOKENIZER_FILES):
         raise UsageError(f"model folder {model} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
                          f"save the tokenizer beside the model")

@@ -69,6 +69,10 @@ def iter_jsonl(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[Raw
                 continue
             try:
                 value = loads(text)
+            except RecursionError:
+                yield RawRecord(lineno, raw=line[:4096], error=DataError(
+                    f"line {lineno} nests too deeply to read", file=path, record=lineno))
+                continue
             except ValueError as e:
                 if not isinstance(e, json.JSONDecodeError):
                     yield RawRecord(lineno, raw=line, error=DataError(str(e), file=path, record=lineno))
@@ -99,6 +103,9 @@ def _scan_array(text: str, path: Path) -> Iterator[RawRecord]:
                 obj, end = dec.raw_decode(text, i)
             except json.JSONDecodeError as e:
                 yield _array_error(text, path, n, e.pos, e.msg)
+                return
+            except RecursionError:
+                yield _array_error(text, path, n, i, "the record nests too deeply to read")
                 return
             yield RawRecord(n, value=obj, raw=obj)
             n += 1
@@ -143,7 +150,15 @@ def iter_json(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[RawR
     except ValueError as e:  # NaN / Infinity
         yield RawRecord(None, error=DataError(str(e), file=path))
         return
+    except RecursionError:
+        yield RawRecord(None, error=DataError("the JSON nests too deeply to read", file=path))
+        return
     for n, obj in enumerate(records):
+        size = len(json.dumps(obj, ensure_ascii=False))
+        if size > max_line_bytes:
+            yield RawRecord(n, raw=None, error=DataError(
+                f"record is {size} characters, over max_line_bytes={max_line_bytes}", file=path, record=n))
+            continue
         yield RawRecord(n, value=obj, raw=obj)
 
 
