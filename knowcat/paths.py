@@ -51,8 +51,8 @@ def check_output_separate(models: Iterable, out, writes: Iterable[str] | None = 
         if model is None or not Path(os.path.expanduser(str(model))).exists():
             continue
         m = normalized(model)
-        hint = (f"choose an {what} outside the model folder {model} (knowcat never writes into a model "
-                f"it was given)")
+        hint = (f"choose an {what} outside the model folder {model} (knowcat never writes into a base model's "
+                f"folder)")
         if o == m or m in o.parents:
             raise UsageError(f"the {what} {out} is {'the' if o == m else 'inside the'} model folder {model}; {hint}")
         if o in m.parents:
