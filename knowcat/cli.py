@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
+from knowcat.errors import UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (what is wrong, where to look), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _add_config_args(p: argparse.ArgumentParser, cls, skip=()) -> None:
@@ -27,16 +36,23 @@ def _add_config_args(p: argparse.ArgumentParser, cls, skip=()) -> None:
 
 
 def _override(cfg, args):
+    """``cfg`` with the values given on the command line; a value the config refuses is a usage error."""
+    from knowcat.errors import UsageError
+
     changes = {f.name: getattr(args, f.name) for f in fields(cfg)
                if getattr(args, f.name, None) is not None}
-    return replace(cfg, **changes)
+    try:
+        return replace(cfg, **changes)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"{e}; see knowcat {args.command} --help") from None
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", help="an EntityQuestions folder, a JSONL/JSON/CSV/Parquet file, "
                                 "a saved Hugging Face dataset, or a local dataset load_dataset can read")
     g = p.add_argument_group("data")
-    g.add_argument("--format", default=None, help="force the format: entityquestions, jsonl, json, csv, parquet, hf")
+    g.add_argument("--format", default=None, help="force the format: entityquestions, jsonl, json, csv, parquet, hf, "
+                                                 "or an SFT format: messages, prompt_completion, sharegpt, alpaca")
     g.add_argument("--field", action="append", default=[], metavar="NAME=COLUMN",
                    help="map a record field to your column, e.g. --field question=prompt --field answers=targets")
     g.add_argument("--relation", default=None, help="relation for records that have none")
@@ -50,44 +66,91 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rejects", default=None, help="with --on-error skip: where to write the skipped records")
 
 
+def _rejects_writer(args):
+    """The one rejects file of this command (``--rejects``, else beside the output), shared by every
+    load of the command so that no load overwrites another's rejects."""
+    from knowcat.loaders import RejectWriter
+
+    w = getattr(args, "_rejects_writer", None)
+    if w is None:
+        if getattr(args, "rejects", None):
+            path = Path(args.rejects)
+        elif args.command == "data":
+            out = Path(args.out)
+            path = out.with_name(out.stem + ".rejects.jsonl")
+        else:
+            path = Path(getattr(args, "out", None) or getattr(args, "run", None) or ".") / "rejects.jsonl"
+        w = args._rejects_writer = RejectWriter(path)
+    return w
+
+
 def load_from_args(args, log=print, source=None, with_fields=False):
     """Examples from the data arguments (``source`` overrides ``args.data``); with
-    ``with_fields`` also the FieldMap used, to write records back in the user's format."""
-    from knowcat.loaders import FieldMap, apply_paper_filters, load_examples
+    ``with_fields`` also the FieldMap used, to write records back in the user's format.
+    With ``--on-error skip`` the bad records go to one rejects file (``--rejects``, else beside
+    the output), always written, and its path is printed. Loading no example is an error."""
+    from knowcat.errors import DataError
+    from knowcat.loaders import apply_paper_filters, load_examples
 
     opts = {}
-    fieldmap = None
-    if args.field:
-        mapping = {}
-        for item in args.field:
-            if "=" not in item:
-                raise SystemExit(f"--field expects NAME=COLUMN, got {item!r}")
-            k, v = item.split("=", 1)
-            mapping[k.strip()] = v.strip()
-        try:
-            fieldmap = opts["fields"] = FieldMap(**mapping)
-        except TypeError as e:
-            raise SystemExit(f"--field: {e}")
+    fieldmap = _field_map(args)
+    if fieldmap is not None:
+        opts["fields"] = fieldmap
     for name in ("relation", "split", "answers_sep"):
         if getattr(args, name) is not None:
             opts[name] = getattr(args, name)
     opts["on_error"] = args.on_error
-    if args.rejects:
-        opts["rejects"] = args.rejects
+    writer = None
+    if args.on_error == "skip":
+        writer = opts["rejects"] = _rejects_writer(args)
     source = source or args.data
-    examples = load_examples(source, format=args.format, **opts)
-    log(f"loaded {len(examples)} examples from {source}")
+    before = writer.count if writer else 0
+    quiet = logging.getLogger("knowcat.loaders")
+    was, quiet.disabled = quiet.disabled, True  # the line below says what was skipped and where
+    try:
+        examples = load_examples(source, format=args.format, **opts)
+    finally:
+        quiet.disabled = was
+        if writer is not None:
+            writer.close()
+    skipped = (writer.count - before) if writer else 0
+    log(f"loaded {len(examples)} examples from {source}"
+        + (f"; skipped {skipped} bad record(s), listed in {writer.path}" if writer else ""))
+    if not examples:
+        raise DataError("no examples loaded" + (f" (all {skipped} records were bad; see {writer.path})"
+                                                if skipped else ""), file=source)
     if args.drop_multi_answer or args.drop_overlap:
         examples, _ = apply_paper_filters(examples, multi_answer=args.drop_multi_answer,
                                           overlap=args.drop_overlap, log=log)
     return (examples, fieldmap) if with_fields else examples
 
 
+def _field_map(args):
+    """The ``--field NAME=COLUMN`` mappings as a FieldMap (None when none is given)."""
+    from knowcat.errors import UsageError
+    from knowcat.loaders import FieldMap
+
+    if not getattr(args, "field", None):
+        return None
+    mapping = {}
+    for item in args.field:
+        if "=" not in item:
+            raise UsageError(f"--field expects NAME=COLUMN, got {item!r}")
+        k, v = item.split("=", 1)
+        mapping[k.strip()] = v.strip()
+    try:
+        return FieldMap.coerce(mapping)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--field: {e}") from None
+
+
 def split_for_categorize(examples, exemplar_split: str, splits: str | None, exemplars=None):
     """(examples to categorize, exemplar pool). Default: every split but the exemplars'."""
+    from knowcat.errors import UsageError
+
     pool = exemplars if exemplars is not None else [e for e in examples if e.split == exemplar_split]
     if not pool:
-        raise SystemExit(f"no exemplars: the data has no '{exemplar_split}' split; give --exemplars FILE "
+        raise UsageError(f"no exemplars: the data has no '{exemplar_split}' split; give --exemplars FILE "
                          f"(few-shot exemplars of the same relations) or --exemplar-split NAME")
     if splits:
         wanted = {s.strip() for s in splits.split(",") if s.strip()}
@@ -95,8 +158,61 @@ def split_for_categorize(examples, exemplar_split: str, splits: str | None, exem
     else:
         todo = [e for e in examples if exemplars is not None or e.split != exemplar_split]
     if not todo:
-        raise SystemExit(f"nothing to categorize (splits: {splits or 'all but ' + exemplar_split})")
+        raise UsageError(f"nothing to categorize (splits: {splits or 'all but ' + exemplar_split}); "
+                         f"choose splits the data has with --splits")
     return todo, pool
+
+
+def check_exemplars(todo, pool, k: int, exemplar_split: str) -> None:
+    """Every relation to answer needs k + 1 exemplars of its own relation (k per prompt and a spare)."""
+    from collections import Counter
+
+    from knowcat.errors import UsageError
+
+    have = Counter(e.relation for e in pool)
+    for rel in sorted({e.relation for e in todo}):
+        if have[rel] < k + 1:
+            raise UsageError(f"relation {rel} has {have[rel]} exemplar(s) in the '{exemplar_split}' split; --k {k} "
+                             f"needs at least {k + 1}: lower --k, or give more exemplars (--exemplars FILE)")
+
+
+def _sft_format(args) -> str | None:
+    """The SFT chat format of ``args.data`` (forced by ``--format`` or detected), or None for QA data."""
+    from knowcat.loaders.sft import SFT_FORMATS, is_chat_format, normalize_format, sniff_format
+
+    if args.format:
+        try:
+            fmt = normalize_format(args.format)
+        except ValueError:
+            return None
+        return fmt if is_chat_format(fmt) else None
+    p = Path(args.data)
+    if p.is_file() and p.suffix.lower() in (".jsonl", ".ndjson", ".json", ".parquet", ".pq") or (
+            p.is_dir() and not (p / "relation_query_templates.json").exists()):
+        fmt = sniff_format(p)
+        return fmt if fmt in SFT_FORMATS and is_chat_format(fmt) else None
+    return None
+
+
+def _install_judge(args, cfg) -> None:
+    """With ``--match judge``: load ``--judge-model`` and make it the judge of answers."""
+    if cfg.match != "judge":
+        return
+    if not getattr(args, "judge_model", None):
+        raise UsageError("--match judge needs --judge-model M (a model asked whether an answer agrees with the reference)")
+    from knowcat.matching import Judge, set_judge
+    from probes.loading import load_model
+
+    set_judge(Judge(*load_model(args.judge_model, device=args.device, dtype=args.dtype)))
+
+
+def _categorize_sft(args, fmt, cfg):
+    from knowcat.sft import categorize_sft
+
+    categorize_sft(args.model, args.data, args.out, cfg, format=fmt, turns=args.turns, group_by=args.group_by,
+                   max_answer_tokens=args.max_answer_tokens, exemplars=args.exemplars, on_error=args.on_error,
+                   rejects=args.rejects, shard_size=args.shard_size, device=args.device, dtype=args.dtype,
+                   batch_size=args.batch_size, progress=not args.no_progress)
 
 
 def cmd_categorize(args):
@@ -104,9 +220,14 @@ def cmd_categorize(args):
     from knowcat.slick import SliCKConfig
 
     cfg = _override(SliCKConfig(), args)
+    _install_judge(args, cfg)
+    sft_fmt = _sft_format(args)
+    if sft_fmt:
+        return _categorize_sft(args, sft_fmt, cfg)
     examples, fieldmap = load_from_args(args, with_fields=True)
     exemplars = load_from_args(args, source=args.exemplars) if args.exemplars else None
     todo, pool = split_for_categorize(examples, cfg.exemplar_split, args.splits, exemplars)
+    check_exemplars(todo, pool, cfg.k, cfg.exemplar_split)
     if args.per_relation:
         seen: dict = {}
         todo = [e for e in todo if seen.setdefault(e.relation, []).append(e) or len(seen[e.relation]) <= args.per_relation]
@@ -115,7 +236,9 @@ def cmd_categorize(args):
     if args.backend == "vllm" or (args.backend == "ray" and args.ray_engine == "vllm"):
         opts = {"tensor_parallel_size": args.tensor_parallel_size, "dtype": args.dtype}
     if args.data_parallel_size > 1 and (args.backend != "vllm" or args.ray_address):
-        raise SystemExit("--data-parallel-size runs several vLLM engines on this machine (--backend vllm); "
+        from knowcat.errors import UsageError
+
+        raise UsageError("--data-parallel-size runs several vLLM engines on this machine (--backend vllm); "
                          "with --backend ray the replicas are --ray-workers (--ray-engine vllm)")
     if args.backend == "vllm" and args.data_parallel_size > 1:
         from knowcat.ray_runner import run_categorize_data_parallel
@@ -137,6 +260,59 @@ def cmd_categorize(args):
                    progress=not args.no_progress, backend=args.backend, backend_options=opts)
 
 
+def cmd_estimate(args):
+    from knowcat.estimate import EstimateConfig, estimate, read_labels, write_estimate
+    from knowcat.slick import SliCKConfig
+    from probes.loading import load_model
+
+    try:
+        cfg = _override(EstimateConfig(), args)
+        scfg = SliCKConfig(match=args.match, keep_answers=True)
+    except ValueError as e:
+        raise UsageError(f"knowcat estimate: {e}") from None
+    _install_judge(args, scfg)
+    labels = read_labels(args.labels) if args.labels else None
+    sft_fmt = _sft_format(args)
+    if sft_fmt:
+        from knowcat.loaders.sft import load_sft
+        from knowcat.sft import annotate_records, prepare, write_annotated
+
+        from knowcat.loaders.sft import write_rejects
+
+        ds = load_sft(args.data, format=sft_fmt, turns=args.turns, on_error=args.on_error)
+        if ds.rejects or args.rejects:
+            rp = Path(args.rejects or Path(args.out) / "load_rejects.jsonl")
+            write_rejects(rp, ds.rejects)
+            print(f"estimate: {len(ds.rejects)} malformed records skipped -> {rp}")
+        examples, na = prepare(ds, args.group_by, args.max_answer_tokens)
+        todo = [e for e in examples if e.id not in na]
+        pool = load_sft(args.exemplars, turns="all").examples(args.group_by) if args.exemplars else todo
+    else:
+        examples, fieldmap = load_from_args(args, with_fields=True)
+        exemplars = load_from_args(args, source=args.exemplars) if args.exemplars else None
+        todo, pool = split_for_categorize(examples, cfg.exemplar_split, args.splits, exemplars)
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
+    try:
+        res = estimate(model, tok, todo, pool, cfg, scfg, labels=labels, run_dir=args.out, model_name=args.model,
+                       progress=not args.no_progress, shard_size=args.shard_size)
+    except ValueError as e:
+        if type(e) is not ValueError:  # DataError: the usual bad-input path
+            raise
+        raise UsageError(f"knowcat estimate: {e}") from None
+    if sft_fmt:
+        from knowcat.slick import CATEGORIES
+
+        results = {i: {"category": c, "method": m, "probs": dict(zip(CATEGORIES, map(float, p)))}
+                   for i, c, m, p in zip(res.ids, res.categories, res.method, res.probs)}
+        out = Path(args.out) / ("estimated_sft" + {"jsonl": ".jsonl", "json": ".json", "parquet": ".parquet",
+                                                   "hf": ""}[ds.container])
+        write_annotated(out, annotate_records(ds, examples, results, None, na), None if out.suffix else "hf")
+        write_estimate(args.out, todo, res)
+    else:
+        out = write_estimate(args.out, todo, res, fields=fieldmap)
+    print(f"estimate: wrote {out} and {Path(args.out) / 'estimate_summary.json'}")
+
+
 def cmd_filter(args):
     from knowcat.filtering import FilterConfig, filter_file
 
@@ -149,8 +325,10 @@ def cmd_filter(args):
                            category_field=args.category_field, answers_field=args.answers_field,
                            relation_field=args.relation_field, seed=args.seed)
     except ValueError as e:
-        raise SystemExit(str(e))
-    filter_file(args.input, args.out, cfg, rejects_path=args.rejects)
+        from knowcat.errors import UsageError
+
+        raise UsageError(str(e)) from None
+    filter_file(args.input, args.out, cfg, rejects_path=args.rejects, stats_path=args.stats)
 
 
 def cmd_demo(args):
@@ -163,7 +341,7 @@ def cmd_demo(args):
                        device=args.device, progress=not args.no_progress)
         return
     run_demo(args.out, preset=args.preset, seed=args.seed, device=args.device, progress=not args.no_progress,
-             study=not args.no_study)
+             study=not args.no_study, verbose=args.verbose)
 
 
 def cmd_world_build(args):
@@ -200,6 +378,11 @@ def cmd_greedy(args):
     fs = _override(FewShotConfig(), args)
     pool = [e for e in examples if e.split == fs.exemplar_split]
     evalset = [e for e in examples if e.split == args.eval_split] if args.eval_split else examples
+    if not evalset:
+        from knowcat.errors import UsageError
+
+        raise UsageError(f"no example of the split '{args.eval_split}' to evaluate; choose one with --eval-split")
+    check_exemplars(evalset, pool, fs.k, fs.exemplar_split)
     engine = open_engine("transformers", args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
     res = greedy_accuracy(engine, evalset, pool, fs, match=args.match)
     out = RunDir(args.out)
@@ -216,12 +399,34 @@ def cmd_greedy(args):
         print(format_check(check))
 
 
+def _numbers(text: str, typ, flag: str) -> tuple:
+    """Comma-separated numbers of a flag; anything else is a usage error."""
+    from knowcat.errors import UsageError
+
+    try:
+        vals = tuple(typ(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UsageError(f"{flag} expects comma-separated {typ.__name__}s, got {text!r}") from None
+    if not vals or any(v != v for v in vals):
+        raise UsageError(f"{flag} expects comma-separated {typ.__name__}s, got {text!r}")
+    return vals
+
+
+def _replace_checked(cfg, **changes):
+    from knowcat.errors import UsageError
+
+    try:
+        return replace(cfg, **changes)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+
+
 def _mixture_config(args):
     from knowcat.mixtures import MixtureConfig
 
     cfg = _override(MixtureConfig(), args)
     if getattr(args, "unknown_percents_csv", None):
-        cfg = replace(cfg, unknown_percents=tuple(int(x) for x in args.unknown_percents_csv.split(",") if x.strip()))
+        cfg = _replace_checked(cfg, unknown_percents=_numbers(args.unknown_percents_csv, int, "--unknown-percents"))
     return cfg
 
 
@@ -358,9 +563,9 @@ def cmd_surrogate(args):
     if args.surrogates:
         cfg = replace(cfg, surrogates=tuple(x.strip() for x in args.surrogates.split(",") if x.strip()))
     if args.rtol_sweep_csv:
-        cfg = replace(cfg, rtol_sweep=tuple(float(x) for x in args.rtol_sweep_csv.split(",")))
+        cfg = replace(cfg, rtol_sweep=_numbers(args.rtol_sweep_csv, float, "--rtol-sweep"))
     if args.residual_sweep_csv:
-        cfg = replace(cfg, residual_sweep=tuple(float(x) for x in args.residual_sweep_csv.split(",")))
+        cfg = replace(cfg, residual_sweep=_numbers(args.residual_sweep_csv, float, "--residual-sweep"))
     if args.tests_only:
         from knowcat.surrogate import evaluate_run
         from linear_models.hypothesis import format_verdict
@@ -403,7 +608,8 @@ def build_parser() -> argparse.ArgumentParser:
     from knowcat.world.build import PRESETS, WorldConfig
     from knowcat.world.pretrain import PretrainConfig
 
-    p = argparse.ArgumentParser(prog="knowcat", description=__doc__)
+    p = _Parser(prog="knowcat", description=__doc__)
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (also KNOWCAT_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="the whole pipeline on the embedded default world and its small model")
@@ -414,6 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "OUT/seed_S, then b_kn, b_unk and the findings across them (OUT/replicates.json)")
     d.add_argument("--device", default="auto", help="auto | cpu | cuda")
     d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--verbose", action="store_true",
+                   help="every stage's detail and library warnings on the terminal (otherwise in RUN/demo.log)")
     d.add_argument("--no-study", action="store_true", help="stop after categorization (skip the fine-tuning study and the surrogates)")
     d.set_defaults(func=cmd_demo)
 
@@ -448,6 +656,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--per-relation", type=int, default=None, metavar="N",
                    help="categorize only the first N questions of each relation (a quick look at a big dataset)")
     c.add_argument("--shard-size", type=int, default=256)
+    s = c.add_argument_group("SFT data (messages, prompt/completion, ShareGPT, Alpaca; --format forces one)")
+    s.add_argument("--turns", default="last", choices=["last", "all"],
+                   help="multi-turn records: ask the last assistant turn (default) or each")
+    s.add_argument("--group-by", default=None, metavar="FIELD",
+                   help="draw few-shot exemplars from records with the same value of FIELD")
+    s.add_argument("--judge-model", default=None, metavar="M",
+                   help="with --match judge: the model asked whether an answer agrees with the reference")
+    s.add_argument("--max-answer-tokens", type=int, default=32, metavar="N",
+                   help="turns whose reference answer is over N words are not_applicable (not categorized)")
     c.add_argument("--batch-size", type=int, default=None, help="decoded rows per batch (default: by device, "
                                                                 "halved on out-of-memory)")
     c.add_argument("--device", default="auto")
@@ -478,11 +695,39 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--abstention", default="I don't know")
     f.add_argument("--cap-per-relation", type=int, default=None)
     f.add_argument("--rejects", default=None, help="rejects file (default OUT's name + .rejects.jsonl)")
+    f.add_argument("--stats", default=None, help="stats file (default OUT's name + .stats.json)")
     f.add_argument("--category-field", default="category")
     f.add_argument("--answers-field", default="answers")
     f.add_argument("--relation-field", default="relation")
     f.add_argument("--seed", type=int, default=0, help="seed of the per-relation cap's sample")
     f.set_defaults(func=cmd_filter)
+
+    from knowcat.estimate import EstimateConfig
+
+    es = sub.add_parser("estimate", help="categories of a whole dataset from one teacher-forced pass per prompt, "
+                                         "calibrated on a SliCK-categorized sample")
+    es.add_argument("--model", required=True, help="hub id or local folder")
+    add_data_args(es)
+    es.add_argument("--out", required=True, help="run directory (estimated.jsonl, estimate_summary.json)")
+    es.add_argument("--splits", default=None, help="comma-separated splits to estimate (default: all but the "
+                                                   "exemplar split)")
+    es.add_argument("--exemplars", default=None, help="a file/folder of few-shot exemplars")
+    es.add_argument("--labels", default=None, metavar="CATEGORIZED_FILE",
+                    help="SliCK categories already computed (a categorize run's categorized.jsonl): the calibration "
+                         "sample takes them instead of running SliCK, and the other labelled examples validate")
+    es.add_argument("--match", default="exact", help="SliCK's answer matching on the calibration sample: exact, "
+                                                     "contains, f1 or f1@THRESHOLD")
+    es.add_argument("--judge-model", default=None, metavar="M", help="with --match judge: the judge model")
+    es.add_argument("--turns", default="last", choices=["last", "all"])
+    es.add_argument("--group-by", default=None, metavar="FIELD")
+    es.add_argument("--max-answer-tokens", type=int, default=32, metavar="N")
+    es.add_argument("--shard-size", type=int, default=4096,
+                    help="examples per feature shard (each saved as it finishes; a rerun resumes)")
+    es.add_argument("--device", default="auto")
+    es.add_argument("--dtype", default="auto")
+    es.add_argument("--no-progress", action="store_true")
+    _add_config_args(es, EstimateConfig)
+    es.set_defaults(func=cmd_estimate)
 
     g = sub.add_parser("greedy", help="few-shot greedy accuracy (SliCK prompts) of a model on a dataset")
     g.add_argument("--model", required=True, help="hub id or local folder")
@@ -579,19 +824,155 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# ---------------------------------------------------------------------------------------------
+# validation before any work, and the one error path
+
+# (flag dest, lowest value, lowest allowed is strict, highest or None): every numeric argument a user
+# may give, checked before anything is loaded
+_RANGES = {
+    "n_prompts": (1, False, None), "k": (1, False, None), "n_samples": (0, False, None), "top_k": (1, False, None),
+    "temperature": (0, True, None), "max_new_tokens": (1, False, None), "alpha": (0, True, 1),
+    "shard_size": (1, False, None), "per_relation": (1, False, None), "batch_size": (1, False, None),
+    "eval_batch_size": (1, False, None), "per_device_batch_size": (1, False, None), "epochs": (1, False, None),
+    "lr": (0, True, None), "weight_decay": (0, False, None), "warmup_ratio": (0, False, 1),
+    "lora_r": (1, False, None), "lora_alpha": (0, True, None), "lora_dropout": (0, False, 1),
+    "log_every": (0, False, None), "ray_workers": (1, False, None), "ray_gpus_per_worker": (0, False, None),
+    "tensor_parallel_size": (1, False, None), "data_parallel_size": (1, False, None),
+    "cap_per_relation": (1, False, None), "max_table_rows": (0, False, None), "size": (1, False, None),
+    "idk_from": (0, False, 100), "block_size": (2, False, None), "vocab_size": (1, False, None),
+    "hidden_size": (1, False, None), "num_layers": (1, False, None), "num_heads": (1, False, None),
+    "intermediate_size": (1, False, None), "warmup_steps": (0, False, None), "checkpoint_every": (1, False, None),
+    "threads": (1, False, None), "min_lr_ratio": (0, False, 1),
+}
+
+_FORMATS = ("entityquestions", "eq", "hf", "datasets", "jsonl", "json", "csv", "parquet")
+
+# what each command writes inside its output folder (None: the whole folder is the command's)
+_WRITES = {
+    "categorize": ("categorize", "categorized.jsonl", "categorized.parquet", "categorize_summary.json",
+                   "rejects.jsonl"),
+    "greedy": ("greedy.jsonl", "exposure_check.json", "rejects.jsonl"),
+    "finetune": None,
+    "experiment": ("mixtures", "finetune", "analysis.json", "rejects.jsonl"),
+    "surrogate": ("surrogates",),
+}
+
+
+def validate_args(args) -> None:
+    """Check every argument before any work: number ranges, names, the model folder, and that no
+    output lands in a model folder (:func:`knowcat.paths.check_output_separate`)."""
+    import math
+
+    from knowcat.errors import UsageError
+    from knowcat.paths import check_model_source, check_output_separate
+
+    for name, (lo, strict, hi) in _RANGES.items():
+        v = getattr(args, name, None)
+        if v is None or isinstance(v, bool):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise UsageError(f"{flag} must be a finite number, got {v}")
+        if v < lo or (strict and v == lo) or (hi is not None and (v > hi or strict and v == hi)):
+            rng = (f"{'above' if strict else 'at least'} {lo}"
+                   + (f" and {'below' if strict else 'at most'} {hi}" if hi is not None else ""))
+            raise UsageError(f"{flag} must be {rng}, got {v}")
+    if getattr(args, "match", None) == "judge" and not getattr(args, "judge_model", None):
+        raise UsageError("--match judge needs --judge-model M (a model asked whether an answer agrees with the reference)")
+    fmt = getattr(args, "format", None)
+    if fmt is not None and fmt.lower() not in _FORMATS:
+        raise UsageError(f"unknown --format {fmt!r}; choose one of {', '.join(_FORMATS)}")
+    if getattr(args, "field", None):
+        _field_map(args)
+    if getattr(args, "rejects", None) and getattr(args, "on_error", "skip") != "skip" and args.command != "filter":
+        raise UsageError("--rejects is only used with --on-error skip; add --on-error skip or drop --rejects")
+    dtype = getattr(args, "dtype", None)
+    if dtype is not None:
+        from probes.loading import _DTYPES
+
+        if dtype.lower() not in _DTYPES:
+            raise UsageError(f"unknown --dtype {dtype!r}; choose one of {', '.join(sorted(_DTYPES))}")
+    device = getattr(args, "device", None)
+    if device is not None and device != "auto":
+        import torch
+
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, ValueError):
+            raise UsageError(f"unknown --device {device!r}; choose auto, cpu, cuda, cuda:N or mps") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
+    for flag, dest, typ in (("--unknown-percents", "unknown_percents_csv", int), ("--rtol-sweep", "rtol_sweep_csv", float),
+                            ("--residual-sweep", "residual_sweep_csv", float)):
+        if getattr(args, dest, None):
+            _numbers(getattr(args, dest), typ, flag)
+    model = getattr(args, "model", None)
+    if model is not None:
+        check_model_source(model)
+        out = getattr(args, "out", None) or getattr(args, "run", None)
+        if out is not None and args.command in _WRITES:
+            check_output_separate([model], out, _WRITES[args.command],
+                                  what="run directory" if args.command != "finetune" else "output folder")
+            if getattr(args, "rejects", None):
+                check_output_separate([model], args.rejects, what="rejects file")
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+    return text if len(text) <= 600 else text[:597] + "..."
+
+
 def main(argv=None) -> int:
-    from knowcat.errors import DataError
+    """Run one command. A user mistake (an argument, a path, a model folder, a bad record) ends with
+    one line on stderr and exit code 2; ``--debug`` shows the traceback instead."""
+    import os
+    import pickle
+
+    from knowcat.errors import DataError, UsageError
     from knowcat.runs import RunMismatch
 
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("KNOWCAT_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        validate_args(args)
         args.func(args)
+    except KeyboardInterrupt:
+        print("knowcat: interrupted (finished shards and epochs are kept; rerun the command to resume)",
+              file=sys.stderr)
+        return 130
     except DataError as e:
-        print(f"knowcat: bad input: {e}", file=sys.stderr)
+        if debug:
+            raise
+        hint = "; fix it, or pass --on-error skip to set bad records aside" if (
+            e.record is not None and getattr(args, "on_error", None) == "raise") else ""
+        print(f"knowcat: bad input: {_one_line(e)}{hint}", file=sys.stderr)
         return 2
-    except RunMismatch as e:
-        print(f"knowcat: {e}", file=sys.stderr)
+    except (UsageError, RunMismatch) as e:
+        if debug:
+            raise
+        print(f"knowcat: {_one_line(e)}", file=sys.stderr)
         return 2
+    except pickle.UnpicklingError as e:
+        if debug:
+            raise
+        print(f"knowcat: refused to load a file that is not plain tensors and values "
+              f"({_one_line(e)[:200]}); remove it", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as e:  # library refusals and file-system problems: the message says which
+        if debug:
+            raise
+        print(f"knowcat: {type(e).__name__}: {_one_line(e)} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 2
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(f"knowcat: {_one_line(e.code)}", file=sys.stderr)
+            return 2
+        raise
     return 0
 
 

@@ -22,3 +22,8 @@ class DataError(ValueError):
 
     def as_reject(self) -> dict:
         return {"file": self.file, "record": self.record, "field": self.field, "reason": self.reason}
+
+
+class UsageError(ValueError):
+    """A mistake in how knowcat was called (an argument, a path, a model folder): the message says what
+    is wrong and what to do instead. The command line prints it as one line and exits with code 2."""

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from knowcat.errors import DataError
-from knowcat.io import atomic_write_text
+from knowcat.errors import DataError, UsageError
+from knowcat.io import atomic_write_text, json_safe
 from knowcat.slick import CATEGORIES
 
 
@@ -32,6 +32,8 @@ class FilterConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if self.cap_per_relation is not None and self.cap_per_relation < 1:
+            raise ValueError(f"--cap-per-relation must be at least 1, got {self.cap_per_relation}")
         for name in ("keep", "drop", "relabel"):
             vals = getattr(self, name) or ()
             bad = [v for v in vals if v not in CATEGORIES]
@@ -85,7 +87,9 @@ def filter_records(records: list[dict], cfg: FilterConfig, source: str | None = 
     if cfg.cap_per_relation is not None:
         by_rel: dict = {}
         for j, rec in enumerate(kept):
-            by_rel.setdefault(rec.get(cfg.relation_field), []).append(j)
+            rel = rec.get(cfg.relation_field)
+            key = rel if rel is None or isinstance(rel, (str, int, float)) else json.dumps(rel, default=str)
+            by_rel.setdefault(key, []).append(j)
         rng = np.random.default_rng(cfg.seed)
         keep_idx = set()
         for rel, idxs in by_rel.items():
@@ -111,62 +115,131 @@ def _format(path: Path) -> str:
         return "jsonl" if suf == ".jsonl" else "json"
     if suf in (".parquet", ".csv"):
         return suf[1:]
-    raise ValueError(f"{path}: unknown file type {suf!r}; use .jsonl, .json, .csv or .parquet")
+    raise UsageError(f"{path}: unknown file type {suf!r}; use .jsonl, .json, .csv or .parquet")
+
+
+def _csv_cell(v: str):
+    """A CSV cell back as written: JSON lists and objects decoded, everything else text."""
+    s = v.strip()
+    if s[:1] in ("[", "{") and s[-1:] in ("]", "}"):
+        try:
+            return json.loads(s)
+        except ValueError:
+            return v
+    return v
 
 
 def read_records(path) -> list[dict]:
-    """Records of a categorized file as dicts, whatever its format."""
-    import pandas as pd
+    """Records of a categorized file as dicts, whatever its format; the first bad record raises
+    :class:`DataError` naming the file and the record. What :func:`write_records` wrote reads back
+    equal (CSV cells are text: lists and objects come back from their JSON, numbers as text)."""
+    from knowcat.loaders.readers import READERS
 
     path = Path(path)
     fmt = _format(path)
-    if fmt in ("jsonl", "json"):
-        text = path.read_text(encoding="utf-8")
-        if fmt == "json" and text.lstrip().startswith("["):
-            return json.loads(text)
-        out = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"malformed JSON: {e.msg}", file=path, record=n) from None
-        return out
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
+    if not path.is_file():
+        raise DataError("no such file" if not path.exists() else "not a file", file=path)
+    out = []
+    for rr in READERS[fmt](path):
+        if rr.error is not None:
+            raise rr.error
+        rec = rr.value
+        if not isinstance(rec, dict):
+            raise DataError(f"expected a record (a JSON object), got {type(rec).__name__}", file=path,
+                            record=rr.record)
+        if fmt == "csv":
+            rec = {k: _csv_cell(v) for k, v in rec.items()}
+        out.append(rec)
+    return out
 
-        return pq.read_table(path).to_pylist()
-    return pd.read_csv(path, dtype=str, keep_default_na=False).to_dict(orient="records")
+
+def _parquet_table(records: list[dict]):
+    """An Arrow table of ``records``; a column whose values share no Arrow type (a number in one
+    record, text in another) or hold mappings (whose keys differ from record to record) is stored as
+    JSON text and named in the schema's metadata, so :func:`read_records` gives it back as it was."""
+    import pyarrow as pa
+
+    from knowcat.loaders.readers import JSON_COLUMNS_KEY
+
+    names: dict = {}
+    for r in records:
+        names.update(dict.fromkeys(r))
+    arrays, json_cols = {}, []
+    for name in names:
+        col = [r.get(name) for r in records]
+        nested = any(isinstance(v, dict) or (isinstance(v, list) and any(isinstance(x, (dict, list)) for x in v))
+                     for v in col)
+        arr = None
+        if not nested:
+            try:
+                arr = pa.array(col)
+                kinds = {type(v) for v in col if v is not None}
+                if len(kinds - {int, float}) > 1 or (bool in kinds and len(kinds) > 1) or pa.types.is_null(arr.type) and kinds:
+                    arr = None
+            except (pa.ArrowException, TypeError, ValueError, OverflowError):
+                arr = None
+        if arr is None:
+            arr = pa.array([None if v is None else json.dumps(v, ensure_ascii=False, allow_nan=False) for v in col],
+                           type=pa.string())
+            json_cols.append(name)
+        arrays[name] = arr
+    table = pa.table(arrays) if arrays else pa.table({})
+    if json_cols:
+        table = table.replace_schema_metadata({JSON_COLUMNS_KEY: json.dumps(json_cols).encode()})
+    return table
+
+
+def _csv_text(records: list[dict]) -> str:
+    import csv
+    import io
+
+    names: dict = {}
+    for r in records:
+        names.update(dict.fromkeys(r))
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(list(names))
+    for r in records:
+        w.writerow(["" if r.get(k) is None else r[k] if isinstance(r[k], str)
+                    else json.dumps(r[k], ensure_ascii=False, allow_nan=False) for k in names])
+    return buf.getvalue()
 
 
 def write_records(path, records: list[dict]) -> None:
-    import pandas as pd
-
+    """Write ``records`` atomically in the format of ``path``'s suffix: JSONL, JSON (a list), CSV
+    (lists and objects as JSON text) or Parquet (see :func:`_parquet_table`). NaN is never written:
+    JSON has none (it becomes null)."""
     path = Path(path)
     fmt = _format(path)
+    records = json_safe(records)
     if fmt == "jsonl":
-        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in records))
     elif fmt == "json":
-        atomic_write_text(path, json.dumps(records, ensure_ascii=False, indent=1))
+        atomic_write_text(path, json.dumps(records, ensure_ascii=False, indent=1, allow_nan=False))
+    elif fmt == "csv":
+        atomic_write_text(path, _csv_text(records))
     else:
+        import pyarrow.parquet as pq
+
+        table = _parquet_table(records)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name("." + path.name + ".tmp")
-        if fmt == "parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            pq.write_table(pa.Table.from_pylist(records), tmp)
-        else:
-            pd.DataFrame(records).to_csv(tmp, index=False)
+        pq.write_table(table, tmp)
         tmp.replace(path)
 
 
 def filter_file(src, out, cfg: FilterConfig, rejects_path=None, log=print) -> FilterResult:
+    _format(Path(out))  # an unknown output type is refused before any work
+    rp = Path(rejects_path) if rejects_path else Path(out).with_name(Path(out).stem + ".rejects.jsonl")
+    if Path(src).resolve() in (Path(out).resolve(), rp.resolve()):
+        raise UsageError(f"the output {out} or its rejects file {rp} is the input {src}; write elsewhere")
     records = read_records(src)
+    if not records:
+        raise DataError("empty file: it holds no records", file=src)
     res = filter_records(records, cfg, source=str(src))
     write_records(out, res.kept)
-    rp = Path(rejects_path) if rejects_path else Path(out).with_name(Path(out).stem + ".rejects.jsonl")
-    atomic_write_text(rp, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in res.rejects))
+    atomic_write_text(rp, "".join(json.dumps(json_safe(r), ensure_ascii=False, allow_nan=False) + "\n"
+                                  for r in res.rejects))
     log(str(res))
     log(f"filter: wrote {out} ({len(res.kept)} records) and {rp} ({len(res.rejects)} rejects)")
     return res

@@ -312,12 +312,9 @@ def latest_complete_checkpoint(ckpt_dir, log=None) -> Path | None:
 
 
 def _check_out_dir(model_name: str, out: Path) -> None:
-    mp = Path(model_name)
-    if mp.exists():
-        m, o = mp.resolve(), out.resolve()
-        if o == m or m in o.parents:
-            raise ValueError(f"the output folder {out} lies inside the base model's folder {model_name}; "
-                             f"knowcat never writes into a base model's folder")
+    from knowcat.paths import check_output_separate
+
+    check_output_separate([model_name], out, what="output folder")
 
 
 def finetune(model_name: str, train_rows: list[dict], eval_sets: dict[str, list[dict]], out_dir,

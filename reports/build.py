@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import shlex
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -119,13 +120,27 @@ def run_seeds(run: Path) -> list[dict]:
 
 
 def _rerun_command(run: Path, demo_cfg: dict | None, cat_cfg: dict | None) -> str:
+    """The command that made the run, every recorded setting as a flag, every value shell-quoted."""
+    q = shlex.quote
     if demo_cfg:
-        return f"knowcat demo --preset {demo_cfg.get('preset', 'default')} --out {run}"
+        cmd = f"knowcat demo --preset {q(str(demo_cfg.get('preset', 'default')))} --out {q(str(run))}"
+        seeds = {(demo_cfg.get(part) or {}).get("seed") for part in ("world", "pretrain", "slick")} - {None}
+        if len(seeds) == 1:  # --seed sets all three
+            cmd += f" --seed {q(str(seeds.pop()))}"
+        return cmd
     if cat_cfg:
-        p = cat_cfg.get("protocol", {})
-        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in p.items()
-                         if k in ("n_prompts", "k", "n_samples", "temperature", "top_k", "seed", "match"))
-        return f"knowcat categorize --model {cat_cfg.get('model')} {cat_cfg.get('data')} --out {run} {flags}"
+        parts = ["knowcat", "categorize", "--model", q(str(cat_cfg.get("model"))), q(str(cat_cfg.get("data"))),
+                 "--out", q(str(run))]
+        for key in ("shard_size", "backend"):
+            if cat_cfg.get(key) is not None:
+                parts += [f"--{key.replace('_', '-')}", q(str(cat_cfg[key]))]
+        for k, v in (cat_cfg.get("protocol") or {}).items():
+            flag = f"--{k.replace('_', '-')}"
+            if isinstance(v, bool):
+                parts.append(flag if v else f"--no-{k.replace('_', '-')}")
+            elif v is not None:
+                parts += [flag, q(str(v))]
+        return " ".join(parts)
     return ""
 
 

@@ -28,6 +28,9 @@ import seaborn as sns  # noqa: E402
 CATEGORIES = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
 PALETTE = dict(zip(CATEGORIES, ("#1b7837", "#7fbf7b", "#f1a340", "#b2182b")))
 sns.set_theme(style="whitegrid", context="notebook")
+# labels come from the data (relation names, category names): never read them as mathtext, where a "$"
+# would start a formula and a name like "$\\x$" would stop the report with a parse error
+matplotlib.rcParams["text.parse_math"] = False
 
 
 def _svg(fig) -> str:

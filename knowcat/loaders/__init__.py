@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from knowcat.errors import DataError
+from knowcat.errors import DataError, UsageError
 from knowcat.examples import QAExample
 from knowcat.loaders.entityquestions import (
     IN_DISTRIBUTION_RELATIONS,
@@ -48,7 +48,7 @@ def load_examples(source, format: str | None = None, **opts) -> list[QAExample]:
     kind = _ALIASES.get((format or "").lower()) if format else None
     if format and kind is None:
         if format.lower() not in FORMATS:
-            raise ValueError(f"unknown format {format!r}; expected entityquestions, hf or one of {FORMATS}")
+            raise UsageError(f"unknown format {format!r}; choose entityquestions, hf or one of {', '.join(FORMATS)}")
         return load_records(path, format=format, **opts)
     if kind is None:
         if not path.exists():
@@ -62,5 +62,28 @@ def load_examples(source, format: str | None = None, **opts) -> list[QAExample]:
         else:
             kind = "hf"
     if kind == "entityquestions":
-        return load_entityquestions(path, **opts)
+        return load_entityquestions(path, **_entityquestions_opts(path, opts))
     return load_hf_dataset(path, **opts)
+
+
+def _entityquestions_opts(path: Path, opts: dict) -> dict:
+    """The options that apply to an EntityQuestions folder: ``split`` selects splits (comma-separated);
+    field mappings, a default relation and an answers separator mean nothing there and are refused."""
+    opts = dict(opts)
+    flags = {"fields": "--field", "relation": "--relation", "answers_sep": "--answers-sep"}
+    given = [flag for key, flag in flags.items() if opts.pop(key, None) is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)} do(es) not apply to the EntityQuestions folder {path} (its file "
+                         f"names give each record's relation and split; its records hold question and answers); "
+                         f"drop {' and '.join(given)}")
+    split = opts.pop("split", None)
+    if split is not None:
+        from knowcat.loaders.entityquestions import SPLITS
+
+        splits = tuple(s.strip() for s in split.split(",") if s.strip()) if isinstance(split, str) else tuple(split)
+        bad = [s for s in splits if s not in SPLITS]
+        if bad or not splits:
+            raise UsageError(f"--split {split!r}: an EntityQuestions folder has the splits {', '.join(SPLITS)}; "
+                             f"give one or several of them, comma-separated")
+        opts["splits"] = splits
+    return opts

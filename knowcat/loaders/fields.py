@@ -171,6 +171,40 @@ def parse_answers(value: Any, field: str, err: dict, *, answers_sep: str | None 
     return out
 
 
+def json_value(value: Any, path: str, err: dict) -> Any:
+    """``value`` as plain JSON values, so every output format can write it and read it back: NaN and
+    infinities become null (JSON has neither), tuples and arrays lists, dates ISO text; a type with no
+    JSON form is a bad record naming the field."""
+    import datetime
+    import decimal
+
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else None
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise DataError(f"a mapping key is {type(k).__name__} {_short(k)}; JSON keys are strings",
+                                field=path, **err)
+            out[k] = json_value(v, f"{path}.{k}", err)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [json_value(v, f"{path}[{i}]", err) for i, v in enumerate(value)]
+    if hasattr(value, "tolist"):  # numpy arrays and scalars from pandas / pyarrow
+        return json_value(value.tolist(), path, err)
+    if isinstance(value, bytes):
+        return _text(value, path, err, required=False)
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    raise DataError(f"holds a {type(value).__name__}, which has no JSON form", field=path, **err)
+
+
 def to_example(raw: Any, fm: FieldMap, *, file=None, record=None, relation: str | None = None,
                split: str | None = None, answers_sep: str | None = None, json_cells: bool = False) -> QAExample:
     """Validate one record and build its example (``id`` is ``""`` when the data gives none).
@@ -207,6 +241,7 @@ def to_example(raw: Any, fm: FieldMap, *, file=None, record=None, relation: str 
     bad = find_bad_text(metadata) if metadata else None
     if bad is not None:
         raise DataError("invalid UTF-8 bytes in the text", field=bad, **err)
+    metadata = {k: json_value(v, str(k), err) for k, v in metadata.items()}
     return QAExample(
         id=ex_id,
         relation=rel,

@@ -47,7 +47,11 @@ def _data_files(path: Path) -> dict[str | None, list[Path]]:
         return {None: [path]}
     from datasets.data_files import DataFilesDict, get_data_patterns
 
-    found = DataFilesDict.from_patterns(get_data_patterns(str(path)), base_path=str(path))
+    try:
+        patterns = get_data_patterns(str(path))
+    except Exception as e:  # datasets' EmptyDatasetError and kin
+        raise DataError(f"no data files datasets can read in this folder ({type(e).__name__})", file=path) from None
+    found = DataFilesDict.from_patterns(patterns, base_path=str(path))
     return {str(name): [Path(f) for f in files] for name, files in found.items()}
 
 
@@ -90,6 +94,8 @@ def load_hf_dataset(
     path = Path(path)
     if not path.exists():
         raise DataError("no such local file or folder (knowcat never downloads datasets)", file=path)
+    if path.is_dir() and not any(path.iterdir()):
+        raise DataError("empty folder: no data files in it", file=path)
     fm = FieldMap.coerce(fields)
     collector = ExampleCollector(on_error, rejects, source=path)
     try:

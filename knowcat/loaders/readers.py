@@ -7,7 +7,6 @@ JSON lists, CSV data rows and Parquet rows. Undecodable bytes are read with
 
 from __future__ import annotations
 
-import codecs
 import io
 import json
 import re
@@ -69,8 +68,15 @@ def iter_jsonl(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[Raw
             if not text.strip():
                 continue
             try:
-                value = json.loads(text)
-            except json.JSONDecodeError as e:
+                value = loads(text)
+            except RecursionError:
+                yield RawRecord(lineno, raw=line[:4096], error=DataError(
+                    f"line {lineno} nests too deeply to read", file=path, record=lineno))
+                continue
+            except ValueError as e:
+                if not isinstance(e, json.JSONDecodeError):
+                    yield RawRecord(lineno, raw=line, error=DataError(str(e), file=path, record=lineno))
+                    continue
                 extra = f"; {note.replace('line 1', f'line {lineno}')}" if note else ""
                 yield RawRecord(lineno, raw=line, error=DataError(
                     f"malformed JSON at line {lineno}, column {e.colno}: {e.msg}{extra}", file=path, record=lineno))
@@ -97,6 +103,9 @@ def _scan_array(text: str, path: Path) -> Iterator[RawRecord]:
                 obj, end = dec.raw_decode(text, i)
             except json.JSONDecodeError as e:
                 yield _array_error(text, path, n, e.pos, e.msg)
+                return
+            except RecursionError:
+                yield _array_error(text, path, n, i, "the record nests too deeply to read")
                 return
             yield RawRecord(n, value=obj, raw=obj)
             n += 1
@@ -134,75 +143,114 @@ def iter_json(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[RawR
         yield RawRecord(None, error=DataError(f"expected a JSON list of records, found {what}", file=path))
         return
     try:
-        records = json.loads(text)
+        records = loads(text)
     except json.JSONDecodeError:
         yield from _scan_array(text, path)
         return
+    except ValueError as e:  # NaN / Infinity
+        yield RawRecord(None, error=DataError(str(e), file=path))
+        return
+    except RecursionError:
+        yield RawRecord(None, error=DataError("the JSON nests too deeply to read", file=path))
+        return
     for n, obj in enumerate(records):
+        size = len(json.dumps(obj, ensure_ascii=False))
+        if size > max_line_bytes:
+            yield RawRecord(n, raw=None, error=DataError(
+                f"record is {size} characters, over max_line_bytes={max_line_bytes}", file=path, record=n))
+            continue
         yield RawRecord(n, value=obj, raw=obj)
 
 
-_MARK = "knowcat-mark-bad-bytes"
-_MARK_BASE = 0xF0000  # a private-use plane: bad byte b -> chr(_MARK_BASE + b)
-_UNMARK = {_MARK_BASE + b: 0xDC00 + b for b in range(256)}
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON (JSON has no NaN or Infinity; write null)")
 
 
-def _mark_bad_bytes(e: UnicodeDecodeError):
-    return "".join(chr(_MARK_BASE + b) for b in e.object[e.start:e.end]), e.end
-
-
-codecs.register_error(_MARK, _mark_bad_bytes)
-
-
-def _unmark(v):
-    """Turn marked bad bytes back into surrogateescape characters."""
-    return v.translate(_UNMARK) if isinstance(v, str) and not v.isascii() else v
+def loads(text: str):
+    """``json.loads`` that refuses NaN and Infinity (Python's json accepts them; no JSON reader
+    elsewhere does, and knowcat never writes them)."""
+    return json.loads(text, parse_constant=_no_constant)
 
 
 def iter_csv(path: Path, max_line_bytes: int = MAX_LINE_BYTES, *, skip_bad_rows: bool = False) -> Iterator[RawRecord]:
-    """CSV through pandas, every cell as text (``""`` for an empty cell: nothing is guessed)."""
-    import pandas as pd
+    """CSV with Python's ``csv`` module, every cell as text (``""`` for an empty cell: nothing is guessed).
 
-    bad_rows: list[list[str]] = []
-    opts: dict = dict(dtype=str, keep_default_na=False, encoding="utf-8")
-    if skip_bad_rows:
-        opts.update(engine="python", index_col=False, on_bad_lines=lambda row: bad_rows.append(row) and None)
-    marked = False
+    A row with fewer or more cells than the header is a bad record (naming the first missing
+    column), never padded with empty or NaN cells. ``skip_bad_rows`` is accepted for
+    compatibility: bad rows are always yielded as errors, and the collector's policy decides.
+    """
+    import csv
+
+    text, _ = _decode(Path(path).read_bytes())  # BOM dropped; bad bytes kept as surrogates for the validator
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
-        try:
-            df = pd.read_csv(path, **opts)
-        except UnicodeDecodeError:  # pandas cannot carry surrogates: mark bad bytes, restore them after
-            text = Path(path).read_bytes().decode("utf-8", _MARK)
-            df = pd.read_csv(io.StringIO(text), **opts)
-            marked = True
-    except pd.errors.EmptyDataError:
+        header = next(reader, None)
+    except csv.Error as e:
+        yield RawRecord(None, error=DataError(f"malformed CSV header: {e}", file=path))
+        return
+    if header is None or not any(h.strip() for h in header):
         yield RawRecord(None, error=DataError("empty CSV file (no header)", file=path))
         return
-    except (pd.errors.ParserError, ValueError) as e:
-        yield RawRecord(None, error=DataError(f"malformed CSV: {e}".strip(), file=path))
+    dup = next((h for h in header if header.count(h) > 1), None)
+    if dup is not None:
+        yield RawRecord(None, error=DataError(f"the header names column {dup!r} twice", file=path, field=dup))
         return
-    for row in bad_rows:
-        yield RawRecord(None, raw=row, error=DataError(
-            f"malformed CSV row ({len(row)} fields, header has {len(df.columns)})", file=path))
-    for n, rec in enumerate(df.to_dict(orient="records")):
-        if marked:
-            rec = {_unmark(k): _unmark(v) for k, v in rec.items()}
-        size = sum(len(v) for v in rec.values() if isinstance(v, str))
+    n = -1
+    while True:
+        start = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            n += 1
+            yield RawRecord(n, error=DataError(f"malformed CSV row at line {start}: {e}", file=path, record=n))
+            return  # the parser cannot resynchronize after a broken quote
+        if not row or row == [""]:
+            continue  # a blank line
+        n += 1
+        size = sum(len(c) for c in row)
         if size > max_line_bytes:
-            yield RawRecord(n, raw=rec, error=DataError(
+            yield RawRecord(n, raw=row, error=DataError(
                 f"row is {size} characters, over max_line_bytes={max_line_bytes}", file=path, record=n))
             continue
+        if len(row) != len(header):
+            missing = header[len(row)] if len(row) < len(header) else None
+            what = f"missing column {missing!r}" if missing is not None else "extra cells beyond the header"
+            yield RawRecord(n, raw=row, error=DataError(
+                f"malformed CSV row at line {start}: {len(row)} cells, the header has {len(header)} ({what})",
+                file=path, record=n, field=missing))
+            continue
+        rec = dict(zip(header, row))
         yield RawRecord(n, value=rec, raw=rec)
+
+
+JSON_COLUMNS_KEY = b"knowcat.json_columns"
+
+
+def parquet_rows(path: Path) -> list[dict]:
+    """Rows of a Parquet file; columns that knowcat stored as JSON text (mixed types, nested
+    mappings: see :func:`knowcat.filtering.write_records`) are decoded back."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    meta = table.schema.metadata or {}
+    rows = table.to_pylist()
+    cols = json.loads(meta[JSON_COLUMNS_KEY]) if JSON_COLUMNS_KEY in meta else []
+    for col in cols:
+        for r in rows:
+            if r.get(col) is not None:
+                r[col] = json.loads(r[col])
+    return rows
 
 
 def iter_parquet(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[RawRecord]:
     """Parquet through pyarrow; lists stay lists."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     try:
-        rows = pq.read_table(path).to_pylist()
-    except (pa.ArrowException, OSError) as e:
+        rows = parquet_rows(path)
+    except (pa.ArrowException, OSError, ValueError) as e:
         yield RawRecord(None, error=DataError(f"unreadable Parquet file: {e}", file=path))
         return
     for n, rec in enumerate(rows):

@@ -63,14 +63,18 @@ def collect_file(collector: ExampleCollector, path: Path, fmt: str, fm: FieldMap
                  answers_sep=None, max_line_bytes: int = MAX_LINE_BYTES) -> None:
     """Read one file's records into ``collector`` (which applies the error policy)."""
     if not path.is_file():
-        raise DataError("no such file", file=path)
+        raise DataError("no such file" if not path.exists() else "not a file", file=path)
     if fmt == "csv":
-        raws = iter_csv(path, max_line_bytes, skip_bad_rows=collector.on_error == "skip")
+        raws = iter_csv(path, max_line_bytes)
     else:
         raws = READERS[fmt](path, max_line_bytes)
+    n = 0
     for rr in raws:
+        n += 1
         if rr.error is not None:
             collector.reject(rr.error, rr.raw)
             continue
         collector.add(rr.value, fm, file=path, record=rr.record, relation=relation, split=split,
                       answers_sep=answers_sep, json_cells=fmt == "csv")
+    if n == 0:
+        raise DataError("empty file: it holds no records", file=path)

@@ -144,7 +144,7 @@ def pretrain(world_dir, out_dir=None, cfg: PretrainConfig | None = None, log=pri
     history: list[dict] = []
     ckpt = ckpt_dir / "state.pt"
     if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)  # tensors and plain values: nothing is unpickled
         if state["config"] == asdict(cfg):
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
