@@ -36,7 +36,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("data", help="an EntityQuestions folder, a JSONL/JSON/CSV/Parquet file, "
                                 "a saved Hugging Face dataset, or a local dataset load_dataset can read")
     g = p.add_argument_group("data")
-    g.add_argument("--format", default=None, help="force the format: entityquestions, jsonl, json, csv, parquet, hf")
+    g.add_argument("--format", default=None, help="force the format: entityquestions, jsonl, json, csv, parquet, hf, "
+                                                 "or an SFT format: messages, prompt_completion, sharegpt, alpaca")
     g.add_argument("--field", action="append", default=[], metavar="NAME=COLUMN",
                    help="map a record field to your column, e.g. --field question=prompt --field answers=targets")
     g.add_argument("--relation", default=None, help="relation for records that have none")
@@ -99,11 +100,41 @@ def split_for_categorize(examples, exemplar_split: str, splits: str | None, exem
     return todo, pool
 
 
+def _sft_format(args) -> str | None:
+    """The SFT chat format of ``args.data`` (forced by ``--format`` or detected), or None for QA data."""
+    from knowcat.loaders.sft import SFT_FORMATS, is_chat_format, normalize_format, sniff_format
+
+    if args.format:
+        try:
+            fmt = normalize_format(args.format)
+        except ValueError:
+            return None
+        return fmt if is_chat_format(fmt) else None
+    p = Path(args.data)
+    if p.is_file() and p.suffix.lower() in (".jsonl", ".ndjson", ".json", ".parquet", ".pq") or (
+            p.is_dir() and not (p / "relation_query_templates.json").exists()):
+        fmt = sniff_format(p)
+        return fmt if fmt in SFT_FORMATS and is_chat_format(fmt) else None
+    return None
+
+
+def _categorize_sft(args, fmt, cfg):
+    from knowcat.sft import categorize_sft
+
+    categorize_sft(args.model, args.data, args.out, cfg, format=fmt, turns=args.turns, group_by=args.group_by,
+                   max_answer_tokens=args.max_answer_tokens, exemplars=args.exemplars, on_error=args.on_error,
+                   rejects=args.rejects, shard_size=args.shard_size, device=args.device, dtype=args.dtype,
+                   batch_size=args.batch_size, progress=not args.no_progress)
+
+
 def cmd_categorize(args):
     from knowcat.runs import run_categorize
     from knowcat.slick import SliCKConfig
 
     cfg = _override(SliCKConfig(), args)
+    sft_fmt = _sft_format(args)
+    if sft_fmt:
+        return _categorize_sft(args, sft_fmt, cfg)
     examples, fieldmap = load_from_args(args, with_fields=True)
     exemplars = load_from_args(args, source=args.exemplars) if args.exemplars else None
     todo, pool = split_for_categorize(examples, cfg.exemplar_split, args.splits, exemplars)
@@ -150,7 +181,7 @@ def cmd_filter(args):
                            relation_field=args.relation_field, seed=args.seed)
     except ValueError as e:
         raise SystemExit(str(e))
-    filter_file(args.input, args.out, cfg, rejects_path=args.rejects)
+    filter_file(args.input, args.out, cfg, rejects_path=args.rejects, stats_path=args.stats)
 
 
 def cmd_demo(args):
@@ -419,6 +450,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--per-relation", type=int, default=None, metavar="N",
                    help="categorize only the first N questions of each relation (a quick look at a big dataset)")
     c.add_argument("--shard-size", type=int, default=256)
+    s = c.add_argument_group("SFT data (messages, prompt/completion, ShareGPT, Alpaca; --format forces one)")
+    s.add_argument("--turns", default="last", choices=["last", "all"],
+                   help="multi-turn records: ask the last assistant turn (default) or each")
+    s.add_argument("--group-by", default=None, metavar="FIELD",
+                   help="draw few-shot exemplars from records with the same value of FIELD")
+    s.add_argument("--max-answer-tokens", type=int, default=32, metavar="N",
+                   help="turns whose reference answer is over N words are not_applicable (not categorized)")
     c.add_argument("--batch-size", type=int, default=None, help="decoded rows per batch (default: by device, "
                                                                 "halved on out-of-memory)")
     c.add_argument("--device", default="auto")
@@ -449,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--abstention", default="I don't know")
     f.add_argument("--cap-per-relation", type=int, default=None)
     f.add_argument("--rejects", default=None, help="rejects file (default OUT's name + .rejects.jsonl)")
+    f.add_argument("--stats", default=None, help="stats file (default OUT's name + .stats.json)")
     f.add_argument("--category-field", default="category")
     f.add_argument("--answers-field", default="answers")
     f.add_argument("--relation-field", default="relation")

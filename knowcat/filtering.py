@@ -34,9 +34,10 @@ class FilterConfig:
     def __post_init__(self):
         for name in ("keep", "drop", "relabel"):
             vals = getattr(self, name) or ()
-            bad = [v for v in vals if v not in CATEGORIES]
+            bad = [v for v in vals if v not in CATEGORIES + ("not_applicable",)]
             if bad:
-                raise ValueError(f"--{name}: unknown categories {bad}; choose from {list(CATEGORIES)}")
+                raise ValueError(f"--{name}: unknown categories {bad}; choose from {list(CATEGORIES)} "
+                                 f"or not_applicable")
 
 
 @dataclass
@@ -161,12 +162,23 @@ def write_records(path, records: list[dict]) -> None:
         tmp.replace(path)
 
 
-def filter_file(src, out, cfg: FilterConfig, rejects_path=None, log=print) -> FilterResult:
+def filter_file(src, out, cfg: FilterConfig, rejects_path=None, log=print, stats_path=None) -> FilterResult:
+    """Filter a categorized file. SFT records (chat, ShareGPT, Alpaca...) with knowcat's metadata key
+    go through :func:`knowcat.sft.filter_sft_file`: kept in their own format, with a stats file."""
+    from knowcat.sft import filter_sft_file, is_annotated_sft
+
+    if is_annotated_sft(src):
+        res = filter_sft_file(src, out, cfg, rejects_path=rejects_path, stats_path=stats_path, log=log)
+        return FilterResult(res["kept"], res["rejects"], res["stats"])
     records = read_records(src)
     res = filter_records(records, cfg, source=str(src))
     write_records(out, res.kept)
     rp = Path(rejects_path) if rejects_path else Path(out).with_name(Path(out).stem + ".rejects.jsonl")
     atomic_write_text(rp, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in res.rejects))
+    from knowcat.io import atomic_write_json
+
+    atomic_write_json(Path(stats_path) if stats_path else Path(out).with_name(Path(out).stem + ".stats.json"),
+                      res.counts)
     log(str(res))
     log(f"filter: wrote {out} ({len(res.kept)} records) and {rp} ({len(res.rejects)} rejects)")
     return res
