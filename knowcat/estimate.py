@@ -1,0 +1,300 @@
+"""``knowcat estimate``: SliCK categories for a whole dataset at the cost of one forward pass per prompt.
+
+1. Features of every example, teacher-forced (:mod:`probes.scoring`), no sampling: under each
+   of the first ``n_prompts`` SliCK prompts the log-probability of the reference answer (sum and
+   per token), the first-token margin and whether greedy decoding would reproduce it; and the
+   hidden state of a middle block at the last prompt token, averaged over the prompts (a linear
+   probe, as in KEEN and Inside-Out).
+2. A calibration sample (stratified by relation and by quintile of the answer's log-probability)
+   gets its categories from full SliCK (:func:`knowcat.runs.run_categorize`), or from labels
+   already computed (``labels``: a categorized file's categories by example id).
+3. A multinomial logistic regression of the category on the features, its penalty chosen by
+   cross-validated log-loss (:mod:`linear_models.classifiers`), predicts the category and its
+   probabilities for every other example.
+4. Validation, always: out-of-fold predictions on the calibration sample against SliCK
+   (confusion matrix, macro-F1, AUROC of Unknown against the Known categories, and for the
+   drop-Unknown rule the share of Unknown dropped and of HighlyKnown kept, with intervals);
+   when labels exist for examples outside the sample, the same on those; and the forward
+   tokens per example against lazy SliCK's.
+
+Every row records which method labelled it (``category_method``: ``slick`` for the calibration
+sample, ``estimate`` for the rest).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from knowcat.examples import QAExample
+from knowcat.io import atomic_write_json, atomic_write_text
+from knowcat.prompts import FewShotConfig, exemplar_sets, prompt_for
+from knowcat.slick import CATEGORIES, SliCKConfig
+
+
+@dataclass(frozen=True)
+class EstimateConfig:
+    n_prompts: int = 1  # prompts scored once each (the first of the exemplar sets SliCK draws with this k)
+    k: int = 2
+    seed: int = 0
+    exemplar_split: str = "dev"
+    layer: int | None = None  # hidden-state block (None: the middle one; -1: none)
+    calibrate: float = 0.2  # calibration sample: a count (>= 1) or a share of the examples (< 1)
+    pca_dim: int = 32
+    folds: int = 5
+    alpha: float = 0.05
+
+    def __post_init__(self):
+        if self.n_prompts < 1 or self.k < 1 or self.folds < 2 or self.calibrate <= 0:
+            raise ValueError("n_prompts and k must be >= 1, folds >= 2 and calibrate > 0")
+
+    def n_calibration(self, n: int) -> int:
+        return min(n, int(round(self.calibrate * n)) if self.calibrate < 1 else int(self.calibrate))
+
+
+@dataclass
+class Features:
+    ids: list[str]
+    names: list[str]
+    scalars: np.ndarray  # (n, len(names))
+    hidden: np.ndarray | None  # (n, hidden size), mean over prompts
+    tokens: np.ndarray  # forward tokens per example (every prompt's whole text)
+    layer: int | None
+
+
+def middle_layer(model) -> int:
+    from probes.jacobians import decoder_layers
+
+    return len(decoder_layers(model)) // 2
+
+
+def prompts_of(examples: list[QAExample], pool: list[QAExample], n_prompts: int, k: int, seed: int,
+               exemplar_split: str = "dev") -> dict[str, list[tuple[str, str]]]:
+    """SliCK's prompts (the same exemplar sets, in the same order) of each example, first ``n_prompts``."""
+    sets = exemplar_sets(pool, FewShotConfig(n_prompts, k, seed, exemplar_split))
+    missing = sorted({e.relation for e in examples} - set(sets))
+    if missing:
+        raise ValueError(f"no exemplars for relations {missing}")
+    return {ex.id: [prompt_for(ex, s) for s in sets[ex.relation]] for ex in examples}
+
+
+def features(model, tokenizer, examples: list[QAExample], pool: list[QAExample], cfg: EstimateConfig,
+             progress=None, log=None) -> Features:
+    """The estimator's features: one teacher-forced pass per (example, prompt), nothing sampled."""
+    from probes.scoring import ScoreRequest, score
+
+    layer = None if cfg.layer == -1 else (middle_layer(model) if cfg.layer is None else cfg.layer)
+    prompts = prompts_of(examples, pool, cfg.n_prompts, cfg.k, cfg.seed, cfg.exemplar_split)
+    reqs = [ScoreRequest((ex.id, j), pre + suf, " " + ex.answers[0])
+            for ex in examples for j, (pre, suf) in enumerate(prompts[ex.id])]
+    scores = score(model, tokenizer, reqs, layers=() if layer is None else (layer,), progress=progress, log=log)
+    P = cfg.n_prompts
+    names = [f"{f}_{j}" for j in range(P) for f in ("logprob", "logprob_per_token", "margin", "greedy_match")]
+    names += ["logprob_mean", "margin_mean", "greedy_match_mean", "answer_tokens"]
+    S = np.zeros((len(examples), len(names)))
+    H = None
+    tokens = np.zeros(len(examples), dtype=np.int64)
+    lens = {r.key: len(tokenizer(r.prefix + r.continuation, add_special_tokens=True)["input_ids"]) for r in reqs}
+    for i, ex in enumerate(examples):
+        row = []
+        hs = []
+        for j in range(P):
+            s = scores[(ex.id, j)]
+            row += [s.logprob, s.logprob / s.n_tokens, s.first_token_margin, float(s.greedy_match)]
+            if layer is not None:
+                hs.append(s.hidden[layer])
+            tokens[i] += lens[(ex.id, j)]
+        lp = np.array(row[0::4])
+        row += [lp.mean(), np.mean(row[2::4]), np.mean(row[3::4]), float(scores[(ex.id, 0)].n_tokens)]
+        S[i] = row
+        if hs:
+            if H is None:
+                H = np.zeros((len(examples), hs[0].shape[-1]), dtype=np.float32)
+            H[i] = np.mean(hs, axis=0)
+    return Features([e.id for e in examples], names, S, H, tokens, layer)
+
+
+def calibration_sample(examples: list[QAExample], feats: Features, n: int, seed: int = 0) -> list[int]:
+    """Indices of ``n`` examples, stratified by relation and quintile of the mean log-probability
+    (proportional allocation, largest remainders), each stratum drawn at random."""
+    if n >= len(examples):
+        return list(range(len(examples)))
+    lp = feats.scalars[:, feats.names.index("logprob_mean")]
+    q = np.searchsorted(np.quantile(lp, [0.2, 0.4, 0.6, 0.8]), lp, side="right")
+    strata: dict = {}
+    for i, ex in enumerate(examples):
+        strata.setdefault((ex.relation, int(q[i])), []).append(i)
+    keys = sorted(strata)
+    quota = np.array([len(strata[k]) * n / len(examples) for k in keys])
+    take = np.floor(quota).astype(int)
+    for j in np.argsort(-(quota - take), kind="stable")[: n - take.sum()]:
+        take[j] += 1
+    rng = np.random.default_rng(seed)
+    out = []
+    for k, t in zip(keys, take):
+        out += [int(x) for x in rng.choice(strata[k], size=t, replace=False)]
+    return sorted(out)
+
+
+# --- cost --------------------------------------------------------------------------------------
+
+def slick_forward_tokens(tokenizer, examples: list[QAExample], pool: list[QAExample], slick_rows: dict[str, dict],
+                         scfg: SliCKConfig) -> dict[str, dict]:
+    """Forward tokens of lazy SliCK per example, from its recorded answers (``keep_answers``):
+    ``full``: every prompt's text plus one token per generated token (answer and stop), as if no
+    prefix were shared; ``shared``: the same with each few-shot prefix counted once per relation and
+    prompt, spread over the relation's examples (how knowcat's generation runs it). Generated
+    tokens are counted by re-tokenizing the answers (``" " + answer`` and one stop token, at most
+    ``max_new_tokens``)."""
+    prompts = prompts_of(examples, pool, scfg.n_prompts, scfg.k, scfg.seed, scfg.exemplar_split)
+    n_tok = lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    prefix_len: dict[str, int] = {}
+    per_rel: dict[str, int] = {}
+    for ex in examples:
+        per_rel[ex.relation] = per_rel.get(ex.relation, 0) + 1
+    out = {}
+    for ex in examples:
+        row = slick_rows[ex.id]
+        ga, sa = row.get("greedy_answers"), row.get("sampled_answers")
+        if ga is None or sa is None:
+            raise ValueError("lazy SliCK's cost needs its answers: categorize with keep_answers")
+        full = shared = 0.0
+        for j, (pre, suf) in enumerate(prompts[ex.id]):
+            whole = len(tokenizer(pre + suf, add_special_tokens=True)["input_ids"])
+            if pre not in prefix_len:
+                prefix_len[pre] = len(tokenizer(pre, add_special_tokens=True)["input_ids"])
+            gen = sum(min(n_tok(" " + a) + 1, scfg.max_new_tokens) for a in [ga[j]] + list(sa[j]))
+            full += whole + gen
+            shared += whole - prefix_len[pre] + prefix_len[pre] / per_rel[ex.relation] + gen
+        out[ex.id] = {"full": full, "shared": shared}
+    return out
+
+
+# --- the whole estimate ------------------------------------------------------------------------
+
+@dataclass
+class EstimateResult:
+    ids: list[str]
+    categories: list[str]
+    probs: np.ndarray
+    method: list[str]
+    calibration: list[int]
+    summary: dict
+
+
+def _label_array(ids, labels):
+    return np.array([CATEGORIES.index(labels[i]) for i in ids])
+
+
+def estimate(model, tokenizer, examples: list[QAExample], pool: list[QAExample], cfg: EstimateConfig = EstimateConfig(),
+             slick_cfg: SliCKConfig = SliCKConfig(keep_answers=True), labels: dict[str, dict] | None = None,
+             run_dir=None, model_name: str = "model", log=print, progress: bool = True) -> EstimateResult:
+    """Categories and probabilities of every example (see the module's docstring).
+
+    ``labels``: SliCK rows already computed (``{id: {"category", "greedy_answers", ...}}``, as a
+    categorized file holds them); the calibration sample then takes its categories from there
+    instead of running SliCK, and every other labelled example is also used for validation.
+    Without it, SliCK runs on the calibration sample in ``run_dir/calibration`` (resumable).
+    """
+    from tqdm.auto import tqdm
+
+    from linear_models.classifiers import fit_calibrated, format_validation, validate
+
+    n_req = len(examples) * cfg.n_prompts
+    bar = tqdm(total=n_req, desc="features", unit="prompt", disable=not progress)
+    feats = features(model, tokenizer, examples, pool, cfg, progress=bar.update, log=log)
+    bar.close()
+    n_cal = cfg.n_calibration(len(examples))
+    cal = calibration_sample(examples, feats, n_cal, cfg.seed)
+    cal_ex = [examples[i] for i in cal]
+    if labels is not None:
+        missing = [e.id for e in cal_ex if e.id not in labels]
+        if missing:
+            raise ValueError(f"{len(missing)} calibration examples have no precomputed label (e.g. {missing[0]})")
+        slick_rows = {e.id: labels[e.id] for e in cal_ex}
+        source = "precomputed"
+    else:
+        from knowcat.runs import run_categorize
+
+        if run_dir is None:
+            raise ValueError("running SliCK on the calibration sample needs a run_dir")
+        cdir = Path(run_dir) / "calibration"
+        log(f"estimate: SliCK on the calibration sample ({len(cal_ex)} examples) in {cdir}")
+        run_categorize(model_name, cal_ex, pool, cdir, slick_cfg, model=model, tokenizer=tokenizer, log=log,
+                       progress=progress)
+        with open(cdir / "categorized.jsonl", encoding="utf-8") as f:
+            slick_rows = {r["id"]: r for r in map(json.loads, f)}
+        source = "slick"
+    y = _label_array([e.id for e in cal_ex], {i: r["category"] for i, r in slick_rows.items()})
+    S, H = feats.scalars, feats.hidden
+    fit = fit_calibrated(S[cal], None if H is None else H[cal], y, len(CATEGORIES), cfg.pca_dim, n_folds=cfg.folds,
+                         seed=cfg.seed)
+    probs = fit.model.predict_proba(S, H)
+    cal_set = set(cal)
+    cats, method = [], []
+    for i, ex in enumerate(examples):
+        if i in cal_set:
+            cats.append(slick_rows[ex.id]["category"])
+            method.append("slick")
+        else:
+            cats.append(CATEGORIES[int(probs[i].argmax())])
+            method.append("estimate")
+    v_cal = validate(y, fit.oof_proba, CATEGORIES, alpha=cfg.alpha, seed=cfg.seed)
+    log(format_validation(v_cal, f"estimate: held-out calibration examples (out-of-fold, {cfg.folds} folds)"))
+    summary = {"config": asdict(cfg), "n": len(examples), "n_calibration": len(cal), "labels": source,
+               "layer": feats.layer, "features": feats.names, "l2": fit.l2,
+               "cv_log_loss": {str(k): v for k, v in fit.cv_log_loss.items()},
+               "validation_calibration_oof": asdict(v_cal)}
+    rest = [i for i in range(len(examples)) if i not in cal_set and labels is not None and examples[i].id in labels]
+    if rest:
+        y_rest = _label_array([examples[i].id for i in rest], {i: r["category"] for i, r in labels.items()})
+        v_rest = validate(y_rest, probs[rest], CATEGORIES, alpha=cfg.alpha, seed=cfg.seed)
+        log(format_validation(v_rest, "estimate: labelled examples outside the calibration sample"))
+        summary["validation_rest"] = asdict(v_rest)
+    # cost: forward tokens per example, estimator vs lazy SliCK on the calibration sample
+    slick_cost = slick_forward_tokens(tokenizer, cal_ex, pool, slick_rows, slick_cfg) \
+        if all("greedy_answers" in slick_rows[e.id] for e in cal_ex) else None
+    est_tokens = float(feats.tokens.mean())
+    cost = {"estimate_tokens_per_example": est_tokens, "estimate_prompts": cfg.n_prompts}
+    if slick_cost:
+        full = float(np.mean([c["full"] for c in slick_cost.values()]))
+        shared = float(np.mean([c["shared"] for c in slick_cost.values()]))
+        cost.update(slick_lazy_tokens_per_example_full=full, slick_lazy_tokens_per_example_shared_prefix=shared,
+                    ratio_full=full / est_tokens, ratio_shared_prefix_vs_estimate_as_run=shared / est_tokens)
+        log(f"estimate: forward tokens per example: estimator {est_tokens:.0f} ({cfg.n_prompts} prompts, one "
+            f"teacher-forced pass each); lazy SliCK {full:.0f} counting every prompt's text ({full / est_tokens:.1f}x), "
+            f"{shared:.0f} with shared few-shot prefixes ({shared / est_tokens:.1f}x the estimator as run)")
+    summary["cost"] = cost
+    return EstimateResult([e.id for e in examples], cats, probs, method, cal, summary)
+
+
+def write_estimate(run_dir, examples: list[QAExample], res: EstimateResult, fields=None) -> Path:
+    """``estimated.jsonl`` (the records with ``category``, ``category_probs``, ``category_method``) and
+    ``estimate_summary.json`` in ``run_dir``."""
+    from knowcat.runs import user_record
+
+    run = Path(run_dir)
+    lines = []
+    for i, ex in enumerate(examples):
+        rec = user_record(ex, fields)
+        rec["category"] = res.categories[i]
+        rec["category_method"] = res.method[i]
+        rec["category_probs"] = {c: round(float(p), 6) for c, p in zip(CATEGORIES, res.probs[i])}
+        lines.append(json.dumps(rec, ensure_ascii=False))
+    atomic_write_text(run / "estimated.jsonl", "".join(line + "\n" for line in lines))
+    atomic_write_json(run / "estimate_summary.json", res.summary)
+    return run / "estimated.jsonl"
+
+
+def read_labels(path) -> dict[str, dict]:
+    """A categorized file's rows by example id (``knowcat categorize``'s ``categorized.jsonl``)."""
+    out = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                out[str(r["id"])] = r
+    return out
