@@ -168,6 +168,46 @@ def cmd_categorize(args):
                    progress=not args.no_progress, backend=args.backend, backend_options=opts)
 
 
+def cmd_estimate(args):
+    from knowcat.estimate import EstimateConfig, estimate, read_labels, write_estimate
+    from knowcat.slick import SliCKConfig
+    from probes.loading import load_model
+
+    try:
+        cfg = _override(EstimateConfig(), args)
+        scfg = SliCKConfig(match=args.match, keep_answers=True)
+    except ValueError as e:
+        raise SystemExit(f"knowcat estimate: {e}")
+    labels = read_labels(args.labels) if args.labels else None
+    sft_fmt = _sft_format(args)
+    if sft_fmt:
+        from knowcat.loaders.sft import load_sft
+        from knowcat.sft import annotate_records, prepare, write_annotated
+
+        ds = load_sft(args.data, format=sft_fmt, turns=args.turns, on_error=args.on_error)
+        examples, na = prepare(ds, args.group_by, args.max_answer_tokens)
+        todo = [e for e in examples if e.id not in na]
+        pool = load_sft(args.exemplars, turns="all").examples(args.group_by) if args.exemplars else todo
+    else:
+        examples, fieldmap = load_from_args(args, with_fields=True)
+        exemplars = load_from_args(args, source=args.exemplars) if args.exemplars else None
+        todo, pool = split_for_categorize(examples, cfg.exemplar_split, args.splits, exemplars)
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
+    res = estimate(model, tok, todo, pool, cfg, scfg, labels=labels, run_dir=args.out, model_name=args.model,
+                   progress=not args.no_progress)
+    if sft_fmt:
+        results = {i: {"category": c, "method": m, "probs": dict(zip(("HighlyKnown", "MaybeKnown", "WeaklyKnown",
+                                                                      "Unknown"), map(float, p)))}
+                   for i, c, m, p in zip(res.ids, res.categories, res.method, res.probs)}
+        out = Path(args.out) / ("estimated_sft" + {"jsonl": ".jsonl", "json": ".json", "parquet": ".parquet",
+                                                   "hf": ""}[ds.container])
+        write_annotated(out, annotate_records(ds, examples, results, None, na), None if out.suffix else "hf")
+        write_estimate(args.out, todo, res)
+    else:
+        out = write_estimate(args.out, todo, res, fields=fieldmap)
+    print(f"estimate: wrote {out} and {Path(args.out) / 'estimate_summary.json'}")
+
+
 def cmd_filter(args):
     from knowcat.filtering import FilterConfig, filter_file
 
@@ -493,6 +533,30 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--relation-field", default="relation")
     f.add_argument("--seed", type=int, default=0, help="seed of the per-relation cap's sample")
     f.set_defaults(func=cmd_filter)
+
+    from knowcat.estimate import EstimateConfig
+
+    es = sub.add_parser("estimate", help="categories of a whole dataset from one teacher-forced pass per prompt, "
+                                         "calibrated on a SliCK-categorized sample")
+    es.add_argument("--model", required=True, help="hub id or local folder")
+    add_data_args(es)
+    es.add_argument("--out", required=True, help="run directory (estimated.jsonl, estimate_summary.json)")
+    es.add_argument("--splits", default=None, help="comma-separated splits to estimate (default: all but the "
+                                                   "exemplar split)")
+    es.add_argument("--exemplars", default=None, help="a file/folder of few-shot exemplars")
+    es.add_argument("--labels", default=None, metavar="CATEGORIZED_FILE",
+                    help="SliCK categories already computed (a categorize run's categorized.jsonl): the calibration "
+                         "sample takes them instead of running SliCK, and the other labelled examples validate")
+    es.add_argument("--match", default="exact", help="SliCK's answer matching on the calibration sample: exact, "
+                                                     "contains, f1 or f1@THRESHOLD")
+    es.add_argument("--turns", default="last", choices=["last", "all"])
+    es.add_argument("--group-by", default=None, metavar="FIELD")
+    es.add_argument("--max-answer-tokens", type=int, default=32, metavar="N")
+    es.add_argument("--device", default="auto")
+    es.add_argument("--dtype", default="auto")
+    es.add_argument("--no-progress", action="store_true")
+    _add_config_args(es, EstimateConfig)
+    es.set_defaults(func=cmd_estimate)
 
     g = sub.add_parser("greedy", help="few-shot greedy accuracy (SliCK prompts) of a model on a dataset")
     g.add_argument("--model", required=True, help="hub id or local folder")

@@ -172,6 +172,7 @@ def filter_file(src, out, cfg: FilterConfig, rejects_path=None, log=print, stats
         return FilterResult(res["kept"], res["rejects"], res["stats"])
     records = read_records(src)
     res = filter_records(records, cfg, source=str(src))
+    res.counts["by_method"] = dict(Counter(r.get("category_method", "slick") for r in records))
     write_records(out, res.kept)
     rp = Path(rejects_path) if rejects_path else Path(out).with_name(Path(out).stem + ".rejects.jsonl")
     atomic_write_text(rp, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in res.rejects))

@@ -53,12 +53,14 @@ def record_category(turn_categories: list[str]) -> str:
     return max(cats, key=CATEGORIES.index)
 
 
-def annotate_records(ds: SFTDataset, examples: list[QAExample], results: dict[str, dict], method: str,
+def annotate_records(ds: SFTDataset, examples: list[QAExample], results: dict[str, dict], method: str | None,
                      not_applicable: dict[str, str] | None = None) -> list[dict]:
     """The dataset's records, each with its turns' categories under ``knowcat``.
 
     ``results``: ``{example id: {"category": ..., other fields to record}}``; examples in
-    ``not_applicable`` get that category and the reason."""
+    ``not_applicable`` get that category and the reason. ``method`` labels every record; with
+    None each result names its own (``"method"``), and a record whose turns were labelled by
+    several methods says ``"mixed"``."""
     not_applicable = not_applicable or {}
     per_record: dict[int, list[dict]] = {}
     for ex in examples:
@@ -73,8 +75,12 @@ def annotate_records(ds: SFTDataset, examples: list[QAExample], results: dict[st
     out = []
     for pos, r in enumerate(ds.records):
         turns = per_record.get(pos, [])
+        m = method
+        if m is None:
+            ms = {t["method"] for t in turns if "method" in t}
+            m = ms.pop() if len(ms) == 1 else ("mixed" if ms else None)
         out.append(annotate(r.record, {"category": record_category([t["category"] for t in turns]),
-                                       "method": method, "turns": turns}))
+                                       "method": m, "turns": turns}))
     return out
 
 
