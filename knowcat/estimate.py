@@ -201,7 +201,7 @@ def estimate(model, tokenizer, examples: list[QAExample], pool: list[QAExample],
     """
     from tqdm.auto import tqdm
 
-    from linear_models.classifiers import fit_calibrated, format_validation, validate
+    from linear_models.classifiers import fit_calibrated, format_validation, format_verdicts, validate, verdicts
 
     n_req = len(examples) * cfg.n_prompts
     bar = tqdm(total=n_req, desc="features", unit="prompt", disable=not progress)
@@ -244,16 +244,19 @@ def estimate(model, tokenizer, examples: list[QAExample], pool: list[QAExample],
             method.append("estimate")
     v_cal = validate(y, fit.oof_proba, CATEGORIES, alpha=cfg.alpha, seed=cfg.seed)
     log(format_validation(v_cal, f"estimate: held-out calibration examples (out-of-fold, {cfg.folds} folds)"))
+    log(format_verdicts(v_cal))
     summary = {"config": asdict(cfg), "n": len(examples), "n_calibration": len(cal), "labels": source,
                "layer": feats.layer, "features": feats.names, "l2": fit.l2,
                "cv_log_loss": {str(k): v for k, v in fit.cv_log_loss.items()},
-               "validation_calibration_oof": asdict(v_cal)}
+               "validation_calibration_oof": asdict(v_cal), "verdicts_calibration_oof": verdicts(v_cal)}
     rest = [i for i in range(len(examples)) if i not in cal_set and labels is not None and examples[i].id in labels]
     if rest:
         y_rest = _label_array([examples[i].id for i in rest], {i: r["category"] for i, r in labels.items()})
         v_rest = validate(y_rest, probs[rest], CATEGORIES, alpha=cfg.alpha, seed=cfg.seed)
         log(format_validation(v_rest, "estimate: labelled examples outside the calibration sample"))
+        log(format_verdicts(v_rest))
         summary["validation_rest"] = asdict(v_rest)
+        summary["verdicts_rest"] = verdicts(v_rest)
     # cost: forward tokens per example, estimator vs lazy SliCK on the calibration sample
     slick_cost = slick_forward_tokens(tokenizer, cal_ex, pool, slick_rows, slick_cfg) \
         if all("greedy_answers" in slick_rows[e.id] for e in cal_ex) else None

@@ -245,3 +245,37 @@ def categorize_sft(model_name: str, data, run_dir, cfg, *, format: str | None = 
     write_sft(dest, records, None if dest.suffix else "hf")
     log(f"categorize: wrote {dest} ({len(records)} records in their own format, categories under '{META_KEY}')")
     return dest
+
+
+# --- a QA dataset as SFT files -----------------------------------------------------------------
+
+def qa_as_sft(examples: list[QAExample], fmt: str) -> list[dict]:
+    """QA examples as chat (``messages``) or Alpaca records; the first alias is the answer, and ``id``
+    and ``relation`` ride along (so ``--group-by relation`` draws exemplars from the same relation)."""
+    out = []
+    for ex in examples:
+        if fmt == "messages":
+            rec = {"messages": [{"role": "user", "content": ex.question},
+                                {"role": "assistant", "content": ex.answers[0]}]}
+        elif fmt == "alpaca":
+            rec = {"instruction": ex.question, "input": "", "output": ex.answers[0]}
+        else:
+            raise ValueError(f"qa_as_sft writes messages or alpaca records, not {fmt!r}")
+        rec.update(id=ex.id, relation=ex.relation)
+        out.append(rec)
+    return out
+
+
+def write_split_as_sft(data, out_dir, split: str = "train") -> dict[str, Path]:
+    """One split of a QA dataset (a knowledge world's ``data`` folder, say) as ``<split>.chat.jsonl`` and
+    ``<split>.alpaca.jsonl`` in ``out_dir``."""
+    from knowcat.loaders import load_examples
+
+    exs = [e for e in load_examples(data) if e.split == split]
+    if not exs:
+        raise DataError(f"no '{split}' examples", file=data)
+    out = {}
+    for fmt, name in (("messages", "chat"), ("alpaca", "alpaca")):
+        out[name] = Path(out_dir) / f"{split}.{name}.jsonl"
+        write_sft(out[name], qa_as_sft(exs, fmt))
+    return out

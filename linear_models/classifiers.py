@@ -268,3 +268,22 @@ def format_validation(v: Validation, title: str = "validation") -> str:
               f"{pct(v.highly_known_kept_ci[1])}] ({v.counts['highly_known_kept']}/{v.counts['highly_known']})",
               f"  expected calibration error {v.ece:.3f}"]
     return "\n".join(lines)
+
+
+DROP_UNKNOWN_TARGETS = {"auroc_unknown": 0.90, "unknown_dropped": 0.85, "highly_known_kept": 0.95}
+
+
+def verdicts(v: Validation, targets: dict[str, float] = DROP_UNKNOWN_TARGETS) -> dict[str, str]:
+    """Per target: ``met`` when the interval's lower bound clears it, ``missed`` when its upper bound is
+    below it, else ``undecided`` (the data cannot tell at this sample size)."""
+    out = {}
+    for name, t in targets.items():
+        lo, hi = getattr(v, name + "_ci")
+        out[name] = "met" if lo >= t else "missed" if hi < t else "undecided"
+    return out
+
+
+def format_verdicts(v: Validation, targets: dict[str, float] = DROP_UNKNOWN_TARGETS) -> str:
+    vs = verdicts(v, targets)
+    return "  targets (met: the interval's lower bound clears it): " + ", ".join(
+        f"{name} >= {t:g}: {vs[name]}" for name, t in targets.items())

@@ -93,3 +93,16 @@ def test_validate_drop_unknown_rule():
     assert v.unknown_dropped == pytest.approx(2 / 3) and v.highly_known_kept == pytest.approx(1 / 2)
     assert v.counts == {"unknown": 3, "unknown_dropped": 2, "highly_known": 2, "highly_known_kept": 1}
     assert v.confusion[3] == [1, 0, 0, 2]
+
+
+def test_verdicts_go_both_ways():
+    from linear_models.classifiers import verdicts
+
+    classes = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
+    y = np.array([0] * 200 + [3] * 200)
+    good = np.where(y[:, None] == np.arange(4), 0.9, 0.1 / 3)
+    assert set(verdicts(validate(y, good, classes, n_boot=100)).values()) == {"met"}
+    bad = good[:, ::-1]  # calls every Unknown HighlyKnown and back
+    assert set(verdicts(validate(y, bad, classes, n_boot=100)).values()) == {"missed"}
+    few = validate(y[[0, 1, 200, 201]], good[[0, 1, 200, 201]], classes, n_boot=100)
+    assert verdicts(few)["unknown_dropped"] == "undecided"

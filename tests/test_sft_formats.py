@@ -258,3 +258,18 @@ def test_cli_categorize_sft_end_to_end(tmp_path, tiny_tokenizer):
     assert out[0][META_KEY]["turns"][0]["match_mode"] == "f1" and out[0][META_KEY]["method"] == "slick"
     rej = [json.loads(x) for x in open(tmp_path / "run" / "load_rejects.jsonl")]
     assert len(rej) == 1 and rej[0]["reason"].startswith("no assistant turn") and rej[0]["record"] == 10
+
+
+def test_world_split_as_chat_and_alpaca(tmp_path):
+    from knowcat.examples import QAExample, write_jsonl
+    from knowcat.sft import write_split_as_sft
+
+    exs = [QAExample(f"P1-{i}", "P1", f"Where was person {i} born?", [f"Town {i}", "alias"], split=s)
+           for i, s in enumerate(["train", "train", "dev"])]
+    write_jsonl(tmp_path / "qa.jsonl", exs)
+    paths = write_split_as_sft(tmp_path / "qa.jsonl", tmp_path / "sft")
+    for name, path in paths.items():
+        ds = load_sft(path)
+        assert ds.format == {"chat": "messages", "alpaca": "alpaca"}[name]
+        got = ds.examples(group_by="relation")
+        assert [(e.relation, e.question, e.answers) for e in got] == [("P1", e.question, e.answers[:1]) for e in exs[:2]]
