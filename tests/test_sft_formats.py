@@ -273,3 +273,12 @@ def test_world_split_as_chat_and_alpaca(tmp_path):
         assert ds.format == {"chat": "messages", "alpaca": "alpaca"}[name]
         got = ds.examples(group_by="relation")
         assert [(e.relation, e.question, e.answers) for e in got] == [("P1", e.question, e.answers[:1]) for e in exs[:2]]
+
+
+def test_ids_from_the_record_or_content(tmp_path):
+    ds = load_sft(_write(tmp_path / "d.jsonl", MESSAGES + [MESSAGES[0]]), turns="all")
+    ids = [e.id for e in ds.examples()]
+    assert ids == ["m1#turn0", "m1#turn1", "m2", "m3", "m1#turn0-2", "m1#turn1-2"]
+    ds2 = load_sft(_write(tmp_path / "s.jsonl", [SHAREGPT[0], SHAREGPT[0]]))
+    a, b = [e.id for e in ds2.examples()]
+    assert a.startswith("default-") and b == a + "-2"

@@ -315,7 +315,9 @@ class SFTDataset:
 
     def examples(self, group_by: str | None = None) -> list[QAExample]:
         """One :class:`QAExample` per turn; ``relation`` is the ``group_by`` field's value (``"default"``
-        without it), ``metadata["sft"]`` locates the turn (record position and turn index)."""
+        without it), ``metadata["sft"]`` locates the turn (record position and turn index). The id is the
+        record's ``id`` field when it has one (``<id>#turn<i>`` when several turns are asked), else a
+        content id; repeated ids get ``-2``, ``-3`` ...."""
         from knowcat.examples import content_id
 
         out, seen = [], {}
@@ -327,8 +329,13 @@ class SFTDataset:
                     raise DataError(f"--group-by: expected a scalar value, got {type(v).__name__}",
                                     file=self.path, record=r.number, field=group_by)
                 rel = str(v)
+            rid = r.record.get("id")
+            rid = str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) and str(rid).strip() else None
             for t in r.turns:
-                base = content_id(rel, t.question, t.answers)
+                if rid is not None:  # the record's own id (per turn when several are asked)
+                    base = rid if len(r.turns) == 1 else f"{rid}#turn{t.index}"
+                else:
+                    base = content_id(rel, t.question, t.answers)
                 n = seen.get(base, 0) + 1
                 seen[base] = n
                 out.append(QAExample(id=base if n == 1 else f"{base}-{n}", relation=rel, question=t.question,
