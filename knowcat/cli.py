@@ -194,7 +194,7 @@ def cmd_estimate(args):
         todo, pool = split_for_categorize(examples, cfg.exemplar_split, args.splits, exemplars)
     model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
     res = estimate(model, tok, todo, pool, cfg, scfg, labels=labels, run_dir=args.out, model_name=args.model,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, shard_size=args.shard_size)
     if sft_fmt:
         results = {i: {"category": c, "method": m, "probs": dict(zip(("HighlyKnown", "MaybeKnown", "WeaklyKnown",
                                                                       "Unknown"), map(float, p)))}
@@ -552,6 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--turns", default="last", choices=["last", "all"])
     es.add_argument("--group-by", default=None, metavar="FIELD")
     es.add_argument("--max-answer-tokens", type=int, default=32, metavar="N")
+    es.add_argument("--shard-size", type=int, default=4096,
+                    help="examples per feature shard (each saved as it finishes; a rerun resumes)")
     es.add_argument("--device", default="auto")
     es.add_argument("--dtype", default="auto")
     es.add_argument("--no-progress", action="store_true")

@@ -117,6 +117,51 @@ def features(model, tokenizer, examples: list[QAExample], pool: list[QAExample],
     return Features([e.id for e in examples], names, S, H, tokens, layer)
 
 
+def sharded_features(model, tokenizer, examples: list[QAExample], pool: list[QAExample], cfg: EstimateConfig,
+                     folder, shard_size: int = 4096, progress=None, log=None, stop_after_shards=None) -> Features:
+    """:func:`features` shard by shard, each saved as ``NNNNN.npz`` (written to a temporary name, then
+    renamed; read back without pickle); finished shards whose example ids and settings match are reused,
+    so a killed run resumes. ``stop_after_shards`` stops early, as a kill would (for tests)."""
+    import hashlib
+    import os
+    import tempfile
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    setting = json.dumps([cfg.n_prompts, cfg.k, cfg.seed, cfg.layer, getattr(model, "name_or_path", "")])
+    parts, new = [], 0
+    for start in range(0, len(examples), shard_size):
+        chunk = examples[start:start + shard_size]
+        ids = [e.id for e in chunk]
+        key = hashlib.sha1(("\0".join(ids) + "\0" + setting).encode("utf-8")).hexdigest()
+        path = folder / f"{start // shard_size:05d}.npz"
+        if path.exists():
+            with np.load(path, allow_pickle=False) as z:
+                if str(z["key"]) == key:
+                    parts.append(Features(ids, [str(x) for x in z["names"]], z["scalars"],
+                                          z["hidden"] if z["hidden"].size else None, z["tokens"],
+                                          int(z["layer"]) if int(z["layer"]) >= 0 else None))
+                    if progress:
+                        progress(len(chunk) * cfg.n_prompts)
+                    continue
+        if stop_after_shards is not None and new >= stop_after_shards:
+            raise KeyboardInterrupt(f"stopped after {new} new feature shards")
+        f = features(model, tokenizer, chunk, pool, cfg, progress=progress, log=log)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.npz", dir=folder)
+        os.close(fd)
+        np.savez(tmp, key=np.array(key), names=np.array(f.names), scalars=f.scalars,
+                 hidden=f.hidden if f.hidden is not None else np.zeros(0, np.float32), tokens=f.tokens,
+                 layer=np.array(-1 if f.layer is None else f.layer))
+        os.replace(tmp, path)
+        parts.append(f)
+        new += 1
+    if not parts:
+        raise ValueError("no examples")
+    hidden = None if parts[0].hidden is None else np.concatenate([p.hidden for p in parts])
+    return Features([i for p in parts for i in p.ids], parts[0].names, np.concatenate([p.scalars for p in parts]),
+                    hidden, np.concatenate([p.tokens for p in parts]), parts[0].layer)
+
+
 def calibration_sample(examples: list[QAExample], feats: Features, n: int, seed: int = 0) -> list[int]:
     """Indices of ``n`` examples, stratified by relation and quintile of the mean log-probability
     (proportional allocation, largest remainders), each stratum drawn at random."""
@@ -191,13 +236,16 @@ def _label_array(ids, labels):
 
 def estimate(model, tokenizer, examples: list[QAExample], pool: list[QAExample], cfg: EstimateConfig = EstimateConfig(),
              slick_cfg: SliCKConfig = SliCKConfig(keep_answers=True), labels: dict[str, dict] | None = None,
-             run_dir=None, model_name: str = "model", log=print, progress: bool = True) -> EstimateResult:
+             run_dir=None, model_name: str = "model", log=print, progress: bool = True,
+             shard_size: int = 4096) -> EstimateResult:
     """Categories and probabilities of every example (see the module's docstring).
 
     ``labels``: SliCK rows already computed (``{id: {"category", "greedy_answers", ...}}``, as a
     categorized file holds them); the calibration sample then takes its categories from there
     instead of running SliCK, and every other labelled example is also used for validation.
     Without it, SliCK runs on the calibration sample in ``run_dir/calibration`` (resumable).
+    With ``run_dir`` the features are computed in shards of ``shard_size`` examples, each written
+    atomically to ``run_dir/estimate/features``; a rerun reuses the finished shards.
     """
     from tqdm.auto import tqdm
 
@@ -205,7 +253,11 @@ def estimate(model, tokenizer, examples: list[QAExample], pool: list[QAExample],
 
     n_req = len(examples) * cfg.n_prompts
     bar = tqdm(total=n_req, desc="features", unit="prompt", disable=not progress)
-    feats = features(model, tokenizer, examples, pool, cfg, progress=bar.update, log=log)
+    if run_dir is not None:
+        feats = sharded_features(model, tokenizer, examples, pool, cfg, Path(run_dir) / "estimate" / "features",
+                                 shard_size=shard_size, progress=bar.update, log=log)
+    else:
+        feats = features(model, tokenizer, examples, pool, cfg, progress=bar.update, log=log)
     bar.close()
     n_cal = cfg.n_calibration(len(examples))
     cal = calibration_sample(examples, feats, n_cal, cfg.seed)

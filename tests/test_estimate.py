@@ -146,3 +146,25 @@ def test_cli_estimate_on_chat_data(tiny, tmp_path):
                  "--out", str(tmp_path / "kept.jsonl")]) == 0
     stats = json.load(open(tmp_path / "kept.stats.json"))
     assert stats["by_method"] == {"slick": 8, "estimate": 6} and stats["total"] == 14
+
+
+def test_feature_shards_resume_to_the_same_features(tiny, tmp_path):
+    from knowcat.estimate import sharded_features
+
+    model, tok, _ = tiny
+    exs = _data(16)
+    pool = [e for e in exs if e.split == "dev"]
+    todo = [e for e in exs if e.split == "train"]
+    cfg = EstimateConfig(k=2)
+    whole = features(model, tok, todo, pool, cfg)
+    with pytest.raises(KeyboardInterrupt):
+        sharded_features(model, tok, todo, pool, cfg, tmp_path / "f", shard_size=3, stop_after_shards=2)
+    assert len(list((tmp_path / "f").glob("*.npz"))) == 2
+    calls = []
+    resumed = sharded_features(model, tok, todo, pool, cfg, tmp_path / "f", shard_size=3, progress=calls.append)
+    assert resumed.ids == whole.ids and resumed.names == whole.names
+    assert np.allclose(resumed.scalars, whole.scalars, atol=1e-5) and np.allclose(resumed.hidden, whole.hidden, atol=1e-5)
+    assert (resumed.tokens == whole.tokens).all() and sum(calls) == len(todo)
+    # other settings do not reuse the shards
+    other = sharded_features(model, tok, todo, pool, EstimateConfig(k=2, layer=-1), tmp_path / "f", shard_size=3)
+    assert other.hidden is None
