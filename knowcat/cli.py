@@ -221,7 +221,12 @@ def cmd_filter(args):
                            relation_field=args.relation_field, seed=args.seed)
     except ValueError as e:
         raise SystemExit(str(e))
-    filter_file(args.input, args.out, cfg, rejects_path=args.rejects, stats_path=args.stats)
+    try:
+        filter_file(args.input, args.out, cfg, rejects_path=args.rejects, stats_path=args.stats)
+    except ValueError as e:
+        if type(e) is not ValueError:  # DataError: the usual bad-input path
+            raise
+        raise SystemExit(f"knowcat filter: {e}")
 
 
 def cmd_demo(args):

@@ -169,7 +169,7 @@ def filter_file(src, out, cfg: FilterConfig, rejects_path=None, log=print, stats
 
     if is_annotated_sft(src):
         res = filter_sft_file(src, out, cfg, rejects_path=rejects_path, stats_path=stats_path, log=log)
-        return FilterResult(res["kept"], res["rejects"], res["stats"])
+        return FilterResult(res["kept"], res["rejects"], res["stats"])  # counts, not lists, when streamed
     records = read_records(src)
     res = filter_records(records, cfg, source=str(src))
     res.counts["by_method"] = dict(Counter(r.get("category_method", "slick") for r in records))

@@ -103,40 +103,48 @@ def is_annotated_sft(path) -> bool:
     return False
 
 
-def filter_sft_records(records: list[dict], cfg, source=None, numbers=None) -> dict:
-    """Keep / drop / relabel annotated SFT records (``cfg``: a :class:`knowcat.filtering.FilterConfig`).
+class SFTFilter:
+    """Keep / drop / relabel annotated SFT records one at a time (``cfg``: a
+    :class:`knowcat.filtering.FilterConfig`), counting as it goes; memory does not grow with the data."""
 
-    Returns ``{"kept", "rejects", "stats"}``; ``kept + rejects`` are all the records."""
-    kept, rejects = [], []
-    in_cat, kept_cat, by_field, by_method, reasons = Counter(), Counter(), {}, Counter(), Counter()
-    relabeled = 0
-    numbers = numbers if numbers is not None else list(range(len(records)))
-    fmt = None
-    for n, rec in zip(numbers, records):
+    def __init__(self, cfg, source=None):
+        if cfg.cap_per_relation is not None:
+            raise ValueError("--cap-per-relation applies to QA records; SFT records are filtered by category only")
+        self.cfg, self.source, self.fmt = cfg, source, None
+        self.in_cat, self.kept_cat, self.by_method, self.reasons = Counter(), Counter(), Counter(), Counter()
+        self.by_field: dict = {}
+        self.total = self.kept = self.rejected = self.relabeled = 0
+
+    def __call__(self, n, rec) -> tuple[dict | None, dict | None]:
+        """(the record to keep, possibly relabeled, or None; the reject row or None)."""
+        cfg = self.cfg
         meta = rec.get(META_KEY) if isinstance(rec, dict) else None
         if not isinstance(meta, dict) or "category" not in meta:
             raise DataError(f"no '{META_KEY}' categories: is this a categorized SFT file? (knowcat categorize "
-                            f"or knowcat estimate writes one)", file=source, record=n, field=META_KEY)
+                            f"or knowcat estimate writes one)", file=self.source, record=n, field=META_KEY)
         cat = meta["category"]
         if cat not in ALL_LABELS:
-            raise DataError(f"unknown category {cat!r}; expected one of {list(ALL_LABELS)}", file=source,
+            raise DataError(f"unknown category {cat!r}; expected one of {list(ALL_LABELS)}", file=self.source,
                             record=n, field=f"{META_KEY}.category")
-        fmt = fmt or detect_record_format(strip_meta(rec))
-        in_cat[cat] += 1
-        by_method[meta.get("method")] += 1
+        fmt = detect_record_format(strip_meta(rec))
+        if fmt is None:
+            raise DataError("not an SFT record (no messages, prompt/completion, conversations, "
+                            "instruction/output or question/answers)", file=self.source, record=n)
+        self.fmt = self.fmt or fmt
+        self.total += 1
+        self.in_cat[cat] += 1
+        self.by_method[meta.get("method")] += 1
         for t in meta.get("turns", []):
-            by_field.setdefault(t.get("field"), Counter())[t.get("category")] += 1
+            self.by_field.setdefault(t.get("field"), Counter())[t.get("category")] += 1
         if cat in cfg.drop or (cfg.keep is not None and cat not in cfg.keep):
             reason = f"category {cat} filtered out"
+            self.reasons[reason] += 1
             if cat == NOT_APPLICABLE:
                 reason += ": " + "; ".join(t.get("reason", "") for t in meta.get("turns", []) if t.get("reason"))
-            reasons[f"category {cat} filtered out"] += 1
-            rejects.append({"record": n, "reason": reason, "method": meta.get("method"), "data": rec})
-            continue
-        relabel_turns = [t for t in meta.get("turns", []) if t.get("category") in cfg.relabel]
-        if relabel_turns:
-            new = rec
-            turns = []
+            self.rejected += 1
+            return None, {"record": n, "reason": reason, "method": meta.get("method"), "data": rec}
+        if any(t.get("category") in cfg.relabel for t in meta.get("turns", [])):
+            new, turns = rec, []
             for t in meta.get("turns", []):
                 t = dict(t)
                 if t.get("category") in cfg.relabel:
@@ -145,16 +153,32 @@ def filter_sft_records(records: list[dict], cfg, source=None, numbers=None) -> d
                     t["original_answer"] = _get_field(rec, fmt, t["field"])
                 turns.append(t)
             rec = annotate(strip_meta(new), {**meta, "turns": turns})
-            relabeled += 1
-        kept.append(rec)
-        kept_cat[cat] += 1
-    stats = {"format": fmt, "total": len(records), "kept": len(kept), "rejected": len(rejects),
-             "relabeled": relabeled,
-             "by_category": {c: {"in": in_cat[c], "kept": kept_cat[c]} for c in ALL_LABELS},
-             "by_method": dict(by_method),
-             "by_source_field": {f: dict(c) for f, c in by_field.items()},
-             "reasons": dict(reasons)}
-    return {"kept": kept, "rejects": rejects, "stats": stats}
+            self.relabeled += 1
+        self.kept += 1
+        self.kept_cat[cat] += 1
+        return rec, None
+
+    def stats(self) -> dict:
+        return {"format": self.fmt, "total": self.total, "kept": self.kept, "rejected": self.rejected,
+                "relabeled": self.relabeled,
+                "by_category": {c: {"in": self.in_cat[c], "kept": self.kept_cat[c]} for c in ALL_LABELS},
+                "by_method": dict(self.by_method),
+                "by_source_field": {f: dict(c) for f, c in self.by_field.items()},
+                "reasons": dict(self.reasons)}
+
+
+def filter_sft_records(records: list[dict], cfg, source=None, numbers=None) -> dict:
+    """:class:`SFTFilter` over a list: ``{"kept", "rejects", "stats"}``; ``kept + rejects`` are all the records."""
+    f = SFTFilter(cfg, source)
+    kept, rejects = [], []
+    numbers = numbers if numbers is not None else list(range(len(records)))
+    for n, rec in zip(numbers, records):
+        k, r = f(n, rec)
+        if k is not None:
+            kept.append(k)
+        else:
+            rejects.append(r)
+    return {"kept": kept, "rejects": rejects, "stats": f.stats()}
 
 
 def _get_field(rec: dict, fmt: str, fld: str):
@@ -178,24 +202,63 @@ def format_stats(s: dict) -> str:
 
 def filter_sft_file(src, out, cfg, rejects_path=None, stats_path=None, log=print) -> dict:
     """Filter an annotated SFT file: kept records to ``out`` (same format as the input unless ``out``'s
-    suffix says otherwise), rejects (``{"record", "reason", "method", "data"}``) and stats beside it."""
+    suffix says otherwise), rejects (``{"record", "reason", "method", "data"}``) and stats beside it.
+    JSONL to JSONL streams (memory bounded by one record; both files written to temporary names and
+    renamed at the end); other containers are read whole. Returns ``{"kept", "rejects", "stats"}``
+    (the kept and rejected records only when not streamed: counts otherwise)."""
     src, out = Path(src), Path(out)
-    records, numbers = [], []
-    for rr in iter_raw(src):
-        if rr.error is not None:
-            raise rr.error
-        records.append(rr.value)
-        numbers.append(rr.record)
-    res = filter_sft_records(records, cfg, source=str(src), numbers=numbers)
-    write_sft(out, res["kept"], container=None if out.suffix else container_of(src) if src.is_dir() else None)
     stem = out.stem if out.suffix else out.name
     rp = Path(rejects_path) if rejects_path else out.with_name(stem + ".rejects.jsonl")
     sp = Path(stats_path) if stats_path else out.with_name(stem + ".stats.json")
-    write_rejects(rp, res["rejects"])
+    if container_of(src) == "jsonl" and out.suffix.lower() in (".jsonl", ".ndjson"):
+        res = _stream_jsonl(src, out, rp, cfg)
+    else:
+        records, numbers = [], []
+        for rr in iter_raw(src):
+            if rr.error is not None:
+                raise rr.error
+            records.append(rr.value)
+            numbers.append(rr.record)
+        res = filter_sft_records(records, cfg, source=str(src), numbers=numbers)
+        write_sft(out, res["kept"], container=None if out.suffix else "hf")
+        write_rejects(rp, res["rejects"])
     atomic_write_json(sp, res["stats"])
     log(format_stats(res["stats"]))
-    log(f"filter: wrote {out} ({len(res['kept'])} records), {rp} ({len(res['rejects'])} rejects) and {sp}")
+    log(f"filter: wrote {out} ({res['stats']['kept']} records), {rp} ({res['stats']['rejected']} rejects) and {sp}")
     return res
+
+
+def _stream_jsonl(src: Path, out: Path, rp: Path, cfg) -> dict:
+    import os
+    import tempfile
+
+    f = SFTFilter(cfg, str(src))
+    tmps = []
+    try:
+        handles = []
+        for dest in (out, rp):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+            tmps.append(tmp)
+            handles.append(os.fdopen(fd, "w", encoding="utf-8"))
+        kept_f, rej_f = handles
+        with kept_f, rej_f:
+            for rr in iter_raw(src):
+                if rr.error is not None:
+                    raise rr.error
+                k, r = f(rr.record, rr.value)
+                if k is not None:
+                    kept_f.write(json.dumps(k, ensure_ascii=False) + "\n")
+                else:
+                    rej_f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
+        os.replace(tmps[0], out)
+        os.replace(tmps[1], rp)
+    except BaseException:
+        for t in tmps:
+            if os.path.exists(t):
+                os.unlink(t)
+        raise
+    return {"kept": f.kept, "rejects": f.rejected, "stats": f.stats()}
 
 
 # --- categorization ----------------------------------------------------------------------------

@@ -282,3 +282,20 @@ def test_ids_from_the_record_or_content(tmp_path):
     ds2 = load_sft(_write(tmp_path / "s.jsonl", [SHAREGPT[0], SHAREGPT[0]]))
     a, b = [e.id for e in ds2.examples()]
     assert a.startswith("default-") and b == a + "-2"
+
+
+def test_streamed_filter_leaves_no_partial_file_and_refuses_cap(tmp_path):
+    from knowcat.cli import main
+
+    ds = load_sft(_write(tmp_path / "d.jsonl", MESSAGES))
+    examples, _ = prepare(ds)
+    annotated = annotate_records(ds, examples, _fake_results(examples), "slick")
+    annotated[2] = strip_meta(annotated[2])  # the third record lost its categories
+    src = _write(tmp_path / "cat.jsonl", annotated)
+    with pytest.raises(DataError) as e:
+        filter_file(src, tmp_path / "k.jsonl", FilterConfig(), log=lambda *a: None)
+    assert e.value.record == 3 and e.value.field == META_KEY
+    assert not (tmp_path / "k.jsonl").exists() and not list(tmp_path.glob(".k.jsonl*"))
+    assert main(["filter", str(src), "--out", str(tmp_path / "k.jsonl")]) == 2
+    with pytest.raises(SystemExit, match="cap-per-relation"):
+        main(["filter", str(src), "--cap-per-relation", "2", "--out", str(tmp_path / "k.jsonl")])
