@@ -118,6 +118,18 @@ def _sft_format(args) -> str | None:
     return None
 
 
+def _install_judge(args, cfg) -> None:
+    """With ``--match judge``: load ``--judge-model`` and make it the judge of answers."""
+    if cfg.match != "judge":
+        return
+    if not getattr(args, "judge_model", None):
+        raise SystemExit("--match judge needs --judge-model M (a model asked whether an answer agrees with the reference)")
+    from knowcat.matching import Judge, set_judge
+    from probes.loading import load_model
+
+    set_judge(Judge(*load_model(args.judge_model, device=args.device, dtype=args.dtype)))
+
+
 def _categorize_sft(args, fmt, cfg):
     from knowcat.sft import categorize_sft
 
@@ -132,6 +144,7 @@ def cmd_categorize(args):
     from knowcat.slick import SliCKConfig
 
     cfg = _override(SliCKConfig(), args)
+    _install_judge(args, cfg)
     sft_fmt = _sft_format(args)
     if sft_fmt:
         return _categorize_sft(args, sft_fmt, cfg)
@@ -178,6 +191,7 @@ def cmd_estimate(args):
         scfg = SliCKConfig(match=args.match, keep_answers=True)
     except ValueError as e:
         raise SystemExit(f"knowcat estimate: {e}")
+    _install_judge(args, scfg)
     labels = read_labels(args.labels) if args.labels else None
     sft_fmt = _sft_format(args)
     if sft_fmt:
@@ -193,11 +207,17 @@ def cmd_estimate(args):
         exemplars = load_from_args(args, source=args.exemplars) if args.exemplars else None
         todo, pool = split_for_categorize(examples, cfg.exemplar_split, args.splits, exemplars)
     model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
-    res = estimate(model, tok, todo, pool, cfg, scfg, labels=labels, run_dir=args.out, model_name=args.model,
-                   progress=not args.no_progress, shard_size=args.shard_size)
+    try:
+        res = estimate(model, tok, todo, pool, cfg, scfg, labels=labels, run_dir=args.out, model_name=args.model,
+                       progress=not args.no_progress, shard_size=args.shard_size)
+    except ValueError as e:
+        if type(e) is not ValueError:  # DataError: the usual bad-input path
+            raise
+        raise SystemExit(f"knowcat estimate: {e}")
     if sft_fmt:
-        results = {i: {"category": c, "method": m, "probs": dict(zip(("HighlyKnown", "MaybeKnown", "WeaklyKnown",
-                                                                      "Unknown"), map(float, p)))}
+        from knowcat.slick import CATEGORIES
+
+        results = {i: {"category": c, "method": m, "probs": dict(zip(CATEGORIES, map(float, p)))}
                    for i, c, m, p in zip(res.ids, res.categories, res.method, res.probs)}
         out = Path(args.out) / ("estimated_sft" + {"jsonl": ".jsonl", "json": ".json", "parquet": ".parquet",
                                                    "hf": ""}[ds.container])
@@ -500,6 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multi-turn records: ask the last assistant turn (default) or each")
     s.add_argument("--group-by", default=None, metavar="FIELD",
                    help="draw few-shot exemplars from records with the same value of FIELD")
+    s.add_argument("--judge-model", default=None, metavar="M",
+                   help="with --match judge: the model asked whether an answer agrees with the reference")
     s.add_argument("--max-answer-tokens", type=int, default=32, metavar="N",
                    help="turns whose reference answer is over N words are not_applicable (not categorized)")
     c.add_argument("--batch-size", type=int, default=None, help="decoded rows per batch (default: by device, "
@@ -554,6 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "sample takes them instead of running SliCK, and the other labelled examples validate")
     es.add_argument("--match", default="exact", help="SliCK's answer matching on the calibration sample: exact, "
                                                      "contains, f1 or f1@THRESHOLD")
+    es.add_argument("--judge-model", default=None, metavar="M", help="with --match judge: the judge model")
     es.add_argument("--turns", default="last", choices=["last", "all"])
     es.add_argument("--group-by", default=None, metavar="FIELD")
     es.add_argument("--max-answer-tokens", type=int, default=32, metavar="N")

@@ -5,7 +5,8 @@ white space. ``exact``: the normalized prediction equals a normalized gold
 alias. ``contains``: a normalized gold alias occurs in the normalized prediction
 as a whole-word span. ``f1``: SQuAD's token F1 (bag of normalized words) against
 the best alias is at least a threshold, 0.5 unless the mode names another
-(``f1@0.7``): the measure for answers longer than an entity.
+(``f1@0.7``): the measure for answers longer than an entity. ``judge``: a model
+(:class:`Judge`, set with :func:`set_judge`) says whether the answer agrees with a reference.
 
 An answer too long for any of these to mean anything (more than a bound of
 normalized words, :func:`answer_too_long`) is not categorized at all: the
@@ -32,7 +33,7 @@ class _Modes(tuple):
         return isinstance(mode, str) and (tuple.__contains__(self, mode) or bool(_F1_MODE.match(mode)))
 
 
-MATCH_MODES = _Modes(("exact", "contains", "f1"))
+MATCH_MODES = _Modes(("exact", "contains", "f1", "judge"))
 
 
 def normalize(text: str) -> str:
@@ -63,12 +64,59 @@ def f1_threshold(mode: str) -> float:
 
 def check_mode(mode: str) -> str:
     if mode not in MATCH_MODES:
-        raise ValueError(f"unknown match mode {mode!r}; choose from exact, contains, f1 or f1@THRESHOLD")
+        raise ValueError(f"unknown match mode {mode!r}; choose from exact, contains, f1, f1@THRESHOLD or judge")
     return mode
+
+
+JUDGE_PROMPT = ("Reference answer: {reference}\nProposed answer: {prediction}\n"
+                "Does the proposed answer agree with the reference answer? Answer Yes or No.\nAnswer:")
+
+
+class Judge:
+    """A model asked whether a proposed answer agrees with a reference (:data:`JUDGE_PROMPT`).
+
+    The verdict is one teacher-forced pass (:mod:`probes.scoring`): "agrees" when " Yes" is more
+    probable than " No" after the prompt. An answer equal to a reference after normalization agrees
+    and an empty one does not, without asking; verdicts are cached per (answer, reference)."""
+
+    def __init__(self, model, tokenizer, prompt: str = JUDGE_PROMPT):
+        self.model, self.tokenizer, self.prompt = model, tokenizer, prompt
+        self.cache: dict[tuple[str, str], bool] = {}
+        self.asked = 0
+
+    def agrees(self, prediction: str, reference: str) -> bool:
+        p, g = normalize(prediction), normalize(reference)
+        if not p:
+            return False
+        if p == g:
+            return True
+        key = (prediction.strip(), reference.strip())
+        if key not in self.cache:
+            from probes.scoring import ScoreRequest, score
+
+            text = self.prompt.format(reference=key[1], prediction=key[0])
+            s = score(self.model, self.tokenizer, [ScoreRequest("yes", text, " Yes"), ScoreRequest("no", text, " No")])
+            self.cache[key] = s["yes"].logprob > s["no"].logprob
+            self.asked += 1
+        return self.cache[key]
+
+
+_JUDGE: list[Judge] = []
+
+
+def set_judge(judge: Judge | None) -> None:
+    """The judge ``is_correct(..., mode="judge")`` asks (None: none)."""
+    _JUDGE.clear()
+    if judge is not None:
+        _JUDGE.append(judge)
 
 
 def is_correct(prediction: str, answers: Iterable[str], mode: str = "exact") -> bool:
     check_mode(mode)
+    if mode == "judge":
+        if not _JUDGE:
+            raise RuntimeError("--match judge needs a judge model (--judge-model; knowcat.matching.set_judge)")
+        return any(_JUDGE[0].agrees(prediction, a) for a in answers)
     if mode.startswith("f1"):
         t = f1_threshold(mode)
         return any(f1_score(prediction, a) >= t for a in answers)

@@ -168,3 +168,41 @@ def test_feature_shards_resume_to_the_same_features(tiny, tmp_path):
     # other settings do not reuse the shards
     other = sharded_features(model, tok, todo, pool, EstimateConfig(k=2, layer=-1), tmp_path / "f", shard_size=3)
     assert other.hidden is None
+
+
+def test_judge_asks_the_model_once_per_pair(tiny):
+    from knowcat.matching import JUDGE_PROMPT, Judge
+    from probes.scoring import ScoreRequest, score
+
+    model, tok, _ = tiny
+    j = Judge(model, tok)
+    text = JUDGE_PROMPT.format(reference="Dorn City", prediction="Vorma")
+    s = score(model, tok, [ScoreRequest(1, text, " Yes"), ScoreRequest(2, text, " No")])
+    assert j.agrees("Vorma", "Dorn City") == (s[1].logprob > s[2].logprob) and j.asked == 1
+    j.agrees("Vorma ", "Dorn City")
+    assert j.asked == 1  # cached
+    assert j.agrees("the dorn city", "Dorn City") and not j.agrees("", "Dorn City") and j.asked == 1
+
+
+def test_match_judge_routes_slick_through_the_judge(tiny):
+    from knowcat.matching import Judge, is_correct, set_judge
+    from knowcat.slick import categorize
+
+    model, tok, _ = tiny
+    exs = _data(8)
+    pool = [e for e in exs if e.split == "dev"]
+    todo = [e for e in exs if e.split == "train"]
+    cfg = SliCKConfig(n_prompts=2, k=2, n_samples=1, max_new_tokens=3, match="judge")
+
+    class Lenient(Judge):
+        def agrees(self, prediction, reference):
+            return True
+
+    set_judge(None)
+    with pytest.raises(RuntimeError, match="judge model"):
+        is_correct("a", ["b"], "judge")
+    try:
+        set_judge(Lenient(model, tok))
+        assert {r.category for r in categorize(model, tok, todo, pool, cfg)} == {"HighlyKnown"}
+    finally:
+        set_judge(None)
