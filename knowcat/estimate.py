@@ -187,34 +187,46 @@ def calibration_sample(examples: list[QAExample], feats: Features, n: int, seed:
 # --- cost --------------------------------------------------------------------------------------
 
 def slick_forward_tokens(tokenizer, examples: list[QAExample], pool: list[QAExample], slick_rows: dict[str, dict],
-                         scfg: SliCKConfig) -> dict[str, dict]:
-    """Forward tokens of lazy SliCK per example, from its recorded answers (``keep_answers``):
-    ``full``: every prompt's text plus one token per generated token (answer and stop), as if no
-    prefix were shared; ``shared``: the same with each few-shot prefix counted once per relation and
-    prompt, spread over the relation's examples (how knowcat's generation runs it). Generated
-    tokens are counted by re-tokenizing the answers (``" " + answer`` and one stop token, at most
-    ``max_new_tokens``)."""
+                         scfg: SliCKConfig, per_relation: dict[str, int] | None = None) -> dict[str, dict]:
+    """Forward tokens of lazy SliCK per example, from its recorded answers (``keep_answers``).
+
+    Each prompt is encoded once for its greedy answer and its samples; a generated answer of t
+    tokens then feeds t tokens back (its last token produces the stop). Three counts:
+    ``naive``: every prompt's whole text, every answer decoded on its own; ``nodes``: answers that
+    start alike share their common tokens (knowcat's generator decodes distinct token prefixes
+    once); ``shared``: ``nodes`` with each few-shot prefix encoded once per relation and prompt,
+    spread over the relation's examples (``per_relation``: their counts; default those in
+    ``examples``), which is how knowcat runs SliCK. Generated tokens are those of re-tokenizing
+    ``" " + answer`` (at most ``max_new_tokens - 1`` fed back)."""
     prompts = prompts_of(examples, pool, scfg.n_prompts, scfg.k, scfg.seed, scfg.exemplar_split)
-    n_tok = lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    cap = scfg.max_new_tokens - 1
+
+    def ids(a: str) -> tuple:
+        return tuple(tokenizer(" " + a, add_special_tokens=False)["input_ids"][:cap])
+
     prefix_len: dict[str, int] = {}
-    per_rel: dict[str, int] = {}
-    for ex in examples:
-        per_rel[ex.relation] = per_rel.get(ex.relation, 0) + 1
+    if per_relation is None:
+        per_relation = {}
+        for ex in examples:
+            per_relation[ex.relation] = per_relation.get(ex.relation, 0) + 1
     out = {}
     for ex in examples:
         row = slick_rows[ex.id]
         ga, sa = row.get("greedy_answers"), row.get("sampled_answers")
         if ga is None or sa is None:
             raise ValueError("lazy SliCK's cost needs its answers: categorize with keep_answers")
-        full = shared = 0.0
+        naive = nodes = shared = 0.0
         for j, (pre, suf) in enumerate(prompts[ex.id]):
             whole = len(tokenizer(pre + suf, add_special_tokens=True)["input_ids"])
             if pre not in prefix_len:
                 prefix_len[pre] = len(tokenizer(pre, add_special_tokens=True)["input_ids"])
-            gen = sum(min(n_tok(" " + a) + 1, scfg.max_new_tokens) for a in [ga[j]] + list(sa[j]))
-            full += whole + gen
-            shared += whole - prefix_len[pre] + prefix_len[pre] / per_rel[ex.relation] + gen
-        out[ex.id] = {"full": full, "shared": shared}
+            answers = [ids(a) for a in [ga[j]] + list(sa[j])]
+            fed = sum(len(t) for t in answers)
+            distinct = len({t[:i] for t in answers for i in range(1, len(t) + 1)})
+            naive += whole + fed
+            nodes += whole + distinct
+            shared += whole - prefix_len[pre] + prefix_len[pre] / per_relation[ex.relation] + distinct
+        out[ex.id] = {"naive": naive, "nodes": nodes, "shared": shared}
     return out
 
 
@@ -310,18 +322,22 @@ def estimate(model, tokenizer, examples: list[QAExample], pool: list[QAExample],
         summary["validation_rest"] = asdict(v_rest)
         summary["verdicts_rest"] = verdicts(v_rest)
     # cost: forward tokens per example, estimator vs lazy SliCK on the calibration sample
-    slick_cost = slick_forward_tokens(tokenizer, cal_ex, pool, slick_rows, slick_cfg) \
+    per_rel: dict[str, int] = {}
+    for ex in examples:
+        per_rel[ex.relation] = per_rel.get(ex.relation, 0) + 1
+    slick_cost = slick_forward_tokens(tokenizer, cal_ex, pool, slick_rows, slick_cfg, per_rel) \
         if all("greedy_answers" in slick_rows[e.id] for e in cal_ex) else None
     est_tokens = float(feats.tokens.mean())
     cost = {"estimate_tokens_per_example": est_tokens, "estimate_prompts": cfg.n_prompts}
     if slick_cost:
-        full = float(np.mean([c["full"] for c in slick_cost.values()]))
-        shared = float(np.mean([c["shared"] for c in slick_cost.values()]))
-        cost.update(slick_lazy_tokens_per_example_full=full, slick_lazy_tokens_per_example_shared_prefix=shared,
-                    ratio_full=full / est_tokens, ratio_shared_prefix_vs_estimate_as_run=shared / est_tokens)
-        log(f"estimate: forward tokens per example: estimator {est_tokens:.0f} ({cfg.n_prompts} prompts, one "
-            f"teacher-forced pass each); lazy SliCK {full:.0f} counting every prompt's text ({full / est_tokens:.1f}x), "
-            f"{shared:.0f} with shared few-shot prefixes ({shared / est_tokens:.1f}x the estimator as run)")
+        m = {k: float(np.mean([c[k] for c in slick_cost.values()])) for k in ("naive", "nodes", "shared")}
+        cost.update({f"slick_lazy_tokens_per_example_{k}": v for k, v in m.items()})
+        cost.update({f"ratio_{k}": v / est_tokens for k, v in m.items()})
+        log(f"estimate: forward tokens per example (lazy SliCK counted from its answers on the calibration sample): "
+            f"estimator {est_tokens:.0f} ({cfg.n_prompts} prompt(s), one teacher-forced pass each, whole texts); "
+            f"lazy SliCK {m['naive']:.0f} with whole texts and every answer decoded alone ({m['naive'] / est_tokens:.1f}x), "
+            f"{m['nodes']:.0f} sharing answers' common tokens ({m['nodes'] / est_tokens:.1f}x), {m['shared']:.0f} also "
+            f"sharing few-shot prefixes as knowcat runs it ({m['shared'] / est_tokens:.1f}x)")
     summary["cost"] = cost
     return EstimateResult([e.id for e in examples], cats, probs, method, cal, summary)
 

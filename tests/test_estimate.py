@@ -83,7 +83,7 @@ def test_estimate_runs_slick_on_the_sample_and_labels_each_row(tiny, tmp_path):
             assert res.method[i] == "estimate" and res.categories[i] == CATEGORIES[int(res.probs[i].argmax())]
     assert np.allclose(res.probs.sum(1), 1)
     cost = res.summary["cost"]
-    assert cost["slick_lazy_tokens_per_example_full"] > cost["estimate_tokens_per_example"] > 0
+    assert cost["slick_lazy_tokens_per_example_naive"] >= cost["slick_lazy_tokens_per_example_nodes"] > cost["estimate_tokens_per_example"] > 0
     assert res.summary["validation_calibration_oof"]["n"] == 10
     out = write_estimate(tmp_path, todo, res)
     rows = [json.loads(x) for x in open(out)]
@@ -109,7 +109,7 @@ def test_cli_estimate_with_precomputed_labels_then_filter(tiny, tmp_path):
     assert len(rows) == 28 and sum(r["category_method"] == "slick" for r in rows) == 12
     summ = json.load(open(tmp_path / "run" / "estimate_summary.json"))
     assert summ["labels"] == "precomputed" and summ["validation_rest"]["n"] == 16
-    assert "cost" in summ and "slick_lazy_tokens_per_example_full" not in summ["cost"]  # no answers recorded
+    assert "cost" in summ and "slick_lazy_tokens_per_example_naive" not in summ["cost"]  # no answers recorded
     assert main(["filter", str(tmp_path / "run" / "estimated.jsonl"), "--drop", "Unknown",
                  "--out", str(tmp_path / "kept.jsonl")]) == 0
     stats = json.load(open(tmp_path / "kept.stats.json"))
@@ -206,3 +206,24 @@ def test_match_judge_routes_slick_through_the_judge(tiny):
         assert {r.category for r in categorize(model, tok, todo, pool, cfg)} == {"HighlyKnown"}
     finally:
         set_judge(None)
+
+
+def test_slick_cost_counts(tiny):
+    from knowcat.estimate import prompts_of, slick_forward_tokens
+
+    _, tok, _ = tiny
+    exs = _data(8)
+    pool = [e for e in exs if e.split == "dev"]
+    ex = [e for e in exs if e.split == "train"][0]
+    scfg = SliCKConfig(n_prompts=1, k=2, n_samples=2)
+    pre, suf = prompts_of([ex], pool, 1, 2, 0)[ex.id][0]
+    whole = len(tok(pre + suf)["input_ids"])
+    n_a = len(tok(" Town 1", add_special_tokens=False)["input_ids"])
+    rows = {ex.id: {"greedy_answers": ["Town 1"], "sampled_answers": [["Town 1", "Town 1"]]}}
+    c = slick_forward_tokens(tok, [ex], pool, rows, scfg)[ex.id]
+    assert c["naive"] == whole + 3 * n_a and c["nodes"] == whole + n_a
+    n_pre = len(tok(pre)["input_ids"])
+    c4 = slick_forward_tokens(tok, [ex], pool, rows, scfg, per_relation={ex.relation: 4})[ex.id]
+    assert c4["shared"] == pytest.approx(whole - n_pre + n_pre / 4 + n_a)
+    rows[ex.id]["sampled_answers"] = [[]]  # lazy: no samples asked
+    assert slick_forward_tokens(tok, [ex], pool, rows, scfg)[ex.id]["naive"] == whole + n_a
