@@ -230,6 +230,23 @@ def slick_forward_tokens(tokenizer, examples: list[QAExample], pool: list[QAExam
     return out
 
 
+def estimator_tokens_shared(tokenizer, examples, pool, cfg: EstimateConfig, feats: Features,
+                            per_relation: dict[str, int]) -> float:
+    """Mean forward tokens per example the estimator would need if each few-shot prefix were encoded
+    once per relation and prompt (the scorer encodes whole texts: this is the bound prefix caching would give)."""
+    prompts = prompts_of(examples, pool, cfg.n_prompts, cfg.k, cfg.seed, cfg.exemplar_split)
+    plen: dict[str, int] = {}
+    total = 0.0
+    for i, ex in enumerate(examples):
+        t = float(feats.tokens[i])
+        for pre, _ in prompts[ex.id]:
+            if pre not in plen:
+                plen[pre] = len(tokenizer(pre, add_special_tokens=True)["input_ids"])
+            t -= plen[pre] * (1 - 1 / per_relation[ex.relation])
+        total += t
+    return total / len(examples)
+
+
 # --- the whole estimate ------------------------------------------------------------------------
 
 @dataclass
@@ -328,7 +345,9 @@ def estimate(model, tokenizer, examples: list[QAExample], pool: list[QAExample],
     slick_cost = slick_forward_tokens(tokenizer, cal_ex, pool, slick_rows, slick_cfg, per_rel) \
         if all("greedy_answers" in slick_rows[e.id] for e in cal_ex) else None
     est_tokens = float(feats.tokens.mean())
-    cost = {"estimate_tokens_per_example": est_tokens, "estimate_prompts": cfg.n_prompts}
+    cost = {"estimate_tokens_per_example": est_tokens, "estimate_prompts": cfg.n_prompts,
+            "estimate_tokens_per_example_if_prefix_shared": estimator_tokens_shared(tokenizer, examples, pool, cfg,
+                                                                                    feats, per_rel)}
     if slick_cost:
         m = {k: float(np.mean([c[k] for c in slick_cost.values()])) for k in ("naive", "nodes", "shared")}
         cost.update({f"slick_lazy_tokens_per_example_{k}": v for k, v in m.items()})
@@ -337,7 +356,9 @@ def estimate(model, tokenizer, examples: list[QAExample], pool: list[QAExample],
             f"estimator {est_tokens:.0f} ({cfg.n_prompts} prompt(s), one teacher-forced pass each, whole texts); "
             f"lazy SliCK {m['naive']:.0f} with whole texts and every answer decoded alone ({m['naive'] / est_tokens:.1f}x), "
             f"{m['nodes']:.0f} sharing answers' common tokens ({m['nodes'] / est_tokens:.1f}x), {m['shared']:.0f} also "
-            f"sharing few-shot prefixes as knowcat runs it ({m['shared'] / est_tokens:.1f}x)")
+            f"sharing few-shot prefixes as knowcat runs it ({m['shared'] / est_tokens:.1f}x; "
+            f"{m['shared'] / cost['estimate_tokens_per_example_if_prefix_shared']:.1f}x against a scorer that "
+            f"shared them too, which probes.scoring does not)")
     summary["cost"] = cost
     return EstimateResult([e.id for e in examples], cats, probs, method, cal, summary)
 
