@@ -198,7 +198,13 @@ def cmd_estimate(args):
         from knowcat.loaders.sft import load_sft
         from knowcat.sft import annotate_records, prepare, write_annotated
 
+        from knowcat.loaders.sft import write_rejects
+
         ds = load_sft(args.data, format=sft_fmt, turns=args.turns, on_error=args.on_error)
+        if ds.rejects or args.rejects:
+            rp = Path(args.rejects or Path(args.out) / "load_rejects.jsonl")
+            write_rejects(rp, ds.rejects)
+            print(f"estimate: {len(ds.rejects)} malformed records skipped -> {rp}")
         examples, na = prepare(ds, args.group_by, args.max_answer_tokens)
         todo = [e for e in examples if e.id not in na]
         pool = load_sft(args.exemplars, turns="all").examples(args.group_by) if args.exemplars else todo

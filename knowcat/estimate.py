@@ -42,7 +42,7 @@ class EstimateConfig:
     seed: int = 0
     exemplar_split: str = "dev"
     layer: int | None = None  # hidden-state block (None: the middle one; -1: none)
-    calibrate: float = 0.2  # calibration sample: a count (>= 1) or a share of the examples (< 1)
+    calibrate: float = 2000  # calibration sample: a count (>= 1) or a share of the examples (< 1)
     pca_dim: int = 32
     folds: int = 5
     alpha: float = 0.05

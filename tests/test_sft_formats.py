@@ -299,3 +299,11 @@ def test_streamed_filter_leaves_no_partial_file_and_refuses_cap(tmp_path):
     assert main(["filter", str(src), "--out", str(tmp_path / "k.jsonl")]) == 2
     with pytest.raises(SystemExit, match="cap-per-relation"):
         main(["filter", str(src), "--cap-per-relation", "2", "--out", str(tmp_path / "k.jsonl")])
+
+
+def test_cli_match_judge_needs_a_judge_model(tmp_path):
+    from knowcat.cli import main
+
+    src = _write(tmp_path / "d.jsonl", MESSAGES)
+    with pytest.raises(SystemExit, match="--judge-model"):
+        main(["categorize", "--model", "unused", str(src), "--out", str(tmp_path / "r"), "--match", "judge"])
