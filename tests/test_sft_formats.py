@@ -307,3 +307,22 @@ def test_cli_match_judge_needs_a_judge_model(tmp_path):
     src = _write(tmp_path / "d.jsonl", MESSAGES)
     with pytest.raises(SystemExit, match="--judge-model"):
         main(["categorize", "--model", "unused", str(src), "--out", str(tmp_path / "r"), "--match", "judge"])
+
+
+@pytest.mark.parametrize("fmt", list(ALL))
+def test_relabel_writes_the_abstention_in_each_formats_own_field(fmt, tmp_path):
+    recs = ALL[fmt]
+    ds = load_sft(_write(tmp_path / "d.jsonl", recs), turns="all")
+    examples, _ = prepare(ds)
+    res = {e.id: {"category": "Unknown"} for e in examples}
+    out = _write(tmp_path / "cat.jsonl", annotate_records(ds, examples, res, "slick"))
+    filter_file(out, tmp_path / "k.jsonl", FilterConfig(relabel=("Unknown",), abstention="IDK"), log=lambda *a: None)
+    kept = [json.loads(x) for x in open(tmp_path / "k.jsonl")]
+    assert len(kept) == len(recs)
+    for orig, new in zip(recs, kept):
+        again = parse_record(strip_meta(new), fmt, turns="all")
+        before = parse_record(orig, fmt, turns="all")
+        assert all(t.answers == ["IDK"] for t in again.turns) and len(again.turns) == len(before.turns)
+        assert [t.question for t in again.turns][:1] == [t.question for t in before.turns][:1]
+        assert [t["original_answer"] for t in new[META_KEY]["turns"]] == \
+            [orig[t.field] if fmt == "qa" else t.answers[0] for t in before.turns]
