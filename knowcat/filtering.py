@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from knowcat.errors import DataError, UsageError
-from knowcat.io import atomic_write_text, json_safe
+from knowcat.io import atomic_write_bytes, atomic_write_text, json_safe
 from knowcat.slick import CATEGORIES
 
 
@@ -36,9 +36,10 @@ class FilterConfig:
             raise ValueError(f"--cap-per-relation must be at least 1, got {self.cap_per_relation}")
         for name in ("keep", "drop", "relabel"):
             vals = getattr(self, name) or ()
-            bad = [v for v in vals if v not in CATEGORIES]
+            bad = [v for v in vals if v not in CATEGORIES + ("not_applicable",)]
             if bad:
-                raise ValueError(f"--{name}: unknown categories {bad}; choose from {list(CATEGORIES)}")
+                raise ValueError(f"--{name}: unknown categories {bad}; choose from {list(CATEGORIES)} "
+                                 f"or not_applicable")
 
 
 @dataclass
@@ -219,27 +220,38 @@ def write_records(path, records: list[dict]) -> None:
     elif fmt == "csv":
         atomic_write_text(path, _csv_text(records))
     else:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = _parquet_table(records)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name("." + path.name + ".tmp")
-        pq.write_table(table, tmp)
-        tmp.replace(path)
+        buf = pa.BufferOutputStream()
+        pq.write_table(_parquet_table(records), buf)
+        atomic_write_bytes(path, buf.getvalue().to_pybytes())  # a unique temporary name, then rename
 
 
-def filter_file(src, out, cfg: FilterConfig, rejects_path=None, log=print) -> FilterResult:
-    _format(Path(out))  # an unknown output type is refused before any work
+def filter_file(src, out, cfg: FilterConfig, rejects_path=None, log=print, stats_path=None) -> FilterResult:
+    """Filter a categorized file. SFT records (chat, ShareGPT, Alpaca...) with knowcat's metadata key
+    go through :func:`knowcat.sft.filter_sft_file`: kept in their own format, with a stats file."""
+    from knowcat.sft import filter_sft_file, is_annotated_sft
+
     rp = Path(rejects_path) if rejects_path else Path(out).with_name(Path(out).stem + ".rejects.jsonl")
     if Path(src).resolve() in (Path(out).resolve(), rp.resolve()):
         raise UsageError(f"the output {out} or its rejects file {rp} is the input {src}; write elsewhere")
+    if is_annotated_sft(src):
+        res = filter_sft_file(src, out, cfg, rejects_path=rp, stats_path=stats_path, log=log)
+        return FilterResult(res["kept"], res["rejects"], res["stats"])  # counts, not lists, when streamed
+    _format(Path(out))  # an unknown output type is refused before any work (SFT may write a saved dataset)
     records = read_records(src)
     if not records:
         raise DataError("empty file: it holds no records", file=src)
     res = filter_records(records, cfg, source=str(src))
+    res.counts["by_method"] = dict(Counter(r.get("category_method", "slick") for r in records))
     write_records(out, res.kept)
     atomic_write_text(rp, "".join(json.dumps(json_safe(r), ensure_ascii=False, allow_nan=False) + "\n"
                                   for r in res.rejects))
+    from knowcat.io import atomic_write_json
+
+    atomic_write_json(Path(stats_path) if stats_path else Path(out).with_name(Path(out).stem + ".stats.json"),
+                      res.counts)
     log(str(res))
     log(f"filter: wrote {out} ({len(res.kept)} records) and {rp} ({len(res.rejects)} rejects)")
     return res

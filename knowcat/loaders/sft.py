@@ -1,0 +1,452 @@
+"""SFT datasets as people keep them: read the question/answer turns, write records back as they were.
+
+Formats (auto-detected from a record's fields, or forced with ``format=``):
+
+- ``messages``: TRL conversational, ``{"messages": [{"role", "content"}, ...]}``;
+- ``prompt_completion``: TRL, ``prompt`` and ``completion`` as strings or as message lists;
+- ``sharegpt``: ``{"conversations": [{"from", "value"}, ...]}`` (``human``/``gpt``/``system``),
+  with an optional top-level ``system``;
+- ``alpaca``: ``instruction``, ``input``, ``output``, optional ``system`` and ``history``
+  (a list of ``[instruction, response]`` pairs);
+- ``qa``: plain ``question`` / ``answers`` (or ``answer``) records.
+
+Every format is read into one conversation (system, then alternating user / assistant
+turns, each with the field it came from). A *turn* is one assistant message: its question
+is the user message before it, rendered with the system prompt and the earlier turns as
+context; its reference answer is the assistant's text. By default only the last assistant
+turn of a record is asked (``turns="last"``); ``turns="all"`` asks each.
+
+Records pass through untouched: the output of :func:`annotate` is the input record, in its
+own field order, with knowcat's fields under one key (:data:`META_KEY`). Malformed records
+(no assistant turn, non-string content, roles out of order, an unknown role) raise
+:class:`~knowcat.errors.DataError` naming file, record and field, or with ``on_error="skip"``
+become rejects with that reason; no record is ever dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from knowcat.errors import DataError
+from knowcat.examples import QAExample
+from knowcat.io import atomic_write_text
+
+SFT_FORMATS = ("messages", "prompt_completion", "sharegpt", "alpaca", "qa")
+FORMAT_ALIASES = {"trl": "messages", "chat": "messages", "prompt-completion": "prompt_completion",
+                  "conversations": "sharegpt", "sharegpt": "sharegpt", "alpaca": "alpaca", "qa": "qa",
+                  "messages": "messages", "prompt_completion": "prompt_completion"}
+CONTAINERS = ("jsonl", "json", "parquet", "hf")
+META_KEY = "knowcat"
+TURN_MODES = ("last", "all")
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
+_ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Message:
+    role: str
+    text: str
+    field: str  # where in the record the text is, e.g. "messages[3].content"
+
+
+@dataclass
+class Turn:
+    """One assistant turn: ``question`` (user message with its context) and the reference ``answers``."""
+
+    index: int  # 0-based position among the record's assistant turns
+    question: str
+    answers: list[str]
+    field: str
+
+
+@dataclass
+class SFTRecord:
+    number: Any  # the record number in its file (line for JSONL, position otherwise)
+    record: dict
+    format: str
+    turns: list[Turn] = field(default_factory=list)
+
+
+def normalize_format(name: str | None) -> str | None:
+    if name is None:
+        return None
+    key = name.lower().replace("-", "_")
+    fmt = FORMAT_ALIASES.get(key) or FORMAT_ALIASES.get(name.lower())
+    if fmt is None:
+        raise ValueError(f"unknown SFT format {name!r}; expected one of {SFT_FORMATS}")
+    return fmt
+
+
+def detect_record_format(rec: Any) -> str | None:
+    """The SFT format a record's fields say, or None."""
+    if not isinstance(rec, dict):
+        return None
+    if "messages" in rec:
+        return "messages"
+    if "prompt" in rec and "completion" in rec:
+        return "prompt_completion"
+    if "conversations" in rec:
+        return "sharegpt"
+    if "instruction" in rec and "output" in rec:
+        return "alpaca"
+    if "question" in rec and ("answers" in rec or "answer" in rec):
+        return "qa"
+    return None
+
+
+def is_chat_format(fmt: str | None) -> bool:
+    return fmt is not None and fmt != "qa"
+
+
+# --- reading records -------------------------------------------------------------------------
+
+def container_of(path) -> str:
+    p = Path(path)
+    if p.is_dir():
+        return "hf"
+    suf = p.suffix.lower()
+    if suf in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if suf == ".json":
+        return "json"
+    if suf in (".parquet", ".pq"):
+        return "parquet"
+    raise DataError(f"unknown file type {suf!r}; SFT data is read from .jsonl, .json, .parquet "
+                    f"or a folder saved by datasets", file=path)
+
+
+def iter_raw(path) -> Iterator:
+    """``RawRecord`` s of a JSONL / JSON / Parquet file or a saved HF dataset (one split, or every split
+    of a ``DatasetDict`` in turn, numbered ``split:row``)."""
+    from knowcat.loaders.readers import READERS, RawRecord
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError("no such file or folder", file=path)
+    kind = container_of(path)
+    if kind != "hf":
+        yield from READERS[kind](path)
+        return
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise DataError(f"not a dataset saved by datasets.save_to_disk: {e}", file=path) from None
+    parts = list(ds.items()) if isinstance(ds, datasets.DatasetDict) else [(None, ds)]
+    for split, part in parts:
+        for n, row in enumerate(part):
+            num = n if split is None else f"{split}:{n}"
+            yield RawRecord(num, value=row, raw=row)
+
+
+def sniff_format(path, max_records: int = 20) -> str | None:
+    """The SFT format of the first records of ``path`` (None when they look like none)."""
+    try:
+        for i, rr in enumerate(iter_raw(path)):
+            if rr.error is None:
+                fmt = detect_record_format(rr.value)
+                if fmt is not None:
+                    return fmt
+            if i >= max_records:
+                break
+    except DataError:
+        return None
+    return None
+
+
+# --- one record -> its conversation ----------------------------------------------------------
+
+def _text(value: Any, fld: str, err: dict) -> str:
+    if not isinstance(value, str):
+        kind = "missing" if value is None else f"{type(value).__name__}"
+        raise DataError(f"expected string content, got {kind}", field=fld, **err)
+    return value
+
+
+def _messages(msgs: Any, fld: str, err: dict, role_key: str, text_key: str, roles: dict | None) -> list[Message]:
+    if not isinstance(msgs, list):
+        got = "missing" if msgs is None else type(msgs).__name__
+        raise DataError(f"expected a list of messages, got {got}", field=fld, **err)
+    out = []
+    for i, m in enumerate(msgs):
+        here = f"{fld}[{i}]"
+        if not isinstance(m, dict):
+            raise DataError(f"expected a message object, got {type(m).__name__}", field=here, **err)
+        role = m.get(role_key)
+        if not isinstance(role, str):
+            raise DataError(f"message has no '{role_key}'", field=f"{here}.{role_key}", **err)
+        mapped = roles.get(role.lower()) if roles is not None else (role if role in _ROLES else None)
+        if mapped is None:
+            raise DataError(f"unknown role {role!r}; expected one of "
+                            f"{sorted(roles) if roles is not None else list(_ROLES)}", field=f"{here}.{role_key}", **err)
+        out.append(Message(mapped, _text(m.get(text_key), f"{here}.{text_key}", err), f"{here}.{text_key}"))
+    return out
+
+
+def conversation(rec: Any, fmt: str, err: dict) -> list[Message]:
+    """The record as one conversation: an optional system message, then user/assistant messages."""
+    if not isinstance(rec, dict):
+        raise DataError(f"expected a JSON object, got {type(rec).__name__}", **err)
+    if fmt == "messages":
+        return _messages(rec.get("messages"), "messages", err, "role", "content", None)
+    if fmt == "sharegpt":
+        conv = _messages(rec.get("conversations"), "conversations", err, "from", "value", _SHAREGPT_ROLES)
+        if rec.get("system") not in (None, ""):
+            conv.insert(0, Message("system", _text(rec["system"], "system", err), "system"))
+        return conv
+    if fmt == "prompt_completion":
+        conv = []
+        p, c = rec.get("prompt"), rec.get("completion")
+        if isinstance(p, list):
+            conv += _messages(p, "prompt", err, "role", "content", None)
+        else:
+            conv.append(Message("user", _text(p, "prompt", err), "prompt"))
+        if isinstance(c, list):
+            comp = _messages(c, "completion", err, "role", "content", None)
+            if not comp or any(m.role != "assistant" for m in comp):
+                raise DataError("a conversational completion must hold assistant messages only", field="completion", **err)
+            conv += comp
+        else:
+            conv.append(Message("assistant", _text(c, "completion", err), "completion"))
+        return conv
+    if fmt == "alpaca":
+        conv = []
+        if rec.get("system") not in (None, ""):
+            conv.append(Message("system", _text(rec["system"], "system", err), "system"))
+        hist = rec.get("history")
+        if hist not in (None, ""):
+            if not isinstance(hist, list):
+                raise DataError(f"expected a list of [instruction, response] pairs, got {type(hist).__name__}",
+                                field="history", **err)
+            for i, pair in enumerate(hist):
+                if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                    raise DataError("expected an [instruction, response] pair", field=f"history[{i}]", **err)
+                conv.append(Message("user", _text(pair[0], f"history[{i}][0]", err), f"history[{i}][0]"))
+                conv.append(Message("assistant", _text(pair[1], f"history[{i}][1]", err), f"history[{i}][1]"))
+        instr = _text(rec.get("instruction"), "instruction", err)
+        inp = rec.get("input")
+        if inp not in (None, ""):
+            instr = f"{instr}\n{_text(inp, 'input', err)}"
+        conv.append(Message("user", instr, "instruction"))
+        conv.append(Message("assistant", _text(rec.get("output"), "output", err), "output"))
+        return conv
+    if fmt == "qa":
+        return [Message("user", _text(rec.get("question"), "question", err), "question")]
+    raise ValueError(f"unknown SFT format {fmt!r}")
+
+
+def check_order(conv: list[Message], err: dict) -> None:
+    """System only first; then user, assistant, user, assistant ... ; at least one assistant turn."""
+    expect = "user"
+    for i, m in enumerate(conv):
+        if m.role == "system":
+            if i != 0:
+                raise DataError("a system message after the start of the conversation", field=m.field, **err)
+            continue
+        if m.role != expect:
+            raise DataError(f"roles out of order: a {m.role} message where a {expect} message was due",
+                            field=m.field, **err)
+        expect = "assistant" if expect == "user" else "user"
+    if not any(m.role == "assistant" for m in conv):
+        raise DataError("no assistant turn: nothing to use as the reference answer", **err)
+
+
+def render_question(context: list[Message], user: Message) -> str:
+    """The question text of one turn: the system prompt and the earlier turns as context, then the user's message."""
+    parts = []
+    for m in context:
+        if m.role == "system":
+            parts.append(f"System: {m.text}")
+        else:
+            parts.append(f"{'User' if m.role == 'user' else 'Assistant'}: {m.text}")
+    if not parts:
+        return user.text
+    return "\n".join(parts + [f"User: {user.text}"])
+
+
+def parse_record(rec: Any, fmt: str, turns: str = "last", *, file=None, number=None) -> SFTRecord:
+    """One record's turns (``turns``: ``"last"`` or ``"all"``); DataError on a malformed record."""
+    if turns not in TURN_MODES:
+        raise ValueError(f"turns must be one of {TURN_MODES}, got {turns!r}")
+    err = {"file": file, "record": number}
+    if fmt == "qa":
+        from knowcat.loaders.fields import parse_answers
+
+        conv = conversation(rec, fmt, err)
+        name = "answers" if "answers" in rec else "answer"
+        answers = parse_answers(rec.get(name), name, err)
+        if not conv[0].text.strip():
+            raise DataError("empty string", field="question", **err)
+        return SFTRecord(number, rec, fmt, [Turn(0, conv[0].text, answers, name)])
+    conv = conversation(rec, fmt, err)
+    check_order(conv, err)
+    out = []
+    k = 0
+    for i, m in enumerate(conv):
+        if m.role != "assistant":
+            continue
+        user = conv[i - 1]
+        if not user.text.strip():
+            raise DataError("empty user message", field=user.field, **err)
+        if not m.text.strip():
+            raise DataError("empty assistant message", field=m.field, **err)
+        out.append(Turn(k, render_question(conv[:i - 1], user), [m.text], m.field))
+        k += 1
+    if turns == "last":
+        out = out[-1:]
+    return SFTRecord(number, rec, fmt, out)
+
+
+# --- a whole dataset -------------------------------------------------------------------------
+
+@dataclass
+class SFTDataset:
+    path: Path
+    format: str
+    container: str
+    records: list[SFTRecord]  # the records that parsed, in file order
+    rejects: list[dict]  # {"record", "field", "reason", "raw"} of those that did not
+
+    def examples(self, group_by: str | None = None) -> list[QAExample]:
+        """One :class:`QAExample` per turn; ``relation`` is the ``group_by`` field's value (``"default"``
+        without it), ``metadata["sft"]`` locates the turn (record position and turn index). The id is the
+        record's ``id`` field when it has one (``<id>#turn<i>`` when several turns are asked), else a
+        content id; repeated ids get ``-2``, ``-3`` ...."""
+        from knowcat.examples import content_id
+
+        out, seen = [], {}
+        for pos, r in enumerate(self.records):
+            rel = "default"
+            if group_by is not None:
+                v = r.record.get(group_by)
+                if v is None or isinstance(v, (dict, list)):
+                    raise DataError(f"--group-by: expected a scalar value, got {type(v).__name__}",
+                                    file=self.path, record=r.number, field=group_by)
+                rel = str(v)
+            rid = r.record.get("id")
+            rid = str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) and str(rid).strip() else None
+            for t in r.turns:
+                if rid is not None:  # the record's own id (per turn when several are asked)
+                    base = rid if len(r.turns) == 1 else f"{rid}#turn{t.index}"
+                else:
+                    base = content_id(rel, t.question, t.answers)
+                n = seen.get(base, 0) + 1
+                seen[base] = n
+                out.append(QAExample(id=base if n == 1 else f"{base}-{n}", relation=rel, question=t.question,
+                                     answers=list(t.answers), metadata={"sft": {"record": pos, "turn": t.index,
+                                                                               "field": t.field}}))
+        return out
+
+
+def load_sft(path, format: str | None = None, turns: str = "last", on_error: str = "raise") -> SFTDataset:
+    """Read an SFT file (or saved HF dataset). ``format``: one of :data:`SFT_FORMATS` (default: detected
+    from the first record that names one). Bad records raise, or with ``on_error="skip"`` go to
+    ``SFTDataset.rejects`` with their reason."""
+    from knowcat.loaders.rejects import raw_text
+
+    if on_error not in ("raise", "skip"):
+        raise ValueError("on_error must be 'raise' or 'skip'")
+    path = Path(path)
+    fmt = normalize_format(format)
+    records, rejects = [], []
+
+    def reject(e: DataError, raw):
+        if on_error == "raise":
+            raise e
+        rejects.append({"record": e.record, "field": e.field, "reason": e.reason, "raw": raw_text(raw)})
+
+    for rr in iter_raw(path):
+        if rr.error is not None:
+            reject(rr.error, rr.raw)
+            continue
+        if fmt is None:
+            fmt = detect_record_format(rr.value)
+            if fmt is None:
+                keys = sorted(rr.value) if isinstance(rr.value, dict) else type(rr.value).__name__
+                raise DataError(f"cannot tell the SFT format from the fields {keys}; expected messages, "
+                                f"prompt+completion, conversations, instruction+output or question+answers "
+                                f"(or force one with --format)", file=path, record=rr.record)
+        try:
+            records.append(parse_record(rr.value, fmt, turns, file=path, number=rr.record))
+        except DataError as e:
+            reject(e, rr.raw)
+    if fmt is None:
+        raise DataError("no records", file=path)
+    return SFTDataset(path, fmt, container_of(path), records, rejects)
+
+
+# --- writing back ----------------------------------------------------------------------------
+
+def annotate(rec: dict, meta: dict) -> dict:
+    """``rec`` unchanged, in its own field order, with ``meta`` under :data:`META_KEY` (replacing an older one)."""
+    out = {k: v for k, v in rec.items() if k != META_KEY}
+    out[META_KEY] = meta
+    return out
+
+
+def strip_meta(rec: dict) -> dict:
+    return {k: v for k, v in rec.items() if k != META_KEY}
+
+
+def write_sft(path, records: list[dict], container: str | None = None) -> None:
+    """Write records atomically as JSONL, JSON, Parquet (by suffix) or a saved HF dataset (a folder)."""
+    path = Path(path)
+    kind = container or ("hf" if not path.suffix else container_of(path))
+    if kind == "jsonl":
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    elif kind == "json":
+        atomic_write_text(path, json.dumps(records, ensure_ascii=False, indent=1) + "\n")
+    elif kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        pq.write_table(pa.Table.from_pylist(records), tmp)
+        tmp.replace(path)
+    elif kind == "hf":
+        import shutil
+
+        import datasets
+
+        tmp = path.with_name(f".{path.name}.tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        datasets.Dataset.from_list(records).save_to_disk(str(tmp))
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.replace(path)
+    else:
+        raise ValueError(f"unknown container {kind!r}; expected one of {CONTAINERS}")
+
+
+def set_answer(rec: dict, fmt: str, turn_field: str, text: str) -> dict:
+    """A copy of ``rec`` whose answer at ``turn_field`` (as :class:`Turn` names it) is ``text``;
+    the original answer is kept in ``META_KEY.original_answer`` by the caller."""
+    import copy
+
+    out = copy.deepcopy(rec)
+    if fmt == "qa":
+        old = out.get(turn_field)
+        out[turn_field] = text if isinstance(old, str) else [text]
+        return out
+    steps = re.findall(r"[^.\[\]]+|\[\d+\]", turn_field)
+    node = out
+    for s in steps[:-1]:
+        node = node[int(s[1:-1])] if s.startswith("[") else node[s]
+    last = steps[-1]
+    if last.startswith("["):
+        node[int(last[1:-1])] = text
+    else:
+        node[last] = text
+    return out
+
+
+def write_rejects(path, rejects: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rejects))

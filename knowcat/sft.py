@@ -1,0 +1,344 @@
+"""SFT datasets through knowcat: turns out as examples, categories back into the records, filtering.
+
+:func:`prepare` turns an :class:`~knowcat.loaders.sft.SFTDataset` into examples (one per
+asked turn) and sets aside the turns whose reference answer is too long to match
+(``not_applicable``, with the reason). :func:`annotate_records` writes each turn's
+category (from SliCK or from the estimator, ``method``) back into its record under
+``knowcat``::
+
+    "knowcat": {"category": <the record's category>, "method": "slick" | "estimate" | ...,
+                "turns": [{"turn": 0, "field": "messages[3].content", "category": ..., ...}]}
+
+A record's category is its least known categorized turn (Unknown before WeaklyKnown before
+MaybeKnown before HighlyKnown); ``not_applicable`` only when no turn was categorized.
+:func:`filter_sft_file` keeps, drops or relabels whole records by that category and writes
+the kept records in their own format, the dropped ones to a rejects file with the reason,
+and a stats file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from knowcat.errors import DataError
+from knowcat.examples import QAExample
+from knowcat.io import atomic_write_json
+from knowcat.loaders.sft import (META_KEY, SFTDataset, annotate, container_of, detect_record_format, iter_raw,
+                                 set_answer, strip_meta, write_rejects, write_sft)
+from knowcat.matching import answer_too_long
+from knowcat.slick import CATEGORIES
+
+NOT_APPLICABLE = "not_applicable"
+ALL_LABELS = CATEGORIES + (NOT_APPLICABLE,)
+
+
+def prepare(ds: SFTDataset, group_by: str | None = None, max_answer_tokens: int | None = None
+            ) -> tuple[list[QAExample], dict[str, str]]:
+    """(every turn as an example, ``{id: reason}`` of the turns that are not applicable)."""
+    examples = ds.examples(group_by)
+    na = {}
+    for ex in examples:
+        why = answer_too_long(ex.answers, max_answer_tokens)
+        if why:
+            na[ex.id] = why
+    return examples, na
+
+
+def record_category(turn_categories: list[str]) -> str:
+    cats = [c for c in turn_categories if c in CATEGORIES]
+    if not cats:
+        return NOT_APPLICABLE
+    return max(cats, key=CATEGORIES.index)
+
+
+def annotate_records(ds: SFTDataset, examples: list[QAExample], results: dict[str, dict], method: str | None,
+                     not_applicable: dict[str, str] | None = None) -> list[dict]:
+    """The dataset's records, each with its turns' categories under ``knowcat``.
+
+    ``results``: ``{example id: {"category": ..., other fields to record}}``; examples in
+    ``not_applicable`` get that category and the reason. ``method`` labels every record; with
+    None each result names its own (``"method"``), and a record whose turns were labelled by
+    several methods says ``"mixed"``."""
+    not_applicable = not_applicable or {}
+    per_record: dict[int, list[dict]] = {}
+    for ex in examples:
+        loc = ex.metadata["sft"]
+        if ex.id in not_applicable:
+            entry = {"category": NOT_APPLICABLE, "reason": not_applicable[ex.id]}
+        elif ex.id in results:
+            entry = dict(results[ex.id])
+        else:
+            raise KeyError(f"no result for example {ex.id} (record {loc['record']}, turn {loc['turn']})")
+        per_record.setdefault(loc["record"], []).append({"turn": loc["turn"], "field": loc["field"], **entry})
+    out = []
+    for pos, r in enumerate(ds.records):
+        turns = per_record.get(pos, [])
+        m = method
+        if m is None:
+            ms = {t["method"] for t in turns if "method" in t}
+            m = ms.pop() if len(ms) == 1 else ("mixed" if ms else None)
+        out.append(annotate(r.record, {"category": record_category([t["category"] for t in turns]),
+                                       "method": m, "turns": turns}))
+    return out
+
+
+def write_annotated(path, records: list[dict], container: str | None = None) -> None:
+    write_sft(path, records, container)
+
+
+# --- filtering ---------------------------------------------------------------------------------
+
+def is_annotated_sft(path) -> bool:
+    """True when the file's first record is an SFT record that carries knowcat's metadata key."""
+    try:
+        for rr in iter_raw(path):
+            if rr.error is None:
+                return isinstance(rr.value, dict) and META_KEY in rr.value and \
+                    detect_record_format(strip_meta(rr.value)) is not None
+            return False
+    except DataError:
+        return False
+    return False
+
+
+class SFTFilter:
+    """Keep / drop / relabel annotated SFT records one at a time (``cfg``: a
+    :class:`knowcat.filtering.FilterConfig`), counting as it goes; memory does not grow with the data."""
+
+    def __init__(self, cfg, source=None):
+        if cfg.cap_per_relation is not None:
+            raise ValueError("--cap-per-relation applies to QA records; SFT records are filtered by category only")
+        self.cfg, self.source, self.fmt = cfg, source, None
+        self.in_cat, self.kept_cat, self.by_method, self.reasons = Counter(), Counter(), Counter(), Counter()
+        self.by_field: dict = {}
+        self.total = self.kept = self.rejected = self.relabeled = 0
+
+    def __call__(self, n, rec) -> tuple[dict | None, dict | None]:
+        """(the record to keep, possibly relabeled, or None; the reject row or None)."""
+        cfg = self.cfg
+        meta = rec.get(META_KEY) if isinstance(rec, dict) else None
+        if not isinstance(meta, dict) or "category" not in meta:
+            raise DataError(f"no '{META_KEY}' categories: is this a categorized SFT file? (knowcat categorize "
+                            f"or knowcat estimate writes one)", file=self.source, record=n, field=META_KEY)
+        cat = meta["category"]
+        if cat not in ALL_LABELS:
+            raise DataError(f"unknown category {cat!r}; expected one of {list(ALL_LABELS)}", file=self.source,
+                            record=n, field=f"{META_KEY}.category")
+        fmt = detect_record_format(strip_meta(rec))
+        if fmt is None:
+            raise DataError("not an SFT record (no messages, prompt/completion, conversations, "
+                            "instruction/output or question/answers)", file=self.source, record=n)
+        self.fmt = self.fmt or fmt
+        self.total += 1
+        self.in_cat[cat] += 1
+        self.by_method[meta.get("method")] += 1
+        for t in meta.get("turns", []):
+            self.by_field.setdefault(t.get("field"), Counter())[t.get("category")] += 1
+        if cat in cfg.drop or (cfg.keep is not None and cat not in cfg.keep):
+            reason = f"category {cat} filtered out"
+            self.reasons[reason] += 1
+            if cat == NOT_APPLICABLE:
+                reason += ": " + "; ".join(t.get("reason", "") for t in meta.get("turns", []) if t.get("reason"))
+            self.rejected += 1
+            return None, {"record": n, "reason": reason, "method": meta.get("method"), "data": rec}
+        if any(t.get("category") in cfg.relabel for t in meta.get("turns", [])):
+            new, turns = rec, []
+            for t in meta.get("turns", []):
+                t = dict(t)
+                if t.get("category") in cfg.relabel:
+                    new = set_answer(new, fmt, t["field"], cfg.abstention)
+                    t["relabeled"] = True
+                    t["original_answer"] = _get_field(rec, fmt, t["field"])
+                turns.append(t)
+            rec = annotate(strip_meta(new), {**meta, "turns": turns})
+            self.relabeled += 1
+        self.kept += 1
+        self.kept_cat[cat] += 1
+        return rec, None
+
+    def stats(self) -> dict:
+        return {"format": self.fmt, "total": self.total, "kept": self.kept, "rejected": self.rejected,
+                "relabeled": self.relabeled,
+                "by_category": {c: {"in": self.in_cat[c], "kept": self.kept_cat[c]} for c in ALL_LABELS},
+                "by_method": dict(self.by_method),
+                "by_source_field": {f: dict(c) for f, c in self.by_field.items()},
+                "reasons": dict(self.reasons)}
+
+
+def filter_sft_records(records: list[dict], cfg, source=None, numbers=None) -> dict:
+    """:class:`SFTFilter` over a list: ``{"kept", "rejects", "stats"}``; ``kept + rejects`` are all the records."""
+    f = SFTFilter(cfg, source)
+    kept, rejects = [], []
+    numbers = numbers if numbers is not None else list(range(len(records)))
+    for n, rec in zip(numbers, records):
+        k, r = f(n, rec)
+        if k is not None:
+            kept.append(k)
+        else:
+            rejects.append(r)
+    return {"kept": kept, "rejects": rejects, "stats": f.stats()}
+
+
+def _get_field(rec: dict, fmt: str, fld: str):
+    import re
+
+    node = rec
+    for s in re.findall(r"[^.\[\]]+|\[\d+\]", fld):
+        node = node[int(s[1:-1])] if s.startswith("[") else node[s]
+    return node
+
+
+def format_stats(s: dict) -> str:
+    lines = [f"kept {s['kept']} of {s['total']} records ({s['format']}); rejected {s['rejected']}; "
+             f"relabeled {s['relabeled']}",
+             "  by category: " + ", ".join(f"{c} {v['kept']}/{v['in']}" for c, v in s["by_category"].items()),
+             "  labelled by: " + ", ".join(f"{m} {n}" for m, n in s["by_method"].items())]
+    if s["reasons"]:
+        lines.append("  rejected because: " + "; ".join(f"{r} ({n})" for r, n in s["reasons"].items()))
+    return "\n".join(lines)
+
+
+def filter_sft_file(src, out, cfg, rejects_path=None, stats_path=None, log=print) -> dict:
+    """Filter an annotated SFT file: kept records to ``out`` (same format as the input unless ``out``'s
+    suffix says otherwise), rejects (``{"record", "reason", "method", "data"}``) and stats beside it.
+    JSONL to JSONL streams (memory bounded by one record; both files written to temporary names and
+    renamed at the end); other containers are read whole. Returns ``{"kept", "rejects", "stats"}``
+    (the kept and rejected records only when not streamed: counts otherwise)."""
+    src, out = Path(src), Path(out)
+    stem = out.stem if out.suffix else out.name
+    rp = Path(rejects_path) if rejects_path else out.with_name(stem + ".rejects.jsonl")
+    sp = Path(stats_path) if stats_path else out.with_name(stem + ".stats.json")
+    if container_of(src) == "jsonl" and out.suffix.lower() in (".jsonl", ".ndjson"):
+        res = _stream_jsonl(src, out, rp, cfg)
+    else:
+        records, numbers = [], []
+        for rr in iter_raw(src):
+            if rr.error is not None:
+                raise rr.error
+            records.append(rr.value)
+            numbers.append(rr.record)
+        res = filter_sft_records(records, cfg, source=str(src), numbers=numbers)
+        write_sft(out, res["kept"], container=None if out.suffix else "hf")
+        write_rejects(rp, res["rejects"])
+    atomic_write_json(sp, res["stats"])
+    log(format_stats(res["stats"]))
+    log(f"filter: wrote {out} ({res['stats']['kept']} records), {rp} ({res['stats']['rejected']} rejects) and {sp}")
+    return res
+
+
+def _stream_jsonl(src: Path, out: Path, rp: Path, cfg) -> dict:
+    import os
+    import tempfile
+
+    f = SFTFilter(cfg, str(src))
+    tmps = []
+    try:
+        handles = []
+        for dest in (out, rp):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+            tmps.append(tmp)
+            handles.append(os.fdopen(fd, "w", encoding="utf-8"))
+        kept_f, rej_f = handles
+        with kept_f, rej_f:
+            for rr in iter_raw(src):
+                if rr.error is not None:
+                    raise rr.error
+                k, r = f(rr.record, rr.value)
+                if k is not None:
+                    kept_f.write(json.dumps(k, ensure_ascii=False) + "\n")
+                else:
+                    rej_f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
+        os.replace(tmps[0], out)
+        os.replace(tmps[1], rp)
+    except BaseException:
+        for t in tmps:
+            if os.path.exists(t):
+                os.unlink(t)
+        raise
+    return {"kept": f.kept, "rejects": f.rejected, "stats": f.stats()}
+
+
+# --- categorization ----------------------------------------------------------------------------
+
+RESULT_FIELDS = ("category", "p_correct_greedy", "n_greedy", "n_greedy_correct", "n_sampled", "n_sampled_correct",
+                 "match_mode")
+
+
+def categorize_sft(model_name: str, data, run_dir, cfg, *, format: str | None = None, turns: str = "last",
+                   group_by: str | None = None, max_answer_tokens: int | None = 32, exemplars=None,
+                   on_error: str = "raise", rejects=None, out=None, log=print, **run_options) -> Path:
+    """SliCK categories of an SFT dataset's turns, written back into its records.
+
+    Exemplars come from ``exemplars`` (another SFT file) or from the dataset itself (never a
+    question as its own exemplar; with ``group_by`` from the same group). The categorization
+    itself is :func:`knowcat.runs.run_categorize` (resumable, in ``run_dir``); the annotated
+    records go to ``out`` (default ``run_dir/categorized_sft.<input's type>``). Returns that path.
+    """
+    from knowcat.loaders.sft import load_sft
+    from knowcat.runs import run_categorize
+
+    run = Path(run_dir)
+    ds = load_sft(data, format=format, turns=turns, on_error=on_error)
+    rp = Path(rejects) if rejects else run / "load_rejects.jsonl"
+    if ds.rejects or rejects:
+        write_rejects(rp, ds.rejects)
+        log(f"categorize: {len(ds.rejects)} malformed records skipped -> {rp}")
+    examples, na = prepare(ds, group_by, max_answer_tokens)
+    todo = [e for e in examples if e.id not in na]
+    log(f"categorize: {len(ds.records)} {ds.format} records from {data}: {len(examples)} turns, "
+        f"{len(na)} not applicable (answer over {max_answer_tokens} words)")
+    if exemplars is not None:
+        pool = load_sft(exemplars, turns="all").examples(group_by)
+    else:
+        pool = todo
+    results = {}
+    if todo:
+        run_categorize(model_name, todo, pool, run, cfg, data_source=str(data), log=log, **run_options)
+        with open(run / "categorized.jsonl", encoding="utf-8") as f:
+            for line in f:
+                r = json.loads(line)
+                results[r["id"]] = {k: r[k] for k in RESULT_FIELDS if k in r}
+    records = annotate_records(ds, examples, results, "slick", na)
+    kind = ds.container
+    dest = Path(out) if out else run / ("categorized_sft" + {"jsonl": ".jsonl", "json": ".json",
+                                                             "parquet": ".parquet", "hf": ""}[kind])
+    write_sft(dest, records, None if dest.suffix else "hf")
+    log(f"categorize: wrote {dest} ({len(records)} records in their own format, categories under '{META_KEY}')")
+    return dest
+
+
+# --- a QA dataset as SFT files -----------------------------------------------------------------
+
+def qa_as_sft(examples: list[QAExample], fmt: str) -> list[dict]:
+    """QA examples as chat (``messages``) or Alpaca records; the first alias is the answer, and ``id``
+    and ``relation`` ride along (so ``--group-by relation`` draws exemplars from the same relation)."""
+    out = []
+    for ex in examples:
+        if fmt == "messages":
+            rec = {"messages": [{"role": "user", "content": ex.question},
+                                {"role": "assistant", "content": ex.answers[0]}]}
+        elif fmt == "alpaca":
+            rec = {"instruction": ex.question, "input": "", "output": ex.answers[0]}
+        else:
+            raise ValueError(f"qa_as_sft writes messages or alpaca records, not {fmt!r}")
+        rec.update(id=ex.id, relation=ex.relation)
+        out.append(rec)
+    return out
+
+
+def write_split_as_sft(data, out_dir, split: str = "train") -> dict[str, Path]:
+    """One split of a QA dataset (a knowledge world's ``data`` folder, say) as ``<split>.chat.jsonl`` and
+    ``<split>.alpaca.jsonl`` in ``out_dir``."""
+    from knowcat.loaders import load_examples
+
+    exs = [e for e in load_examples(data) if e.split == split]
+    if not exs:
+        raise DataError(f"no '{split}' examples", file=data)
+    out = {}
+    for fmt, name in (("messages", "chat"), ("alpaca", "alpaca")):
+        out[name] = Path(out_dir) / f"{split}.{name}.jsonl"
+        write_sft(out[name], qa_as_sft(exs, fmt))
+    return out

@@ -1,0 +1,229 @@
+"""knowcat estimate: features from one scoring pass, SliCK on the calibration sample, every row labelled
+with its method; the CLI on QA and chat data, and filter on its output."""
+
+import json
+
+import numpy as np
+import pytest
+
+from knowcat.estimate import EstimateConfig, calibration_sample, estimate, features, write_estimate
+from knowcat.examples import QAExample
+from knowcat.slick import CATEGORIES, SliCKConfig
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_tokenizer, tmp_path_factory):
+    from tests.test_architectures import _tiny
+
+    model = _tiny("llama", len(tiny_tokenizer))
+    model.config.pad_token_id = tiny_tokenizer.pad_token_id
+    d = tmp_path_factory.mktemp("tiny_model")
+    model.save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return model, tiny_tokenizer, d
+
+
+def _data(n_per_rel=12):
+    exs = []
+    for rel in ("P1", "P2"):
+        for i in range(n_per_rel):
+            split = "dev" if i < 6 else "train"
+            exs.append(QAExample(f"{rel}-{i}", rel, f"Where was person {rel} {i} born?", [f"Town {i}"], split=split))
+    return exs
+
+
+def test_features_one_pass_per_prompt(tiny):
+    model, tok, _ = tiny
+    exs = _data()
+    pool = [e for e in exs if e.split == "dev"]
+    todo = [e for e in exs if e.split == "train"]
+    cfg = EstimateConfig(n_prompts=2, k=2)
+    f = features(model, tok, todo, pool, cfg)
+    assert f.scalars.shape == (len(todo), len(f.names)) and np.isfinite(f.scalars).all()
+    assert f.hidden.shape == (len(todo), model.config.hidden_size) and f.layer == 1
+    # the per-prompt log-probability is the scorer's: the answer's tokens given SliCK's prompt
+    from knowcat.estimate import prompts_of
+    from probes.scoring import ScoreRequest, score
+
+    pre, suf = prompts_of(todo[:1], pool, 2, 2, 0)[todo[0].id][1]
+    s = score(model, tok, [ScoreRequest("x", pre + suf, " " + todo[0].answers[0])])["x"]
+    assert f.scalars[0, f.names.index("logprob_1")] == pytest.approx(s.logprob, rel=1e-5)
+    assert f.tokens[0] == sum(len(tok(p + q + " Town 6")["input_ids"]) for p, q in
+                              prompts_of(todo[:1], pool, 2, 2, 0)[todo[0].id])
+    no_h = features(model, tok, todo, pool, EstimateConfig(n_prompts=1, k=2, layer=-1))
+    assert no_h.hidden is None
+
+
+def test_calibration_sample_is_stratified_and_exact_size(tiny):
+    model, tok, _ = tiny
+    exs = _data(30)
+    pool = [e for e in exs if e.split == "dev"]
+    todo = [e for e in exs if e.split == "train"]
+    f = features(model, tok, todo, pool, EstimateConfig(k=2, layer=-1))
+    idx = calibration_sample(todo, f, 12)
+    assert len(idx) == len(set(idx)) == 12
+    assert sum(todo[i].relation == "P1" for i in idx) == 6
+    assert calibration_sample(todo, f, 12) == idx  # deterministic
+
+
+def test_estimate_runs_slick_on_the_sample_and_labels_each_row(tiny, tmp_path):
+    model, tok, _ = tiny
+    exs = _data(16)
+    pool = [e for e in exs if e.split == "dev"]
+    todo = [e for e in exs if e.split == "train"]
+    scfg = SliCKConfig(n_prompts=2, k=2, n_samples=2, max_new_tokens=4, keep_answers=True)
+    res = estimate(model, tok, todo, pool, EstimateConfig(k=2, calibrate=0.5, folds=2), scfg, run_dir=tmp_path,
+                   log=lambda *a: None, progress=False)
+    cal_rows = {json.loads(x)["id"]: json.loads(x) for x in open(tmp_path / "calibration" / "categorized.jsonl")}
+    assert len(cal_rows) == len(res.calibration) == 10
+    for i, ex in enumerate(todo):
+        if i in res.calibration:
+            assert res.method[i] == "slick" and res.categories[i] == cal_rows[ex.id]["category"]
+        else:
+            assert res.method[i] == "estimate" and res.categories[i] == CATEGORIES[int(res.probs[i].argmax())]
+    assert np.allclose(res.probs.sum(1), 1)
+    cost = res.summary["cost"]
+    assert cost["slick_lazy_tokens_per_example_naive"] >= cost["slick_lazy_tokens_per_example_nodes"] > cost["estimate_tokens_per_example"] > 0
+    assert res.summary["validation_calibration_oof"]["n"] == 10
+    out = write_estimate(tmp_path, todo, res)
+    rows = [json.loads(x) for x in open(out)]
+    assert [r["category_method"] for r in rows] == res.method
+    assert json.load(open(tmp_path / "estimate_summary.json"))["n"] == len(todo)
+
+
+def test_cli_estimate_with_precomputed_labels_then_filter(tiny, tmp_path):
+    from knowcat.cli import main
+
+    _, _, mdir = tiny
+    exs = _data(20)
+    src = tmp_path / "qa.jsonl"
+    src.write_text("".join(json.dumps(e.to_dict()) + "\n" for e in exs))
+    rng = np.random.default_rng(0)
+    labels = tmp_path / "categorized.jsonl"
+    labels.write_text("".join(json.dumps({"id": e.id, "category": CATEGORIES[rng.integers(0, 4)]}) + "\n"
+                              for e in exs if e.split == "train"))
+    rc = main(["estimate", "--model", str(mdir), str(src), "--out", str(tmp_path / "run"), "--labels", str(labels),
+               "--calibrate", "12", "--folds", "3", "--no-progress", "--device", "cpu"])
+    assert rc == 0
+    rows = [json.loads(x) for x in open(tmp_path / "run" / "estimated.jsonl")]
+    assert len(rows) == 28 and sum(r["category_method"] == "slick" for r in rows) == 12
+    summ = json.load(open(tmp_path / "run" / "estimate_summary.json"))
+    assert summ["labels"] == "precomputed" and summ["validation_rest"]["n"] == 16
+    assert "cost" in summ and "slick_lazy_tokens_per_example_naive" not in summ["cost"]  # no answers recorded
+    assert main(["filter", str(tmp_path / "run" / "estimated.jsonl"), "--drop", "Unknown",
+                 "--out", str(tmp_path / "kept.jsonl")]) == 0
+    stats = json.load(open(tmp_path / "kept.stats.json"))
+    assert stats["by_method"] == {"slick": 12, "estimate": 16}
+    kept = [json.loads(x) for x in open(tmp_path / "kept.jsonl")]
+    assert all(r["category"] != "Unknown" for r in kept) and all("category_method" in r for r in kept)
+
+
+def test_cli_estimate_on_chat_data(tiny, tmp_path):
+    from knowcat.cli import main
+    from knowcat.loaders.sft import META_KEY, strip_meta
+
+    _, _, mdir = tiny
+    recs = [{"messages": [{"role": "user", "content": f"Where was person {i} born?"},
+                          {"role": "assistant", "content": f"Town {i}"}], "topic": "birth"} for i in range(14)]
+    src = tmp_path / "chat.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    labels = tmp_path / "labels.jsonl"
+    from knowcat.loaders.sft import load_sft
+    from knowcat.sft import prepare
+
+    exs, _ = prepare(load_sft(src))
+    labels.write_text("".join(json.dumps({"id": e.id, "category": CATEGORIES[i % 4]}) + "\n"
+                              for i, e in enumerate(exs)))
+    rc = main(["estimate", "--model", str(mdir), str(src), "--out", str(tmp_path / "run"), "--labels", str(labels),
+               "--calibrate", "8", "--folds", "2", "--no-progress", "--device", "cpu"])
+    assert rc == 0
+    out = [json.loads(x) for x in open(tmp_path / "run" / "estimated_sft.jsonl")]
+    assert [strip_meta(r) for r in out] == recs
+    methods = [r[META_KEY]["method"] for r in out]
+    assert methods.count("slick") == 8 and methods.count("estimate") == 6
+    assert all(abs(sum(r[META_KEY]["turns"][0].get("probs", {"x": 1}).values()) - 1) < 1e-6 for r in out)
+    assert main(["filter", str(tmp_path / "run" / "estimated_sft.jsonl"), "--drop", "Unknown",
+                 "--out", str(tmp_path / "kept.jsonl")]) == 0
+    stats = json.load(open(tmp_path / "kept.stats.json"))
+    assert stats["by_method"] == {"slick": 8, "estimate": 6} and stats["total"] == 14
+
+
+def test_feature_shards_resume_to_the_same_features(tiny, tmp_path):
+    from knowcat.estimate import sharded_features
+
+    model, tok, _ = tiny
+    exs = _data(16)
+    pool = [e for e in exs if e.split == "dev"]
+    todo = [e for e in exs if e.split == "train"]
+    cfg = EstimateConfig(k=2)
+    whole = features(model, tok, todo, pool, cfg)
+    with pytest.raises(KeyboardInterrupt):
+        sharded_features(model, tok, todo, pool, cfg, tmp_path / "f", shard_size=3, stop_after_shards=2)
+    assert len(list((tmp_path / "f").glob("*.npz"))) == 2
+    calls = []
+    resumed = sharded_features(model, tok, todo, pool, cfg, tmp_path / "f", shard_size=3, progress=calls.append)
+    assert resumed.ids == whole.ids and resumed.names == whole.names
+    assert np.allclose(resumed.scalars, whole.scalars, atol=1e-5) and np.allclose(resumed.hidden, whole.hidden, atol=1e-5)
+    assert (resumed.tokens == whole.tokens).all() and sum(calls) == len(todo)
+    # other settings do not reuse the shards
+    other = sharded_features(model, tok, todo, pool, EstimateConfig(k=2, layer=-1), tmp_path / "f", shard_size=3)
+    assert other.hidden is None
+
+
+def test_judge_asks_the_model_once_per_pair(tiny):
+    from knowcat.matching import JUDGE_PROMPT, Judge
+    from probes.scoring import ScoreRequest, score
+
+    model, tok, _ = tiny
+    j = Judge(model, tok)
+    text = JUDGE_PROMPT.format(reference="Dorn City", prediction="Vorma")
+    s = score(model, tok, [ScoreRequest(1, text, " Yes"), ScoreRequest(2, text, " No")])
+    assert j.agrees("Vorma", "Dorn City") == (s[1].logprob > s[2].logprob) and j.asked == 1
+    j.agrees("Vorma ", "Dorn City")
+    assert j.asked == 1  # cached
+    assert j.agrees("the dorn city", "Dorn City") and not j.agrees("", "Dorn City") and j.asked == 1
+
+
+def test_match_judge_routes_slick_through_the_judge(tiny):
+    from knowcat.matching import Judge, is_correct, set_judge
+    from knowcat.slick import categorize
+
+    model, tok, _ = tiny
+    exs = _data(8)
+    pool = [e for e in exs if e.split == "dev"]
+    todo = [e for e in exs if e.split == "train"]
+    cfg = SliCKConfig(n_prompts=2, k=2, n_samples=1, max_new_tokens=3, match="judge")
+
+    class Lenient(Judge):
+        def agrees(self, prediction, reference):
+            return True
+
+    set_judge(None)
+    with pytest.raises(RuntimeError, match="judge model"):
+        is_correct("a", ["b"], "judge")
+    try:
+        set_judge(Lenient(model, tok))
+        assert {r.category for r in categorize(model, tok, todo, pool, cfg)} == {"HighlyKnown"}
+    finally:
+        set_judge(None)
+
+
+def test_slick_cost_counts(tiny):
+    from knowcat.estimate import prompts_of, slick_forward_tokens
+
+    _, tok, _ = tiny
+    exs = _data(8)
+    pool = [e for e in exs if e.split == "dev"]
+    ex = [e for e in exs if e.split == "train"][0]
+    scfg = SliCKConfig(n_prompts=1, k=2, n_samples=2)
+    pre, suf = prompts_of([ex], pool, 1, 2, 0)[ex.id][0]
+    whole = len(tok(pre + suf)["input_ids"])
+    n_a = len(tok(" Town 1", add_special_tokens=False)["input_ids"])
+    rows = {ex.id: {"greedy_answers": ["Town 1"], "sampled_answers": [["Town 1", "Town 1"]]}}
+    c = slick_forward_tokens(tok, [ex], pool, rows, scfg)[ex.id]
+    assert c["naive"] == whole + 3 * n_a and c["nodes"] == whole + n_a
+    n_pre = len(tok(pre)["input_ids"])
+    c4 = slick_forward_tokens(tok, [ex], pool, rows, scfg, per_relation={ex.relation: 4})[ex.id]
+    assert c4["shared"] == pytest.approx(whole - n_pre + n_pre / 4 + n_a)
+    rows[ex.id]["sampled_answers"] = [[]]  # lazy: no samples asked
+    assert slick_forward_tokens(tok, [ex], pool, rows, scfg)[ex.id]["naive"] == whole + n_a
