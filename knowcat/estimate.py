@@ -304,8 +304,10 @@ def estimate(model, tokenizer, examples: list[QAExample], pool: list[QAExample],
             raise ValueError("running SliCK on the calibration sample needs a run_dir")
         cdir = Path(run_dir) / "calibration"
         log(f"estimate: SliCK on the calibration sample ({len(cal_ex)} examples) in {cdir}")
-        run_categorize(model_name, cal_ex, pool, cdir, slick_cfg, model=model, tokenizer=tokenizer, log=log,
-                       progress=progress)
+        from probes.engine import open_engine
+
+        run_categorize(model_name, cal_ex, pool, cdir, slick_cfg, engine=open_engine("transformers", (model, tokenizer)),
+                       log=log, progress=progress)
         with open(cdir / "categorized.jsonl", encoding="utf-8") as f:
             slick_rows = {r["id"]: r for r in map(json.loads, f)}
         source = "slick"

@@ -40,7 +40,7 @@ def test_quick_demo_runs_the_study_and_the_surrogates(quick_demo):
     assert "b_unk" in analysis["linear_model"]["in_distribution"]["params"]
     assert summary["findings"] == analysis["findings"]
     tests = json.loads((run / "surrogates" / "tests.json").read_text())
-    assert set(tests) == {"answer_jacobian", "relation_map", "relation_jacobian"}
+    assert set(tests) == {"answer_jacobian", "relation_map", "relation_jacobian", "weight_update"}
     assert set(summary["surrogate_verdicts"]) == set(tests)
     assert json.loads((run / "demo_summary.json").read_text())["report"] == str(run / "report.html")
     assert (run / "report.html").stat().st_size > 0

@@ -9,6 +9,7 @@ import pytest
 from knowcat.estimate import EstimateConfig, calibration_sample, estimate, features, write_estimate
 from knowcat.examples import QAExample
 from knowcat.slick import CATEGORIES, SliCKConfig
+from probes.engine import open_engine
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +204,7 @@ def test_match_judge_routes_slick_through_the_judge(tiny):
         is_correct("a", ["b"], "judge")
     try:
         set_judge(Lenient(model, tok))
-        assert {r.category for r in categorize(model, tok, todo, pool, cfg)} == {"HighlyKnown"}
+        assert {r.category for r in categorize(open_engine("transformers", (model, tok)), todo, pool, cfg)} == {"HighlyKnown"}
     finally:
         set_judge(None)
 
