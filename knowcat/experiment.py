@@ -219,6 +219,9 @@ def study_inputs(run: Path, runs: dict, size: int, subsets: dict, finetune_dir: 
     for v, m in runs.items():
         test_answers[v], train_fitted[v] = {}, {}
         for e in m["epochs"]:
+            path = Path(run) / finetune_dir / v / "epochs" / f"epoch_{e['epoch']:03d}.answers.jsonl"
+            if not path.exists():  # an epoch whose answers were not recorded: its metrics alone are used
+                continue
             rows = read_answers(run, v, e["epoch"], finetune_dir)
             t = [r for r in rows if r.get("set") == "test"]
             test_answers[v][e["epoch"]] = {"id": [r["id"] for r in t], "correct": [bool(r["correct"]) for r in t],
