@@ -157,7 +157,7 @@ def cmd_demo(args):
     from knowcat.demo import run_demo
 
     run_demo(args.out, preset=args.preset, seed=args.seed, device=args.device, progress=not args.no_progress,
-             study=not args.no_study)
+             study=not args.no_study, verbose=args.verbose)
 
 
 def cmd_world_build(args):
@@ -385,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=None)
     d.add_argument("--device", default="auto", help="auto | cpu | cuda")
     d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--verbose", action="store_true",
+                   help="every stage's detail and library warnings on the terminal (otherwise in RUN/demo.log)")
     d.add_argument("--no-study", action="store_true", help="stop after categorization (skip the fine-tuning study and the surrogates)")
     d.set_defaults(func=cmd_demo)
 
