@@ -476,6 +476,7 @@ def _run_demo_stages(run: Path, preset, seed, device, log, progress, study, say)
         summary["surrogate_verdicts"] = {k: v["at_default"]["verdict"] for k, v in tests.items()}
         end_stage("surrogates", "; ".join(f"{k} {v}" for k, v in summary["surrogate_verdicts"].items()))
     summary["status"] = "complete"
+    summary["seconds_since_start"] = round(time.time() - t_start, 1)
     summary["seconds"] = {k: round(v, 1) for k, v in timings.items()}
     atomic_write_json(run / "demo_summary.json", json_safe(summary))
     from reports import build_report
