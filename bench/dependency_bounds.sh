@@ -5,6 +5,8 @@
 #
 #   bench/dependency_bounds.sh [lowest|newest|both]      (default both; work in $KNOWCAT_BOUNDS_DIR)
 #
+# The EntityQuestions tests read the real data: set KNOWCAT_ENTITYQUESTIONS to its folder when it is not
+# ../shared/data/entityquestions beside the checkout (they error out without it, whatever the versions).
 # Prints, per environment, the versions installed and the tests' result; exits non-zero when one fails.
 # A failing bound is fixed by narrowing its range in pyproject.toml, never by skipping tests.
 set -uo pipefail
