@@ -130,3 +130,22 @@ def test_partial_report_shows_progress(quick_demo, tmp_path):
     html = build_report(part).read_text()
     assert 'id="progress"' in html and "experiment, surrogates" in html
     assert 'id="knowledge"' in html and "Spearman" in html
+
+
+def test_test_set_measured_where_early_stop_may_fall():
+    """Outside the sets given in ``test_each_epoch``, the test set is measured only at epochs whose dev
+    accuracy beats every earlier one's: EARLY_STOP (the earliest best dev epoch) is always among them."""
+    from knowcat.finetune import FinetuneConfig, choose_stops, may_be_early_stop, tests_every_epoch
+
+    cfg = FinetuneConfig(test_each_epoch="unknown_*,known_*")
+    assert tests_every_epoch(cfg, "unknown_50") and tests_every_epoch(cfg, "known_25")
+    assert not tests_every_epoch(cfg, "HighlyKnown") and not tests_every_epoch(cfg, "idk")
+    assert tests_every_epoch(FinetuneConfig(), "natural")  # the default: every epoch, every set
+    dev = [0.2, 0.3, 0.3, 0.25, 0.35, 0.1]
+    epochs, measured = [], []
+    for i, a in enumerate(dev, 1):
+        if may_be_early_stop(a, epochs):
+            measured.append(i)
+        epochs.append({"epoch": i, "dev": {"all": {"accuracy": a}}})
+    assert measured == [1, 2, 5]  # a tie (epoch 3) is never EARLY_STOP: the earliest best wins
+    assert choose_stops(epochs)["early_stop"] in measured
