@@ -155,11 +155,11 @@ def test_world_from_unseen_relations_derives_statements_and_passes_the_ground_tr
 
     from knowcat.demo import world_examples
     from knowcat.fewshot import greedy_accuracy
+    from probes.engine import open_engine
     from knowcat.prompts import FewShotConfig
     from knowcat.world.pretrain import PretrainConfig, pretrain
     from knowcat.world.relations import relation_for
     from knowcat.world.validate import exposure_check
-    from probes.loading import load_model
 
     facts = tmp_path / "facts"
     _made_up_facts(facts)
@@ -183,9 +183,9 @@ def test_world_from_unseen_relations_derives_statements_and_passes_the_ground_tr
         hidden_size=128, num_layers=2, num_heads=2, intermediate_size=384, vocab_size=1024, batch_size=8,
         lr=3e-3, epochs=4, warmup_steps=10), log=lambda *a: None, progress=False)
     examples = world_examples(world)
-    model, tok = load_model(str(model_dir), device="cpu")
+    engine = open_engine("transformers", str(model_dir), device="cpu")
     train = [e for e in examples if e.split == "train"]
-    res = greedy_accuracy(model, tok, train, [e for e in examples if e.split == "dev"],
+    res = greedy_accuracy(engine, train, [e for e in examples if e.split == "dev"],
                           FewShotConfig(n_prompts=2), progress=False)
     check = exposure_check({g.id: g.p_correct for g in res}, exps)
     # the world's checks, unchanged: accuracy rises with exposure, never-seen facts are not answered,
