@@ -261,7 +261,7 @@ def _study(run: Path, rows: list[dict], cfg, rng) -> None:
             atomic_write_json(out / "epochs" / f"epoch_{e:03d}.json", m)
             metrics.append(m)
         stops = choose_stops(metrics)
-        for e in {stops["early_stop"], stops["convergence"]}:
+        for e in epochs:  # as knowcat finetune writes them: the test answers of every measured epoch
             correct, abstained = draws[e]
             _write_jsonl(out / "epochs" / f"epoch_{e:03d}.answers.jsonl", (
                 {"set": "test", "id": str(i), "relation": str(r), "category": str(c), "answer": "x",
