@@ -341,7 +341,7 @@ def cmd_demo(args):
                        device=args.device, progress=not args.no_progress)
         return
     run_demo(args.out, preset=args.preset, seed=args.seed, device=args.device, progress=not args.no_progress,
-             study=not args.no_study)
+             study=not args.no_study, verbose=args.verbose)
 
 
 def cmd_world_build(args):
@@ -620,6 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "OUT/seed_S, then b_kn, b_unk and the findings across them (OUT/replicates.json)")
     d.add_argument("--device", default="auto", help="auto | cpu | cuda")
     d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--verbose", action="store_true",
+                   help="every stage's detail and library warnings on the terminal (otherwise in RUN/demo.log)")
     d.add_argument("--no-study", action="store_true", help="stop after categorization (skip the fine-tuning study and the surrogates)")
     d.set_defaults(func=cmd_demo)
 

@@ -9,14 +9,28 @@ and the linearized surrogates (:mod:`knowcat.surrogate`) on the train split. Eac
 stage skips itself when its output is already complete (categorization resumes
 shard by shard), so a killed demo resumes where it stopped.
 
-Presets: ``default`` (ends within 15 minutes on a 2-core CPU) and ``quick``
-(a small world for the tests, within 2 minutes).
+Presets: ``default`` (sized to end within 20 minutes on a 2-core CPU) and ``quick``
+(a small world for the tests, a few minutes).
+
+Every stage ends by rewriting ``report.html`` with what exists so far and printing
+one line; the detail goes to ``RUN/demo.log`` (and to the terminal with ``verbose``),
+and so do library warnings, so the terminal shows one progress bar per stage.
 """
 
 from __future__ import annotations
 
-import json
-import time
+import os
+
+# OpenMP threads that spin while they wait for work are many times slower when other processes share
+# the cores (measured on 2 busy cores: a training step 4.4x slower with 2 spinning threads than with 1);
+# passive waiting costs little on an idle machine. Must be set before torch starts its thread pool.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -33,16 +47,25 @@ from knowcat.world.pretrain import PretrainConfig, pretrain
 @dataclass
 class DemoConfig:
     world: WorldConfig = field(default_factory=WorldConfig)
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    # the demo's model: float32 on every CPU (bf16=False), so the same seed gives the same model whatever
+    # the CPU's instruction set; sized for 2 CPU cores (see the README for the sizes against the paper's)
+    pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(
+        vocab_size=2048, hidden_size=192, num_layers=3, num_heads=4, intermediate_size=512, lr=3e-3, bf16=False))
     slick: SliCKConfig = field(default_factory=lambda: SliCKConfig(keep_answers=True))
     categorize_splits: tuple[str, ...] = ("train", "test")
     check_split: str = "train"  # the ground-truth checks are on this split
     batch_size: int | None = None
     # the fine-tuning study: the paper's sets; the learning rate and batch are the small model's
-    # (the paper's 1e-5 with batch 128 would take one step per epoch on |D| of a few dozen)
+    # (the paper's 1e-5 with batch 128 would take one step per epoch on |D| of a few dozen). The test set
+    # is measured after every epoch for the sets the linear model is fitted on (the X% Unknown and D_Known
+    # sets), and for the others where the analysis reads it (each new best dev epoch, and the last)
     experiment: ExperimentConfig | None = field(default_factory=lambda: ExperimentConfig(
-        finetune=FinetuneConfig(epochs=16, lr=1.5e-4, batch_size=16, save_model=False)))
-    surrogate: SurrogateConfig | None = field(default_factory=SurrogateConfig)
+        finetune=FinetuneConfig(epochs=16, lr=1.5e-4, batch_size=16, save_model=False,
+                                test_each_epoch="unknown_*,known_*")))
+    surrogate: SurrogateConfig | None = field(default_factory=lambda: SurrogateConfig(answer_jacobian_per_category=50))
+    # torch threads; None: the cores not already busy (os.getloadavg), at least one. On cores shared with
+    # other work, threads that wait on one another at every operation lose more than they gain
+    threads: int | None = None
 
 
 DEMO_PRESETS: dict[str, DemoConfig] = {
@@ -50,11 +73,12 @@ DEMO_PRESETS: dict[str, DemoConfig] = {
     "quick": DemoConfig(
         world=WORLD_PRESETS["quick"],
         pretrain=PretrainConfig(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=384,
-                                vocab_size=2048, block_size=256, batch_size=8, lr=3e-3),
+                                vocab_size=2048, block_size=256, batch_size=8, lr=3e-3, bf16=False),
         slick=SliCKConfig(n_prompts=4, n_samples=8, keep_answers=True),
         experiment=ExperimentConfig(
             mixtures=MixtureConfig(unknown_percents=(0, 50, 100), size=24, single=False),
-            finetune=FinetuneConfig(epochs=3, lr=3e-3, batch_size=8, save_model=False)),
+            finetune=FinetuneConfig(epochs=3, lr=3e-3, batch_size=8, save_model=False,
+                                    test_each_epoch="unknown_*,known_*")),
         surrogate=SurrogateConfig(max_examples=120, answer_jacobian_per_category=6, jacobian_examples=2),
     ),
 }
@@ -108,24 +132,216 @@ def format_category_exposure(ce: dict) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------
+# the terminal: one line per stage, detail and library warnings in RUN/demo.log
+
+
+@contextlib.contextmanager
+def quiet_libraries(log_path: Path, verbose: bool):
+    """Unless ``verbose``: Python warnings and transformers' log records go to ``log_path`` (kept, with
+    where they came from) instead of the terminal, and transformers' own progress bars are off."""
+    if verbose:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    handler = logging.FileHandler(log_path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    pyw = logging.getLogger("py.warnings")
+    hf = hf_logging.get_logger("transformers")
+    saved = (pyw.propagate, hf_logging.is_progress_bar_enabled())
+    logging.captureWarnings(True)
+    pyw.addHandler(handler)
+    pyw.propagate = False
+    hf_logging.disable_default_handler()
+    hf.addHandler(handler)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        pyw.removeHandler(handler)
+        pyw.propagate = saved[0]
+        hf.removeHandler(handler)
+        hf_logging.enable_default_handler()
+        if saved[1]:
+            hf_logging.enable_progress_bar()
+        handler.close()
+
+
+class FileProgress:
+    """One progress bar for a stage whose work is counted by files appearing under the run (the
+    fine-tuning study's epoch files, the surrogates' outputs): a thread counts them every second."""
+
+    def __init__(self, desc: str, count, total, enabled: bool, unit: str = "it"):
+        from tqdm.auto import tqdm
+
+        self.count, self.total = count, total
+        self.bar = tqdm(total=None, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _tick(self):
+        total = self.total()
+        if total and self.bar.total != total:
+            self.bar.total = total
+            self.bar.refresh()
+        done = self.count()
+        if done > self.bar.n:
+            self.bar.update(done - self.bar.n)
+
+    def _run(self):
+        while not self._stop.wait(1.0):
+            with contextlib.suppress(Exception):  # a file being replaced mid-count: count again next second
+                self._tick()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        with contextlib.suppress(Exception):
+            self._tick()
+        self.bar.close()
+
+
+def _study_progress(run: Path, epochs: int):
+    def total():
+        m = run / "mixtures" / "manifest.json"
+        return epochs * sum(v["n"] > 0 for v in json.loads(m.read_text())["sets"].values()) if m.exists() else None
+
+    def count():
+        return sum(1 for _ in (run / "finetune").glob("*/epochs/epoch_[0-9][0-9][0-9].json"))
+
+    return count, total
+
+
+def _surrogate_progress(run: Path, names):
+    def count():
+        p = run / "surrogates" / "tests.json"
+        return len(set(json.loads(p.read_text())) & set(names)) if p.exists() else 0
+
+    return count, (lambda: len(names))
+
+
+# ---------------------------------------------------------------------------------------------
+# stage summaries (one line each)
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
+
+
+def categories_line(ce: dict, check: dict) -> str:
+    shares = " / ".join(f"{c} {ce[c]['share']:.1%}" for c in CATEGORIES)
+    sp = check.get("spearman")
+    return (f"{shares}; mean exposure strictly ordered: {'yes' if ce['strictly_ordered'] else 'NO'}; "
+            f"greedy accuracy vs exposure Spearman {'n/a' if sp is None or sp != sp else f'{sp:.3f}'}, "
+            f"never seen {_pct(check.get('never_seen_accuracy'))}")
+
+
+def study_line(findings: dict) -> str:
+    parts = []
+    for k, f in findings.items():
+        if isinstance(f, dict) and "holds" in f:
+            parts.append(f"{k} {'holds' if f['holds'] else 'does not hold'}")
+    return "; ".join(parts) if parts else "analysis written"
+
+
 def run_demo(run_dir, preset: str = "default", seed: int | None = None, device: str = "auto",
-             log=print, progress: bool = True, study: bool = True) -> dict:
+             log=None, progress: bool = True, study: bool = True, verbose: bool = False, say=print) -> dict:
+    """The demo into ``run_dir``. ``log`` receives every detail line (default: ``RUN/demo.log``, and the
+    terminal too when ``verbose``); ``say`` the terminal's stage lines."""
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    log_path = run / "demo.log"
+    logfile = open(log_path, "a", encoding="utf-8")
+
+    def to_file(msg=""):
+        logfile.write(f"{msg}\n")
+        logfile.flush()
+
+    detail = log
+    if detail is None:
+        detail = (lambda msg="": (to_file(msg), say(msg))) if verbose else to_file
+    try:
+        with quiet_libraries(log_path, verbose or log is not None):
+            return _run_demo(run, preset, seed, device, detail, progress and log is None, study, say)
+    finally:
+        logfile.close()
+
+
+def free_cores() -> int:
+    """The CPU cores this process may use that are not already busy (by the 1-minute load average)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return n
+    return max(1, min(n, int(n - load + 0.5)))
+
+
+def _run_demo(run: Path, preset, seed, device, log, progress, study, say) -> dict:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(demo_config(preset, seed).threads or free_cores())
+    try:
+        return _run_demo_stages(run, preset, seed, device, log, progress, study, say)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_demo_stages(run: Path, preset, seed, device, log, progress, study, say) -> dict:
+    import torch
+
     from knowcat.runs import run_categorize
     from knowcat.world.validate import exposure_check, format_check
 
     cfg = demo_config(preset, seed)
-    run = Path(run_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run / "config.json", {"stage": "demo", "preset": preset, **asdict(cfg)})
-    timings = {}
-    world_dir = run / "world"
+    precision = "bfloat16 autocast" if cfg.pretrain.bf16 else "float32"
+    machine = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+    atomic_write_json(run / "config.json", {"stage": "demo", "preset": preset, "precision": {
+        "pretrain": precision, "finetune": "bfloat16" if cfg.experiment and cfg.experiment.finetune.bf16 else "float32",
+        "categorize": "float32"}, "machine": machine, **asdict(cfg)})
+    stages = ["world", "pretrain", "categorize"] + (["experiment"] if cfg.experiment is not None and study else []) \
+        + (["surrogates"] if cfg.surrogate is not None and study else [])
+    timings: dict[str, float] = {}
+    summary: dict = {"run_dir": str(run), "preset": preset, "precision": precision, "status": "running",
+                     "stages": stages, "stages_done": [], "seconds": {}}
+    t_start = time.time()
+    say(f"knowcat demo ({preset}): {len(stages)} stages into {run}; detail in {run / 'demo.log'}; "
+        f"the report {run / 'report.html'} is rewritten as each stage ends")
 
+    def end_stage(name: str, line: str, report: bool = True):
+        summary["stages_done"].append(name)
+        summary["seconds"] = {k: round(v, 1) for k, v in timings.items()}
+        summary["seconds_since_start"] = round(time.time() - t_start, 1)
+        atomic_write_json(run / "demo_summary.json", json_safe(summary))
+        where = ""
+        if report and (run / "categorized.jsonl").exists():
+            from reports import build_report
+
+            where = f" -> report updated ({time.time() - t_start:.0f} s since start)"
+            summary["report"] = str(build_report(run))
+            summary.setdefault("first_report_seconds", round(time.time() - t_start, 1))
+            atomic_write_json(run / "demo_summary.json", json_safe(summary))
+        i = stages.index(name) + 1
+        say(f"[{i}/{len(stages)}] {name}: {line} ({timings[name]:.0f} s){where}")
+
+    world_dir = run / "world"
     t = time.time()
     if (world_dir / "world.json").exists():
         log(f"world: already built in {world_dir}")
     else:
         build_world(world_dir, cfg.world, log=log)
     timings["world"] = time.time() - t
+    w = json.loads((world_dir / "world.json").read_text())
+    end_stage("world", f"{w['facts']} facts over {len(w['relations'])} relations, {w['documents']} documents, "
+                       f"{w['mentions']} mentions, never seen {w['never_seen_share']:.0%}", report=False)
 
     t = time.time()
     model_dir = run / "model"
@@ -134,6 +350,10 @@ def run_demo(run_dir, preset: str = "default", seed: int | None = None, device: 
     else:
         pretrain(world_dir, model_dir, cfg.pretrain, log=log, progress=progress)
     timings["pretrain"] = time.time() - t
+    pm = json.loads((model_dir / "knowcat_pretrain.json").read_text())
+    params = pm.get("parameters")
+    end_stage("pretrain", f"{'?' if params is None else f'{params / 1e6:.1f}M'} parameters, {pm['tokens']} tokens "
+                          f"in {pm['steps']} steps, {precision}, final loss {pm['final_loss']}", report=False)
 
     t = time.time()
     examples = world_examples(world_dir)
@@ -141,8 +361,6 @@ def run_demo(run_dir, preset: str = "default", seed: int | None = None, device: 
     pool = [e for e in examples if e.split == cfg.slick.exemplar_split]
     run_categorize(str(model_dir), todo, pool, run, cfg.slick, device=device, batch_size=cfg.batch_size,
                    data_source=str(world_dir / "data"), log=log, progress=progress)
-    timings["categorize"] = time.time() - t
-
     categorized = [json.loads(line) for line in open(run / "categorized.jsonl", encoding="utf-8")]
     exposures = read_exposures(world_dir)
     check_set = {r["id"]: r["p_correct_greedy"] for r in categorized if r.get("split") == cfg.check_split}
@@ -152,31 +370,46 @@ def run_demo(run_dir, preset: str = "default", seed: int | None = None, device: 
     log(f"ground truth ({cfg.check_split} split):")
     log(format_check(check))
     log(format_category_exposure(ce))
-    summary = {"run_dir": str(run), "preset": preset, "seconds": {k: round(v, 1) for k, v in timings.items()},
-               "greedy_vs_exposure": {k: v for k, v in check.items() if k != "by_exposure"},
-               "category_exposure": ce}
-    if cfg.experiment is not None and study:
+    timings["categorize"] = time.time() - t
+    summary["greedy_vs_exposure"] = {k: v for k, v in check.items() if k != "by_exposure"}
+    summary["category_exposure"] = ce
+    end_stage("categorize", f"{len(categorized)} questions; {cfg.check_split} split: {categories_line(ce, check)}")
+
+    if "experiment" in stages:
         from knowcat.experiment import run_experiment
 
         t = time.time()
-        analysis = run_experiment(run, str(model_dir), cfg.experiment, device=device, log=log, progress=progress)
+        count, total = _study_progress(run, cfg.experiment.finetune.epochs)
+        with FileProgress("fine-tuning study", count, total, progress, unit="epoch"):
+            analysis = run_experiment(run, str(model_dir), cfg.experiment, device=device, log=log, progress=False)
         timings["experiment"] = time.time() - t
-        summary["seconds"] = {k: round(v, 1) for k, v in timings.items()}
         summary["findings"] = analysis["findings"]
-    if cfg.surrogate is not None and study:
+        end_stage("experiment", study_line(analysis["findings"]))
+    if "surrogates" in stages:
         from knowcat.surrogate import run_surrogates
 
         t = time.time()
-        tests = run_surrogates(run, str(model_dir), cfg.surrogate, device=device, log=log, progress=progress)
+        count, total = _surrogate_progress(run, cfg.surrogate.surrogates)
+        with FileProgress("surrogates", count, total, progress, unit="surrogate"):
+            tests = run_surrogates(run, str(model_dir), cfg.surrogate, device=device, log=log, progress=False)
         timings["surrogates"] = time.time() - t
-        summary["seconds"] = {k: round(v, 1) for k, v in timings.items()}
         summary["surrogate_verdicts"] = {k: v["at_default"]["verdict"] for k, v in tests.items()}
-    atomic_write_json(run / "demo_summary.json", summary)
+        end_stage("surrogates", "; ".join(f"{k} {v}" for k, v in summary["surrogate_verdicts"].items()))
+    summary["status"] = "complete"
+    summary["seconds_since_start"] = round(time.time() - t_start, 1)
+    summary["seconds"] = {k: round(v, 1) for k, v in timings.items()}
+    atomic_write_json(run / "demo_summary.json", json_safe(summary))
     from reports import build_report
 
     report = build_report(run)  # reads demo_summary.json: the summary is written first, then again with the path
     summary["report"] = str(report)
-    atomic_write_json(run / "demo_summary.json", summary)
+    atomic_write_json(run / "demo_summary.json", json_safe(summary))
     log(f"report: {report}")
     log(f"demo: done in {sum(timings.values()):.0f} s -> {run}")
+    say(f"found: {categories_line(ce, check)}")
+    if "findings" in summary:
+        say(f"fine-tuning study: {study_line(summary['findings'])}")
+    if "surrogate_verdicts" in summary:
+        say("surrogates (Ax=b): " + "; ".join(f"{k} {v}" for k, v in summary["surrogate_verdicts"].items()))
+    say(f"demo done in {sum(timings.values()):.0f} s; report: {report}")
     return json_safe(summary)  # what demo_summary.json holds: undefined statistics as None

@@ -68,6 +68,10 @@ class FinetuneConfig:
     eval_batch_size: int | None = None  # rows decoded together (None: from memory)
     save_model: bool = True  # the final (CONVERGENCE) model or adapter in OUT/model
     log_every: int = 0  # Trainer logging steps (0: once per epoch)
+    # which runs measure the test set after every epoch: comma-separated globs over the run folder's name
+    # ("*": all). The others (with a dev set) measure it only where the analysis reads it: at each epoch
+    # whose dev accuracy beats every earlier epoch's (EARLY_STOP is one of them) and at the last (CONVERGENCE)
+    test_each_epoch: str = "*"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,6 +202,21 @@ def measure_epoch(model, tokenizer, epoch: int, train_rows: list[dict], eval_set
         per_example += [{"set": name, **r} for r in rows]
     metrics["seconds_measuring"] = round(time.time() - t, 2)
     return metrics, per_example
+
+
+def tests_every_epoch(cfg: FinetuneConfig, run_name: str) -> bool:
+    from fnmatch import fnmatchcase
+
+    return any(fnmatchcase(run_name, g.strip()) for g in cfg.test_each_epoch.split(",") if g.strip())
+
+
+def may_be_early_stop(dev_accuracy: float | None, earlier: list[dict], dev: str = "dev") -> bool:
+    """Whether an epoch with this dev accuracy can end up EARLY_STOP (the best dev epoch, the earliest on
+    ties): its accuracy beats every earlier epoch's."""
+    if dev_accuracy is None:
+        return True
+    prev = [(m.get(dev) or {}).get("all", {}).get("accuracy") for m in earlier]
+    return all(p is None or dev_accuracy > p for p in prev)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,12 +398,26 @@ def finetune(model_name: str, train_rows: list[dict], eval_sets: dict[str, list[
         dataloader_num_workers=0, remove_unused_columns=False, save_only_model=False,
     )
     encoded = encode_training_set(train_rows, tok)
+    every_epoch = tests_every_epoch(cfg, out.name)
 
     class Measure(TrainerCallback):
         def on_epoch_end(self, args, state, control, model=None, **kw):
             epoch = int(round(state.epoch))
             if state.is_world_process_zero and not _epoch_path(out, epoch).exists():
-                metrics, rows = measure_epoch(model, tok, epoch, train_rows, eval_sets, template, cfg, ood)
+                last = epoch >= int(round(args.num_train_epochs))
+                if every_epoch or last or not eval_sets.get("dev"):
+                    metrics, rows = measure_epoch(model, tok, epoch, train_rows, eval_sets, template, cfg, ood)
+                else:  # the test set only where EARLY_STOP may fall (the analysis reads it there)
+                    rest = {k: v for k, v in eval_sets.items() if k != "test"}
+                    metrics, rows = measure_epoch(model, tok, epoch, train_rows, rest, template, cfg, ood)
+                    dev_acc = (metrics.get("dev") or {}).get("all", {}).get("accuracy")
+                    if "test" in eval_sets and may_be_early_stop(dev_acc, [m for m in read_epochs(out)
+                                                                            if m["epoch"] < epoch]):
+                        m2, rows2 = measure_epoch(model, tok, epoch, [], {"test": eval_sets["test"]}, template,
+                                                  cfg, ood)
+                        metrics["test"] = m2["test"]
+                        metrics["seconds_measuring"] = round(metrics["seconds_measuring"] + m2["seconds_measuring"], 2)
+                        rows += rows2
                 losses = [h["loss"] for h in state.log_history if "loss" in h]
                 metrics["train_loss"] = losses[-1] if losses else None
                 atomic_write_text(out / "epochs" / f"epoch_{epoch:03d}.answers.jsonl",

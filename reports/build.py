@@ -373,6 +373,12 @@ def build_report(run_dir, out: str | Path | None = None, max_table_rows: int = 2
     know = knowledge_section(run, rows, max_table_rows)
     ft = finetune_section(run)
     sg = surrogate_section(run)
+    progress = None
+    if demo_summary and demo_summary.get("status") == "running":
+        done = demo_summary.get("stages_done", [])
+        progress = {"done": done, "todo": [s for s in demo_summary.get("stages", []) if s not in done]}
+    precision = (demo_cfg or {}).get("precision")
+    machine = (demo_cfg or {}).get("machine")
     seconds = (demo_summary or {}).get("seconds") or ({"categorize": cat_summary["seconds"]} if cat_summary else {})
     env = Environment(loader=FileSystemLoader(Path(__file__).parent / "templates"),
                       autoescape=select_autoescape(["html", "j2"]))
@@ -384,6 +390,7 @@ def build_report(run_dir, out: str | Path | None = None, max_table_rows: int = 2
         protocol=(cat_cfg or {}).get("protocol", {}), seeds=run_seeds(run), versions=_versions(), seconds=seconds,
         rerun=_rerun_command(run, demo_cfg, cat_cfg), know=know, ft=ft, sg=sg,
         summary=summary_lines(know, ft, sg, know.get("ground_truth")), categories=CATEGORIES,
+        progress=progress, precision=precision, machine=machine,
     )
     path = Path(out) if out else run / "report.html"
     tmp = path.with_suffix(path.suffix + ".tmp")

@@ -26,9 +26,12 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def quick_demo(tmp_path_factory):
-    """The quick demo run, once per test session: world, model, greedy evaluation."""
-    from knowcat.demo import run_demo
+def quick_demo_cli(tmp_path_factory):
+    """The quick demo run, once per test session, as a user runs it: ``python -m knowcat demo --preset quick``
+    in a subprocess, its terminal output captured. Returns (run dir, summary, stdout + stderr)."""
+    import json
+    import subprocess
+    import sys
 
     prebuilt = os.environ.get("KNOWCAT_QUICK_DEMO")  # a quick demo run already built: reuse it (read only)
     if prebuilt:
@@ -37,7 +40,18 @@ def quick_demo(tmp_path_factory):
         summary = Path(prebuilt) / "demo_summary.json"
         return Path(prebuilt), json.loads(summary.read_text()) if summary.exists() else {}
     run = tmp_path_factory.mktemp("quick_demo")
-    summary = run_demo(run, preset="quick", device="cpu", progress=False, log=lambda *a: None)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-m", "knowcat", "demo", "--preset", "quick", "--out", str(run),
+                        "--device", "cpu"], capture_output=True, text=True, env=env, timeout=3600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    summary = json.loads((run / "demo_summary.json").read_text())
+    return run, summary, r.stdout + r.stderr
+
+
+@pytest.fixture(scope="session")
+def quick_demo(quick_demo_cli):
+    """The quick demo run (world, model, categories, study, surrogates): (run dir, summary)."""
+    run, summary, _ = quick_demo_cli
     return run, summary
 
 

@@ -78,3 +78,74 @@ def test_cli_help_lists_the_stages():
     for cmd in ("demo", "world", "data", "greedy", "categorize", "filter", "mixtures", "finetune", "experiment",
                 "analyze", "surrogate"):
         assert cmd in r.stdout
+
+
+def test_quick_demo_terminal_is_clean(quick_demo_cli):
+    """What ``knowcat demo`` prints: a line per stage and at the end what was found and where the report is;
+    no library warning, no bare source line of one, no raw log dict (they go to RUN/demo.log)."""
+    import re
+
+    run, summary, output = quick_demo_cli
+    lines = [seg for line in output.splitlines() for seg in line.split("\r") if seg.strip()]
+    assert not [x for x in lines if re.search(r"warn", x, re.I)], [x for x in lines if re.search(r"warn", x, re.I)]
+    assert not [x for x in lines if "forward_call" in x or x.lstrip().startswith(("return ", "File \"", "Traceback"))]
+    assert not [x for x in lines if re.match(r"\s*\{['\"]", x)]  # the Trainer's {'loss': ...} dicts
+    for i, stage in enumerate(summary["stages"], 1):
+        assert any(x.startswith(f"[{i}/{len(summary['stages'])}] {stage}: ") for x in lines), stage
+    done = [x for x in lines if x.startswith("demo done in")]  # the last line printed (stdout; bars are stderr)
+    assert len(done) == 1 and done[0].endswith(str(run / "report.html"))
+    assert any(x.startswith("found: HighlyKnown") for x in lines)
+    assert (run / "demo.log").stat().st_size > 0  # the detail is kept there
+
+
+def test_quick_demo_reports_as_it_goes(quick_demo):
+    """Each stage from categorization on rewrote the report; the summary records when the first one was
+    written, the precision is in the config and on the page."""
+    run, summary = quick_demo
+    assert summary["status"] == "complete" and summary["stages_done"] == summary["stages"]
+    assert 0 < summary["first_report_seconds"] <= summary["seconds_since_start"]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["precision"]["pretrain"] == "float32" and cfg["pretrain"]["bf16"] is False
+    html = (run / "report.html").read_text()
+    assert 'id="precision"' in html and "float32" in html
+    assert 'id="progress"' not in html  # finished: no "in progress" banner
+
+
+def test_partial_report_shows_progress(quick_demo, tmp_path):
+    """A run with only the early stages' files (as while the demo runs) gets a report with its knowledge
+    section and an "in progress" banner naming the stages still to come."""
+    import shutil
+
+    from reports import build_report
+
+    run, _ = quick_demo
+    part = tmp_path / "part"
+    (part / "world").mkdir(parents=True)
+    for name in ("config.json", "categorized.jsonl", "exposure_check.json", "categorize_summary.json"):
+        shutil.copy(run / name, part / name)
+    shutil.copy(run / "world" / "exposures.jsonl", part / "world" / "exposures.jsonl")
+    (part / "demo_summary.json").write_text(json.dumps({
+        "status": "running", "stages": ["world", "pretrain", "categorize", "experiment", "surrogates"],
+        "stages_done": ["world", "pretrain", "categorize"], "seconds": {"world": 1.0}}))
+    html = build_report(part).read_text()
+    assert 'id="progress"' in html and "experiment, surrogates" in html
+    assert 'id="knowledge"' in html and "Spearman" in html
+
+
+def test_test_set_measured_where_early_stop_may_fall():
+    """Outside the sets given in ``test_each_epoch``, the test set is measured only at epochs whose dev
+    accuracy beats every earlier one's: EARLY_STOP (the earliest best dev epoch) is always among them."""
+    from knowcat.finetune import FinetuneConfig, choose_stops, may_be_early_stop, tests_every_epoch
+
+    cfg = FinetuneConfig(test_each_epoch="unknown_*,known_*")
+    assert tests_every_epoch(cfg, "unknown_50") and tests_every_epoch(cfg, "known_25")
+    assert not tests_every_epoch(cfg, "HighlyKnown") and not tests_every_epoch(cfg, "idk")
+    assert tests_every_epoch(FinetuneConfig(), "natural")  # the default: every epoch, every set
+    dev = [0.2, 0.3, 0.3, 0.25, 0.35, 0.1]
+    epochs, measured = [], []
+    for i, a in enumerate(dev, 1):
+        if may_be_early_stop(a, epochs):
+            measured.append(i)
+        epochs.append({"epoch": i, "dev": {"all": {"accuracy": a}}})
+    assert measured == [1, 2, 5]  # a tie (epoch 3) is never EARLY_STOP: the earliest best wins
+    assert choose_stops(epochs)["early_stop"] in measured

@@ -124,3 +124,72 @@ def test_ood_relations_have_no_train_split(default_world):
     for rid in OUT_OF_DISTRIBUTION:
         assert json.loads((default_world / "data" / "train" / f"{rid}.train.json").read_text()) == []
         assert json.loads((default_world / "data" / "test" / f"{rid}.test.json").read_text())
+
+
+# relations knowcat has never seen, in EntityQuestions' format: no hand-written statement forms
+MADE_UP = {"P9001": "Which planet does [X] orbit?", "P9002": "Who is [X]'s mentor?",
+           "Q77": "What is the favourite colour of [X]?"}
+
+
+def _made_up_facts(folder, seed=0, n=(60, 10, 20), n_objects=60):
+    from knowcat.world.names import NamePool
+
+    names = NamePool(seed + 7)
+    rng = np.random.default_rng(seed)
+    (folder).mkdir(parents=True, exist_ok=True)
+    (folder / "relation_query_templates.json").write_text(json.dumps(MADE_UP))
+    for rid, tpl in MADE_UP.items():
+        objects = names.draw("city", n_objects)
+        for split, k in zip(("train", "dev", "test"), n):
+            (folder / split).mkdir(exist_ok=True)
+            recs = [{"question": tpl.replace("[X]", s), "answers": [str(objects[int(rng.integers(n_objects))])]}
+                    for s in names.draw("person", k)]
+            (folder / split / f"{rid}.{split}.json").write_text(json.dumps(recs))
+
+
+def test_world_from_unseen_relations_derives_statements_and_passes_the_ground_truth_checks(tmp_path):
+    """``knowcat world build --facts`` on relations outside the 19: statements derived from each question
+    template, the exposure bookkeeping exact, and a tiny model's greedy accuracy follows exposure."""
+    import subprocess
+    import sys
+
+    from knowcat.demo import world_examples
+    from knowcat.fewshot import greedy_accuracy
+    from probes.engine import open_engine
+    from knowcat.prompts import FewShotConfig
+    from knowcat.world.pretrain import PretrainConfig, pretrain
+    from knowcat.world.relations import relation_for
+    from knowcat.world.validate import exposure_check
+
+    facts = tmp_path / "facts"
+    _made_up_facts(facts)
+    world = tmp_path / "world"
+    r = subprocess.run([sys.executable, "-m", "knowcat", "world", "build", str(world), "--facts", str(facts),
+                        "--median-count", "30"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    info = json.loads((world / "world.json").read_text())
+    assert info["relations"] == sorted(MADE_UP, key=lambda x: (x[0] != "P", int(x[1:])))
+    assert set(info["statement_forms"].values()) == {"derived from the question template"}
+    assert relation_for("P9002", MADE_UP["P9002"]).statements[0] == "{o} is {s}'s mentor."
+    exps = read_exposures(world)
+    corpus = "".join(json.loads(line)["text"] for line in open(world / "corpus.jsonl"))
+    for e in exps[:80]:  # every statement mention is one of the derived forms, counted exactly
+        forms = relation_for(e["relation"], MADE_UP[e["relation"]]).statements
+        assert sum(corpus.count(t.format(s=e["subject"], o=e["answer"]) + "\n") for t in forms) == e["statement"]
+        assert corpus.count(f"Q: {e['question']}\nA: {e['answer']}\n") == e["qa"]
+    assert sum(e["statement"] for e in exps) > 0.3 * sum(e["count"] for e in exps)
+
+    model_dir = pretrain(world, tmp_path / "model", PretrainConfig(
+        hidden_size=128, num_layers=2, num_heads=2, intermediate_size=384, vocab_size=1024, batch_size=8,
+        lr=3e-3, epochs=4, warmup_steps=10), log=lambda *a: None, progress=False)
+    examples = world_examples(world)
+    engine = open_engine("transformers", str(model_dir), device="cpu")
+    train = [e for e in examples if e.split == "train"]
+    res = greedy_accuracy(engine, train, [e for e in examples if e.split == "dev"],
+                          FewShotConfig(n_prompts=2), progress=False)
+    check = exposure_check({g.id: g.p_correct for g in res}, exps)
+    # the world's checks, unchanged: accuracy rises with exposure, never-seen facts are not answered,
+    # the often-seen ones mostly are
+    assert check["spearman"] > 0.3, check
+    assert check["never_seen_accuracy"] <= 0.05, check
+    assert check["upper_quartile_accuracy"] > 0.5, check

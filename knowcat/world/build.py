@@ -30,7 +30,7 @@ import numpy as np
 from knowcat.examples import content_id
 from knowcat.io import atomic_write_json, atomic_write_text
 from knowcat.world.names import NamePool
-from knowcat.world.relations import IN_DISTRIBUTION, OUT_OF_DISTRIBUTION, RELATIONS, Relation
+from knowcat.world.relations import IN_DISTRIBUTION, OUT_OF_DISTRIBUTION, RELATIONS, Relation, relation_for
 
 SPLITS = ("train", "dev", "test")
 
@@ -58,7 +58,10 @@ class WorldConfig:
     # pages the small model ignores its few-shot context and its greedy answer hardly varies across
     # prompts (MaybeKnown 3% of the default world's train questions; with pages 15%, measured)
     page_fraction: float = 1.0
-    facts_from: str | None = None  # an EntityQuestions folder: real facts instead of synthetic ones
+    # an EntityQuestions folder: real facts instead of synthetic ones. Its relations are the configured ones
+    # where the folder holds them all (EntityQuestions itself: the paper's 19), otherwise every relation the
+    # folder has; a relation without hand-written statement forms gets forms derived from its question template
+    facts_from: str | None = None
 
     def split_sizes(self, relation: str) -> dict[str, int]:
         train = 0 if relation in self.ood_relations else self.n_train
@@ -138,7 +141,29 @@ def mention(fact: Fact, rel: Relation, qa: bool, rng: np.random.Generator, answe
     return tpl.format(s=fact.subject, o=answer) + "\n"
 
 
-def make_corpus(cfg: WorldConfig, facts: list[Fact], rng: np.random.Generator) -> list[dict]:
+def facts_relations(cfg: WorldConfig) -> WorldConfig:
+    """``cfg`` with the relations a ``facts_from`` folder provides (see :class:`WorldConfig`), the
+    out-of-distribution ones among them kept; for a synthetic world, ``cfg`` itself."""
+    if not cfg.facts_from:
+        return cfg
+    from dataclasses import replace
+
+    from knowcat.loaders.entityquestions import discover_relations, load_templates
+
+    folder = Path(cfg.facts_from)
+    templates = load_templates(folder)
+    present = [r for r in discover_relations(folder, SPLITS) if r in templates]
+    if all(r in present for r in cfg.relations):
+        return cfg
+    if not present:
+        from knowcat.errors import DataError
+
+        raise DataError("no relation with both a template and question files", file=folder)
+    return replace(cfg, relations=tuple(present), ood_relations=tuple(r for r in cfg.ood_relations if r in present))
+
+
+def make_corpus(cfg: WorldConfig, facts: list[Fact], rng: np.random.Generator,
+                templates: dict[str, str] | None = None) -> list[dict]:
     """Documents of ``mentions_per_doc`` mentions: Q/A documents hold one relation's
     questions (like a quiz sheet), statement documents mix relations, and page documents
     (``page_fraction``) state facts and then ask about them."""
@@ -152,7 +177,7 @@ def make_corpus(cfg: WorldConfig, facts: list[Fact], rng: np.random.Generator) -
     statements: list[str] = []
     pairs: list[tuple[str, str]] = []  # (statement, Q/A) of one fact with one answer, for page documents
     for fact, c, conf, rate in zip(facts, counts, conflicted, rates):
-        rel = RELATIONS.get(fact.relation) or _generic_relation(fact.relation)
+        rel = relation_for(fact.relation, (templates or {}).get(fact.relation))
         if conf and c > 0:
             others = [a for a in answers_by_rel[fact.relation] if a != fact.answer]
             fact.distractor = str(others[int(rng.integers(len(others)))]) if others else None
@@ -198,24 +223,22 @@ def make_corpus(cfg: WorldConfig, facts: list[Fact], rng: np.random.Generator) -
     return [docs[i] for i in rng.permutation(len(docs))]
 
 
-def _generic_relation(rid: str) -> Relation:
-    return Relation(rid, "", "entity", "entity", ("{s}: {o}.",))
-
-
 def build_world(out_dir, cfg: WorldConfig | None = None, log=print) -> dict:
     """Write the world into ``out_dir`` and return its summary."""
-    cfg = cfg or WorldConfig()
+    cfg = facts_relations(cfg or WorldConfig())
     out = Path(out_dir)
     rng = np.random.default_rng(cfg.seed)
     facts = real_facts(cfg, rng) if cfg.facts_from else synthetic_facts(cfg, rng)
-    corpus = make_corpus(cfg, facts, rng)
-
-    data = out / "data"
     if cfg.facts_from:
-        src = json.loads((Path(cfg.facts_from) / "relation_query_templates.json").read_text("utf-8"))
+        from knowcat.loaders.entityquestions import load_templates
+
+        src = load_templates(Path(cfg.facts_from))
         tpl = {r: src[r] for r in cfg.relations if r in src}
     else:
         tpl = {r: RELATIONS[r].template for r in cfg.relations}
+    corpus = make_corpus(cfg, facts, rng, tpl)
+
+    data = out / "data"
     atomic_write_json(data / "relation_query_templates.json", tpl)
     for rid in cfg.relations:
         for split in SPLITS:
@@ -229,6 +252,8 @@ def build_world(out_dir, cfg: WorldConfig | None = None, log=print) -> dict:
     total_mentions = int(sum(f.count + f.conflicting for f in facts))
     summary = {
         "config": asdict(cfg),
+        "statement_forms": {r: ("hand-written" if r in RELATIONS else "derived from the question template")
+                            for r in cfg.relations},
         "facts": len(facts),
         "relations": list(cfg.relations),
         "documents": len(corpus),

@@ -40,9 +40,11 @@ class PretrainConfig:
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
     weight_decay: float = 0.0
-    # bfloat16 autocast (weights stay float32): None = where the CPU computes bfloat16 natively (AVX-512 BF16
-    # or AMX: 1.5x faster there); elsewhere autocast emulates it, 10x+ slower than float32 (measured on AVX2)
-    bf16: bool | None = None
+    # bfloat16 autocast (weights stay float32). False (the default): float32 on every CPU, so a seed gives the
+    # same model whatever the CPU's instruction set. True: bfloat16 (1.5-2x faster where the CPU computes it
+    # natively, AVX-512 BF16 or AMX; 10x+ slower where autocast emulates it, measured on AVX2). None: bfloat16
+    # where native, else float32 (the model then depends on the CPU)
+    bf16: bool | None = False
     checkpoint_every: int = 100
     threads: int | None = None
 
@@ -190,7 +192,8 @@ def pretrain(world_dir, out_dir=None, cfg: PretrainConfig | None = None, log=pri
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     atomic_write_json(out / "knowcat_pretrain.json", {
-        "config": asdict(cfg), "bf16": bf16, "world": str(world_dir), "tokens": n_tokens, "steps": total,
+        "config": asdict(cfg), "bf16": bf16, "precision": "bfloat16 autocast" if bf16 else "float32",
+        "parameters": sum(p.numel() for p in model.parameters()), "world": str(world_dir), "tokens": n_tokens, "steps": total,
         "final_loss": history[-1]["loss"] if history else None, "seconds_this_session": round(time.time() - t0, 1),
         "history": history,
     })

@@ -70,3 +70,41 @@ OUT_OF_DISTRIBUTION = ("P127", "P50", "P407", "P176", "P170", "P175", "P112")
 
 def templates() -> dict[str, str]:
     return {rid: r.template for rid, r in RELATIONS.items()}
+
+
+# Declarative forms derived from a question template, for relations without hand-written ones: the
+# common EntityQuestions shapes turned into a statement, then the question followed by its answer
+# (always, so every relation has at least one form). {s} = the subject, {o} = the answer.
+_DERIVATIONS = (
+    (r"^Who is \[X\]'s (?P<rest>.+?)\?$", "{o} is {s}'s \\g<rest>."),
+    (r"^(?:What|Who) is the (?P<rest>.+?) of \[X\]\?$", "The \\g<rest> of {s} is {o}."),
+    (r"^(?:Who|What|Which)(?: \w+)*? (?P<aux>is|was|are|were) \[X\] (?P<rest>.+?)\?$", "{s} \\g<aux> \\g<rest> {o}."),
+    (r"^Where (?P<aux>is|was|are|were) \[X\] (?P<rest>.+?)\?$", "{s} \\g<aux> \\g<rest> in {o}."),
+    (r"^Who (?P<verb>\w+) \[X\]\?$", "{o} \\g<verb> {s}."),
+)
+
+
+def derive_statements(template: str) -> tuple[str, ...]:
+    """Declarative forms over ``{s}`` and ``{o}`` for a relation known only by its question template
+    (``[X]`` = the subject). Braces in the template are escaped, so a form is safe to ``str.format``."""
+    import re
+
+    safe = template.replace("{", "{{").replace("}", "}}").strip()
+    forms = []
+    for pattern, form in _DERIVATIONS:
+        m = re.match(pattern, safe)
+        if m:
+            forms.append(m.expand(form))
+            break
+    if "[X]" in safe:
+        forms.append(safe.replace("[X]", "{s}") + " {o}.")
+    else:  # no subject slot: the subject and the answer side by side
+        forms.append("{s}: {o}.")
+    return tuple(forms)
+
+
+def relation_for(rid: str, template: str | None = None) -> Relation:
+    """The relation's hand-written forms when knowcat has them, else forms derived from ``template``."""
+    if rid in RELATIONS:
+        return RELATIONS[rid]
+    return Relation(rid, template or "", "entity", "entity", derive_statements(template or ""))
