@@ -52,17 +52,11 @@ class Score:
         return len(self.token_logprobs)
 
 
-def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 def split_tokens(tokenizer, requests: Sequence[ScoreRequest]) -> list[tuple[list[int], int]]:
     """Token ids of each whole text and the index where its continuation starts (>= 1:
     the first token is never scored, and at least one continuation token is)."""
+    from probes.generation import _common_prefix_len
+
     pre = {p: tokenizer(p, add_special_tokens=True)["input_ids"] for p in {r.prefix for r in requests}}
     full = tokenizer([r.prefix + r.continuation for r in requests], add_special_tokens=True)["input_ids"]
     out = []
