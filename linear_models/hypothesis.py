@@ -520,9 +520,11 @@ def evaluate(rows_by_name: dict[str, list[dict]], baseline: dict[str, dict] | No
     for k, p in zip(lr_keys, holm([inc[k]["p"] for k in lr_keys])):
         inc[k]["p_holm"] = p
     for k, v in inc.items():
-        diff = v.get("cv_auroc_difference")
-        v["adds_information"] = bool(v.get("p_holm") is not None and v["p_holm"] < alpha
-                                     and (diff is None or diff > 0)) if "p" in v else None
+        # the cross-validated gain must be positive with its bootstrap interval above 0, not only on average
+        diff, ci = v.get("cv_auroc_difference"), v.get("cv_auroc_difference_ci")
+        cv_gain = diff is None or (ci[0] > 0 if ci else diff > 0)
+        v["adds_information"] = bool(v.get("p_holm") is not None and v["p_holm"] < alpha and cv_gain) \
+            if "p" in v else None
     # arms
     arm_tests = {}
     for (name, tol), (classes, reach) in settings.items():
