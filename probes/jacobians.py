@@ -122,15 +122,8 @@ def check_prenorm(model, prenorm: torch.Tensor, readout: torch.Tensor) -> None:
 def decoder_layers(model):
     """The transformer blocks, for Llama/Qwen/Mistral (``model.model.layers``), GPT-2
     (``transformer.h``) and most others."""
-    for path in ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers", "transformer.blocks"):
-        obj = model
-        try:
-            for part in path.split("."):
-                obj = getattr(obj, part)
-        except AttributeError:
-            continue
-        return obj
-    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+    return _find(model, ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers",
+                         "transformer.blocks"), "decoder layers")
 
 
 def _expand_cache(cache, batch: int):
