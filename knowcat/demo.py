@@ -63,7 +63,7 @@ class DemoConfig:
         finetune=FinetuneConfig(epochs=16, lr=1.5e-4, batch_size=16, save_model=False,
                                 test_each_epoch="unknown_*,known_*")))
     surrogate: SurrogateConfig | None = field(default_factory=lambda: SurrogateConfig(answer_jacobian_per_category=50))
-    # torch threads; None: the cores not already busy (os.getloadavg), at least one. On cores shared with
+    # torch threads; None: the cores not busy when the demo starts (free_cores), at least one. On cores shared with
     # other work, threads that wait on one another at every operation lose more than they gain
     threads: int | None = None
 
@@ -273,14 +273,27 @@ def run_demo(run_dir, preset: str = "default", seed: int | None = None, device: 
         logfile.close()
 
 
-def free_cores() -> int:
-    """The CPU cores this process may use that are not already busy (by the 1-minute load average)."""
+def free_cores(window: float = 0.5) -> int:
+    """The CPU cores this process may use that are not busy now: all of them less the cores' busy share
+    over ``window`` seconds (from ``/proc/stat``), at least one; ``OMP_NUM_THREADS`` wins when set. Not the
+    1-minute load average: it still counts, for a minute, the install that ran just before the demo."""
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + (v[4] if len(v) > 4 else 0)  # total, idle + iowait
+
     try:
-        load = os.getloadavg()[0]
-    except OSError:
+        t0, i0 = sample()
+        time.sleep(window)
+        t1, i1 = sample()
+    except (OSError, ValueError, IndexError):
         return n
-    return max(1, min(n, int(n - load + 0.5)))
+    busy = (os.cpu_count() or n) * (1 - (i1 - i0) / max(1, t1 - t0))
+    return max(1, min(n, int(n - busy + 0.5)))
 
 
 def _run_demo(run: Path, preset, seed, device, log, progress, study, say) -> dict:
