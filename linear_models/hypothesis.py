@@ -39,7 +39,8 @@ the cross-validated AUROC difference is positive.
 
 Link to fine-tuning (:func:`fit_epoch_link`): within each category, the Spearman
 correlation of a surrogate's per-example value with the epoch at which fine-tuning
-first fits the example, with a bootstrap percentile interval.
+first fits the example, with a bootstrap percentile interval (resamples with a constant series
+count as no correlation, and when they are more than 5% the interval is not read).
 
 Descriptive statistics kept from the whole table (:func:`hypothesis_test`): the class x
 category table, its chi-square (with the smallest expected count, which says whether it
@@ -447,10 +448,17 @@ def _incremental_validity(categories, baseline, extra, folds, seed, n_boot) -> d
 
 
 def fit_epoch_link(values: list[float], epochs: list[float], categories: list[str], n_boot: int = 1000,
-                   seed: int = 0) -> dict:
+                   seed: int = 0, max_degenerate: float = 0.05) -> dict:
     """Within each category: Spearman's rho of ``values`` with the fitted epoch, its p-value and a
-    bootstrap percentile 95% interval. ``holds``: the interval lies above 0 (the hypothesis' way: a
-    larger residual, a later fit)."""
+    bootstrap percentile 95% interval over the category's examples.
+
+    A resample whose values or epochs are all equal has no rank correlation. Such resamples are not
+    dropped (keeping only the resamples that happen to vary selects them, and gave intervals narrower
+    than the data allow when most examples of a category are fitted at the same epoch): they count as
+    rho = 0, their share is reported as ``degenerate_share``, and when it exceeds ``max_degenerate`` the
+    interval is not read. ``decision``: "holds" when the interval lies above 0 (the hypothesis' way: a
+    larger value, a later fit), "contradicted" when it lies below 0, "unclear" otherwise; ``holds`` is
+    True, False or None accordingly."""
     from scipy import stats
 
     rng = np.random.default_rng(seed)
@@ -461,19 +469,27 @@ def fit_epoch_link(values: list[float], epochs: list[float], categories: list[st
         v, e = np.asarray([values[i] for i in idx], float), np.asarray([epochs[i] for i in idx], float)
         rec = {"n": len(idx)}
         if len(idx) < 5 or np.all(v == v[0]) or np.all(e == e[0]):
-            out[cat] = {**rec, "rho": None, "p": None, "ci": None, "holds": None,
-                        "note": "fewer than 5 examples, or a constant series: undefined"}
+            out[cat] = {**rec, "rho": None, "p": None, "ci": None, "holds": None, "decision": "unclear",
+                        "degenerate_share": None, "note": "fewer than 5 examples, or a constant series: undefined"}
             continue
         r = stats.spearmanr(v, e)
-        boots = []
-        for _ in range(n_boot):
+        boots, degenerate = np.zeros(n_boot), 0
+        for b in range(n_boot):
             i = rng.integers(0, len(v), len(v))
             if np.all(v[i] == v[i][0]) or np.all(e[i] == e[i][0]):
+                degenerate += 1
                 continue
-            boots.append(stats.spearmanr(v[i], e[i]).statistic)
-        ci = [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))] if boots else None
-        out[cat] = {**rec, "rho": float(r.statistic), "p": float(r.pvalue), "ci": ci,
-                    "holds": bool(ci[0] > 0) if ci else None}
+            boots[b] = stats.spearmanr(v[i], e[i]).statistic
+        ci = [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))] if n_boot else None
+        share = degenerate / n_boot if n_boot else None
+        rec.update(rho=float(r.statistic), p=float(r.pvalue), ci=ci, degenerate_share=share)
+        if ci is None or share > max_degenerate:
+            out[cat] = {**rec, "holds": None, "decision": "unclear",
+                        **({"note": f"{100 * share:.0f}% of resamples have a constant series (more than "
+                                    f"{100 * max_degenerate:.0f}%): the interval is not read"} if ci else {})}
+            continue
+        decision = "holds" if ci[0] > 0 else "contradicted" if ci[1] < 0 else "unclear"
+        out[cat] = {**rec, "holds": {"holds": True, "contradicted": False}.get(decision), "decision": decision}
     return out
 
 

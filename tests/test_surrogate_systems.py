@@ -257,6 +257,27 @@ def test_fit_epoch_link():
     assert out["MaybeKnown"]["rho"] is None and out["MaybeKnown"]["n"] == 0
 
 
+def test_fit_epoch_link_decides_three_ways_and_keeps_degenerate_resamples():
+    rng = np.random.default_rng(1)
+    # a later fit for a smaller value: the interval lies below 0
+    v = rng.random(40)
+    out = fit_epoch_link(list(v), [int(5 * (1 - x)) + 1 for x in v], ["Unknown"] * 40, n_boot=300)
+    assert out["Unknown"]["decision"] == "contradicted" and out["Unknown"]["holds"] is False
+    assert out["Unknown"]["ci"][1] < 0 and out["Unknown"]["degenerate_share"] == 0
+    # 38 of 40 fitted at epoch 1; the two fitted later have the two smallest values. Resamples missing
+    # both are constant (about 13% of them): dropping them would leave only resamples holding a late,
+    # small example, all negative, an interval below 0 from two examples. Counted, they make it unclear.
+    v = np.sort(rng.random(40))
+    epochs = [2, 2] + [1] * 38
+    out = fit_epoch_link(list(v), epochs, ["HighlyKnown"] * 40, n_boot=1000)
+    hk = out["HighlyKnown"]
+    assert 0.05 < hk["degenerate_share"] < 0.25
+    assert hk["decision"] == "unclear" and hk["holds"] is None and "constant series" in hk["note"]
+    assert hk["ci"][1] >= 0  # the zeros of the constant resamples are inside the interval
+    loose = fit_epoch_link(list(v), epochs, ["HighlyKnown"] * 40, n_boot=1000, max_degenerate=1.0)
+    assert loose["HighlyKnown"]["decision"] in ("unclear", "contradicted")
+
+
 def test_fit_epochs_from_a_finetune_run(tmp_path):
     from knowcat.surrogate import fit_epochs
 
