@@ -595,7 +595,25 @@ def evaluate(rows_by_name: dict[str, list[dict]], baseline: dict[str, dict] | No
         keys = [set(r.get("sweep") or {}) for r in rows]
         if keys and set.union(*keys) != set.intersection(*keys):
             out[name]["sweep_left_out"] = sorted(set.union(*keys) - set.intersection(*keys), key=float)
+    correct_link_family([out[n]["fit_epoch_link"] for n in out], alpha=alpha)
     return out
+
+
+def correct_link_family(links: list[dict | None], alpha: float = 0.05) -> None:
+    """Holm over every (surrogate, value, category) correlation of the fit-epoch link read together (tens of
+    them: a few intervals above 0 are expected by chance alone). Adds ``p_holm`` to each and keeps
+    "holds" / "contradicted" only where the corrected p is below ``alpha`` too; the others become
+    "unclear" with the reason. In place."""
+    cells = [v for link in links if link for per in link["fields"].values() for v in per.values()
+             if v.get("p") is not None]
+    for v, ph in zip(cells, holm([v["p"] for v in cells])):
+        v["p_holm"] = ph
+        if v["decision"] in ("holds", "contradicted") and not ph < alpha:
+            v.update(decision="unclear", holds=None,
+                     note=f"interval excludes 0 but Holm p {ph:.3g} over the {len(cells)} correlations read together")
+    for link in links:
+        if link:
+            link["family_size"] = len(cells)
 
 
 def _lr_only(categories, base, extra):
@@ -619,7 +637,7 @@ def _fmt(x) -> str:
     return f"{x:.3g}"
 
 
-def format_verdict(name: str, t: dict) -> str:
+def format_verdict(name: str, t: dict, link: dict | None = None) -> str:
     lines = [f"surrogate {name}: {t['verdict'].upper()} (n = {t['n']}, alpha = {t['alpha']})"]
     lines += [f"  {r}" for r in t["reasons"]]
     lines.append(f"  {'class':<24}" + "".join(f"{c[:2]:>7}" for c in CATEGORIES))
@@ -633,4 +651,9 @@ def format_verdict(name: str, t: dict) -> str:
     if kw.get("H") is not None:
         lines.append(f"  Kruskal-Wallis on residuals: H {kw['H']:.1f}, p {kw['p']:.3g}; medians "
                      + ", ".join(f"{c[:2]} {v:.3g}" for c, v in kw["median_by_category"].items()))
+    if link:
+        for f, per in link["fields"].items():
+            lines.append(f"  fit-epoch link ({f}, Spearman with the epoch first fitted): " + "; ".join(
+                f"{c[:2]} {_fmt(v.get('rho'))}" + (f" [{v['ci'][0]:.2f}, {v['ci'][1]:.2f}]" if v.get("ci") else "")
+                + f" {v.get('decision', 'unclear')}" for c, v in per.items()))
     return "\n".join(lines)
