@@ -69,6 +69,7 @@ class ScoreStats:
     padded_tokens: int = 0  # positions computed including padding (rows only)
     whole_tokens: int = 0  # what encoding every request's whole text would have cost
     per_key: dict = field(default_factory=dict)  # request key -> its own tokens + its share of its shared prefix
+    per_key_whole: dict = field(default_factory=dict)  # request key -> its whole text's tokens
 
 
 def split_tokens(tokenizer, requests: Sequence[ScoreRequest]) -> list[tuple[list[int], int]]:
@@ -244,4 +245,5 @@ def score(model, tokenizer, requests: Iterable[ScoreRequest], layers: Sequence[i
             for k in members:
                 stats.per_key[requests[k].key] = len(rows[k][0]) + share
                 stats.whole_tokens += len(split[k][0])
+                stats.per_key_whole[requests[k].key] = len(split[k][0])
     return results
