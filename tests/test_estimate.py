@@ -299,3 +299,37 @@ def test_chat_template_prompts_for_estimate_and_slick(tiny):
     eng = Recorder()
     categorize(eng, todo[:2], pool, SliCKConfig(n_prompts=1, k=2, n_samples=1, chat_template=True))
     assert eng.seen == [ps[a.id][0], ps[b.id][0]]
+
+
+def test_sft_filter_run_writes_splits_estimates_filters_and_reports(tiny, tmp_path):
+    from knowcat.sft_run import run_sft_filter
+    from reports.build import build_report
+
+    _, _, mdir = tiny
+    exs = _data(20)
+    src = tmp_path / "qa.jsonl"
+    src.write_text("".join(json.dumps(e.to_dict()) + "\n" for e in exs))
+    train = [e for e in exs if e.split == "train"]
+    rng = np.random.default_rng(1)
+    labels = {e.id: {"id": e.id, "category": CATEGORIES[rng.integers(0, 4)]} for e in train}
+    run = tmp_path / "run"
+    fs = run_sft_filter(run / "filter", str(mdir), src, labels, EstimateConfig(k=2, calibrate=0.5, folds=2),
+                        device="cpu", log=lambda *a: None)
+    chat = [json.loads(x) for x in open(run / "filter" / "sft" / "train.chat.jsonl")]
+    alpaca = [json.loads(x) for x in open(run / "filter" / "sft" / "train.alpaca.jsonl")]
+    assert [r["id"] for r in chat] == [r["id"] for r in alpaca] == [e.id for e in train]
+    kept = [json.loads(x) for x in open(run / "filter" / "kept.jsonl")]
+    rejects = [json.loads(x) for x in open(run / "filter" / "kept.rejects.jsonl")]
+    assert fs["total"] == len(train) == len(kept) + len(rejects) and fs["kept"] == len(kept)
+    assert all(r["data"]["knowcat"]["category"] == "Unknown" for r in rejects)
+    assert all(r["knowcat"]["category"] != "Unknown" for r in kept)
+    assert sum(v["in"] for v in fs["by_category"].values()) == len(train)
+    assert sum(d["n"] for d in fs["dropped_by_method_and_slick"]) == len(rejects)
+    # SliCK's label is the category of every calibration record it dropped
+    assert all(d["slick_category"] == "Unknown" for d in fs["dropped_by_method_and_slick"] if d["method"] == "slick")
+    assert fs["estimate"]["validation_rest"]["n"] == len(train) - fs["estimate"]["n_calibration"]
+    # the report shows it (with a categorized file beside it, as a demo run has)
+    (run / "categorized.jsonl").write_text("".join(json.dumps({**e.to_dict(), **labels[e.id], "p_correct_greedy": 0.0})
+                                                   + "\n" for e in train))
+    html = build_report(run).read_text()
+    assert 'id="filtering"' in html and "SliCK \\ estimate" in html and f"Kept {len(kept)}" in html
