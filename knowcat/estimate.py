@@ -458,7 +458,8 @@ def _cost(tokenizer, examples, pool, cal_ex, slick_rows, slick_cfg, cfg, feats, 
                     slick_measured_examples=measured["examples"], ratio_measured=m / est)
         parts.append(f"lazy SliCK {m:.0f} measured on the {measured['examples']} calibration examples "
                      f"({m / est:.1f}x)")
-    if all("greedy_answers" in slick_rows[e.id] and "sampled_answers" in slick_rows[e.id] for e in cal_ex):
+    if all(len(slick_rows[e.id].get("greedy_answers") or ()) == slick_cfg.n_prompts
+           and len(slick_rows[e.id].get("sampled_answers") or ()) == slick_cfg.n_prompts for e in cal_ex):
         per_rel: dict[str, int] = {}
         for ex in examples:
             per_rel[ex.relation] = per_rel.get(ex.relation, 0) + 1

@@ -23,11 +23,12 @@ from knowcat.io import atomic_write_json
 N_REJECT_EXAMPLES = 12
 
 
-def run_sft_filter(out_dir, model, data, labels: dict[str, dict], cfg=None, *, split: str = "train",
+def run_sft_filter(out_dir, model, data, labels: dict[str, dict], cfg=None, *, slick_cfg=None, split: str = "train",
                    drop: tuple[str, ...] = ("Unknown",), device: str = "auto", log=print, progress: bool = False) -> dict:
     """Write ``split`` of ``data`` (a QA dataset folder or file) as SFT files, estimate and filter the chat
     file, and return (and write) the summary. ``labels``: SliCK rows by example id (a categorized run's);
-    ``cfg``: an :class:`knowcat.estimate.EstimateConfig` (default: a 20% calibration sample)."""
+    ``slick_cfg``: the protocol that made them (its answers count lazy SliCK's tokens); ``cfg``: an
+    :class:`knowcat.estimate.EstimateConfig` (default: a 20% calibration sample)."""
     from knowcat.estimate import EstimateConfig
     from knowcat.filtering import FilterConfig
     from knowcat.sft import estimate_sft, filter_sft_file, write_split_as_sft
@@ -41,8 +42,8 @@ def run_sft_filter(out_dir, model, data, labels: dict[str, dict], cfg=None, *, s
     est_dir = out / "estimate"
     annotated = est_dir / "estimated_sft.jsonl"
     if not (annotated.exists() and (est_dir / "estimate_summary.json").exists()):
-        estimate_sft(model, files["chat"], est_dir, cfg, group_by="relation", labels=labels, device=device, log=log,
-                     progress=progress)
+        estimate_sft(model, files["chat"], est_dir, cfg, slick_cfg, group_by="relation", labels=labels, device=device,
+                     log=log, progress=progress)
     kept = out / "kept.jsonl"
     if not (out / "kept.stats.json").exists():
         filter_sft_file(annotated, kept, FilterConfig(drop=tuple(drop)), log=log)

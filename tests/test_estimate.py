@@ -311,7 +311,9 @@ def test_sft_filter_run_writes_splits_estimates_filters_and_reports(tiny, tmp_pa
     src.write_text("".join(json.dumps(e.to_dict()) + "\n" for e in exs))
     train = [e for e in exs if e.split == "train"]
     rng = np.random.default_rng(1)
-    labels = {e.id: {"id": e.id, "category": CATEGORIES[rng.integers(0, 4)]} for e in train}
+    # answers of another protocol (1 prompt, not the default 10) are not counted as lazy SliCK's cost
+    labels = {e.id: {"id": e.id, "category": CATEGORIES[rng.integers(0, 4)], "greedy_answers": ["x"],
+                     "sampled_answers": [[]]} for e in train}
     run = tmp_path / "run"
     fs = run_sft_filter(run / "filter", str(mdir), src, labels, EstimateConfig(k=2, calibrate=0.5, folds=2),
                         device="cpu", log=lambda *a: None)
@@ -328,6 +330,7 @@ def test_sft_filter_run_writes_splits_estimates_filters_and_reports(tiny, tmp_pa
     # SliCK's label is the category of every calibration record it dropped
     assert all(d["slick_category"] == "Unknown" for d in fs["dropped_by_method_and_slick"] if d["method"] == "slick")
     assert fs["estimate"]["validation_rest"]["n"] == len(train) - fs["estimate"]["n_calibration"]
+    assert fs["estimate"]["cost"]["estimate_tokens_per_example"] > 0 and "ratio_naive" not in fs["estimate"]["cost"]
     # the report shows it (with a categorized file beside it, as a demo run has)
     (run / "categorized.jsonl").write_text("".join(json.dumps({**e.to_dict(), **labels[e.id], "p_correct_greedy": 0.0})
                                                    + "\n" for e in train))
