@@ -375,6 +375,7 @@ def estimate(model, tokenizer, examples: list[QAExample], pool: list[QAExample],
 
     if slick_cfg.chat_template != cfg.chat_template:
         slick_cfg = replace(slick_cfg, chat_template=cfg.chat_template)
+    _renderer(tokenizer, cfg)  # a tokenizer without a chat template is refused before anything is written
     n_req = len(examples) * cfg.n_prompts
     bar = tqdm(total=n_req, desc="features", unit="prompt", disable=not progress)
     if run_dir is not None:
