@@ -1,11 +1,15 @@
-"""Throughput and peak memory of the SFT path at scale: chat-format records read, turned into
-examples, annotated and written back (``load``), filtered (``filter``, streamed JSONL), and
-optionally the estimator's features with a model (``features``).
+"""Throughput and peak memory of the SFT path at scale on chat-format records: read, turned into
+examples, annotated and written back (``load``); filtered (``filter``, streamed JSONL); and
+``knowcat estimate`` on every record (``estimate``: :func:`knowcat.sft.estimate_sft`, features in
+shards on disk, the classifier calibrated on ``--calibrate`` records whose SliCK labels are given
+(synthetic: the bench measures cost, not agreement), every other record predicted, the annotated
+file written). The estimate stage uses ``--model`` or, by default, a tiny random Llama (2 blocks of
+width 64, a BPE vocabulary of 512 trained on the records) built in the temporary folder.
 
-Each stage runs in its own process, so its peak RSS is its own. Prints one line per (N, stage).
+Each stage runs in its own process (and the parent imports no model library), so its peak RSS is its own. Prints one line per (N, stage).
 
     python bench/sft_scale.py --sizes 10000,100000
-    python bench/sft_scale.py --sizes 10000 --model runs/demo/model --features 2000
+    python bench/sft_scale.py --sizes 10000 --stages estimate --model runs/demo/model
 """
 
 from __future__ import annotations
@@ -51,6 +55,55 @@ def stage_filter(src: Path, work: Path) -> dict:
     return {"kept": res["stats"]["kept"]}
 
 
+def tiny_model(src: Path, out: Path) -> Path:
+    """A tiny random Llama and a BPE tokenizer trained on the records' text, saved like any model folder."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    def lines():
+        with open(src, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if i >= 5000:
+                    break
+                yield " ".join(m["content"] for m in json.loads(line)["messages"])
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(lines(), trainers.BpeTrainer(vocab_size=512, special_tokens=["<s>", "</s>", "<pad>"],
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+                      pad_token_id=fast.pad_token_id, bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    fast.save_pretrained(out)
+    return out
+
+
+def stage_estimate(src: Path, work: Path, model: str, calibrate: int) -> dict:
+    import hashlib
+
+    from knowcat.estimate import EstimateConfig
+    from knowcat.loaders.sft import load_sft
+    from knowcat.sft import estimate_sft, prepare
+
+    # synthetic SliCK labels for every record (a hash of its id): the calibration sample takes its own
+    examples, _ = prepare(load_sft(src), group_by="source")
+    labels = {e.id: {"category": CATS[hashlib.sha1(e.id.encode()).digest()[0] % 4]} for e in examples}
+    del examples
+    t0 = time.perf_counter()
+    _, res = estimate_sft(model, src, work / "est", EstimateConfig(calibrate=calibrate), group_by="source",
+                          labels=labels, device="auto", log=lambda *a: None, progress=False)
+    cost = res.summary["cost"]
+    return {"examples": res.summary["n"], "estimate_seconds": round(time.perf_counter() - t0, 2),
+            "tokens_per_example": round(cost["estimate_tokens_per_example"], 1),
+            "whole_text_tokens_per_example": round(cost["estimate_tokens_per_example_whole_texts"], 1),
+            "feature_shards": len(list((work / "est" / "estimate" / "features").glob("*.npz")))}
+
+
 def stage_features(src: Path, work: Path, model: str, n: int) -> dict:
     import torch
 
@@ -72,11 +125,17 @@ def stage_features(src: Path, work: Path, model: str, n: int) -> dict:
 
 def child(args) -> None:
     src, work = Path(args.src), Path(args.work)
+    if args.stage == "tiny_model":
+        tiny_model(src, work)
+        print("{}")
+        return
     t0 = time.perf_counter()
     if args.stage == "load":
         out = stage_load(src, work)
     elif args.stage == "filter":
         out = stage_filter(src, work)
+    elif args.stage == "estimate":
+        out = stage_estimate(src, work, args.model, args.calibrate)
     else:
         out = stage_features(src, work, args.model, args.features)
     out["seconds"] = round(time.perf_counter() - t0, 2)
@@ -87,8 +146,12 @@ def child(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", default="10000,100000")
-    p.add_argument("--model", default=None, help="also time the estimator's features with this model")
-    p.add_argument("--features", type=int, default=2000, help="examples whose features are timed")
+    p.add_argument("--stages", default="load,filter,estimate", help="comma-separated: load, filter, estimate, "
+                                                                    "features (features and estimate need a model)")
+    p.add_argument("--model", default=None, help="the model of the estimate and features stages (default for "
+                                                 "estimate: a tiny random Llama built here)")
+    p.add_argument("--features", type=int, default=2000, help="examples whose features are timed (features stage)")
+    p.add_argument("--calibrate", type=int, default=2000, help="estimate: calibration records")
     p.add_argument("--stage", default=None, help=argparse.SUPPRESS)
     p.add_argument("--src", default=None, help=argparse.SUPPRESS)
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
@@ -101,12 +164,27 @@ def main() -> None:
             src = Path(d) / "chat.jsonl"
             make(src, n)
             size = src.stat().st_size / 2 ** 20
-            stages = ["load", "filter"] + (["features"] if args.model else [])
+            stages = [x for x in args.stages.split(",") if x]
+            model = args.model
+            if model is None and "estimate" in stages:
+                # built in a process of its own: a child's peak RSS starts from its parent's at fork
+                model = str(Path(d) / "tiny_model")
+                subprocess.run([sys.executable, __file__, "--stage", "tiny_model", "--src", str(src), "--work", model],
+                               check=True, capture_output=True)
+            if "filter" in stages and "load" not in stages:
+                stages.insert(0, "load")  # filter reads what load writes
             for st in stages:
+                if st == "features" and not args.model:
+                    continue
                 cmd = [sys.executable, __file__, "--stage", st, "--src", str(src), "--work", d,
-                       "--features", str(args.features)] + (["--model", args.model] if args.model else [])
-                out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-                rate = n / out["seconds"] if st != "features" else out["examples"] / out["features_seconds"]
+                       "--features", str(args.features), "--calibrate", str(args.calibrate)] + (
+                    ["--model", model] if model else [])
+                r = subprocess.run(cmd, capture_output=True, text=True)
+                if r.returncode:
+                    sys.exit(f"stage {st} failed:\n{r.stderr[-3000:]}")
+                out = json.loads(r.stdout.splitlines()[-1])
+                rate = {"features": lambda: out["examples"] / out["features_seconds"],
+                        "estimate": lambda: out["examples"] / out["estimate_seconds"]}.get(st, lambda: n / out["seconds"])()
                 print(f"N={n:>7} ({size:.1f} MB)  {st:<8} {out['seconds']:>7.1f} s  {rate:>9.0f} records/s  "
                       f"peak RSS {out['peak_rss_mb']:>7.1f} MB  {json.dumps(out)}", flush=True)
 

@@ -267,49 +267,39 @@ def cmd_estimate(args):
 
     try:
         cfg = _override(EstimateConfig(), args)
-        scfg = SliCKConfig(match=args.match, keep_answers=True)
+        scfg = SliCKConfig(match=args.match, keep_answers=True, chat_template=cfg.chat_template)
     except ValueError as e:
         raise UsageError(f"knowcat estimate: {e}") from None
     _install_judge(args, scfg)
     labels = read_labels(args.labels) if args.labels else None
     sft_fmt = _sft_format(args)
     if sft_fmt:
-        from knowcat.loaders.sft import load_sft
-        from knowcat.sft import annotate_records, prepare, write_annotated
+        from knowcat.sft import estimate_sft
 
-        from knowcat.loaders.sft import write_rejects
-
-        ds = load_sft(args.data, format=sft_fmt, turns=args.turns, on_error=args.on_error)
-        if ds.rejects or args.rejects:
-            rp = Path(args.rejects or Path(args.out) / "load_rejects.jsonl")
-            write_rejects(rp, ds.rejects)
-            print(f"estimate: {len(ds.rejects)} malformed records skipped -> {rp}")
-        examples, na = prepare(ds, args.group_by, args.max_answer_tokens)
-        todo = [e for e in examples if e.id not in na]
-        pool = load_sft(args.exemplars, turns="all").examples(args.group_by) if args.exemplars else todo
-    else:
-        examples, fieldmap = load_from_args(args, with_fields=True)
-        exemplars = load_from_args(args, source=args.exemplars) if args.exemplars else None
-        todo, pool = split_for_categorize(examples, cfg.exemplar_split, args.splits, exemplars)
+        try:
+            out, _ = estimate_sft(args.model, args.data, args.out, cfg, scfg, format=sft_fmt, turns=args.turns,
+                                  group_by=args.group_by, max_answer_tokens=args.max_answer_tokens,
+                                  exemplars=args.exemplars, labels=labels, on_error=args.on_error,
+                                  rejects=args.rejects, device=args.device, dtype=args.dtype,
+                                  shard_size=args.shard_size, run_slick=args.run_slick, progress=not args.no_progress)
+        except ValueError as e:
+            if type(e) is not ValueError:  # DataError: the usual bad-input path
+                raise
+            raise UsageError(f"knowcat estimate: {e}") from None
+        print(f"estimate: wrote {out} and {Path(args.out) / 'estimate_summary.json'}")
+        return
+    examples, fieldmap = load_from_args(args, with_fields=True)
+    exemplars = load_from_args(args, source=args.exemplars) if args.exemplars else None
+    todo, pool = split_for_categorize(examples, cfg.exemplar_split, args.splits, exemplars)
     model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
     try:
         res = estimate(model, tok, todo, pool, cfg, scfg, labels=labels, run_dir=args.out, model_name=args.model,
-                       progress=not args.no_progress, shard_size=args.shard_size)
+                       progress=not args.no_progress, shard_size=args.shard_size, run_slick=args.run_slick)
     except ValueError as e:
         if type(e) is not ValueError:  # DataError: the usual bad-input path
             raise
         raise UsageError(f"knowcat estimate: {e}") from None
-    if sft_fmt:
-        from knowcat.slick import CATEGORIES
-
-        results = {i: {"category": c, "method": m, "probs": dict(zip(CATEGORIES, map(float, p)))}
-                   for i, c, m, p in zip(res.ids, res.categories, res.method, res.probs)}
-        out = Path(args.out) / ("estimated_sft" + {"jsonl": ".jsonl", "json": ".json", "parquet": ".parquet",
-                                                   "hf": ""}[ds.container])
-        write_annotated(out, annotate_records(ds, examples, results, None, na), None if out.suffix else "hf")
-        write_estimate(args.out, todo, res)
-    else:
-        out = write_estimate(args.out, todo, res, fields=fieldmap)
+    out = write_estimate(args.out, todo, res, fields=fieldmap)
     print(f"estimate: wrote {out} and {Path(args.out) / 'estimate_summary.json'}")
 
 
@@ -715,6 +705,9 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--labels", default=None, metavar="CATEGORIZED_FILE",
                     help="SliCK categories already computed (a categorize run's categorized.jsonl): the calibration "
                          "sample takes them instead of running SliCK, and the other labelled examples validate")
+    es.add_argument("--run-slick", action="store_true",
+                    help="with --labels: run SliCK on the calibration sample anyway (its forward tokens are then "
+                         "measured; the labels validate)")
     es.add_argument("--match", default="exact", help="SliCK's answer matching on the calibration sample: exact, "
                                                      "contains, f1 or f1@THRESHOLD")
     es.add_argument("--judge-model", default=None, metavar="M", help="with --match judge: the judge model")

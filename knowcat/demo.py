@@ -3,8 +3,10 @@
 ``run_demo(run_dir, preset)`` builds the knowledge world, pretrains its small
 model, categorizes the world's train and test questions with SliCK (whose greedy
 pass is the few-shot greedy evaluation), checks both against the ground
-truth (greedy accuracy against exposure, mean exposure per category), then runs
-the fine-tuning study (:mod:`knowcat.experiment`) on the categorized splits
+truth (greedy accuracy against exposure, mean exposure per category), writes the
+train split as SFT files (chat and Alpaca) and estimates and filters the chat one
+(:mod:`knowcat.sft_run`: SliCK's categories on a calibration sample, the estimator's
+on the rest, drop Unknown), then runs the fine-tuning study (:mod:`knowcat.experiment`) on the categorized splits
 and the linearized surrogates (:mod:`knowcat.surrogate`) on the train split. Each
 stage skips itself when its output is already complete (categorization resumes
 shard by shard), so a killed demo resumes where it stopped.
@@ -34,6 +36,7 @@ import time  # noqa: E402
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from knowcat.estimate import EstimateConfig
 from knowcat.experiment import ExperimentConfig
 from knowcat.finetune import FinetuneConfig
 from knowcat.io import atomic_write_json, json_safe
@@ -63,6 +66,9 @@ class DemoConfig:
         finetune=FinetuneConfig(epochs=16, lr=1.5e-4, batch_size=16, save_model=False,
                                 test_each_epoch="unknown_*,known_*")))
     surrogate: SurrogateConfig | None = field(default_factory=lambda: SurrogateConfig(answer_jacobian_per_category=50))
+    # the train split as SFT files (chat, Alpaca), its categories estimated (SliCK's on a 20% calibration sample)
+    # and filtered (drop Unknown); None: no filtering stage
+    sft_filter: EstimateConfig | None = field(default_factory=lambda: EstimateConfig(calibrate=0.2))
     # torch threads; None: the cores not busy when the demo starts (free_cores), at least one. On cores shared with
     # other work, threads that wait on one another at every operation lose more than they gain
     threads: int | None = None
@@ -320,7 +326,8 @@ def _run_demo_stages(run: Path, preset, seed, device, log, progress, study, say)
     atomic_write_json(run / "config.json", {"stage": "demo", "preset": preset, "precision": {
         "pretrain": precision, "finetune": "bfloat16" if cfg.experiment and cfg.experiment.finetune.bf16 else "float32",
         "categorize": "float32"}, "machine": machine, **asdict(cfg)})
-    stages = ["world", "pretrain", "categorize"] + (["experiment"] if cfg.experiment is not None and study else []) \
+    stages = ["world", "pretrain", "categorize"] + (["filter"] if cfg.sft_filter is not None and
+                                                     cfg.check_split in cfg.categorize_splits else []) + (["experiment"] if cfg.experiment is not None and study else []) \
         + (["surrogates"] if cfg.surrogate is not None and study else [])
     timings: dict[str, float] = {}
     summary: dict = {"run_dir": str(run), "preset": preset, "precision": precision, "threads": machine["threads"],
@@ -389,6 +396,21 @@ def _run_demo_stages(run: Path, preset, seed, device, log, progress, study, say)
     summary["category_exposure"] = ce
     end_stage("categorize", f"{len(categorized)} questions; {cfg.check_split} split: {categories_line(ce, check)}")
 
+    if "filter" in stages:
+        from knowcat.sft_run import run_sft_filter
+
+        t = time.time()
+        labels = {r["id"]: r for r in categorized if r.get("split") == cfg.check_split}
+        fs = run_sft_filter(run / "filter", str(model_dir), world_dir / "data", labels, cfg.sft_filter,
+                            slick_cfg=cfg.slick, split=cfg.check_split, device=device, log=log)
+        timings["filter"] = time.time() - t
+        v = fs["estimate"].get("validation_rest") or {}
+        summary["filter"] = {"kept": fs["kept"], "total": fs["total"], "auroc_unknown": v.get("auroc_unknown"),
+                             "unknown_dropped": v.get("unknown_dropped"), "highly_known_kept": v.get("highly_known_kept")}
+        end_stage("filter", f"kept {fs['kept']} of {fs['total']} chat records (drop Unknown); estimator against SliCK "
+                            f"outside its calibration sample: AUROC {v.get('auroc_unknown', float('nan')):.3f}, "
+                            f"Unknown dropped {_pct(v.get('unknown_dropped'))}, HighlyKnown kept "
+                            f"{_pct(v.get('highly_known_kept'))}")
     if "experiment" in stages:
         from knowcat.experiment import run_experiment
 

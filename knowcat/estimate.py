@@ -24,14 +24,14 @@ sample, ``estimate`` for the rest).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from knowcat.examples import QAExample
-from knowcat.io import atomic_write_json, atomic_write_text
-from knowcat.prompts import FewShotConfig, exemplar_sets, prompt_for
+from knowcat.io import atomic_write_json
+from knowcat.prompts import FewShotConfig, answer_sep, exemplar_sets, prompt_for
 from knowcat.slick import CATEGORIES, SliCKConfig
 
 
@@ -46,6 +46,7 @@ class EstimateConfig:
     pca_dim: int = 32
     folds: int = 5
     alpha: float = 0.05
+    chat_template: bool = False  # few-shot blocks in the model's own chat template (a chat model)
 
     def __post_init__(self):
         if self.n_prompts < 1 or self.k < 1 or self.folds < 2 or self.calibrate <= 0:
@@ -60,9 +61,52 @@ class Features:
     ids: list[str]
     names: list[str]
     scalars: np.ndarray  # (n, len(names))
-    hidden: np.ndarray | None  # (n, hidden size), mean over prompts
-    tokens: np.ndarray  # forward tokens per example (every prompt's whole text)
+    hidden: "np.ndarray | HiddenShards | None"  # (n, hidden size), mean over prompts
+    tokens: np.ndarray  # forward tokens fed per example, measured: its own + its share of each shared prefix
     layer: int | None
+    whole_tokens: np.ndarray | None = None  # what a scorer encoding every prompt's whole text would feed
+
+
+class HiddenShards:
+    """Hidden states kept in feature shards on disk and read one shard at a time: memory does not
+    grow with the dataset. ``np.asarray`` reads them all (small data, tests)."""
+
+    def __init__(self, paths: list[Path], sizes: list[int], dim: int):
+        self.paths, self.sizes, self.dim = paths, sizes, dim
+        self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.starts[-1]), self.dim
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def chunks(self):
+        """``(first row, hidden states of that shard)`` in order."""
+        for start, path in zip(self.starts[:-1], self.paths):
+            with np.load(path, allow_pickle=False) as z:
+                yield int(start), z["hidden"]
+
+    def take(self, rows) -> np.ndarray:
+        rows = np.asarray(rows, dtype=int)
+        out = np.zeros((len(rows), self.dim), dtype=np.float32)
+        shard = np.searchsorted(self.starts, rows, side="right") - 1
+        for s in np.unique(shard):
+            sel = np.flatnonzero(shard == s)
+            with np.load(self.paths[s], allow_pickle=False) as z:
+                out[sel] = z["hidden"][rows[sel] - self.starts[s]]
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.take(np.arange(len(self)))
+        return a if dtype is None else a.astype(dtype)
+
+
+def hidden_rows(H, rows) -> np.ndarray | None:
+    if H is None:
+        return None
+    return H.take(rows) if isinstance(H, HiddenShards) else H[rows]
 
 
 def middle_layer(model) -> int:
@@ -72,32 +116,46 @@ def middle_layer(model) -> int:
 
 
 def prompts_of(examples: list[QAExample], pool: list[QAExample], n_prompts: int, k: int, seed: int,
-               exemplar_split: str = "dev") -> dict[str, list[tuple[str, str]]]:
-    """SliCK's prompts (the same exemplar sets, in the same order) of each example, first ``n_prompts``."""
+               exemplar_split: str = "dev", render=None) -> dict[str, list[tuple[str, str]]]:
+    """SliCK's prompts (the same exemplar sets, in the same order) of each example, first ``n_prompts``
+    (``render``: a :func:`knowcat.prompts.chat_renderer`, or None for plain ``Q: ... A: ...`` blocks)."""
     sets = exemplar_sets(pool, FewShotConfig(n_prompts, k, seed, exemplar_split))
     missing = sorted({e.relation for e in examples} - set(sets))
     if missing:
         raise ValueError(f"no exemplars for relations {missing}")
-    return {ex.id: [prompt_for(ex, s) for s in sets[ex.relation]] for ex in examples}
+    return {ex.id: [prompt_for(ex, s, render=render) for s in sets[ex.relation]] for ex in examples}
+
+
+def _renderer(tokenizer, cfg):
+    if not getattr(cfg, "chat_template", False):
+        return None
+    from knowcat.prompts import chat_renderer
+
+    return chat_renderer(tokenizer)
 
 
 def features(model, tokenizer, examples: list[QAExample], pool: list[QAExample], cfg: EstimateConfig,
              progress=None, log=None) -> Features:
-    """The estimator's features: one teacher-forced pass per (example, prompt), nothing sampled."""
-    from probes.scoring import ScoreRequest, score
+    """The estimator's features: one teacher-forced pass per (example, prompt), nothing sampled; each
+    few-shot prefix is encoded once and its KV cache shared by every question asked under it."""
+    from probes.scoring import ScoreRequest, ScoreStats, score
 
     layer = None if cfg.layer == -1 else (middle_layer(model) if cfg.layer is None else cfg.layer)
-    prompts = prompts_of(examples, pool, cfg.n_prompts, cfg.k, cfg.seed, cfg.exemplar_split)
-    reqs = [ScoreRequest((ex.id, j), pre + suf, " " + ex.answers[0])
+    render = _renderer(tokenizer, cfg)
+    prompts = prompts_of(examples, pool, cfg.n_prompts, cfg.k, cfg.seed, cfg.exemplar_split, render=render)
+    sep = answer_sep(render)
+    reqs = [ScoreRequest((ex.id, j), suf, sep + ex.answers[0], shared=pre)
             for ex in examples for j, (pre, suf) in enumerate(prompts[ex.id])]
-    scores = score(model, tokenizer, reqs, layers=() if layer is None else (layer,), progress=progress, log=log)
+    stats = ScoreStats()
+    scores = score(model, tokenizer, reqs, layers=() if layer is None else (layer,), progress=progress, log=log,
+                   stats=stats)
+    del reqs
     P = cfg.n_prompts
     names = [f"{f}_{j}" for j in range(P) for f in ("logprob", "logprob_per_token", "margin", "greedy_match")]
     names += ["logprob_mean", "margin_mean", "greedy_match_mean", "answer_tokens"]
     S = np.zeros((len(examples), len(names)))
     H = None
-    tokens = np.zeros(len(examples), dtype=np.int64)
-    lens = {r.key: len(tokenizer(r.prefix + r.continuation, add_special_tokens=True)["input_ids"]) for r in reqs}
+    tokens = np.zeros(len(examples))
     for i, ex in enumerate(examples):
         row = []
         hs = []
@@ -106,7 +164,7 @@ def features(model, tokenizer, examples: list[QAExample], pool: list[QAExample],
             row += [s.logprob, s.logprob / s.n_tokens, s.first_token_margin, float(s.greedy_match)]
             if layer is not None:
                 hs.append(s.hidden[layer])
-            tokens[i] += lens[(ex.id, j)]
+            tokens[i] += stats.per_key[(ex.id, j)]
         lp = np.array(row[0::4])
         row += [lp.mean(), np.mean(row[2::4]), np.mean(row[3::4]), float(scores[(ex.id, 0)].n_tokens)]
         S[i] = row
@@ -114,52 +172,72 @@ def features(model, tokenizer, examples: list[QAExample], pool: list[QAExample],
             if H is None:
                 H = np.zeros((len(examples), hs[0].shape[-1]), dtype=np.float32)
             H[i] = np.mean(hs, axis=0)
-    return Features([e.id for e in examples], names, S, H, tokens, layer)
+    whole = np.array([sum(stats.per_key_whole[(ex.id, j)] for j in range(P)) for ex in examples], dtype=float)
+    return Features([e.id for e in examples], names, S, H, tokens, layer, whole)
 
 
 def sharded_features(model, tokenizer, examples: list[QAExample], pool: list[QAExample], cfg: EstimateConfig,
                      folder, shard_size: int = 4096, progress=None, log=None, stop_after_shards=None) -> Features:
     """:func:`features` shard by shard, each saved as ``NNNNN.npz`` (written to a temporary name, then
     renamed; read back without pickle); finished shards whose example ids and settings match are reused,
-    so a killed run resumes. ``stop_after_shards`` stops early, as a kill would (for tests)."""
+    so a killed run resumes. The hidden states stay on disk (:class:`HiddenShards`): memory holds one
+    shard's. ``stop_after_shards`` stops early, as a kill would (for tests)."""
     import hashlib
     import os
     import tempfile
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    setting = json.dumps([cfg.n_prompts, cfg.k, cfg.seed, cfg.layer, getattr(model, "name_or_path", "")])
-    parts, new = [], 0
+    setting = json.dumps([cfg.n_prompts, cfg.k, cfg.seed, cfg.layer, getattr(model, "name_or_path", ""),
+                          cfg.exemplar_split, bool(getattr(cfg, "chat_template", False))])
+    ids_all, names, scalars, tokens, whole, paths, sizes = [], None, [], [], [], [], []
+    layer, dim, new = None, 0, 0
     for start in range(0, len(examples), shard_size):
         chunk = examples[start:start + shard_size]
         ids = [e.id for e in chunk]
         key = hashlib.sha1(("\0".join(ids) + "\0" + setting).encode("utf-8")).hexdigest()
         path = folder / f"{start // shard_size:05d}.npz"
+        z = None
         if path.exists():
-            with np.load(path, allow_pickle=False) as z:
-                if str(z["key"]) == key:
-                    parts.append(Features(ids, [str(x) for x in z["names"]], z["scalars"],
-                                          z["hidden"] if z["hidden"].size else None, z["tokens"],
-                                          int(z["layer"]) if int(z["layer"]) >= 0 else None))
-                    if progress:
-                        progress(len(chunk) * cfg.n_prompts)
-                    continue
-        if stop_after_shards is not None and new >= stop_after_shards:
-            raise KeyboardInterrupt(f"stopped after {new} new feature shards")
-        f = features(model, tokenizer, chunk, pool, cfg, progress=progress, log=log)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.npz", dir=folder)
-        os.close(fd)
-        np.savez(tmp, key=np.array(key), names=np.array(f.names), scalars=f.scalars,
-                 hidden=f.hidden if f.hidden is not None else np.zeros(0, np.float32), tokens=f.tokens,
-                 layer=np.array(-1 if f.layer is None else f.layer))
-        os.replace(tmp, path)
-        parts.append(f)
-        new += 1
-    if not parts:
+            with np.load(path, allow_pickle=False) as f:
+                if str(f["key"]) == key and "whole_tokens" in f.files:
+                    z = {k: f[k] for k in ("names", "scalars", "tokens", "whole_tokens", "layer")}
+                    z["dim"] = f["hidden"].shape[1] if f["hidden"].ndim == 2 else 0
+            if z is not None and progress:
+                progress(len(chunk) * cfg.n_prompts)
+        if z is None:
+            if stop_after_shards is not None and new >= stop_after_shards:
+                raise KeyboardInterrupt(f"stopped after {new} new feature shards")
+            f = features(model, tokenizer, chunk, pool, cfg, progress=progress, log=log)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.npz", dir=folder)
+            os.close(fd)
+            try:
+                np.savez(tmp, key=np.array(key), names=np.array(f.names), scalars=f.scalars,
+                         hidden=f.hidden if f.hidden is not None else np.zeros(0, np.float32), tokens=f.tokens,
+                         whole_tokens=f.whole_tokens, layer=np.array(-1 if f.layer is None else f.layer))
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+            z = {"names": np.array(f.names), "scalars": f.scalars, "tokens": f.tokens, "whole_tokens": f.whole_tokens,
+                 "layer": np.array(-1 if f.layer is None else f.layer),
+                 "dim": 0 if f.hidden is None else f.hidden.shape[1]}
+            del f
+            new += 1
+        ids_all += ids
+        names = names or [str(x) for x in z["names"]]
+        scalars.append(z["scalars"])
+        tokens.append(z["tokens"])
+        whole.append(z["whole_tokens"])
+        layer = int(z["layer"]) if int(z["layer"]) >= 0 else None
+        dim = int(z["dim"])
+        paths.append(path)
+        sizes.append(len(chunk))
+    if not ids_all:
         raise ValueError("no examples")
-    hidden = None if parts[0].hidden is None else np.concatenate([p.hidden for p in parts])
-    return Features([i for p in parts for i in p.ids], parts[0].names, np.concatenate([p.scalars for p in parts]),
-                    hidden, np.concatenate([p.tokens for p in parts]), parts[0].layer)
+    hidden = HiddenShards(paths, sizes, dim) if dim else None
+    return Features(ids_all, names, np.concatenate(scalars), hidden, np.concatenate(tokens), layer,
+                    np.concatenate(whole))
 
 
 def calibration_sample(examples: list[QAExample], feats: Features, n: int, seed: int = 0) -> list[int]:
@@ -198,11 +276,13 @@ def slick_forward_tokens(tokenizer, examples: list[QAExample], pool: list[QAExam
     spread over the relation's examples (``per_relation``: their counts; default those in
     ``examples``), which is how knowcat runs SliCK. Generated tokens are those of re-tokenizing
     ``" " + answer`` (at most ``max_new_tokens - 1`` fed back)."""
-    prompts = prompts_of(examples, pool, scfg.n_prompts, scfg.k, scfg.seed, scfg.exemplar_split)
+    render = _renderer(tokenizer, scfg)
+    prompts = prompts_of(examples, pool, scfg.n_prompts, scfg.k, scfg.seed, scfg.exemplar_split, render=render)
     cap = scfg.max_new_tokens - 1
+    sep = answer_sep(render)
 
     def ids(a: str) -> tuple:
-        return tuple(tokenizer(" " + a, add_special_tokens=False)["input_ids"][:cap])
+        return tuple(tokenizer(sep + a, add_special_tokens=False)["input_ids"][:cap])
 
     prefix_len: dict[str, int] = {}
     if per_relation is None:
@@ -230,23 +310,6 @@ def slick_forward_tokens(tokenizer, examples: list[QAExample], pool: list[QAExam
     return out
 
 
-def estimator_tokens_shared(tokenizer, examples, pool, cfg: EstimateConfig, feats: Features,
-                            per_relation: dict[str, int]) -> float:
-    """Mean forward tokens per example the estimator would need if each few-shot prefix were encoded
-    once per relation and prompt (the scorer encodes whole texts: this is the bound prefix caching would give)."""
-    prompts = prompts_of(examples, pool, cfg.n_prompts, cfg.k, cfg.seed, cfg.exemplar_split)
-    plen: dict[str, int] = {}
-    total = 0.0
-    for i, ex in enumerate(examples):
-        t = float(feats.tokens[i])
-        for pre, _ in prompts[ex.id]:
-            if pre not in plen:
-                plen[pre] = len(tokenizer(pre, add_special_tokens=True)["input_ids"])
-            t -= plen[pre] * (1 - 1 / per_relation[ex.relation])
-        total += t
-    return total / len(examples)
-
-
 # --- the whole estimate ------------------------------------------------------------------------
 
 @dataclass
@@ -263,23 +326,56 @@ def _label_array(ids, labels):
     return np.array([CATEGORIES.index(labels[i]) for i in ids])
 
 
+def _slick_on_sample(model, tokenizer, model_name, cal_ex, pool, slick_cfg, run_dir, log, progress):
+    """Full SliCK on the calibration sample, resumable in ``run_dir/calibration``; returns its rows and
+    the forward tokens its engine fed (None when part of the run was computed earlier: a resumed run's
+    count would be partial)."""
+    from knowcat.rundir import RunDir
+    from knowcat.runs import run_categorize
+    from probes.engine import open_engine
+
+    cdir = Path(run_dir) / "calibration"
+    record = Path(run_dir) / "estimate" / "slick_forward_tokens.json"
+    fresh = not any(RunDir(cdir).shards_dir.glob("*.jsonl")) if RunDir(cdir).shards_dir.exists() else True
+    log(f"estimate: SliCK on the calibration sample ({len(cal_ex)} examples) in {cdir}")
+    engine = open_engine("transformers", (model, tokenizer))
+    run_categorize(model_name, cal_ex, pool, cdir, slick_cfg, engine=engine, log=log, progress=progress)
+    with open(cdir / "categorized.jsonl", encoding="utf-8") as f:
+        rows = {r["id"]: r for r in map(json.loads, f)}
+    measured = None
+    if fresh and getattr(engine, "forward_tokens", 0):
+        measured = {"forward_tokens": int(engine.forward_tokens), "examples": len(cal_ex)}
+        atomic_write_json(record, measured)
+    elif record.exists():
+        measured = json.loads(record.read_text(encoding="utf-8"))
+        if measured.get("examples") != len(cal_ex):
+            measured = None
+    return rows, measured
+
+
 def estimate(model, tokenizer, examples: list[QAExample], pool: list[QAExample], cfg: EstimateConfig = EstimateConfig(),
              slick_cfg: SliCKConfig = SliCKConfig(keep_answers=True), labels: dict[str, dict] | None = None,
              run_dir=None, model_name: str = "model", log=print, progress: bool = True,
-             shard_size: int = 4096) -> EstimateResult:
+             shard_size: int = 4096, run_slick: bool = False) -> EstimateResult:
     """Categories and probabilities of every example (see the module's docstring).
 
     ``labels``: SliCK rows already computed (``{id: {"category", "greedy_answers", ...}}``, as a
     categorized file holds them); the calibration sample then takes its categories from there
-    instead of running SliCK, and every other labelled example is also used for validation.
-    Without it, SliCK runs on the calibration sample in ``run_dir/calibration`` (resumable).
-    With ``run_dir`` the features are computed in shards of ``shard_size`` examples, each written
-    atomically to ``run_dir/estimate/features``; a rerun reuses the finished shards.
+    instead of running SliCK (unless ``run_slick``: SliCK then runs on the sample anyway, so its
+    forward tokens are measured, and the labels validate), and every other labelled example is
+    also used for validation. Without labels, SliCK runs on the calibration sample in
+    ``run_dir/calibration`` (resumable). With ``run_dir`` the features are computed in shards of
+    ``shard_size`` examples, each written atomically to ``run_dir/estimate/features`` and read
+    back a shard at a time (memory does not grow with the hidden states); a rerun reuses the
+    finished shards.
     """
     from tqdm.auto import tqdm
 
     from linear_models.classifiers import fit_calibrated, format_validation, format_verdicts, validate, verdicts
 
+    if slick_cfg.chat_template != cfg.chat_template:
+        slick_cfg = replace(slick_cfg, chat_template=cfg.chat_template)
+    _renderer(tokenizer, cfg)  # a tokenizer without a chat template is refused before anything is written
     n_req = len(examples) * cfg.n_prompts
     bar = tqdm(total=n_req, desc="features", unit="prompt", disable=not progress)
     if run_dir is not None:
@@ -291,31 +387,29 @@ def estimate(model, tokenizer, examples: list[QAExample], pool: list[QAExample],
     n_cal = cfg.n_calibration(len(examples))
     cal = calibration_sample(examples, feats, n_cal, cfg.seed)
     cal_ex = [examples[i] for i in cal]
-    if labels is not None:
+    measured = None
+    if labels is not None and not run_slick:
         missing = [e.id for e in cal_ex if e.id not in labels]
         if missing:
             raise ValueError(f"{len(missing)} calibration examples have no precomputed label (e.g. {missing[0]})")
         slick_rows = {e.id: labels[e.id] for e in cal_ex}
         source = "precomputed"
     else:
-        from knowcat.runs import run_categorize
-
         if run_dir is None:
             raise ValueError("running SliCK on the calibration sample needs a run_dir")
-        cdir = Path(run_dir) / "calibration"
-        log(f"estimate: SliCK on the calibration sample ({len(cal_ex)} examples) in {cdir}")
-        from probes.engine import open_engine
-
-        run_categorize(model_name, cal_ex, pool, cdir, slick_cfg, engine=open_engine("transformers", (model, tokenizer)),
-                       log=log, progress=progress)
-        with open(cdir / "categorized.jsonl", encoding="utf-8") as f:
-            slick_rows = {r["id"]: r for r in map(json.loads, f)}
+        slick_rows, measured = _slick_on_sample(model, tokenizer, model_name, cal_ex, pool, slick_cfg, run_dir, log,
+                                                progress)
         source = "slick"
     y = _label_array([e.id for e in cal_ex], {i: r["category"] for i, r in slick_rows.items()})
     S, H = feats.scalars, feats.hidden
-    fit = fit_calibrated(S[cal], None if H is None else H[cal], y, len(CATEGORIES), cfg.pca_dim, n_folds=cfg.folds,
+    fit = fit_calibrated(S[cal], hidden_rows(H, cal), y, len(CATEGORIES), cfg.pca_dim, n_folds=cfg.folds,
                          seed=cfg.seed)
-    probs = fit.model.predict_proba(S, H)
+    if isinstance(H, HiddenShards):
+        probs = np.zeros((len(examples), len(CATEGORIES)))
+        for start, h in H.chunks():
+            probs[start:start + len(h)] = fit.model.predict_proba(S[start:start + len(h)], h)
+    else:
+        probs = fit.model.predict_proba(S, H)
     cal_set = set(cal)
     cats, method = [], []
     for i, ex in enumerate(examples):
@@ -332,6 +426,11 @@ def estimate(model, tokenizer, examples: list[QAExample], pool: list[QAExample],
                "layer": feats.layer, "features": feats.names, "l2": fit.l2,
                "cv_log_loss": {str(k): v for k, v in fit.cv_log_loss.items()},
                "validation_calibration_oof": asdict(v_cal), "verdicts_calibration_oof": verdicts(v_cal)}
+    if labels is not None and source == "slick":
+        both = [e.id for e in cal_ex if e.id in labels]
+        agree = sum(labels[i]["category"] == slick_rows[i]["category"] for i in both)
+        summary["calibration_slick_vs_labels"] = {"n": len(both), "agree": agree}
+        log(f"estimate: SliCK run on the calibration sample agrees with the given labels on {agree}/{len(both)}")
     rest = [i for i in range(len(examples)) if i not in cal_set and labels is not None and examples[i].id in labels]
     if rest:
         y_rest = _label_array([examples[i].id for i in rest], {i: r["category"] for i, r in labels.items()})
@@ -340,47 +439,69 @@ def estimate(model, tokenizer, examples: list[QAExample], pool: list[QAExample],
         log(format_verdicts(v_rest))
         summary["validation_rest"] = asdict(v_rest)
         summary["verdicts_rest"] = verdicts(v_rest)
-    # cost: forward tokens per example, estimator vs lazy SliCK on the calibration sample
-    per_rel: dict[str, int] = {}
-    for ex in examples:
-        per_rel[ex.relation] = per_rel.get(ex.relation, 0) + 1
-    slick_cost = slick_forward_tokens(tokenizer, cal_ex, pool, slick_rows, slick_cfg, per_rel) \
-        if all("greedy_answers" in slick_rows[e.id] for e in cal_ex) else None
-    est_tokens = float(feats.tokens.mean())
-    cost = {"estimate_tokens_per_example": est_tokens, "estimate_prompts": cfg.n_prompts,
-            "estimate_tokens_per_example_if_prefix_shared": estimator_tokens_shared(tokenizer, examples, pool, cfg,
-                                                                                    feats, per_rel)}
-    if slick_cost:
-        m = {k: float(np.mean([c[k] for c in slick_cost.values()])) for k in ("naive", "nodes", "shared")}
-        cost.update({f"slick_lazy_tokens_per_example_{k}": v for k, v in m.items()})
-        cost.update({f"ratio_{k}": v / est_tokens for k, v in m.items()})
-        log(f"estimate: forward tokens per example (lazy SliCK counted from its answers on the calibration sample): "
-            f"estimator {est_tokens:.0f} ({cfg.n_prompts} prompt(s), one teacher-forced pass each, whole texts); "
-            f"lazy SliCK {m['naive']:.0f} with whole texts and every answer decoded alone ({m['naive'] / est_tokens:.1f}x), "
-            f"{m['nodes']:.0f} sharing answers' common tokens ({m['nodes'] / est_tokens:.1f}x), {m['shared']:.0f} also "
-            f"sharing few-shot prefixes as knowcat runs it ({m['shared'] / est_tokens:.1f}x; "
-            f"{m['shared'] / cost['estimate_tokens_per_example_if_prefix_shared']:.1f}x against a scorer that "
-            f"shared them too, which probes.scoring does not)")
-    summary["cost"] = cost
+    summary["cost"] = _cost(tokenizer, examples, pool, cal_ex, slick_rows, slick_cfg, cfg, feats, measured, log)
     return EstimateResult([e.id for e in examples], cats, probs, method, cal, summary)
+
+
+def _cost(tokenizer, examples, pool, cal_ex, slick_rows, slick_cfg, cfg, feats, measured, log) -> dict:
+    """Forward tokens per example: the estimator's as fed (measured), lazy SliCK's as its engine fed them
+    on the calibration sample (measured, when SliCK ran here in one go) and as counted from its answers."""
+    est = float(feats.tokens.mean())
+    whole = float(feats.whole_tokens.mean()) if feats.whole_tokens is not None else None
+    cost = {"estimate_tokens_per_example": est, "estimate_prompts": cfg.n_prompts,
+            "estimate_tokens_per_example_whole_texts": whole,
+            "estimate_tokens_total": float(feats.tokens.sum()), "n_examples": len(examples)}
+    parts = [f"estimator {est:.1f} measured ({cfg.n_prompts} prompt(s) of {cfg.k} exemplars, each few-shot prefix "
+             f"encoded once per shard" + (f"; {whole:.0f} with whole texts)" if whole else ")")]
+    if measured:
+        m = measured["forward_tokens"] / measured["examples"]
+        cost.update(slick_lazy_tokens_per_example_measured=m, slick_lazy_tokens_total_measured=measured["forward_tokens"],
+                    slick_measured_examples=measured["examples"], ratio_measured=m / est)
+        parts.append(f"lazy SliCK {m:.0f} measured on the {measured['examples']} calibration examples "
+                     f"({m / est:.1f}x)")
+    if all(len(slick_rows[e.id].get("greedy_answers") or ()) == slick_cfg.n_prompts
+           and len(slick_rows[e.id].get("sampled_answers") or ()) == slick_cfg.n_prompts for e in cal_ex):
+        per_rel: dict[str, int] = {}
+        for ex in examples:
+            per_rel[ex.relation] = per_rel.get(ex.relation, 0) + 1
+        counted = slick_forward_tokens(tokenizer, cal_ex, pool, slick_rows, slick_cfg, per_rel)
+        mm = {k: float(np.mean([c[k] for c in counted.values()])) for k in ("naive", "nodes", "shared")}
+        cost.update({f"slick_lazy_tokens_per_example_{k}": v for k, v in mm.items()})
+        cost.update({f"ratio_{k}": v / est for k, v in mm.items()})
+        parts.append(f"lazy SliCK counted from its answers: {mm['naive']:.0f} with whole texts and every answer "
+                     f"decoded alone ({mm['naive'] / est:.1f}x), {mm['shared']:.0f} sharing answers' common tokens "
+                     f"and each few-shot prefix once per relation over all {len(examples)} examples "
+                     f"({mm['shared'] / est:.1f}x)")
+    log("estimate: forward tokens per example: " + "; ".join(parts))
+    return cost
 
 
 def write_estimate(run_dir, examples: list[QAExample], res: EstimateResult, fields=None) -> Path:
     """``estimated.jsonl`` (the records with ``category``, ``category_probs``, ``category_method``) and
-    ``estimate_summary.json`` in ``run_dir``."""
+    ``estimate_summary.json`` in ``run_dir``; the records are streamed to a temporary file, then renamed."""
+    import os
+    import tempfile
+
     from knowcat.runs import user_record
 
     run = Path(run_dir)
-    lines = []
-    for i, ex in enumerate(examples):
-        rec = user_record(ex, fields)
-        rec["category"] = res.categories[i]
-        rec["category_method"] = res.method[i]
-        rec["category_probs"] = {c: round(float(p), 6) for c, p in zip(CATEGORIES, res.probs[i])}
-        lines.append(json.dumps(rec, ensure_ascii=False))
-    atomic_write_text(run / "estimated.jsonl", "".join(line + "\n" for line in lines))
+    run.mkdir(parents=True, exist_ok=True)
+    dest = run / "estimated.jsonl"
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=run)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for i, ex in enumerate(examples):
+                rec = user_record(ex, fields)
+                rec["category"] = res.categories[i]
+                rec["category_method"] = res.method[i]
+                rec["category_probs"] = {c: round(float(p), 6) for c, p in zip(CATEGORIES, res.probs[i])}
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     atomic_write_json(run / "estimate_summary.json", res.summary)
-    return run / "estimated.jsonl"
+    return dest
 
 
 def read_labels(path) -> dict[str, dict]:

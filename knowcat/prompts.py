@@ -100,11 +100,70 @@ def qa_block(question: str, answer: str) -> str:
     return f"Q: {question}\nA: {answer}\n"
 
 
-def prompt_for(example: QAExample, exemplars_with_spares: list[QAExample], k: int | None = None) -> tuple[str, str]:
+def prompt_for(example: QAExample, exemplars_with_spares: list[QAExample], k: int | None = None,
+               render=None) -> tuple[str, str]:
     """``(prefix, suffix)`` of the prompt asking ``example`` under one exemplar set (``k``:
-    the number of exemplars; default: the set's ``k``, or all but one of a plain list)."""
+    the number of exemplars; default: the set's ``k``, or all but one of a plain list).
+    ``render``: a :class:`ChatRenderer` (the model's chat template) instead of ``Q: ... A: ...`` blocks."""
     if k is None:
         k = getattr(exemplars_with_spares, "k", len(exemplars_with_spares) - 1)
     chosen = choose_exemplars(example, exemplars_with_spares, k)
+    if render is not None:
+        return render([(e.question, e.answers[0]) for e in chosen], example.question)
     prefix = "".join(qa_block(e.question, e.answers[0]) for e in chosen)
     return prefix, f"Q: {example.question}\nA:"
+
+
+class ChatRenderer:
+    """Few-shot prompts in a tokenizer's own chat template (``apply_chat_template``): each exemplar a
+    user message and an assistant message, then the question as a user message with the generation
+    prompt. The prefix (the exemplars' turns) is the longest part of the rendered text that the
+    exemplars alone render to, so questions under the same exemplars share it. When the tokenizer
+    adds its BOS token itself, a BOS the template writes is dropped (it would be doubled).
+    ``answer_sep`` is what goes between prompt and answer: nothing (the template ends the prompt)."""
+
+    answer_sep = ""
+
+    def __init__(self, tokenizer, system: str | None = None):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the tokenizer has no chat template (tokenizer.chat_template is empty): "
+                             "a chat template needs a chat model")
+        self.tokenizer, self.system = tokenizer, system
+        bos = tokenizer.bos_token
+        ids = tokenizer("x", add_special_tokens=True)["input_ids"]
+        self._strip = bos if bos and tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id] \
+            else None
+        self._cache: dict = {}
+
+    def _text(self, messages, generation_prompt: bool) -> str:
+        if self.system:
+            messages = [{"role": "system", "content": self.system}] + messages
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        if self._strip and text.startswith(self._strip):
+            text = text[len(self._strip):]
+        return text
+
+    def __call__(self, blocks: list[tuple[str, str]], question: str) -> tuple[str, str]:
+        import os
+
+        msgs = [m for q, a in blocks for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+        full = self._text(msgs + [{"role": "user", "content": question}], True)
+        key = tuple(blocks)
+        pre = self._cache.get(key)
+        if pre is None:
+            pre = self._text(msgs, False) if msgs else ""
+            if len(self._cache) > 4096:
+                self._cache.clear()
+            self._cache[key] = pre
+        if not full.startswith(pre):
+            pre = os.path.commonprefix([pre, full])
+        return pre, full[len(pre):]
+
+
+def chat_renderer(tokenizer, system: str | None = None) -> ChatRenderer:
+    return ChatRenderer(tokenizer, system)
+
+
+def answer_sep(render) -> str:
+    """What goes between a prompt and its answer: a space after ``A:``, nothing after a chat template."""
+    return " " if render is None else render.answer_sep

@@ -103,7 +103,10 @@ def run_identity(model_name: str, examples: list[QAExample], exemplar_pool: list
     if data_source and Path(data_source).exists():
         data_source = str(Path(data_source).resolve())  # later stages read it from any working directory
     model = model_identity(model_name)
-    return {"protocol": asdict(cfg), "model": model["name"], "data": data_source, "n_examples": len(examples),
+    protocol = asdict(cfg)
+    if not protocol.get("chat_template"):
+        protocol.pop("chat_template", None)  # the default: runs recorded before the option still match
+    return {"protocol": protocol, "model": model["name"], "data": data_source, "n_examples": len(examples),
             "shard_size": shard_size, "ids_sha1": _ids_fingerprint(examples),
             "records_sha256": content_fingerprint(examples), "exemplars_sha256": content_fingerprint(exemplar_pool),
             "model_digest": model["digest"] or model["name"], "backend": backend}

@@ -310,6 +310,62 @@ def categorize_sft(model_name: str, data, run_dir, cfg, *, format: str | None = 
     return dest
 
 
+# --- estimation ----------------------------------------------------------------------------------
+
+def estimate_sft(model, data, run_dir, cfg=None, slick_cfg=None, *, tokenizer=None, format: str | None = None,
+                 turns: str = "last", group_by: str | None = None, max_answer_tokens: int | None = 32,
+                 exemplars=None, labels=None, on_error: str = "raise", rejects=None, out=None,
+                 model_name: str | None = None, device: str = "auto", dtype: str = "auto", shard_size: int = 4096,
+                 run_slick: bool = False, log=print, progress: bool = True):
+    """:func:`knowcat.estimate.estimate` on an SFT dataset: the categories of every turn (SliCK on the
+    calibration sample, the estimator on the rest), written back into the records under ``knowcat``
+    with the method that labelled each turn, in the input's own format (``out``, default
+    ``run_dir/estimated_sft.<input's type>``), plus ``estimated.jsonl`` and ``estimate_summary.json``.
+
+    ``model``: a hub id or folder, or a loaded model with ``tokenizer``. ``labels``: a categorized
+    file's rows by example id (:func:`knowcat.estimate.read_labels`) or its path. Returns
+    ``(path of the annotated records, the EstimateResult)``."""
+    from knowcat.estimate import EstimateConfig, estimate, read_labels, write_estimate
+    from knowcat.loaders.sft import load_sft
+    from knowcat.slick import SliCKConfig
+
+    cfg = cfg or EstimateConfig()
+    slick_cfg = slick_cfg or SliCKConfig(keep_answers=True, chat_template=cfg.chat_template)
+    run = Path(run_dir)
+    if isinstance(model, (str, Path)):
+        from probes.loading import load_model
+
+        model_name = model_name or str(model)
+        model, tokenizer = load_model(str(model), device=device, dtype=dtype)
+    elif tokenizer is None:
+        raise ValueError("estimate_sft: a loaded model needs its tokenizer")
+    if labels is not None and not isinstance(labels, dict):
+        labels = read_labels(labels)
+    ds = load_sft(data, format=format, turns=turns, on_error=on_error)
+    if ds.rejects or rejects:
+        rp = Path(rejects) if rejects else run / "load_rejects.jsonl"
+        write_rejects(rp, ds.rejects)
+        log(f"estimate: {len(ds.rejects)} malformed records skipped -> {rp}")
+    examples, na = prepare(ds, group_by, max_answer_tokens)
+    todo = [e for e in examples if e.id not in na]
+    log(f"estimate: {len(ds.records)} {ds.format} records from {data}: {len(examples)} turns, "
+        f"{len(na)} not applicable (answer over {max_answer_tokens} words)")
+    pool = load_sft(exemplars, turns="all").examples(group_by) if exemplars is not None else todo
+    res = estimate(model, tokenizer, todo, pool, cfg, slick_cfg, labels=labels, run_dir=run,
+                   model_name=model_name or getattr(model, "name_or_path", "model"), log=log, progress=progress,
+                   shard_size=shard_size, run_slick=run_slick)
+    from knowcat.slick import CATEGORIES as _C
+
+    results = {i: {"category": c, "method": m, "probs": dict(zip(_C, map(float, p)))}
+               for i, c, m, p in zip(res.ids, res.categories, res.method, res.probs)}
+    dest = Path(out) if out else run / ("estimated_sft" + {"jsonl": ".jsonl", "json": ".json", "parquet": ".parquet",
+                                                           "hf": ""}[ds.container])
+    write_annotated(dest, annotate_records(ds, examples, results, None, na), None if dest.suffix else "hf")
+    write_estimate(run, todo, res)
+    log(f"estimate: wrote {dest} ({len(ds.records)} records in their own format, categories under '{META_KEY}')")
+    return dest, res
+
+
 # --- a QA dataset as SFT files -----------------------------------------------------------------
 
 def qa_as_sft(examples: list[QAExample], fmt: str) -> list[dict]:

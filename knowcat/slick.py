@@ -50,6 +50,7 @@ class SliCKConfig:
     max_new_tokens: int = 32
     keep_answers: bool = False
     alpha: float = 0.05  # confidence intervals at 1 - alpha (Wilson)
+    chat_template: bool = False  # few-shot blocks in the model's own chat template (a chat model)
 
     def __post_init__(self):
         if self.match not in MATCH_MODES:
@@ -131,7 +132,15 @@ def categorize(engine, examples: list[QAExample], exemplar_pool: list[QAExample]
     missing = sorted({e.relation for e in examples} - set(sets))
     if missing:
         raise ValueError(f"no {cfg.exemplar_split} exemplars for relations {missing}")
-    prompts = {ex.id: [prompt_for(ex, s) for s in sets[ex.relation]] for ex in examples}
+    render = None
+    if cfg.chat_template:
+        from knowcat.prompts import chat_renderer
+
+        tok = getattr(engine, "tokenizer", None)
+        if tok is None:
+            raise ValueError(f"the {getattr(engine, 'name', 'engine')} engine exposes no tokenizer for --chat-template")
+        render = chat_renderer(tok)
+    prompts = {ex.id: [prompt_for(ex, s, render=render) for s in sets[ex.relation]] for ex in examples}
     state = {ex.id: _State([None] * cfg.n_prompts) for ex in examples}
     by_id = {ex.id: ex for ex in examples}
 

@@ -80,7 +80,8 @@ def run_rounds(generate_round: Callable[[list[PromptRequest], Progress | None], 
 
 class TransformersEngine:
     """Today's engine: a transformers causal LM, shared-prefix KV caches (:mod:`probes.generation`)
-    and batched teacher-forced scoring (:mod:`probes.scoring`)."""
+    and batched teacher-forced scoring (:mod:`probes.scoring`). :attr:`forward_tokens` counts the
+    tokens it has fed to the model (padding excluded), over every ``generate`` and ``score`` call."""
 
     def __init__(self, model, tokenizer, name: str | None = None, batch_size: int | None = None, log=None,
                  prefix_reuse: bool = True):
@@ -89,6 +90,7 @@ class TransformersEngine:
         self.batch_size = batch_size
         self.log = log
         self.prefix_reuse = prefix_reuse
+        self.forward_tokens = 0
 
     @classmethod
     def load(cls, model: str, device: str = "auto", dtype: str = "auto", batch_size: int | None = None, log=None,
@@ -109,12 +111,20 @@ class TransformersEngine:
         gen = RoundGenerator(self.model, self.tokenizer, max_new_tokens=max_new_tokens, batch_size=self.batch_size,
                              temperature=temperature, top_k=top_k, stop=stop, log=self.log,
                              prefix_reuse=self.prefix_reuse)
-        return run_rounds(gen, rounds, prepare, on_result, progress)
+        try:
+            return run_rounds(gen, rounds, prepare, on_result, progress)
+        finally:
+            self.forward_tokens += gen.forward_tokens
 
     def score(self, requests, layers=()):
-        from probes.scoring import score
+        from probes.scoring import ScoreStats, score
 
-        return score(self.model, self.tokenizer, requests, layers=layers, log=self.log)
+        stats = ScoreStats()
+        try:
+            return score(self.model, self.tokenizer, requests, layers=layers, log=self.log, stats=stats,
+                         prefix_reuse=self.prefix_reuse)
+        finally:
+            self.forward_tokens += stats.forward_tokens
 
 
 def open_engine(kind: str, model, **options) -> Engine:

@@ -123,13 +123,14 @@ class PrefixEncoder:
 @torch.inference_mode()
 def _decode_chunk(model, prefix_cache, prefix_len: int, suffixes: list[list[int]], branches: list[list[int]],
                   pad_id: int, stop: torch.Tensor, max_new_tokens: int, temperature: float,
-                  top_k: int) -> list[list[list[int]]]:
+                  top_k: int, fed: list[int] | None = None) -> list[list[list[int]]]:
     """Continue ``prefix + suffix`` of each request along its branches.
 
     ``branches[i]`` lists request ``i``'s branches: ``-1`` for the greedy answer,
     otherwise a sampling stream seed. The suffixes are computed once (one prefill
     per request); each branch then decodes from the shared state until it emits a
-    stop token. Returns the generated ids per request and branch.
+    stop token. Returns the generated ids per request and branch; ``fed[0]`` (if given) grows
+    by the tokens fed to the model (suffixes without padding, then one per decoded node and step).
     """
     dev = model.device
     R = len(suffixes)
@@ -144,6 +145,8 @@ def _decode_chunk(model, prefix_cache, prefix_len: int, suffixes: list[list[int]
     pos = (prefix_len + smask.cumsum(1) - 1).clamp(min=prefix_len)
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
                 **cache_kwargs(model, prefix_cache), **_last_logits_only(model))
+    if fed is not None:
+        fed[0] += sum(len(s) for s in suffixes)
 
     # Decoding runs over *nodes*: distinct (request, tokens generated so far). Branches
     # whose continuations coincide share a node, so a node's forward pass is computed
@@ -192,6 +195,8 @@ def _decode_chunk(model, prefix_cache, prefix_len: int, suffixes: list[list[int]
         attn = torch.cat([attn, torch.ones((len(keys), 1), dtype=torch.long, device=dev)], dim=1)
         out = model(input_ids=torch.from_numpy(keys[:, 1:]).to(dev), attention_mask=attn,
                     position_ids=next_pos[:, None], use_cache=True, **cache_kwargs(model, cache))
+        if fed is not None:
+            fed[0] += len(keys)
         cache = output_cache(out)
         logits = out.logits[:, -1, :]
         next_pos = next_pos + 1
@@ -271,7 +276,9 @@ class RoundGenerator:
     :func:`probes.engine.run_rounds`): rows grouped by shared token prefix, batched by length,
     decoded together. ``batch_size`` counts decoded rows (a request with 1 greedy + 16 samples
     is 17 rows); ``None`` picks one for the device, halved on out-of-memory (kept for later
-    rounds). ``prefix_reuse=False`` prefills every prompt whole (the comparison the benchmarks make)."""
+    rounds). ``prefix_reuse=False`` prefills every prompt whole (the comparison the benchmarks make).
+    :attr:`forward_tokens` counts the tokens fed to the model so far (padding excluded): each
+    prefix once per encoding, every row's suffix, every decoded node's token."""
 
     def __init__(self, model, tokenizer, max_new_tokens: int = 32, batch_size: int | None = None,
                  temperature: float = 0.5, top_k: int = 40, stop: str = "\n", log=None, prefix_reuse: bool = True):
@@ -282,6 +289,11 @@ class RoundGenerator:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.rows_per_batch = batch_size or default_batch_size(model)
         self.encoder = PrefixEncoder(model)
+        self._fed = [0]
+
+    @property
+    def forward_tokens(self) -> int:
+        return self.encoder.encoded_tokens + self._fed[0]
 
     def __call__(self, requests: list[PromptRequest], progress: Callable[[int], object] | None = None
                  ) -> dict[Hashable, Generation]:
@@ -305,7 +317,8 @@ class RoundGenerator:
                 try:
                     cache = self.encoder.get(pre, len(chunk))
                     gen = _decode_chunk(model, cache, len(pre), [s for _, s in chunk], branches, self.pad_id,
-                                        self.stop_t, self.max_new_tokens, self.temperature, self.top_k)
+                                        self.stop_t, self.max_new_tokens, self.temperature, self.top_k,
+                                        fed=self._fed)
                 except (torch.OutOfMemoryError, RuntimeError) as err:
                     if not _is_oom(err) or self.rows_per_batch <= 1:
                         raise

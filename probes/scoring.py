@@ -1,7 +1,7 @@
 """Teacher-forced scoring: what a model thinks of a given continuation, in one forward pass.
 
-For each request ``prefix + continuation`` (a few-shot prompt and a reference answer) one
-forward pass over the whole text gives:
+For each request ``shared + prefix + continuation`` (a few-shot block, a question and a
+reference answer) one forward pass gives:
 
 - the log-probability of every continuation token given everything before it, and their sum;
 - the first-token margin: the logit of the continuation's first token minus the largest
@@ -10,9 +10,16 @@ forward pass over the whole text gives:
 - optionally, hidden states at chosen blocks, taken at the last prefix token (the position
   that predicts the first answer token; by causality it does not depend on the answer).
 
-Like generation, the split between prefix and continuation is taken from the tokenization of
-the *whole* text: continuation tokens are those past the longest common token prefix of the
-prefix alone and the whole text, so scores are those of the text the model would see.
+Requests with the same ``shared`` text (every question of a relation under one few-shot
+prompt) share its KV cache, as generation does: it is encoded once per call and broadcast
+to each batch, and only each row's own tokens are computed. :class:`ScoreStats` counts the
+tokens fed to the model (padding apart), in total and per request (its own tokens plus its
+share of its shared prefix), so the cost of scoring is measured, not estimated.
+
+Like generation, every split is taken from the tokenization of the *whole* text: continuation
+tokens are those past the longest common token prefix of ``shared + prefix`` and the whole
+text, the shared tokens those of the longest common token prefix of ``shared`` and the whole
+text (never reaching the last prefix token), so scores are those of the text the model would see.
 
 Rows are left-padded (the continuation sits at the end of every row), so only the last
 ``max continuation + 1`` positions need logits; position ids are derived from the attention
@@ -34,6 +41,7 @@ class ScoreRequest:
     key: Hashable
     prefix: str
     continuation: str
+    shared: str = ""  # text before ``prefix`` whose KV cache requests with the same ``shared`` share
 
 
 @dataclass
@@ -52,20 +60,48 @@ class Score:
         return len(self.token_logprobs)
 
 
+@dataclass
+class ScoreStats:
+    """Tokens fed to the model by :func:`score` (accumulated over calls)."""
+
+    forward_tokens: int = 0  # tokens computed, padding excluded: shared prefixes once each, then every row's own
+    shared_tokens: int = 0  # of which, shared prefixes
+    padded_tokens: int = 0  # positions computed including padding (rows only)
+    whole_tokens: int = 0  # what encoding every request's whole text would have cost
+    per_key: dict = field(default_factory=dict)  # request key -> its own tokens + its share of its shared prefix
+    per_key_whole: dict = field(default_factory=dict)  # request key -> its whole text's tokens
+
+
 def split_tokens(tokenizer, requests: Sequence[ScoreRequest]) -> list[tuple[list[int], int]]:
     """Token ids of each whole text and the index where its continuation starts (>= 1:
     the first token is never scored, and at least one continuation token is)."""
+    return [(ids, n) for ids, n, _ in _split(tokenizer, requests)]
+
+
+def _split(tokenizer, requests: Sequence[ScoreRequest]) -> list[tuple[list[int], int, int]]:
+    """(whole text's ids, where the continuation starts, how many leading tokens are shared)."""
     from probes.generation import _common_prefix_len
 
-    pre = {p: tokenizer(p, add_special_tokens=True)["input_ids"] for p in {r.prefix for r in requests}}
-    full = tokenizer([r.prefix + r.continuation for r in requests], add_special_tokens=True)["input_ids"]
+    def enc(texts):
+        texts = sorted(set(texts))
+        return dict(zip(texts, tokenizer(texts, add_special_tokens=True)["input_ids"])) if texts else {}
+
+    pre = enc(r.shared + r.prefix for r in requests)
+    shared = enc(r.shared for r in requests if r.shared)
+    full = tokenizer([r.shared + r.prefix + r.continuation for r in requests], add_special_tokens=True)["input_ids"]
     out = []
     for r, ids in zip(requests, full):
-        p = pre[r.prefix]
+        p = pre[r.shared + r.prefix]
         n = len(p) if ids[:len(p)] == p else _common_prefix_len(p, ids)
         if n >= len(ids):
             raise ValueError(f"request {r.key!r}: the continuation {r.continuation!r} adds no token to its prefix")
-        out.append((list(ids), max(1, n)))
+        n = max(1, n)
+        ns = 0
+        if r.shared:
+            sp = shared[r.shared]
+            ns = len(sp) if ids[:len(sp)] == sp else _common_prefix_len(sp, ids)
+            ns = min(ns, n - 1)  # the row computes at least the position that predicts the continuation
+        out.append((list(ids), n, ns))
     return out
 
 
@@ -95,7 +131,12 @@ def _capture_blocks(model, layers: Sequence[int], store: dict):
 
 
 @torch.inference_mode()
-def _score_batch(model, rows: list[tuple[list[int], int]], pad_id: int, layers: Sequence[int]) -> list[Score]:
+def _score_batch(model, rows: list[tuple[list[int], int]], pad_id: int, layers: Sequence[int],
+                 cache=None, cache_len: int = 0) -> list[Score]:
+    """Score rows (``(ids, continuation start)``, ids without the ``cache_len`` tokens already in
+    ``cache``, a KV cache broadcast to the batch, or None)."""
+    from probes.generation import cache_kwargs
+
     dev = model.device
     T = max(len(ids) for ids, _ in rows)
     C = max(len(ids) - n for ids, n in rows)
@@ -105,8 +146,11 @@ def _score_batch(model, rows: list[tuple[list[int], int]], pad_id: int, layers: 
         ids_t[r, T - len(ids):] = torch.tensor(ids)
         mask[r, T - len(ids):] = 1
     ids_t, mask = ids_t.to(dev), mask.to(dev)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    pos = (cache_len + mask.cumsum(-1) - 1).clamp(min=cache_len)
     kwargs = {"logits_to_keep": C + 1} if _takes_logits_to_keep(model) else {}
+    if cache is not None:
+        mask = torch.cat([torch.ones((len(rows), cache_len), dtype=torch.long, device=dev), mask], dim=1)
+        kwargs.update(use_cache=True, **cache_kwargs(model, cache))
     store: dict[int, torch.Tensor] = {}
     with _capture_blocks(model, layers, store):
         logits = model(input_ids=ids_t, attention_mask=mask, position_ids=pos, **kwargs).logits
@@ -139,43 +183,67 @@ def _takes_logits_to_keep(model) -> bool:
 
 def score(model, tokenizer, requests: Iterable[ScoreRequest], layers: Sequence[int] = (),
           max_batch_tokens: int | None = None, progress: Callable[[int], object] | None = None,
-          log=None) -> dict[Hashable, Score]:
+          log=None, stats: ScoreStats | None = None, prefix_reuse: bool = True) -> dict[Hashable, Score]:
     """Score every request's continuation given its prefix, keyed by ``request.key``.
 
     ``layers`` are block indices (``0`` is the first transformer block's output, ``-1`` the
-    last's, before any final norm); ``max_batch_tokens`` bounds padded tokens per forward pass
-    (``None``: 16,384 on an accelerator, 4,096 on a CPU; halved on out-of-memory).
+    last's, before any final norm); ``max_batch_tokens`` bounds padded row tokens per forward
+    pass (``None``: 16,384 on an accelerator, 4,096 on a CPU; halved on out-of-memory).
+    Requests sharing a ``shared`` text share its KV cache (``prefix_reuse=False`` encodes every
+    whole text instead, for comparisons); ``stats`` accumulates the tokens fed.
     """
-    from probes.generation import _is_oom
+    from probes.generation import PrefixEncoder, _is_oom, default_batch_size
 
     requests = list(requests)
     if not requests:
         return {}
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = split_tokens(tokenizer, requests)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    split = _split(tokenizer, requests)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for k, (ids, n, ns) in enumerate(split):
+        groups.setdefault(tuple(ids[:ns]) if prefix_reuse else (), []).append(k)
     budget = max_batch_tokens or (16384 if model.device.type == "cuda" else 4096)
     results: dict[Hashable, Score] = {}
-    i = 0
-    while i < len(order):
-        j = i + 1
-        while j < len(order) and len(rows[order[j]][0]) * (j + 1 - i) <= budget:
-            j += 1
-        chunk = order[i:j]
-        try:
-            scores = _score_batch(model, [rows[k] for k in chunk], pad_id, tuple(layers))
-        except (torch.OutOfMemoryError, RuntimeError) as err:
-            if not _is_oom(err) or j - i == 1:
-                raise
-            budget = max(1, budget // 2)
-            if model.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if log:
-                log(f"out of memory: scoring batches now at most {budget} tokens")
-            continue
-        for k, s in zip(chunk, scores):
-            results[requests[k].key] = s
-        if progress is not None:
-            progress(len(chunk))
-        i = j
+    for shared, members in groups.items():
+        P = len(shared)
+        rows = {k: (split[k][0][P:], split[k][1] - P) for k in members}
+        order = sorted(members, key=lambda k: len(rows[k][0]))
+        encoder = PrefixEncoder(model, max_entries=1) if P else None
+        max_rows = default_batch_size(model, P + len(rows[order[-1]][0])) if P else None
+        i = 0
+        while i < len(order):
+            j = i + 1
+            while j < len(order) and len(rows[order[j]][0]) * (j + 1 - i) <= budget and (
+                    max_rows is None or j + 1 - i <= max_rows):
+                j += 1
+            chunk = order[i:j]
+            try:
+                cache = encoder.get(shared, len(chunk)) if P else None
+                scores = _score_batch(model, [rows[k] for k in chunk], pad_id, tuple(layers), cache, P)
+            except (torch.OutOfMemoryError, RuntimeError) as err:
+                if not _is_oom(err) or j - i == 1:
+                    raise
+                budget = max(1, budget // 2)
+                max_rows = None if max_rows is None else max(1, (j - i) // 2)
+                if model.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if log:
+                    log(f"out of memory: scoring batches now at most {budget} tokens")
+                continue
+            for k, s in zip(chunk, scores):
+                results[requests[k].key] = s
+            if stats is not None:
+                stats.forward_tokens += sum(len(rows[k][0]) for k in chunk)
+                stats.padded_tokens += len(rows[chunk[-1]][0]) * len(chunk)
+            if progress is not None:
+                progress(len(chunk))
+            i = j
+        if stats is not None:
+            stats.forward_tokens += encoder.encoded_tokens if encoder else 0
+            stats.shared_tokens += encoder.encoded_tokens if encoder else 0
+            share = (encoder.encoded_tokens if encoder else 0) / len(members)
+            for k in members:
+                stats.per_key[requests[k].key] = len(rows[k][0]) + share
+                stats.whole_tokens += len(split[k][0])
+                stats.per_key_whole[requests[k].key] = len(split[k][0])
     return results

@@ -5,7 +5,8 @@ Reads what exists, in the run layout every knowcat stage writes:
 and when present ``config.json`` / ``demo_summary.json`` (a demo run),
 ``exposure_check.json`` and ``world/exposures.jsonl`` (the demo world's ground
 truth), ``analysis.json`` and ``finetune/*/metrics.json`` (the fine-tuning study),
-``surrogates/tests.json`` and ``surrogates/*.jsonl`` (the surrogates). A section
+``surrogates/tests.json`` and ``surrogates/*.jsonl`` (the surrogates),
+``filter/filter_summary.json`` (an SFT filtering run). A section
 appears when its files do.
 
 The page is one self-contained file: figures inline (SVG, or PNG when dense),
@@ -359,6 +360,25 @@ def summary_lines(know: dict, ft: dict | None, sg: dict | None, gt: dict | None)
     return lines
 
 
+def filter_section(run: Path) -> dict | None:
+    """The filtering run's section (``filter/filter_summary.json``, as :mod:`knowcat.sft_run` writes it):
+    the category distribution before and after, what was dropped and why, the estimator's agreement
+    with SliCK (confusion matrix, macro-F1, AUROC, drop-Unknown shares) and its cost."""
+    fs = _read_json(run / "filter" / "filter_summary.json")
+    if not fs:
+        return None
+    est = fs.get("estimate") or {}
+    checks = []
+    for key, title in (("validation_rest", "labelled examples outside the calibration sample"),
+                       ("validation_calibration_oof", "calibration sample, out of fold")):
+        v = est.get(key)
+        if v:
+            checks.append({"title": title, **v,
+                           "confusion_rows": list(zip(v["classes"], v["confusion"]))})
+    return {**fs, "checks": checks, "cost": est.get("cost") or {}, "n_calibration": est.get("n_calibration"),
+            "config": est.get("config") or {}}
+
+
 def build_report(run_dir, out: str | Path | None = None, max_table_rows: int = 2000) -> Path:
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
@@ -374,6 +394,7 @@ def build_report(run_dir, out: str | Path | None = None, max_table_rows: int = 2
     know = knowledge_section(run, rows, max_table_rows)
     ft = finetune_section(run)
     sg = surrogate_section(run)
+    flt = filter_section(run)
     progress = None
     if demo_summary and demo_summary.get("status") == "running":
         done = demo_summary.get("stages_done", [])
@@ -389,7 +410,7 @@ def build_report(run_dir, out: str | Path | None = None, max_table_rows: int = 2
         title=f"knowcat report: {run.name}", run=str(run), generated=time.strftime("%Y-%m-%d %H:%M:%S"),
         model=(cat_cfg or {}).get("model"), data=(cat_cfg or {}).get("data"),
         protocol=(cat_cfg or {}).get("protocol", {}), seeds=run_seeds(run), versions=_versions(), seconds=seconds,
-        rerun=_rerun_command(run, demo_cfg, cat_cfg), know=know, ft=ft, sg=sg,
+        rerun=_rerun_command(run, demo_cfg, cat_cfg), know=know, ft=ft, sg=sg, flt=flt,
         summary=summary_lines(know, ft, sg, know.get("ground_truth")), categories=CATEGORIES,
         progress=progress, precision=precision, machine=machine,
     )

@@ -109,6 +109,11 @@ def test_quick_demo_reports_as_it_goes(quick_demo):
     html = (run / "report.html").read_text()
     assert 'id="precision"' in html and "float32" in html
     assert 'id="progress"' not in html  # finished: no "in progress" banner
+    # the filter stage: the train split as chat and Alpaca files, estimated, filtered, in the report
+    assert "filter" in summary["stages_done"]
+    fs = json.loads((run / "filter" / "filter_summary.json").read_text())
+    assert fs["kept"] + fs["rejected"] == fs["total"] == sum(1 for _ in open(run / "filter" / "sft" / "train.alpaca.jsonl"))
+    assert fs["by_category"]["Unknown"]["kept"] == 0 and 'id="filtering"' in html
 
 
 def test_partial_report_shows_progress(quick_demo, tmp_path):

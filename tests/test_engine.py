@@ -51,3 +51,31 @@ def test_transformers_engine_generates_and_scores_without_deprecated_cache_argum
     assert {k: (g.greedy, g.samples) for k, g in got.items()} == {k: (g.greedy, g.samples) for k, g in want.items()}
     sreq = [ScoreRequest("s", reqs[0].prefix + reqs[0].suffix, " Oren Vale")]
     assert eng.score(sreq, layers=(0,))["s"].token_logprobs == score(model, tok, sreq, layers=(0,))["s"].token_logprobs
+
+
+def test_transformers_engine_counts_the_tokens_it_feeds(tiny_model_dir):
+    import torch
+
+    from probes.generation import group_requests, stop_token_ids
+    from probes.loading import load_model
+    from probes.scoring import ScoreRequest
+
+    model, tok = load_model(str(tiny_model_dir), device="cpu")
+    eng = open_engine("transformers", (model, tok))
+    pre, suf = "Q: Where was Kel Mar born?\nA: Vorma Rusk\n", "Q: Who founded Tessa Lind?\nA:"
+    eng.generate([[PromptRequest("g", pre, suf, True, ())]], max_new_tokens=6)
+    (shared, [(_, suffix)]), = group_requests(tok, [PromptRequest("g", pre, suf)]).items()
+    ids, stops, n_gen = list(shared) + suffix, stop_token_ids(tok), 0
+    with torch.no_grad():  # greedy decoding by hand, whole text each step
+        for _ in range(6):
+            t = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            ids.append(t)
+            n_gen += 1
+            if t in stops:
+                break
+    # the prefix once, the suffix, then every generated token but the last is fed back
+    assert eng.forward_tokens == len(shared) + len(suffix) + n_gen - 1
+    before = eng.forward_tokens
+    eng.score([ScoreRequest("s", suf, " Oren Vale", shared=pre), ScoreRequest("t", suf, " Dorn", shared=pre)])
+    whole = [len(tok(pre + suf + c)["input_ids"]) for c in (" Oren Vale", " Dorn")]
+    assert eng.forward_tokens - before == sum(whole) - len(tok(pre)["input_ids"])

@@ -48,9 +48,14 @@ def test_features_one_pass_per_prompt(tiny):
 
     pre, suf = prompts_of(todo[:1], pool, 2, 2, 0)[todo[0].id][1]
     s = score(model, tok, [ScoreRequest("x", pre + suf, " " + todo[0].answers[0])])["x"]
-    assert f.scalars[0, f.names.index("logprob_1")] == pytest.approx(s.logprob, rel=1e-5)
-    assert f.tokens[0] == sum(len(tok(p + q + " Town 6")["input_ids"]) for p, q in
-                              prompts_of(todo[:1], pool, 2, 2, 0)[todo[0].id])
+    assert f.scalars[0, f.names.index("logprob_1")] == pytest.approx(s.logprob, abs=1e-4)
+    # forward tokens, measured: each few-shot prefix is fed once and shared by the questions asked under it
+    ps = prompts_of(todo, pool, 2, 2, 0)
+    assert f.whole_tokens[0] == sum(len(tok(p + q + " Town 6")["input_ids"]) for p, q in ps[todo[0].id])
+    prefixes = {p for e in todo for p, _ in ps[e.id]}
+    want = sum(len(tok(p + q + " " + e.answers[0])["input_ids"]) for e in todo for p, q in ps[e.id]) \
+        - sum(len(tok(p)["input_ids"]) * (sum(pp == p for e in todo for pp, _ in ps[e.id]) - 1) for p in prefixes)
+    assert f.tokens.sum() == pytest.approx(want) and f.tokens.sum() < f.whole_tokens.sum()
     no_h = features(model, tok, todo, pool, EstimateConfig(n_prompts=1, k=2, layer=-1))
     assert no_h.hidden is None
 
@@ -86,6 +91,14 @@ def test_estimate_runs_slick_on_the_sample_and_labels_each_row(tiny, tmp_path):
     cost = res.summary["cost"]
     assert cost["slick_lazy_tokens_per_example_naive"] >= cost["slick_lazy_tokens_per_example_nodes"] > cost["estimate_tokens_per_example"] > 0
     assert res.summary["validation_calibration_oof"]["n"] == 10
+    # SliCK ran here in one go: its engine's tokens are measured, and a rerun reads them back
+    assert cost["slick_lazy_tokens_total_measured"] > cost["estimate_tokens_per_example"] * 10
+    assert cost["ratio_measured"] == pytest.approx(cost["slick_lazy_tokens_per_example_measured"]
+                                                   / cost["estimate_tokens_per_example"])
+    again = estimate(model, tok, todo, pool, EstimateConfig(k=2, calibrate=0.5, folds=2), scfg, run_dir=tmp_path,
+                     log=lambda *a: None, progress=False)
+    assert again.summary["cost"]["slick_lazy_tokens_total_measured"] == cost["slick_lazy_tokens_total_measured"]
+    assert again.categories == res.categories
     out = write_estimate(tmp_path, todo, res)
     rows = [json.loads(x) for x in open(out)]
     assert [r["category_method"] for r in rows] == res.method
@@ -164,8 +177,14 @@ def test_feature_shards_resume_to_the_same_features(tiny, tmp_path):
     calls = []
     resumed = sharded_features(model, tok, todo, pool, cfg, tmp_path / "f", shard_size=3, progress=calls.append)
     assert resumed.ids == whole.ids and resumed.names == whole.names
-    assert np.allclose(resumed.scalars, whole.scalars, atol=1e-5) and np.allclose(resumed.hidden, whole.hidden, atol=1e-5)
-    assert (resumed.tokens == whole.tokens).all() and sum(calls) == len(todo)
+    assert np.allclose(resumed.scalars, whole.scalars, atol=1e-4) and np.allclose(resumed.hidden, whole.hidden, atol=1e-4)
+    assert (resumed.whole_tokens == whole.whole_tokens).all() and sum(calls) == len(todo)
+    # the hidden states stay on disk, read a shard at a time
+    from knowcat.estimate import HiddenShards
+
+    assert isinstance(resumed.hidden, HiddenShards) and resumed.hidden.shape == whole.hidden.shape
+    assert np.allclose(resumed.hidden.take([5, 0, 3]), whole.hidden[[5, 0, 3]], atol=1e-4)
+    assert [s for s, _ in resumed.hidden.chunks()] == list(range(0, len(todo), 3))
     # other settings do not reuse the shards
     other = sharded_features(model, tok, todo, pool, EstimateConfig(k=2, layer=-1), tmp_path / "f", shard_size=3)
     assert other.hidden is None
@@ -228,3 +247,92 @@ def test_slick_cost_counts(tiny):
     assert c4["shared"] == pytest.approx(whole - n_pre + n_pre / 4 + n_a)
     rows[ex.id]["sampled_answers"] = [[]]  # lazy: no samples asked
     assert slick_forward_tokens(tok, [ex], pool, rows, scfg)[ex.id]["naive"] == whole + n_a
+
+
+CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_chat_template_prompts_for_estimate_and_slick(tiny):
+    import copy
+
+    from knowcat.estimate import prompts_of
+    from knowcat.prompts import chat_renderer
+    from knowcat.slick import categorize
+    from probes.generation import Generation
+    from probes.scoring import ScoreRequest, score
+
+    model, tok0, _ = tiny
+    with pytest.raises(ValueError, match="no chat template"):
+        chat_renderer(tok0)
+    tok = copy.deepcopy(tok0)
+    tok.chat_template = CHAT
+    exs = _data()
+    pool = [e for e in exs if e.split == "dev"]
+    todo = [e for e in exs if e.split == "train"]
+    render = chat_renderer(tok)
+    ps = prompts_of(todo, pool, 1, 2, 0, render=render)
+    a, b = todo[0], todo[1]  # same relation: the same exemplars, so the same shared prefix
+    (pa, sa), (pb, sb) = ps[a.id][0], ps[b.id][0]
+    assert pa == pb and pa.startswith("<|user|>") and pa.count("<|assistant|>") == 2
+    assert sa == f"<|user|>{a.question}</s><|assistant|>"
+    # the estimator scores the answer right after the template's generation prompt, prefix shared
+    f = features(model, tok, todo, pool, EstimateConfig(k=2, chat_template=True))
+    s = score(model, tok, [ScoreRequest("x", pa + sa, a.answers[0])])["x"]
+    assert f.scalars[0, f.names.index("logprob_0")] == pytest.approx(s.logprob, abs=1e-4)
+    assert f.tokens.sum() < f.whole_tokens.sum()
+    # SliCK asks the same prompts through its engine's tokenizer
+
+    class Recorder:
+        name, device, tokenizer = "rec", "cpu", tok
+
+        def __init__(self):
+            self.seen = []
+
+        def generate(self, rounds, prepare=None, on_result=None, **kw):
+            for rnd in rounds:
+                for r in rnd:
+                    self.seen.append((r.prefix, r.suffix))
+                    on_result(r, Generation(r.key[0], ["x"] * len(r.streams)))
+            return {}
+
+    eng = Recorder()
+    categorize(eng, todo[:2], pool, SliCKConfig(n_prompts=1, k=2, n_samples=1, chat_template=True))
+    assert eng.seen == [ps[a.id][0], ps[b.id][0]]
+
+
+def test_sft_filter_run_writes_splits_estimates_filters_and_reports(tiny, tmp_path):
+    from knowcat.sft_run import run_sft_filter
+    from reports.build import build_report
+
+    _, _, mdir = tiny
+    exs = _data(20)
+    src = tmp_path / "qa.jsonl"
+    src.write_text("".join(json.dumps(e.to_dict()) + "\n" for e in exs))
+    train = [e for e in exs if e.split == "train"]
+    rng = np.random.default_rng(1)
+    # answers of another protocol (1 prompt, not the default 10) are not counted as lazy SliCK's cost
+    labels = {e.id: {"id": e.id, "category": CATEGORIES[rng.integers(0, 4)], "greedy_answers": ["x"],
+                     "sampled_answers": [[]]} for e in train}
+    run = tmp_path / "run"
+    fs = run_sft_filter(run / "filter", str(mdir), src, labels, EstimateConfig(k=2, calibrate=0.5, folds=2),
+                        device="cpu", log=lambda *a: None)
+    chat = [json.loads(x) for x in open(run / "filter" / "sft" / "train.chat.jsonl")]
+    alpaca = [json.loads(x) for x in open(run / "filter" / "sft" / "train.alpaca.jsonl")]
+    assert [r["id"] for r in chat] == [r["id"] for r in alpaca] == [e.id for e in train]
+    kept = [json.loads(x) for x in open(run / "filter" / "kept.jsonl")]
+    rejects = [json.loads(x) for x in open(run / "filter" / "kept.rejects.jsonl")]
+    assert fs["total"] == len(train) == len(kept) + len(rejects) and fs["kept"] == len(kept)
+    assert all(r["data"]["knowcat"]["category"] == "Unknown" for r in rejects)
+    assert all(r["knowcat"]["category"] != "Unknown" for r in kept)
+    assert sum(v["in"] for v in fs["by_category"].values()) == len(train)
+    assert sum(d["n"] for d in fs["dropped_by_method_and_slick"]) == len(rejects)
+    # SliCK's label is the category of every calibration record it dropped
+    assert all(d["slick_category"] == "Unknown" for d in fs["dropped_by_method_and_slick"] if d["method"] == "slick")
+    assert fs["estimate"]["validation_rest"]["n"] == len(train) - fs["estimate"]["n_calibration"]
+    assert fs["estimate"]["cost"]["estimate_tokens_per_example"] > 0 and "ratio_naive" not in fs["estimate"]["cost"]
+    # the report shows it (with a categorized file beside it, as a demo run has)
+    (run / "categorized.jsonl").write_text("".join(json.dumps({**e.to_dict(), **labels[e.id], "p_correct_greedy": 0.0})
+                                                   + "\n" for e in train))
+    html = build_report(run).read_text()
+    assert 'id="filtering"' in html and "SliCK \\ estimate" in html and f"Kept {len(kept)}" in html

@@ -74,3 +74,39 @@ def test_empty_continuation_is_refused(tiny_tokenizer):
     model = _tiny("llama", len(tiny_tokenizer))
     with pytest.raises(ValueError, match="adds no token"):
         score(model, tiny_tokenizer, [ScoreRequest("x", "Q: a?\nA:", "")])
+
+
+SHARED = "Q: Who founded Tessa Lind?\nA: Oren Vale\nQ: What is the capital of Dorn?\nA: Dorn City\n"
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "gpt2"])
+def test_shared_prefix_is_encoded_once_and_scores_are_unchanged(kind, tiny_tokenizer):
+    from probes.scoring import ScoreStats
+
+    tok = tiny_tokenizer
+    model = _tiny(kind, len(tok))
+    model.config.pad_token_id = tok.pad_token_id
+    reqs = [ScoreRequest(r.key, r.prefix, r.continuation, shared=SHARED) for r in REQS]
+    reqs.append(ScoreRequest("alone", "Q: Where was Kel Mar born?\nA:", " Vorma"))
+    whole = [ScoreRequest(r.key, r.shared + r.prefix, r.continuation) for r in reqs]
+    st, st_whole = ScoreStats(), ScoreStats()
+    got = score(model, tok, reqs, layers=(0, -1), max_batch_tokens=60, stats=st)
+    want = score(model, tok, whole, layers=(0, -1), stats=st_whole)
+    for r in reqs:
+        a, b = got[r.key], want[r.key]
+        assert a.token_logprobs == pytest.approx(b.token_logprobs, abs=1e-4)
+        assert a.first_token_margin == pytest.approx(b.first_token_margin, abs=1e-4)
+        assert a.greedy_match == b.greedy_match
+        assert a.hidden[-1] == pytest.approx(b.hidden[-1], abs=1e-4)
+    # the shared text is fed once; each row feeds only its own tokens; the counts add up
+    n_shared = len(tok(SHARED)["input_ids"])
+    lens = [len(ids) for ids, _ in split_tokens(tok, whole)]
+    assert st.shared_tokens == n_shared and st.whole_tokens == sum(lens) == st_whole.forward_tokens
+    assert st.forward_tokens == sum(lens) - n_shared * (len(REQS) - 1)
+    assert sum(st.per_key.values()) == pytest.approx(st.forward_tokens)
+    assert st.per_key["alone"] == lens[-1]
+    assert st.per_key["a"] == pytest.approx(lens[0] - n_shared + n_shared / len(REQS))
+    # without reuse the same requests feed every whole text
+    st_off = ScoreStats()
+    off = score(model, tok, reqs, stats=st_off, prefix_reuse=False)
+    assert st_off.forward_tokens == sum(lens) and off["a"].logprob == pytest.approx(got["a"].logprob, abs=1e-4)
