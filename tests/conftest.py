@@ -37,8 +37,9 @@ def quick_demo_cli(tmp_path_factory):
     if prebuilt:
         import json
 
-        summary = Path(prebuilt) / "demo_summary.json"
-        return Path(prebuilt), json.loads(summary.read_text()) if summary.exists() else {}
+        summary, terminal = Path(prebuilt) / "demo_summary.json", Path(prebuilt) / "terminal.log"
+        return (Path(prebuilt), json.loads(summary.read_text()) if summary.exists() else {},
+                terminal.read_text() if terminal.exists() else None)
     run = tmp_path_factory.mktemp("quick_demo")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-m", "knowcat", "demo", "--preset", "quick", "--out", str(run),
