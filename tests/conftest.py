@@ -25,6 +25,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(autouse=True)
+def _transformers_patches_restored():
+    """Fails a test that leaves transformers' model-building patches in place (``tie_weights`` a no-op, the init
+    functions or ``torch.linspace`` replaced, the default dtype changed: tests/transformers_patches.py), which
+    would poison every later model load; restores them so that the next test starts clean."""
+    from transformers_patches import leftovers, restore, snapshot
+
+    before = snapshot()
+    yield
+    left = leftovers(before)
+    if left:
+        restore(before, left)
+        pytest.fail("left transformers' model-building patches in place: " + ", ".join(left)
+                    + " (build and load models under probes.loading.MODEL_BUILD_LOCK)")
+
+
 @pytest.fixture(scope="session")
 def quick_demo_cli(tmp_path_factory):
     """The quick demo run, once per test session, as a user runs it: ``python -m knowcat demo --preset quick``
