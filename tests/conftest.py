@@ -51,10 +51,10 @@ def quick_demo_cli(tmp_path_factory):
 
     prebuilt = os.environ.get("KNOWCAT_QUICK_DEMO")  # a quick demo run already built: reuse it (read only)
     if prebuilt:
-        import json
-
-        summary = Path(prebuilt) / "demo_summary.json"
-        return Path(prebuilt), json.loads(summary.read_text()) if summary.exists() else {}
+        # its terminal output, if it was kept beside it as terminal.txt (else None: the terminal test skips)
+        summary, terminal = Path(prebuilt) / "demo_summary.json", Path(prebuilt) / "terminal.txt"
+        return (Path(prebuilt), json.loads(summary.read_text()) if summary.exists() else {},
+                terminal.read_text() if terminal.exists() else None)
     run = tmp_path_factory.mktemp("quick_demo")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-m", "knowcat", "demo", "--preset", "quick", "--out", str(run),
