@@ -379,9 +379,12 @@ def finetune(model_name: str, train_rows: list[dict], eval_sets: dict[str, list[
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                                 lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_targets,
-                                                 task_type="CAUSAL_LM"))
+        from probes.loading import MODEL_BUILD_LOCK
+
+        with MODEL_BUILD_LOCK:  # new LoRA layers are initialised through torch.nn.init, which a load patches
+            model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                     lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_targets,
+                                                     task_type="CAUSAL_LM"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_device = cfg.per_device_batch_size or max(1, cfg.batch_size // world)
     accum = max(1, math.ceil(cfg.batch_size / (per_device * world)))

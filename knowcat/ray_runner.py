@@ -84,9 +84,10 @@ def run_categorize_ray(model_name: str, examples, exemplar_pool, run_dir, cfg: S
                      include_dashboard=False, **({} if ray_address else {"num_cpus": max(1, int(num_workers * cpus_per_worker))}))
             started = True
         try:
-            # Ray Data's DataContext sets its own deprecated ``use_arrow_tensor_v2`` field whenever one is built
-            # (knowcat sets nothing of it): that one warning is Ray's to fix, so it is filtered here
-            warnings.filterwarnings("ignore", message="`use_arrow_tensor_v2` is deprecated", category=DeprecationWarning)
+            # Ray Data's DataContext sets its own deprecated fields (``use_arrow_tensor_v2``, ``use_push_based_shuffle``,
+            # ``use_polars``) whenever one is built; knowcat sets none of them: those warnings are Ray's to fix, so
+            # the deprecation warnings raised inside ray.data.context are filtered here, nothing else
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.data\.context")
             ds = ray.data.from_items([{"shard": i} for i in todo])
             options = {"device": device, "dtype": dtype, **(engine_options or {})}
             # each worker loads the model, then records the run's identity (if no one has), then writes shards

@@ -49,6 +49,8 @@ from dataclasses import dataclass
 
 import torch
 
+from probes.generation import cache_kwargs, output_cache
+
 
 @contextlib.contextmanager
 def capture_readout(model):
@@ -164,12 +166,12 @@ def answer_system(model, tokenizer, prompt: str, answer: str, end_token: int) ->
     with capture_readout(model) as store, capture_prenorm(model) as pre:
         out = model(input_ids=torch.tensor([p_ids], device=dev), use_cache=True)
     h_last, r_last = store[-1][0, -1], pre[-1][0, -1]
-    cache = out.past_key_values
+    cache = output_cache(out)
     emb = model.get_input_embeddings()
     x_gen = emb(torch.tensor(a_ids, device=dev))
     with capture_readout(model) as store, capture_prenorm(model) as pre:
         c = copy.deepcopy(cache)
-        model(inputs_embeds=x_gen[None], past_key_values=c, use_cache=True,
+        model(inputs_embeds=x_gen[None], **cache_kwargs(model, c), use_cache=True,
               position_ids=torch.arange(len(p_ids), len(p_ids) + len(a_ids), device=dev)[None],
               attention_mask=torch.ones(1, len(p_ids) + len(a_ids), dtype=torch.long, device=dev))
     readout = torch.cat([h_last[None], store[-1][0]], dim=0)
@@ -185,7 +187,7 @@ def _tail_readout(model, sysm: AnswerSystem, X: torch.Tensor) -> torch.Tensor:
     P = sysm.prompt_len
     dev = X.device
     with capture_prenorm(model) as store:
-        model(inputs_embeds=X, past_key_values=_expand_cache(sysm.cache, B), use_cache=True,
+        model(inputs_embeds=X, **cache_kwargs(model, _expand_cache(sysm.cache, B)), use_cache=True,
               position_ids=torch.arange(P, P + m, device=dev)[None].expand(B, m),
               attention_mask=torch.ones(B, P + m, dtype=torch.long, device=dev))
     return store[-1]  # [B, m, d]
@@ -462,7 +464,7 @@ def layer_jacobian(model, tokenizer, prompt: str, position: int, layer: int) -> 
     cache = None
     if position > 0:
         with torch.no_grad():
-            cache = model(input_ids=torch.tensor([ids[:position]], device=dev), use_cache=True).past_key_values
+            cache = output_cache(model(input_ids=torch.tensor([ids[:position]], device=dev), use_cache=True))
         cache = _expand_cache(cache, d)
     tail = torch.tensor([ids[position:]], device=dev).repeat(d, 1)
     state = {}
@@ -477,7 +479,7 @@ def layer_jacobian(model, tokenizer, prompt: str, position: int, layer: int) -> 
     handle = blocks[layer].register_forward_hook(hook)
     try:
         with torch.enable_grad(), capture_prenorm(model) as store:
-            model(input_ids=tail, past_key_values=cache, use_cache=cache is not None,
+            model(input_ids=tail, **cache_kwargs(model, cache), use_cache=cache is not None,
                   position_ids=torch.arange(position, len(ids), device=dev)[None].expand(d, -1),
                   attention_mask=torch.ones(d, len(ids), dtype=torch.long, device=dev))
             z = store[-1][:, -1]  # [d, d]: copy i's readout state

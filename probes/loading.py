@@ -3,7 +3,17 @@ or a local folder, safetensors weights, ``trust_remote_code`` off unless asked."
 
 from __future__ import annotations
 
+import threading
+
 import torch
+
+# Held while a model is constructed or loaded, by every place knowcat does either. transformers builds a model
+# inside save-and-restore patches of process-wide state (``PreTrainedModel.tie_weights`` made a no-op, the
+# ``torch.nn.init`` functions replaced, ``torch.linspace`` and the default dtype changed): two threads building
+# at once restore each other's patched values, and one load can leave ``tie_weights`` a no-op for the rest of
+# the process (every later tied-embedding model then keeps its ``lm_head`` on the meta device). Reentrant, so a
+# caller may hold it around several loads.
+MODEL_BUILD_LOCK = threading.RLock()
 
 _DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
            "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -60,10 +70,11 @@ def load_model(name_or_path: str, device: str | torch.device | None = "auto", dt
 
     dev = resolve_device(device)
     tok = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code, revision=revision)
-    model = AutoModelForCausalLM.from_pretrained(
-        name_or_path, dtype=resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code,
-        revision=revision, use_safetensors=None,
-    )
+    with MODEL_BUILD_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=resolve_dtype(dtype, dev), trust_remote_code=trust_remote_code,
+            revision=revision, use_safetensors=None,
+        )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     model.to(dev)

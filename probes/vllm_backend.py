@@ -65,7 +65,10 @@ class VLLMEngine:
                       **llm_kwargs)
             if max_model_len:
                 kw["max_model_len"] = max_model_len
-            llm = LLM(**kw)
+            from probes.loading import MODEL_BUILD_LOCK
+
+            with MODEL_BUILD_LOCK:  # vLLM may build the model through transformers (probes.loading.MODEL_BUILD_LOCK)
+                llm = LLM(**kw)
         self.llm = llm
         self.name = model
 

@@ -25,6 +25,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(autouse=True)
+def _transformers_patches_restored():
+    """Fails a test that leaves transformers' model-building patches in place (``tie_weights`` a no-op, the init
+    functions or ``torch.linspace`` replaced, the default dtype changed: tests/transformers_patches.py), which
+    would poison every later model load; restores them so that the next test starts clean."""
+    from transformers_patches import leftovers, restore, snapshot
+
+    before = snapshot()
+    yield
+    left = leftovers(before)
+    if left:
+        restore(before, left)
+        pytest.fail("left transformers' model-building patches in place: " + ", ".join(left)
+                    + " (build and load models under probes.loading.MODEL_BUILD_LOCK)")
+
+
 @pytest.fixture(scope="session")
 def quick_demo_cli(tmp_path_factory):
     """The quick demo run, once per test session, as a user runs it: ``python -m knowcat demo --preset quick``
@@ -35,9 +51,8 @@ def quick_demo_cli(tmp_path_factory):
 
     prebuilt = os.environ.get("KNOWCAT_QUICK_DEMO")  # a quick demo run already built: reuse it (read only)
     if prebuilt:
-        import json
-
-        summary, terminal = Path(prebuilt) / "demo_summary.json", Path(prebuilt) / "terminal.log"
+        # its terminal output, if it was kept beside it as terminal.txt (else None: the terminal test skips)
+        summary, terminal = Path(prebuilt) / "demo_summary.json", Path(prebuilt) / "terminal.txt"
         return (Path(prebuilt), json.loads(summary.read_text()) if summary.exists() else {},
                 terminal.read_text() if terminal.exists() else None)
     run = tmp_path_factory.mktemp("quick_demo")

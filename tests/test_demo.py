@@ -89,7 +89,7 @@ def test_quick_demo_terminal_is_clean(quick_demo_cli):
 
     run, summary, output = quick_demo_cli
     if output is None:
-        pytest.skip("KNOWCAT_QUICK_DEMO names a prebuilt run without its terminal.log: nothing to read")
+        pytest.skip("KNOWCAT_QUICK_DEMO names a run without terminal.txt (its captured output)")
     lines = [seg for line in output.splitlines() for seg in line.split("\r") if seg.strip()]
     assert not [x for x in lines if re.search(r"warn", x, re.I)], [x for x in lines if re.search(r"warn", x, re.I)]
     assert not [x for x in lines if "forward_call" in x or x.lstrip().startswith(("return ", "File \"", "Traceback"))]

@@ -146,10 +146,8 @@ def _kill_when(cmd, path: Path, log: Path) -> str:
     """Start ``cmd``, SIGKILL it as soon as ``path`` exists; its output."""
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env())
-        t0 = time.time()
-        while not path.exists():
+        while not path.exists():  # no time limit: a run that never writes it ends, and fails here
             assert proc.poll() is None, f"ended before {path.name} appeared: " + log.read_text()[-3000:]
-            assert time.time() - t0 < 900, f"{path} never appeared"
             time.sleep(0.01)
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=60) == -signal.SIGKILL

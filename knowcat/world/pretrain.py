@@ -97,8 +97,11 @@ def build_model(cfg: PretrainConfig, tokenizer):
         max_position_embeddings=max(1024, cfg.block_size), tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
+    from probes.loading import MODEL_BUILD_LOCK
+
     torch.manual_seed(cfg.seed)
-    return LlamaForCausalLM(mcfg)
+    with MODEL_BUILD_LOCK:  # construction patches process-wide state (probes.loading.MODEL_BUILD_LOCK)
+        return LlamaForCausalLM(mcfg)
 
 
 def pretrain(world_dir, out_dir=None, cfg: PretrainConfig | None = None, log=print, progress: bool = True,
