@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from dataclasses import fields, replace
@@ -79,7 +78,9 @@ def _rejects_writer(args):
             out = Path(args.out)
             path = out.with_name(out.stem + ".rejects.jsonl")
         else:
-            path = Path(getattr(args, "out", None) or getattr(args, "run", None) or ".") / "rejects.jsonl"
+            from knowcat.rundir import RunDir
+
+            path = RunDir(getattr(args, "out", None) or getattr(args, "run", None) or ".").rejects
         w = args._rejects_writer = RejectWriter(path)
     return w
 
@@ -262,6 +263,7 @@ def cmd_categorize(args):
 
 def cmd_estimate(args):
     from knowcat.estimate import EstimateConfig, estimate, read_labels, write_estimate
+    from knowcat.rundir import RunDir
     from knowcat.slick import SliCKConfig
     from probes.loading import load_model
 
@@ -281,7 +283,7 @@ def cmd_estimate(args):
 
         ds = load_sft(args.data, format=sft_fmt, turns=args.turns, on_error=args.on_error)
         if ds.rejects or args.rejects:
-            rp = Path(args.rejects or Path(args.out) / "load_rejects.jsonl")
+            rp = Path(args.rejects or RunDir(args.out).load_rejects)
             write_rejects(rp, ds.rejects)
             print(f"estimate: {len(ds.rejects)} malformed records skipped -> {rp}")
         examples, na = prepare(ds, args.group_by, args.max_answer_tokens)
@@ -304,13 +306,12 @@ def cmd_estimate(args):
 
         results = {i: {"category": c, "method": m, "probs": dict(zip(CATEGORIES, map(float, p)))}
                    for i, c, m, p in zip(res.ids, res.categories, res.method, res.probs)}
-        out = Path(args.out) / ("estimated_sft" + {"jsonl": ".jsonl", "json": ".json", "parquet": ".parquet",
-                                                   "hf": ""}[ds.container])
+        out = RunDir(args.out).estimated_sft(ds.container)
         write_annotated(out, annotate_records(ds, examples, results, None, na), None if out.suffix else "hf")
         write_estimate(args.out, todo, res)
     else:
         out = write_estimate(args.out, todo, res, fields=fieldmap)
-    print(f"estimate: wrote {out} and {Path(args.out) / 'estimate_summary.json'}")
+    print(f"estimate: wrote {out} and {RunDir(args.out).estimate_summary}")
 
 
 def cmd_filter(args):
@@ -369,9 +370,8 @@ def cmd_data(args):
 
 def cmd_greedy(args):
     from knowcat.fewshot import greedy_accuracy
-    from knowcat.io import atomic_write_json
     from knowcat.prompts import FewShotConfig
-    from knowcat.rundir import RunDir, write_jsonl
+    from knowcat.rundir import RunDir
     from probes.engine import open_engine
 
     examples = load_from_args(args)
@@ -386,8 +386,8 @@ def cmd_greedy(args):
     engine = open_engine("transformers", args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
     res = greedy_accuracy(engine, evalset, pool, fs, match=args.match)
     out = RunDir(args.out)
-    write_jsonl(out.greedy_jsonl, ({"id": r.id, "relation": r.relation, "p_correct_greedy": r.p_correct,
-                                    "greedy_answers": r.answers} for r in res))
+    out.write_greedy({"id": r.id, "relation": r.relation, "p_correct_greedy": r.p_correct,
+                      "greedy_answers": r.answers} for r in res)
     acc = sum(r.p_correct for r in res) / max(1, len(res))
     print(f"greedy accuracy {acc:.1%} over {len(res)} examples -> {out.greedy_jsonl}")
     if args.world:
@@ -395,7 +395,7 @@ def cmd_greedy(args):
         from knowcat.world.validate import exposure_check, format_check
 
         check = exposure_check({r.id: r.p_correct for r in res}, read_exposures(args.world))
-        atomic_write_json(out.exposure_check, check)
+        out.write_exposure_check(check)
         print(format_check(check))
 
 
@@ -439,12 +439,13 @@ def _categorized_path(path: str) -> Path:
 
 def cmd_mixtures(args):
     from knowcat.filtering import read_records
+    from knowcat.rundir import RunDir
     from knowcat.mixtures import build_mixtures, format_manifest, write_mixtures
 
     src = _categorized_path(args.input)
     cfg = _mixture_config(args)
     sets = build_mixtures(read_records(src), cfg, source=str(src))
-    out = write_mixtures(sets, args.out or src.parent / "mixtures")
+    out = write_mixtures(sets, args.out or RunDir(src.parent).mixtures.root)
     print(format_manifest(sets["_manifest"]))
     print(f"wrote {len(sets) - 1} training sets to {out}")
 
@@ -543,13 +544,14 @@ def cmd_experiment(args):
 
 def cmd_analyze(args):
     from knowcat.experiment import analyze, format_findings
-    from knowcat.io import atomic_write_json
+    from knowcat.rundir import RunDir
 
     cfg = _experiment_config(args)
     a = analyze(args.run, cfg, cfg.variants)
-    atomic_write_json(Path(args.run) / "analysis.json", a)
+    rd = RunDir(args.run)
+    rd.write_analysis(a)
     print(format_findings(a))
-    print(f"-> {Path(args.run) / 'analysis.json'}")
+    print(f"-> {rd.analysis}")
 
 
 def cmd_surrogate(args):
@@ -853,7 +855,7 @@ _WRITES = {
                    "rejects.jsonl"),
     "greedy": ("greedy.jsonl", "exposure_check.json", "rejects.jsonl"),
     "finetune": None,
-    "experiment": ("mixtures", "finetune", "analysis.json", "rejects.jsonl"),
+    "experiment": ("mixtures", "finetune", "replicates", "analysis.json", "rejects.jsonl"),
     "surrogate": ("surrogates",),
 }
 

@@ -32,6 +32,7 @@ import numpy as np
 from knowcat.examples import QAExample
 from knowcat.io import atomic_write_json, atomic_write_text
 from knowcat.prompts import FewShotConfig, exemplar_sets, prompt_for
+from knowcat.rundir import RunDir
 from knowcat.slick import CATEGORIES, SliCKConfig
 
 
@@ -283,7 +284,7 @@ def estimate(model, tokenizer, examples: list[QAExample], pool: list[QAExample],
     n_req = len(examples) * cfg.n_prompts
     bar = tqdm(total=n_req, desc="features", unit="prompt", disable=not progress)
     if run_dir is not None:
-        feats = sharded_features(model, tokenizer, examples, pool, cfg, Path(run_dir) / "estimate" / "features",
+        feats = sharded_features(model, tokenizer, examples, pool, cfg, RunDir(run_dir).estimate_features,
                                  shard_size=shard_size, progress=bar.update, log=log)
     else:
         feats = features(model, tokenizer, examples, pool, cfg, progress=bar.update, log=log)
@@ -302,14 +303,13 @@ def estimate(model, tokenizer, examples: list[QAExample], pool: list[QAExample],
 
         if run_dir is None:
             raise ValueError("running SliCK on the calibration sample needs a run_dir")
-        cdir = Path(run_dir) / "calibration"
+        cdir = RunDir(run_dir).calibration.root
         log(f"estimate: SliCK on the calibration sample ({len(cal_ex)} examples) in {cdir}")
         from probes.engine import open_engine
 
         run_categorize(model_name, cal_ex, pool, cdir, slick_cfg, engine=open_engine("transformers", (model, tokenizer)),
                        log=log, progress=progress)
-        with open(cdir / "categorized.jsonl", encoding="utf-8") as f:
-            slick_rows = {r["id"]: r for r in map(json.loads, f)}
+        slick_rows = {r["id"]: r for r in RunDir(cdir).read_categorized(missing_ok=False)}
         source = "slick"
     y = _label_array([e.id for e in cal_ex], {i: r["category"] for i, r in slick_rows.items()})
     S, H = feats.scalars, feats.hidden
@@ -378,9 +378,10 @@ def write_estimate(run_dir, examples: list[QAExample], res: EstimateResult, fiel
         rec["category_method"] = res.method[i]
         rec["category_probs"] = {c: round(float(p), 6) for c, p in zip(CATEGORIES, res.probs[i])}
         lines.append(json.dumps(rec, ensure_ascii=False))
-    atomic_write_text(run / "estimated.jsonl", "".join(line + "\n" for line in lines))
-    atomic_write_json(run / "estimate_summary.json", res.summary)
-    return run / "estimated.jsonl"
+    rd = RunDir(run)
+    atomic_write_text(rd.estimated_jsonl, "".join(line + "\n" for line in lines))
+    atomic_write_json(rd.estimate_summary, res.summary)
+    return rd.estimated_jsonl
 
 
 def read_labels(path) -> dict[str, dict]:

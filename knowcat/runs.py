@@ -34,7 +34,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from knowcat.examples import QAExample
-from knowcat.io import atomic_write_json
 from knowcat.rundir import RunDir
 from knowcat.slick import CATEGORIES, SliCKConfig, categorize
 
@@ -269,7 +268,7 @@ def finalize(run_dir, examples: list[QAExample], n_shards: int, fields=None, sec
     rd.write_categorized(records)
     summary = summarize(examples, res)
     summary["seconds"] = round(seconds, 1)
-    atomic_write_json(rd.categorize_summary, summary)
+    rd.write_categorize_summary(summary)
     log(format_summary(summary))
     log(f"categorize: wrote {rd.categorized_jsonl} and {rd.categorized_parquet}")
     return summary

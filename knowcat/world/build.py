@@ -271,5 +271,6 @@ def build_world(out_dir, cfg: WorldConfig | None = None, log=print) -> dict:
 
 
 def read_exposures(world_dir) -> list[dict]:
-    with open(Path(world_dir) / "exposures.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    from knowcat.rundir import WorldDir
+
+    return WorldDir(world_dir).read_exposures(missing_ok=False)
