@@ -30,6 +30,7 @@ import numpy as np
 from knowcat.finetune import FinetuneConfig, eval_items, finetune, format_epochs
 from knowcat.mixtures import MixtureConfig, build_mixtures, read_training_set, write_mixtures
 from knowcat.rundir import FinetuneDir, RunDir
+from knowcat.selection import DEV_RULE, OOD_RULE, early_stop_dev  # noqa: F401  (the study's rules)
 
 
 @dataclass
@@ -77,20 +78,6 @@ def linear_model_variants(available, rule: str = "paper") -> tuple[list[str], st
         raise ValueError(f"linear_model_variants {rule!r}: give 'paper', 'all' or sets among the finished runs "
                          f"{sorted(available)}" + (f" ({', '.join(missing)} not among them)" if missing else ""))
     return chosen, "the given sets"
-
-
-OOD_RULE = "test relations absent from the categorized train split"
-DEV_RULE = "dev questions of the train split's relations only (out-of-distribution relations excluded)"
-
-
-def early_stop_dev(dev: list[dict], train_relations, ood_relations=()) -> list[dict]:
-    """The dev questions EARLY_STOP is chosen on, for ``knowcat experiment`` and ``knowcat finetune``
-    alike: those of the relations trained on (``train_relations``; empty: not known, every relation)
-    that are not out-of-distribution. Dev records without relations are kept as they are."""
-    if not any(d.get("relation") for d in dev):
-        return list(dev)
-    train, ood = set(train_relations or ()), set(ood_relations)
-    return [d for d in dev if (not train or d.get("relation") in train) and d.get("relation") not in ood]
 
 
 def load_dev(run_dir, dev_split: str = "dev", source: str | None = None) -> list[dict]:
@@ -257,6 +244,16 @@ def analyze(run_dir, cfg: ExperimentConfig = ExperimentConfig(), variants=None, 
                 fnd["decision_first_replicate"] = fnd["decision"]
                 fnd["decision"], fnd["holds"] = s["decision"], s["decision"] == "holds"
                 fnd["decisions_by_replicate"] = s["decisions"]
+    return a
+
+
+def analyze_run(run_dir, cfg: ExperimentConfig = ExperimentConfig(), variants=None, log=print) -> dict:
+    """``knowcat analyze``: :func:`analyze` the run's files again and write ``RUN/analysis.json``."""
+    rd = RunDir(run_dir)
+    a = analyze(run_dir, cfg, variants)
+    rd.write_analysis(a)
+    log(format_findings(a))
+    log(f"-> {rd.analysis}")
     return a
 
 

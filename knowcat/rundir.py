@@ -394,6 +394,17 @@ class RunDir:
         atomic_write_json(self.categorize_config, config)
 
     @property
+    def categorize_command(self) -> Path:
+        return self.categorize_dir / "command.json"
+
+    def read_categorize_command(self) -> dict | None:
+        """The options ``knowcat categorize`` was given beyond those the run's identity records."""
+        return _read_json_or_none(self.categorize_command)
+
+    def write_categorize_command(self, options: dict) -> None:
+        atomic_write_json(self.categorize_command, options)
+
+    @property
     def categorized_jsonl(self) -> Path:
         return self.root / "categorized.jsonl"
 

@@ -107,8 +107,9 @@ def run_seeds(run: Path) -> list[dict]:
     return out
 
 
-def _rerun_command(run: Path, demo_cfg: dict | None, cat_cfg: dict | None) -> str:
-    """The command that made the run, every recorded setting as a flag, every value shell-quoted."""
+def _rerun_command(run: Path, demo_cfg: dict | None, cat_cfg: dict | None, command: dict | None = None) -> str:
+    """The command that made the run, every recorded setting as a flag (the run's identity in ``cat_cfg``,
+    the other options it was given in ``command``), every value shell-quoted."""
     q = shlex.quote
     if demo_cfg:
         cmd = f"knowcat demo --preset {q(str(demo_cfg.get('preset', 'default')))} --out {q(str(run))}"
@@ -126,6 +127,15 @@ def _rerun_command(run: Path, demo_cfg: dict | None, cat_cfg: dict | None) -> st
             flag = f"--{k.replace('_', '-')}"
             if isinstance(v, bool):
                 parts.append(flag if v else f"--no-{k.replace('_', '-')}")
+            elif v is not None:
+                parts += [flag, q(str(v))]
+        for k, v in (command or {}).items():
+            flag = f"--{k.replace('_', '-')}"
+            if isinstance(v, bool):
+                parts.append(flag if v else f"--no-{k.replace('_', '-')}")
+            elif isinstance(v, list):
+                for x in v:
+                    parts += [flag, q(str(x))]
             elif v is not None:
                 parts += [flag, q(str(v))]
         return " ".join(parts)
@@ -377,7 +387,7 @@ def build_report(run_dir, out: str | Path | None = None, max_table_rows: int = 2
         title=f"knowcat report: {run.name}", run=str(run), generated=time.strftime("%Y-%m-%d %H:%M:%S"),
         model=(cat_cfg or {}).get("model"), data=(cat_cfg or {}).get("data"),
         protocol=(cat_cfg or {}).get("protocol", {}), seeds=run_seeds(run), versions=_versions(), seconds=seconds,
-        rerun=_rerun_command(run, demo_cfg, cat_cfg), know=know, ft=ft, sg=sg,
+        rerun=_rerun_command(run, demo_cfg, cat_cfg, rd.read_categorize_command()), know=know, ft=ft, sg=sg,
         summary=summary_lines(know, ft, sg, know.get("ground_truth")), categories=CATEGORIES,
         progress=progress, precision=precision, machine=machine,
     )

@@ -462,3 +462,32 @@ def test_rerun_command_has_every_flag_and_quotes_paths(tmp_path):
     assert args.shard_size == 7
     for k, v in proto.items():
         assert getattr(args, k) == v, k
+
+
+def test_rerun_command_repeats_the_options_knowcat_categorize_was_given(tmp_path, capsys, tiny_model_dir, tiny_qa):
+    """The report's rerun command left out --splits, --per-relation, --field, --exemplars and the rest of
+    what a categorize run was asked with beyond its identity; now each is recorded and repeated, quoted."""
+    from knowcat.cli import build_parser
+    from knowcat.rundir import RunDir
+    from reports.build import _rerun_command
+
+    exs, pool = tiny_qa
+    rows = [{"uid": e.id, "q": e.question, "answers": e.answers, "relation": e.relation, "split": e.split}
+            for e in exs + pool]
+    data = write_jsonl(tmp_path / "my data.jsonl", rows)
+    ex_file = write_jsonl(tmp_path / "ex; ls.jsonl", rows[len(exs):])
+    run = tmp_path / "my run"
+    argv = ["categorize", "--model", tiny_model_dir, data, "--out", run, "--field", "id=uid", "--field", "question=q",
+            "--splits", "train", "--per-relation", 2, "--exemplars", ex_file, "--n-prompts", 2, "--n-samples", 1,
+            "--k", 2, "--max-new-tokens", 4, "--batch-size", 8, "--no-progress"]
+    rc, out, err = run_cli(argv, capsys)
+    assert rc == 0, err
+    rd = RunDir(run)
+    cmd = _rerun_command(run, None, rd.read_categorize_config(), rd.read_categorize_command())
+    again = build_parser().parse_args(shlex.split(cmd)[1:])
+    given = build_parser().parse_args([str(a) for a in argv])
+    for k, v in vars(given).items():
+        if k in ("func", "no_progress") or v is None:  # None: the default, which the protocol records as a value
+            continue
+        want = str(ex_file.resolve()) if k == "exemplars" else str(data.resolve()) if k == "data" else v
+        assert getattr(again, k) == want, (k, getattr(again, k), want)
