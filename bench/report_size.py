@@ -44,8 +44,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-CATEGORIES = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
-SHARES = (0.24, 0.23, 0.17, 0.36)  # the paper's categorized train set
+from linear_models.names import CATEGORIES, PAPER_CATEGORY_SHARES  # noqa: E402
+
+SHARES = tuple(PAPER_CATEGORY_SHARES[c] for c in CATEGORIES)  # the paper's categorized train set
 ID_RELATIONS = ("P131", "P136", "P17", "P19", "P26", "P264", "P36", "P40", "P495", "P69", "P740", "P800")
 OOD_RELATIONS = ("P127", "P50", "P407", "P176", "P170", "P175", "P112")
 SEEDS = {"world": 11, "pretrain": 12, "slick": 13, "mixtures": 14, "finetune": 15, "surrogate": 16}

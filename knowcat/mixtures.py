@@ -38,9 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from knowcat.errors import DataError
-from knowcat.slick import CATEGORIES
-
-KNOWN = ("HighlyKnown", "MaybeKnown", "WeaklyKnown")
+from linear_models.names import CATEGORIES, KNOWN
 DEFAULT_TEMPLATE = "Answer the following question. {question}\nAnswer:"
 
 

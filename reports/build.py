@@ -35,8 +35,7 @@ import numpy as np
 from knowcat.rundir import RunDir
 from reports import figures as F
 
-CATEGORIES = F.CATEGORIES
-PAPER_SHARES = {"HighlyKnown": 0.24, "MaybeKnown": 0.23, "WeaklyKnown": 0.17, "Unknown": 0.36}
+from linear_models.names import CATEGORIES, PAPER_CATEGORY_SHARES as PAPER_SHARES, PAPER_IDK  # noqa: E402
 
 
 def _versions() -> dict:
@@ -324,8 +323,8 @@ def summary_lines(know: dict, ft: dict | None, sg: dict | None, gt: dict | None)
     lines = []
     if know["n"]:
         shares = ", ".join(f"{c['category']} {c['share']:.0%}" for c in know["counts"])
-        lines.append(f"{know['n']} questions categorized: {shares} (the paper's EntityQuestions train set: "
-                     "HighlyKnown 24%, MaybeKnown 23%, WeaklyKnown 17%, Unknown 36%).")
+        paper = ", ".join(f"{c} {s:.0%}" for c, s in PAPER_SHARES.items())
+        lines.append(f"{know['n']} questions categorized: {shares} (the paper's EntityQuestions train set: {paper}).")
     if gt:
         lines.append(f"Ground truth (demo world): greedy accuracy against exposure, Spearman "
                      f"{format_or_na('%.2f', gt.get('spearman'))}; never-seen facts answered correctly "
@@ -389,7 +388,7 @@ def build_report(run_dir, out: str | Path | None = None, max_table_rows: int = 2
         protocol=(cat_cfg or {}).get("protocol", {}), seeds=run_seeds(run), versions=_versions(), seconds=seconds,
         rerun=_rerun_command(run, demo_cfg, cat_cfg, rd.read_categorize_command()), know=know, ft=ft, sg=sg,
         summary=summary_lines(know, ft, sg, know.get("ground_truth")), categories=CATEGORIES,
-        progress=progress, precision=precision, machine=machine,
+        progress=progress, precision=precision, machine=machine, paper_idk=PAPER_IDK,
     )
     path = Path(out) if out else rd.report
     tmp = path.with_suffix(path.suffix + ".tmp")
