@@ -769,15 +769,6 @@ _RANGES = {
 
 _FORMATS = ("entityquestions", "eq", "hf", "datasets", "jsonl", "json", "csv", "parquet")
 
-# what each command writes inside its output folder (None: the whole folder is the command's)
-_WRITES = {
-    "categorize": ("categorize", "categorized.jsonl", "categorized.parquet", "categorize_summary.json",
-                   "rejects.jsonl"),
-    "greedy": ("greedy.jsonl", "exposure_check.json", "rejects.jsonl"),
-    "finetune": None,
-    "experiment": ("mixtures", "finetune", "replicates", "analysis.json", "rejects.jsonl"),
-    "surrogate": ("surrogates",),
-}
 
 
 def validate_args(args) -> None:
@@ -787,6 +778,7 @@ def validate_args(args) -> None:
 
     from knowcat.errors import UsageError
     from knowcat.paths import check_model_source, check_output_separate
+    from knowcat.rundir import WRITES
 
     for name, (lo, strict, hi) in _RANGES.items():
         v = getattr(args, name, None)
@@ -832,8 +824,8 @@ def validate_args(args) -> None:
     if model is not None:
         check_model_source(model)
         out = getattr(args, "out", None) or getattr(args, "run", None)
-        if out is not None and args.command in _WRITES:
-            check_output_separate([model], out, _WRITES[args.command],
+        if out is not None and args.command in WRITES:
+            check_output_separate([model], out, WRITES[args.command],
                                   what="run directory" if args.command != "finetune" else "output folder")
             if getattr(args, "rejects", None):
                 check_output_separate([model], args.rejects, what="rejects file")

@@ -138,9 +138,9 @@ def check_run_separate(rd: RunDir, model) -> None:
     folder of the model it fine-tunes: the study writes ``mixtures/``, ``finetune/``, ``replicates/`` and
     ``analysis.json`` there, none of which may be, hold or lie inside the model folder."""
     from knowcat.paths import check_output_separate
+    from knowcat.rundir import WRITES
 
-    writes = [rd.mixtures.root, rd.finetune_root(), rd.replicates, rd.analysis]
-    check_output_separate([model], rd.root, [p.relative_to(rd.root) for p in writes], what="run directory")
+    check_output_separate([model], rd.root, WRITES["experiment"], what="run directory")
 
 
 def _finetune_variants(rd: RunDir, model, cfg: ExperimentConfig, ft_cfg, sets, variants, dev, test, ood,

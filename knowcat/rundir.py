@@ -37,6 +37,18 @@ from typing import Iterable, Iterator
 from knowcat.io import atomic_write_json, atomic_write_text, read_json
 
 
+# what each command that takes a model writes inside its output folder (``None``: the whole folder is the
+# command's): :func:`knowcat.paths.check_output_separate` refuses a model folder among them, in any nesting
+WRITES = {
+    "categorize": ("categorize", "categorized.jsonl", "categorized.parquet", "categorize_summary.json",
+                   "rejects.jsonl"),
+    "greedy": ("greedy.jsonl", "exposure_check.json", "rejects.jsonl"),
+    "finetune": None,
+    "experiment": ("mixtures", "finetune", "replicates", "analysis.json", "rejects.jsonl"),
+    "surrogate": ("surrogates",),
+}
+
+
 def read_jsonl(path, missing_ok: bool = True) -> list[dict]:
     """Every line of a JSONL file as a dict (an absent file: no rows, or ``FileNotFoundError`` when
     not ``missing_ok``)."""

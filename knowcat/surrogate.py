@@ -161,7 +161,11 @@ def run_surrogates(run_dir, model_name: str, cfg: SurrogateConfig = SurrogateCon
     for s in cfg.surrogates:
         if s not in SURROGATES:
             raise ValueError(f"unknown surrogate {s!r}; choose from {SURROGATES}")
+    from knowcat.paths import check_output_separate
+    from knowcat.rundir import WRITES
+
     run = Path(run_dir)
+    check_output_separate([model_name], run, WRITES["surrogate"], what="run directory")
     sd = RunDir(run).surrogates
     out = sd.root
     out.mkdir(parents=True, exist_ok=True)

@@ -491,3 +491,15 @@ def test_rerun_command_repeats_the_options_knowcat_categorize_was_given(tmp_path
             continue
         want = str(ex_file.resolve()) if k == "exemplars" else str(data.resolve()) if k == "data" else v
         assert getattr(again, k) == want, (k, getattr(again, k), want)
+
+
+def test_run_surrogates_refuses_a_model_inside_surrogates(tmp_path):
+    from knowcat.errors import UsageError
+    from knowcat.surrogate import run_surrogates
+
+    run = _categorized_run(tmp_path / "run")
+    model = fake_model(run / "surrogates" / "m")
+    before = folder_digest(run)
+    with pytest.raises(UsageError, match="model folder"):
+        run_surrogates(run, str(model), log=lambda *a: None, progress=False)
+    assert folder_digest(run) == before
