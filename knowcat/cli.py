@@ -399,29 +399,15 @@ def cmd_mixtures(args):
 
 
 def _eval_records(args, path, split):
-    from knowcat.filtering import read_records
+    from knowcat.selection import eval_records
 
-    if path is None:
-        return []
-    p = Path(path)
-    if p.suffix in (".jsonl", ".json", ".csv", ".parquet") and p.is_file():
-        recs = read_records(p)
-        if recs and "question" in recs[0]:
-            return [r for r in recs if split is None or r.get("split", split) == split]
-    return [{"id": e.id, "question": e.question, "answers": list(e.answers), "relation": e.relation}
-            for e in load_from_args(args, source=str(path)) if split is None or e.split == split]
+    return eval_records(path, split, lambda src: load_from_args(args, source=str(src)))
 
 
 def _split_relations(args, path, split) -> set:
-    """The relations of the records of ``split`` (records that name it) in the data at ``path``."""
-    from knowcat.filtering import read_records
+    from knowcat.selection import split_relations
 
-    p = Path(path)
-    if p.suffix in (".jsonl", ".json", ".csv", ".parquet") and p.is_file():
-        recs = read_records(p)
-        if recs and "question" in recs[0]:
-            return {r.get("relation") for r in recs if r.get("split") == split and r.get("relation")}
-    return {e.relation for e in load_from_args(args, source=str(path)) if e.split == split and e.relation}
+    return split_relations(path, split, lambda src: load_from_args(args, source=str(src)))
 
 
 def cmd_finetune(args):

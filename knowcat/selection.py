@@ -4,6 +4,7 @@
   default every split but the exemplars', which is the pool);
 - :func:`check_exemplars`: every relation asked needs k + 1 exemplars of its own;
 - :func:`first_per_relation`: the first N questions of each relation, in input order;
+- :func:`eval_records`, :func:`split_relations`: the evaluation questions of a split, and its relations;
 - :func:`early_stop_dev` and :func:`finetune_ood`: the dev questions EARLY_STOP is chosen on and
   the out-of-distribution relations, the same rules for ``knowcat experiment`` and
   ``knowcat finetune``.
@@ -80,6 +81,41 @@ def early_stop_dev(dev: list[dict], train_relations, ood_relations=()) -> list[d
         return list(dev)
     train, ood = set(train_relations or ()), set(ood_relations)
     return [d for d in dev if (not train or d.get("relation") in train) and d.get("relation") not in ood]
+
+
+def _records_file(path):
+    """The records of ``path`` when it is a file of question records (a categorized file, say), else None."""
+    from pathlib import Path
+
+    from knowcat.filtering import read_records
+
+    p = Path(path)
+    if p.suffix in (".jsonl", ".json", ".csv", ".parquet") and p.is_file():
+        recs = read_records(p)
+        if recs and "question" in recs[0]:
+            return recs
+    return None
+
+
+def eval_records(path, split: str | None, load) -> list[dict]:
+    """The evaluation questions (id, question, answers, relation and, from a categorized file, category)
+    of ``split`` in the data at ``path`` (``None``: no data): a file of question records as it is (a
+    record without a split counts as ``split``), else the examples ``load(path)`` returns."""
+    if path is None:
+        return []
+    recs = _records_file(path)
+    if recs is not None:
+        return [r for r in recs if split is None or r.get("split", split) == split]
+    return [{"id": e.id, "question": e.question, "answers": list(e.answers), "relation": e.relation}
+            for e in load(path) if split is None or e.split == split]
+
+
+def split_relations(path, split: str, load) -> set:
+    """The relations of the records of ``split`` (records that name it) in the data at ``path``."""
+    recs = _records_file(path)
+    if recs is not None:
+        return {r.get("relation") for r in recs if r.get("split") == split and r.get("relation")}
+    return {e.relation for e in load(path) if e.split == split and e.relation}
 
 
 def finetune_ood(test: list[dict], train_rows: list[dict], given: str | None = None, by_relation: bool = True,

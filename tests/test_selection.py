@@ -55,3 +55,25 @@ def test_finetune_ood_and_dev_rules():
     dev = [{"relation": r} for r in ("P1", "P2", "P3")]
     assert [d["relation"] for d in finetune_dev(dev, rows, ["P3"], {"P1", "P2"})] == ["P1", "P2"]
     assert [d["relation"] for d in finetune_dev(dev, rows, ["P3"], set())] == ["P1"]
+
+
+def test_eval_records_reads_a_records_file_as_it_is_else_loads(tmp_path):
+    import json
+
+    from knowcat.selection import eval_records, split_relations
+
+    f = tmp_path / "cat.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "1", "question": "q1?", "answers": ["a"], "relation": "P1", "split": "train", "category": "Unknown"},
+        {"id": "2", "question": "q2?", "answers": ["b"], "relation": "P2", "split": "test", "category": "HighlyKnown"},
+        {"id": "3", "question": "q3?", "answers": ["c"], "relation": "P3"}]))
+    never = lambda src: pytest.fail("a records file is read as it is")  # noqa: E731
+    assert [r["id"] for r in eval_records(f, "test", never)] == ["2", "3"]  # no split: counts as the one asked
+    assert eval_records(f, "test", never)[0]["category"] == "HighlyKnown"
+    assert split_relations(f, "train", never) == {"P1"}
+    assert eval_records(None, "test", never) == []
+    folder = tmp_path / "eq"
+    folder.mkdir()
+    got = eval_records(folder, "test", lambda src: DATA)
+    assert {r["id"] for r in got} == {e.id for e in DATA if e.split == "test"} and "category" not in got[0]
+    assert split_relations(folder, "dev", lambda src: DATA) == {"P1", "P2"}
