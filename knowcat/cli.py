@@ -479,7 +479,7 @@ def cmd_surrogate(args):
         from linear_models.hypothesis import format_verdict
 
         for name, t in evaluate_run(args.run, cfg).items():
-            print(format_verdict(name, t["at_default"]))
+            print(format_verdict(name, t["at_default"], t.get("fit_epoch_link")))
         return
     run_surrogates(args.run, args.model, cfg, data=args.data, device=args.device, progress=not args.no_progress)
 

@@ -329,10 +329,11 @@ def _run_demo_stages(run: Path, preset, seed, device, log, progress, study, say)
     stages = ["world", "pretrain", "categorize"] + (["experiment"] if cfg.experiment is not None and study else []) \
         + (["surrogates"] if cfg.surrogate is not None and study else [])
     timings: dict[str, float] = {}
-    summary: dict = {"run_dir": str(run), "preset": preset, "precision": precision, "status": "running",
-                     "stages": stages, "stages_done": [], "seconds": {}}
+    summary: dict = {"run_dir": str(run), "preset": preset, "precision": precision, "threads": machine["threads"],
+                     "status": "running", "stages": stages, "stages_done": [], "seconds": {}}
     t_start = time.time()
-    say(f"knowcat demo ({preset}): {len(stages)} stages into {run}; detail in {rd.demo_log}; "
+    say(f"knowcat demo ({preset}): {len(stages)} stages into {run} on {machine['threads']} of {os.cpu_count()} cores "
+        f"(the ones idle at the start; OMP_NUM_THREADS to choose); detail in {rd.demo_log}; "
         f"the report {rd.report} is rewritten as each stage ends")
 
     def end_stage(name: str, line: str, report: bool = True):

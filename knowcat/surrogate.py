@@ -190,7 +190,7 @@ def run_surrogates(run_dir, model_name: str, cfg: SurrogateConfig = SurrogateCon
         log(f"surrogate {name}: {len(rows)} examples in {seconds[name]:.0f} s")
     tests = evaluate_run(run, cfg, seconds, log)
     for name, t_ in tests.items():
-        log(format_verdict(name, t_["at_default"]))
+        log(format_verdict(name, t_["at_default"], t_.get("fit_epoch_link")))
     return tests
 
 

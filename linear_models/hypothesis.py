@@ -39,7 +39,8 @@ the cross-validated AUROC difference is positive.
 
 Link to fine-tuning (:func:`fit_epoch_link`): within each category, the Spearman
 correlation of a surrogate's per-example value with the epoch at which fine-tuning
-first fits the example, with a bootstrap percentile interval.
+first fits the example, with a bootstrap percentile interval (resamples with a constant series
+count as no correlation, and when they are more than 5% the interval is not read).
 
 Descriptive statistics kept from the whole table (:func:`hypothesis_test`): the class x
 category table, its chi-square (with the smallest expected count, which says whether it
@@ -444,10 +445,17 @@ def _incremental_validity(categories, baseline, extra, folds, seed, n_boot) -> d
 
 
 def fit_epoch_link(values: list[float], epochs: list[float], categories: list[str], n_boot: int = 1000,
-                   seed: int = 0) -> dict:
+                   seed: int = 0, max_degenerate: float = 0.05) -> dict:
     """Within each category: Spearman's rho of ``values`` with the fitted epoch, its p-value and a
-    bootstrap percentile 95% interval. ``holds``: the interval lies above 0 (the hypothesis' way: a
-    larger residual, a later fit)."""
+    bootstrap percentile 95% interval over the category's examples.
+
+    A resample whose values or epochs are all equal has no rank correlation. Such resamples are not
+    dropped (keeping only the resamples that happen to vary selects them, and gave intervals narrower
+    than the data allow when most examples of a category are fitted at the same epoch): they count as
+    rho = 0, their share is reported as ``degenerate_share``, and when it exceeds ``max_degenerate`` the
+    interval is not read. ``decision``: "holds" when the interval lies above 0 (the hypothesis' way: a
+    larger value, a later fit), "contradicted" when it lies below 0, "unclear" otherwise; ``holds`` is
+    True, False or None accordingly."""
     from scipy import stats
 
     rng = np.random.default_rng(seed)
@@ -458,19 +466,27 @@ def fit_epoch_link(values: list[float], epochs: list[float], categories: list[st
         v, e = np.asarray([values[i] for i in idx], float), np.asarray([epochs[i] for i in idx], float)
         rec = {"n": len(idx)}
         if len(idx) < 5 or np.all(v == v[0]) or np.all(e == e[0]):
-            out[cat] = {**rec, "rho": None, "p": None, "ci": None, "holds": None,
-                        "note": "fewer than 5 examples, or a constant series: undefined"}
+            out[cat] = {**rec, "rho": None, "p": None, "ci": None, "holds": None, "decision": "unclear",
+                        "degenerate_share": None, "note": "fewer than 5 examples, or a constant series: undefined"}
             continue
         r = stats.spearmanr(v, e)
-        boots = []
-        for _ in range(n_boot):
+        boots, degenerate = np.zeros(n_boot), 0
+        for b in range(n_boot):
             i = rng.integers(0, len(v), len(v))
             if np.all(v[i] == v[i][0]) or np.all(e[i] == e[i][0]):
+                degenerate += 1
                 continue
-            boots.append(stats.spearmanr(v[i], e[i]).statistic)
-        ci = [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))] if boots else None
-        out[cat] = {**rec, "rho": float(r.statistic), "p": float(r.pvalue), "ci": ci,
-                    "holds": bool(ci[0] > 0) if ci else None}
+            boots[b] = stats.spearmanr(v[i], e[i]).statistic
+        ci = [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))] if n_boot else None
+        share = degenerate / n_boot if n_boot else None
+        rec.update(rho=float(r.statistic), p=float(r.pvalue), ci=ci, degenerate_share=share)
+        if ci is None or share > max_degenerate:
+            out[cat] = {**rec, "holds": None, "decision": "unclear",
+                        **({"note": f"{100 * share:.0f}% of resamples have a constant series (more than "
+                                    f"{100 * max_degenerate:.0f}%): the interval is not read"} if ci else {})}
+            continue
+        decision = "holds" if ci[0] > 0 else "contradicted" if ci[1] < 0 else "unclear"
+        out[cat] = {**rec, "holds": {"holds": True, "contradicted": False}.get(decision), "decision": decision}
     return out
 
 
@@ -576,7 +592,25 @@ def evaluate(rows_by_name: dict[str, list[dict]], baseline: dict[str, dict] | No
         keys = [set(r.get("sweep") or {}) for r in rows]
         if keys and set.union(*keys) != set.intersection(*keys):
             out[name]["sweep_left_out"] = sorted(set.union(*keys) - set.intersection(*keys), key=float)
+    correct_link_family([out[n]["fit_epoch_link"] for n in out], alpha=alpha)
     return out
+
+
+def correct_link_family(links: list[dict | None], alpha: float = 0.05) -> None:
+    """Holm over every (surrogate, value, category) correlation of the fit-epoch link read together (tens of
+    them: a few intervals above 0 are expected by chance alone). Adds ``p_holm`` to each and keeps
+    "holds" / "contradicted" only where the corrected p is below ``alpha`` too; the others become
+    "unclear" with the reason. In place."""
+    cells = [v for link in links if link for per in link["fields"].values() for v in per.values()
+             if v.get("p") is not None]
+    for v, ph in zip(cells, holm([v["p"] for v in cells])):
+        v["p_holm"] = ph
+        if v["decision"] in ("holds", "contradicted") and not ph < alpha:
+            v.update(decision="unclear", holds=None,
+                     note=f"interval excludes 0 but Holm p {ph:.3g} over the {len(cells)} correlations read together")
+    for link in links:
+        if link:
+            link["family_size"] = len(cells)
 
 
 def _lr_only(categories, base, extra):
@@ -600,7 +634,7 @@ def _fmt(x) -> str:
     return f"{x:.3g}"
 
 
-def format_verdict(name: str, t: dict) -> str:
+def format_verdict(name: str, t: dict, link: dict | None = None) -> str:
     lines = [f"surrogate {name}: {t['verdict'].upper()} (n = {t['n']}, alpha = {t['alpha']})"]
     lines += [f"  {r}" for r in t["reasons"]]
     lines.append(f"  {'class':<24}" + "".join(f"{c[:2]:>7}" for c in CATEGORIES))
@@ -614,4 +648,9 @@ def format_verdict(name: str, t: dict) -> str:
     if kw.get("H") is not None:
         lines.append(f"  Kruskal-Wallis on residuals: H {kw['H']:.1f}, p {kw['p']:.3g}; medians "
                      + ", ".join(f"{c[:2]} {v:.3g}" for c, v in kw["median_by_category"].items()))
+    if link:
+        for f, per in link["fields"].items():
+            lines.append(f"  fit-epoch link ({f}, Spearman with the epoch first fitted): " + "; ".join(
+                f"{c[:2]} {_fmt(v.get('rho'))}" + (f" [{v['ci'][0]:.2f}, {v['ci'][1]:.2f}]" if v.get("ci") else "")
+                + f" {v.get('decision', 'unclear')}" for c, v in per.items()))
     return "\n".join(lines)

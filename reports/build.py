@@ -294,7 +294,8 @@ def _arm_row(arm: str, x: dict) -> dict:
 def _link_rows(link: dict | None) -> list[dict]:
     if not link:
         return []
-    return [{"field": f, "category": c, **{k: v.get(k) for k in ("n", "rho", "p", "ci", "holds")}}
+    return [{"field": f, "category": c, **{k: v.get(k) for k in ("n", "rho", "p", "ci", "holds", "decision",
+                                                                          "degenerate_share")}}
             for f, per in link.get("fields", {}).items() for c, v in per.items()]
 
 

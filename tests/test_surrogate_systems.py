@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from linear_models.hypothesis import (arm_test, evaluate, fit_epoch_link, holm, incremental_validity)
+from linear_models.hypothesis import (arm_test, correct_link_family, evaluate, fit_epoch_link, holm,
+                                     incremental_validity)
 from linear_models.surrogates import (reachable_by_shape, reachable_classes, relation_jacobian_systems,
                                       relation_map_classes, relation_map_reachable, ridge_loo, solve_answer_system,
                                       weight_update_system)
@@ -255,6 +256,46 @@ def test_fit_epoch_link():
     assert out["Unknown"]["rho"] > 0.8 and out["Unknown"]["holds"] and out["Unknown"]["ci"][0] > 0
     assert out["HighlyKnown"]["ci"][0] < 0 < out["HighlyKnown"]["ci"][1]
     assert out["MaybeKnown"]["rho"] is None and out["MaybeKnown"]["n"] == 0
+
+
+def test_fit_epoch_link_decides_three_ways_and_keeps_degenerate_resamples():
+    rng = np.random.default_rng(1)
+    # a later fit for a smaller value: the interval lies below 0
+    v = rng.random(40)
+    out = fit_epoch_link(list(v), [int(5 * (1 - x)) + 1 for x in v], ["Unknown"] * 40, n_boot=300)
+    assert out["Unknown"]["decision"] == "contradicted" and out["Unknown"]["holds"] is False
+    assert out["Unknown"]["ci"][1] < 0 and out["Unknown"]["degenerate_share"] == 0
+    # 38 of 40 fitted at epoch 1; the two fitted later have the two smallest values. Resamples missing
+    # both are constant (about 13% of them): dropping them would leave only resamples holding a late,
+    # small example, all negative, an interval below 0 from two examples. Counted, they make it unclear.
+    v = np.sort(rng.random(40))
+    epochs = [2, 2] + [1] * 38
+    out = fit_epoch_link(list(v), epochs, ["HighlyKnown"] * 40, n_boot=1000)
+    hk = out["HighlyKnown"]
+    assert 0.05 < hk["degenerate_share"] < 0.25
+    assert hk["decision"] == "unclear" and hk["holds"] is None and "constant series" in hk["note"]
+    assert hk["ci"][1] >= 0  # the zeros of the constant resamples are inside the interval
+    loose = fit_epoch_link(list(v), epochs, ["HighlyKnown"] * 40, n_boot=1000, max_degenerate=1.0)
+    assert loose["HighlyKnown"]["decision"] in ("unclear", "contradicted")
+
+
+def test_fit_epoch_link_family_is_holm_corrected():
+    """A weak correlation whose interval just excludes 0 holds alone, and not among many read together."""
+    rng = np.random.default_rng(2)
+    v = rng.random(200)
+    e = np.round(2 * v + rng.normal(0, 3, 200))  # rho 0.16, p 0.03
+    one = fit_epoch_link(list(v), list(e), ["Unknown"] * 200, n_boot=500)
+    u = one["Unknown"]
+    assert u["decision"] == "holds" and 1e-3 < u["p"] < 0.05
+    alone = {"fields": {"residual": {"Unknown": dict(u)}}}
+    correct_link_family([alone])
+    assert alone["fields"]["residual"]["Unknown"]["decision"] == "holds"
+    many = [{"fields": {"residual": {"Unknown": dict(u)}}}] + [
+        {"fields": {"residual": {"Unknown": {"p": 0.5, "decision": "unclear"}}}} for _ in range(40)]
+    correct_link_family(many)
+    cell = many[0]["fields"]["residual"]["Unknown"]
+    assert cell["decision"] == "unclear" and cell["holds"] is None and cell["p_holm"] >= 0.05
+    assert many[0]["family_size"] == 41
 
 
 def test_fit_epochs_from_a_finetune_run(tmp_path):
