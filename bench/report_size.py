@@ -44,8 +44,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-CATEGORIES = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
-SHARES = (0.24, 0.23, 0.17, 0.36)  # the paper's categorized train set
+from linear_models.names import CATEGORIES, PAPER_CATEGORY_SHARES  # noqa: E402
+
+SHARES = tuple(PAPER_CATEGORY_SHARES[c] for c in CATEGORIES)  # the paper's categorized train set
 ID_RELATIONS = ("P131", "P136", "P17", "P19", "P26", "P264", "P36", "P40", "P495", "P69", "P740", "P800")
 OOD_RELATIONS = ("P127", "P50", "P407", "P176", "P170", "P175", "P112")
 SEEDS = {"world": 11, "pretrain": 12, "slick": 13, "mixtures": 14, "finetune": 15, "surrogate": 16}
@@ -72,21 +73,12 @@ def _wilson(k: np.ndarray, n: np.ndarray, z: float = 1.959963984540054) -> tuple
     return np.clip(centre - half, 0, 1), np.clip(centre + half, 0, 1)
 
 
-def _write_jsonl(path: Path, rows) -> None:
-    from knowcat.io import atomic_write_text
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
 # ---------------------------------------------------------------------------------------------
 # categorization and the world
 
 
 def _categorized(run: Path, n: int, rng, keep_answers: bool) -> tuple[list[dict], list]:
     from knowcat.examples import QAExample
-    from knowcat.filtering import write_records
-    from knowcat.io import atomic_write_json
     from knowcat.rundir import RunDir
     from knowcat.runs import run_identity, summarize
     from knowcat.slick import SliCKConfig
@@ -139,20 +131,23 @@ def _categorized(run: Path, n: int, rng, keep_answers: bool) -> tuple[list[dict]
                 samples.append(s)
             rec["greedy_answers"], rec["sampled_answers"] = greedy, samples
         rows.append(rec)
-    _write_jsonl(run / "categorized.jsonl", rows)
-    write_records(run / "categorized.parquet", rows)
-    RunDir(run).write_categorize_config(run_identity("synthetic/model", examples, [], cfg, 256, None, "transformers"))
+    rd = RunDir(run)
+    rd.write_categorized(rows)
+    rd.write_categorize_config(run_identity("synthetic/model", examples, [], cfg, 256, None, "transformers"))
     res = {r["id"]: r for r in rows}
     summary = summarize(examples, res)
     summary["seconds"] = round(n * 0.05, 1)
-    atomic_write_json(run / "categorize_summary.json", summary)
+    rd.write_categorize_summary(summary)
     return rows, examples
 
 
 def _world(run: Path, rows: list[dict], rng) -> None:
     from knowcat.demo import category_exposure, demo_config
     from knowcat.io import atomic_write_json
+    from knowcat.rundir import RunDir, write_jsonl
     from knowcat.world.validate import exposure_check
+
+    rd = RunDir(run)
 
     cfg = demo_config("default")
     cfg = replace(cfg, world=replace(cfg.world, seed=SEEDS["world"]),
@@ -161,7 +156,7 @@ def _world(run: Path, rows: list[dict], rng) -> None:
                   experiment=replace(cfg.experiment, mixtures=replace(cfg.experiment.mixtures, seed=SEEDS["mixtures"]),
                                      finetune=replace(cfg.experiment.finetune, seed=SEEDS["finetune"])),
                   surrogate=replace(cfg.surrogate, seed=SEEDS["surrogate"]))
-    atomic_write_json(run / "config.json", {"stage": "demo", "preset": "synthetic", **asdict(cfg)})
+    rd.write_demo_config({"stage": "demo", "preset": "synthetic", **asdict(cfg)})
     median = {"HighlyKnown": 60.0, "MaybeKnown": 25.0, "WeaklyKnown": 6.0, "Unknown": 1.5}
     exposures = []
     for r in rows:
@@ -173,22 +168,21 @@ def _world(run: Path, rows: list[dict], rng) -> None:
                           "split": r["split"], "question": r["question"], "count": count, "statement": count // 2,
                           "qa": count - count // 2, "conflicting": conflicting,
                           "distractor": None if not conflicting else "Distractor City"})
-    _write_jsonl(run / "world" / "exposures.jsonl", exposures)
+    write_jsonl(rd.world.exposures, exposures)
     counts = np.array([e["count"] for e in exposures])
-    atomic_write_json(run / "world" / "world.json", {
+    atomic_write_json(rd.world.summary, {
         "config": asdict(cfg.world), "facts": len(exposures), "relations": sorted({r["relation"] for r in rows}),
         "documents": len(exposures) // 4, "mentions": int(counts.sum()), "conflicted_facts": int(sum(
             e["conflicting"] > 0 for e in exposures)), "never_seen_share": float((counts == 0).mean()),
         "count_quantiles": {str(q): float(np.quantile(counts, q)) for q in (0.25, 0.5, 0.75, 0.9, 0.99)}})
-    (run / "model").mkdir(exist_ok=True)
-    atomic_write_json(run / "model" / "knowcat_pretrain.json", {
-        "config": asdict(cfg.pretrain), "bf16": False, "world": str(run / "world"), "tokens": int(counts.sum()) * 12,
+    atomic_write_json(rd.pretrain_record, {
+        "config": asdict(cfg.pretrain), "bf16": False, "world": str(rd.world.root), "tokens": int(counts.sum()) * 12,
         "steps": 1000, "final_loss": 1.1, "seconds_this_session": 600.0,
         "history": [{"step": s, "loss": float(6 * np.exp(-s / 200) + 1.0)} for s in range(0, 1001, 50)]})
     check_split = "train"
     check = exposure_check({r["id"]: r["p_correct_greedy"] for r in rows if r["split"] == check_split}, exposures)
     ce = category_exposure(rows, exposures, check_split)
-    atomic_write_json(run / "exposure_check.json", {"greedy_vs_exposure": check, "category_exposure": ce})
+    rd.write_exposure_check({"greedy_vs_exposure": check, "category_exposure": ce})
     return cfg
 
 
@@ -214,11 +208,13 @@ def _study(run: Path, rows: list[dict], cfg, rng) -> None:
     from knowcat.finetune import choose_stops, eval_items
     from knowcat.io import atomic_write_json
     from knowcat.mixtures import build_mixtures, write_mixtures
+    from knowcat.rundir import RunDir, write_jsonl
 
+    rd = RunDir(run)
     exp = cfg.experiment
     ft = exp.finetune
-    sets = build_mixtures(rows, exp.mixtures, source=str(run / "categorized.jsonl"))
-    write_mixtures(sets, run / "mixtures")
+    sets = build_mixtures(rows, exp.mixtures, source=str(rd.categorized_jsonl))
+    write_mixtures(sets, rd.mixtures.root)
     test = eval_items(rows, exp.test_split)
     tid = np.array([t["id"] for t in test])
     tcat = np.array([t["category"] for t in test])
@@ -232,9 +228,9 @@ def _study(run: Path, rows: list[dict], cfg, rng) -> None:
         train = sets[v]
         if not train:
             continue
-        out = run / "finetune" / v
-        (out / "epochs").mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "config.json", {"model": "synthetic/model", "config": asdict(ft),
+        out = rd.finetune(v)
+        out.epochs_dir.mkdir(parents=True, exist_ok=True)
+        out.write_config({"model": "synthetic/model", "config": asdict(ft),
                                                 "template": exp.mixtures.prompt_template, "n_train": len(train),
                                                 "eval_sets": {"dev": n_dev, "test": len(test)}})
         n_by = Counter(t["category"] for t in train)
@@ -258,21 +254,21 @@ def _study(run: Path, rows: list[dict], cfg, rng) -> None:
                           "in_distribution": _block(correct[~ood], abstained[~ood], tcat[~ood]),
                           "ood": _block(correct[ood], abstained[ood], tcat[ood])},
                  "train_loss": float(2 * np.exp(-e / 3))}
-            atomic_write_json(out / "epochs" / f"epoch_{e:03d}.json", m)
+            atomic_write_json(out.epoch(e), m)
             metrics.append(m)
         stops = choose_stops(metrics)
         for e in epochs:  # as knowcat finetune writes them: the test answers of every measured epoch
             correct, abstained = draws[e]
-            _write_jsonl(out / "epochs" / f"epoch_{e:03d}.answers.jsonl", (
+            write_jsonl(out.answers(e), (
                 {"set": "test", "id": str(i), "relation": str(r), "category": str(c), "answer": "x",
                  "correct": bool(k), "abstained": bool(a)}
                 for i, r, c, k, a in zip(tid, trel, tcat, correct, abstained)))
-        atomic_write_json(out / "metrics.json", {"complete": True, "config": asdict(ft), "model": "synthetic/model",
+        out.write_metrics({"complete": True, "config": asdict(ft), "model": "synthetic/model",
                                                  "n_train": len(train), "world_size": 1, "seconds_training": 60.0,
                                                  **stops, "epochs": metrics})
     analysis = analyze(run, exp)
     analysis["seconds"] = 3600.0
-    atomic_write_json(run / "analysis.json", analysis)
+    rd.write_analysis(analysis)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,12 +276,13 @@ def _study(run: Path, rows: list[dict], cfg, rng) -> None:
 
 
 def _surrogates(run: Path, rows: list[dict], cfg, rng) -> dict:
-    from knowcat.io import atomic_write_json
-    from knowcat.surrogate import _tests, _write_rows, stratified_sample
+    from knowcat.rundir import RunDir
+    from knowcat.surrogate import _tests, stratified_sample
 
+    sd = RunDir(run).surrogates
     sc = cfg.surrogate
     train = [r for r in rows if r["split"] == sc.split]
-    atomic_write_json(run / "surrogates" / "config.json", {"model": "synthetic/model", "config": asdict(sc),
+    sd.write_config({"model": "synthetic/model", "config": asdict(sc),
                                                            "n": len(train)})
     cat_ix = {c: i for i, c in enumerate(CATEGORIES)}
     tests = {}
@@ -314,18 +311,18 @@ def _surrogates(run: Path, rows: list[dict], cfg, rng) -> dict:
                         "residual": float(resid[k]), "rank": int(rank[k]), "n_unknowns": d,
                         "nullity": int(d - rank[k]), "cond_kept": float(10 ** rng.uniform(1, 6)),
                         "effective_rank": float(rank[k] - rng.uniform(0, 3)), "layer": 8, "sweep": sweep})
-        _write_rows(run / "surrogates" / name, out)
+        sd.write_rows(name, out)
         t = time.time()
         tests[name] = _tests(out, sc, name)
         tests[name]["seconds"] = round(time.time() - t + 0.01 * len(out), 1)
         tests[name]["seconds_per_example"] = tests[name]["seconds"] / max(1, len(out))
-    atomic_write_json(run / "surrogates" / "tests.json", tests)
+    sd.write_tests(tests)
     return tests
 
 
 def synthetic_run(run_dir, n: int, seed: int = 0, keep_answers: bool = True) -> Path:
     """A run directory of ``n`` categorized examples with every report section's files (see the module doc)."""
-    from knowcat.io import atomic_write_json
+    from knowcat.rundir import RunDir
 
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
@@ -334,7 +331,7 @@ def synthetic_run(run_dir, n: int, seed: int = 0, keep_answers: bool = True) -> 
     cfg = _world(run, rows, rng)
     _study(run, rows, cfg, rng)
     tests = _surrogates(run, rows, cfg, rng)
-    atomic_write_json(run / "demo_summary.json", {
+    RunDir(run).write_demo_summary({
         "run_dir": str(run), "preset": "synthetic",
         "seconds": {"world": 10.0, "pretrain": 600.0, "categorize": round(n * 0.05, 1), "experiment": 3600.0,
                     "surrogates": 300.0},
@@ -343,6 +340,7 @@ def synthetic_run(run_dir, n: int, seed: int = 0, keep_answers: bool = True) -> 
 
 
 def measure(n: int, root: Path, seed: int = 0, keep_answers: bool = True) -> dict:
+    from knowcat.rundir import RunDir
     from reports import build_report
 
     t = time.perf_counter()
@@ -356,7 +354,7 @@ def measure(n: int, root: Path, seed: int = 0, keep_answers: bool = True) -> dic
     return {"n_examples": n, "report_bytes": size, "report_mb": size / 2 ** 20, "build_seconds": t_build,
             "synthetic_run_seconds": t_run,
             "run_dir_mb": sum(p.stat().st_size for p in run.rglob("*") if p.is_file()) / 2 ** 20,
-            "categorized_jsonl_mb": (run / "categorized.jsonl").stat().st_size / 2 ** 20,
+            "categorized_jsonl_mb": RunDir(run).categorized_jsonl.stat().st_size / 2 ** 20,
             "png_figures": html.count('data-format="png"'), "svg_figures": html.count('data-format="svg"'),
             "path": str(path)}
 

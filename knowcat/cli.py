@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
 from knowcat.errors import UsageError
+from knowcat.selection import split_for_categorize
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,7 +79,9 @@ def _rejects_writer(args):
             out = Path(args.out)
             path = out.with_name(out.stem + ".rejects.jsonl")
         else:
-            path = Path(getattr(args, "out", None) or getattr(args, "run", None) or ".") / "rejects.jsonl"
+            from knowcat.rundir import RunDir
+
+            path = RunDir(getattr(args, "out", None) or getattr(args, "run", None) or ".").rejects
         w = args._rejects_writer = RejectWriter(path)
     return w
 
@@ -144,38 +146,6 @@ def _field_map(args):
         raise UsageError(f"--field: {e}") from None
 
 
-def split_for_categorize(examples, exemplar_split: str, splits: str | None, exemplars=None):
-    """(examples to categorize, exemplar pool). Default: every split but the exemplars'."""
-    from knowcat.errors import UsageError
-
-    pool = exemplars if exemplars is not None else [e for e in examples if e.split == exemplar_split]
-    if not pool:
-        raise UsageError(f"no exemplars: the data has no '{exemplar_split}' split; give --exemplars FILE "
-                         f"(few-shot exemplars of the same relations) or --exemplar-split NAME")
-    if splits:
-        wanted = {s.strip() for s in splits.split(",") if s.strip()}
-        todo = [e for e in examples if e.split in wanted]
-    else:
-        todo = [e for e in examples if exemplars is not None or e.split != exemplar_split]
-    if not todo:
-        raise UsageError(f"nothing to categorize (splits: {splits or 'all but ' + exemplar_split}); "
-                         f"choose splits the data has with --splits")
-    return todo, pool
-
-
-def check_exemplars(todo, pool, k: int, exemplar_split: str) -> None:
-    """Every relation to answer needs k + 1 exemplars of its own relation (k per prompt and a spare)."""
-    from collections import Counter
-
-    from knowcat.errors import UsageError
-
-    have = Counter(e.relation for e in pool)
-    for rel in sorted({e.relation for e in todo}):
-        if have[rel] < k + 1:
-            raise UsageError(f"relation {rel} has {have[rel]} exemplar(s) in the '{exemplar_split}' split; --k {k} "
-                             f"needs at least {k + 1}: lower --k, or give more exemplars (--exemplars FILE)")
-
-
 def _sft_format(args) -> str | None:
     """The SFT chat format of ``args.data`` (forced by ``--format`` or detected), or None for QA data."""
     from knowcat.loaders.sft import SFT_FORMATS, is_chat_format, normalize_format, sniff_format
@@ -216,7 +186,8 @@ def _categorize_sft(args, fmt, cfg):
 
 
 def cmd_categorize(args):
-    from knowcat.runs import run_categorize
+    from knowcat.runs import categorize_with
+    from knowcat.selection import select_for_categorize
     from knowcat.slick import SliCKConfig
 
     cfg = _override(SliCKConfig(), args)
@@ -226,42 +197,44 @@ def cmd_categorize(args):
         return _categorize_sft(args, sft_fmt, cfg)
     examples, fieldmap = load_from_args(args, with_fields=True)
     exemplars = load_from_args(args, source=args.exemplars) if args.exemplars else None
-    todo, pool = split_for_categorize(examples, cfg.exemplar_split, args.splits, exemplars)
-    check_exemplars(todo, pool, cfg.k, cfg.exemplar_split)
-    if args.per_relation:
-        seen: dict = {}
-        todo = [e for e in todo if seen.setdefault(e.relation, []).append(e) or len(seen[e.relation]) <= args.per_relation]
-        print(f"categorizing the first {args.per_relation} questions of each relation: {len(todo)}")
-    opts = {}
-    if args.backend == "vllm" or (args.backend == "ray" and args.ray_engine == "vllm"):
-        opts = {"tensor_parallel_size": args.tensor_parallel_size, "dtype": args.dtype}
-    if args.data_parallel_size > 1 and (args.backend != "vllm" or args.ray_address):
-        from knowcat.errors import UsageError
+    todo, pool = select_for_categorize(examples, cfg, args.splits, exemplars, args.per_relation)
+    categorize_with(args.backend, args.model, todo, pool, args.out, cfg, shard_size=args.shard_size,
+                    device=args.device, dtype=args.dtype, batch_size=args.batch_size, fields=fieldmap,
+                    data_source=str(args.data), progress=not args.no_progress, ray_address=args.ray_address,
+                    ray_workers=args.ray_workers, ray_gpus_per_worker=args.ray_gpus_per_worker,
+                    ray_engine=args.ray_engine, tensor_parallel_size=args.tensor_parallel_size,
+                    data_parallel_size=args.data_parallel_size, command=_given_options(args, _CATEGORIZE_OPTIONS))
 
-        raise UsageError("--data-parallel-size runs several vLLM engines on this machine (--backend vllm); "
-                         "with --backend ray the replicas are --ray-workers (--ray-engine vllm)")
-    if args.backend == "vllm" and args.data_parallel_size > 1:
-        from knowcat.ray_runner import run_categorize_data_parallel
 
-        run_categorize_data_parallel(args.model, todo, pool, args.out, cfg, data_parallel_size=args.data_parallel_size,
-                                     shard_size=args.shard_size, engine_options=opts, fields=fieldmap,
-                                     data_source=str(args.data))
-        return
-    if args.backend == "ray" or args.ray_address:
-        from knowcat.ray_runner import run_categorize_ray
+# the options of knowcat categorize that its run's identity does not record (model, data, protocol, shard size
+# and backend are there): recorded beside it when they differ from their defaults, for the report's rerun command
+_CATEGORIZE_OPTIONS = ("format", "field", "relation", "split", "answers_sep", "drop_multi_answer", "drop_overlap",
+                       "on_error", "rejects", "splits", "exemplars", "per_relation", "batch_size", "device", "dtype",
+                       "ray_address", "ray_workers", "ray_gpus_per_worker", "ray_engine", "tensor_parallel_size",
+                       "data_parallel_size", "judge_model", "turns", "group_by", "max_answer_tokens")
 
-        run_categorize_ray(args.model, todo, pool, args.out, cfg, shard_size=args.shard_size,
-                           ray_address=args.ray_address, num_workers=args.ray_workers,
-                           gpus_per_worker=args.ray_gpus_per_worker, device=args.device, dtype=args.dtype,
-                           engine=args.ray_engine, engine_options=opts, fields=fieldmap, data_source=str(args.data))
-        return
-    run_categorize(args.model, todo, pool, args.out, cfg, shard_size=args.shard_size, device=args.device,
-                   dtype=args.dtype, batch_size=args.batch_size, fields=fieldmap, data_source=str(args.data),
-                   progress=not args.no_progress, backend=args.backend, backend_options=opts)
+
+def _given_options(args, names) -> dict:
+    """``{option: value}`` of ``names`` whose value differs from the command's default (paths that exist
+    made absolute, so that the command can be repeated from anywhere)."""
+    defaults = build_parser().parse_args([args.command, *_REQUIRED[args.command]])
+    out = {}
+    for n in names:
+        v = getattr(args, n, None)
+        if v == getattr(defaults, n, None):
+            continue
+        if n in ("exemplars", "rejects") and v and Path(v).exists():
+            v = str(Path(v).resolve())
+        out[n] = v
+    return out
+
+
+_REQUIRED = {"categorize": ("--model", "M", "DATA", "--out", "RUN")}
 
 
 def cmd_estimate(args):
     from knowcat.estimate import EstimateConfig, estimate, read_labels, write_estimate
+    from knowcat.rundir import RunDir
     from knowcat.slick import SliCKConfig
     from probes.loading import load_model
 
@@ -358,35 +331,11 @@ def cmd_data(args):
 
 
 def cmd_greedy(args):
-    from knowcat.fewshot import greedy_accuracy
-    from knowcat.io import atomic_write_json
+    from knowcat.fewshot import run_greedy
     from knowcat.prompts import FewShotConfig
-    from knowcat.rundir import RunDir, write_jsonl
-    from probes.engine import open_engine
 
-    examples = load_from_args(args)
-    fs = _override(FewShotConfig(), args)
-    pool = [e for e in examples if e.split == fs.exemplar_split]
-    evalset = [e for e in examples if e.split == args.eval_split] if args.eval_split else examples
-    if not evalset:
-        from knowcat.errors import UsageError
-
-        raise UsageError(f"no example of the split '{args.eval_split}' to evaluate; choose one with --eval-split")
-    check_exemplars(evalset, pool, fs.k, fs.exemplar_split)
-    engine = open_engine("transformers", args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
-    res = greedy_accuracy(engine, evalset, pool, fs, match=args.match)
-    out = RunDir(args.out)
-    write_jsonl(out.greedy_jsonl, ({"id": r.id, "relation": r.relation, "p_correct_greedy": r.p_correct,
-                                    "greedy_answers": r.answers} for r in res))
-    acc = sum(r.p_correct for r in res) / max(1, len(res))
-    print(f"greedy accuracy {acc:.1%} over {len(res)} examples -> {out.greedy_jsonl}")
-    if args.world:
-        from knowcat.world.build import read_exposures
-        from knowcat.world.validate import exposure_check, format_check
-
-        check = exposure_check({r.id: r.p_correct for r in res}, read_exposures(args.world))
-        atomic_write_json(out.exposure_check, check)
-        print(format_check(check))
+    run_greedy(args.model, load_from_args(args), args.out, _override(FewShotConfig(), args), eval_split=args.eval_split,
+               match=args.match, world=args.world, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
 
 
 def _numbers(text: str, typ, flag: str) -> tuple:
@@ -429,79 +378,43 @@ def _categorized_path(path: str) -> Path:
 
 def cmd_mixtures(args):
     from knowcat.filtering import read_records
+    from knowcat.rundir import RunDir
     from knowcat.mixtures import build_mixtures, format_manifest, write_mixtures
 
     src = _categorized_path(args.input)
     cfg = _mixture_config(args)
     sets = build_mixtures(read_records(src), cfg, source=str(src))
-    out = write_mixtures(sets, args.out or src.parent / "mixtures")
+    out = write_mixtures(sets, args.out or RunDir(src.parent).mixtures.root)
     print(format_manifest(sets["_manifest"]))
     print(f"wrote {len(sets) - 1} training sets to {out}")
 
 
 def _eval_records(args, path, split):
-    from knowcat.filtering import read_records
+    from knowcat.selection import eval_records
 
-    if path is None:
-        return []
-    p = Path(path)
-    if p.suffix in (".jsonl", ".json", ".csv", ".parquet") and p.is_file():
-        recs = read_records(p)
-        if recs and "question" in recs[0]:
-            return [r for r in recs if split is None or r.get("split", split) == split]
-    return [{"id": e.id, "question": e.question, "answers": list(e.answers), "relation": e.relation}
-            for e in load_from_args(args, source=str(path)) if split is None or e.split == split]
+    return eval_records(path, split, lambda src: load_from_args(args, source=str(src)))
 
 
 def _split_relations(args, path, split) -> set:
-    """The relations of the records of ``split`` (records that name it) in the data at ``path``."""
-    from knowcat.filtering import read_records
+    from knowcat.selection import split_relations
 
-    p = Path(path)
-    if p.suffix in (".jsonl", ".json", ".csv", ".parquet") and p.is_file():
-        recs = read_records(p)
-        if recs and "question" in recs[0]:
-            return {r.get("relation") for r in recs if r.get("split") == split and r.get("relation")}
-    return {e.relation for e in load_from_args(args, source=str(path)) if e.split == split and e.relation}
-
-
-def finetune_ood(args, rows, test) -> tuple[list[str], str]:
-    """The OOD relations of ``knowcat finetune`` and the rule that chose them: ``--ood-relations``;
-    else the test relations absent from the train split of the --test data (as ``knowcat
-    experiment`` does, so a relation of the train split with no example in this training set
-    stays in-distribution); else, when that data has no train split, those absent from the
-    training set, with a warning."""
-    test_rels = {t["relation"] for t in test if t.get("relation")}
-    if args.ood_relations is not None:
-        return sorted({x.strip() for x in args.ood_relations.split(",") if x.strip()}), "given (--ood-relations)"
-    if not args.ood_by_relation or not test:
-        return [], "none" if test else "no test set"
-    train_rels = _split_relations(args, args.test, args.train_split)
-    if train_rels:
-        return sorted(test_rels - train_rels), (f"test relations absent from the '{args.train_split}' split "
-                                                f"of {args.test}")
-    print(f"knowcat finetune: warning: {args.test} has no '{args.train_split}' split, so OOD relations are those "
-          f"absent from the training set; give --ood-relations, or a categorized file with both splits",
-          file=sys.stderr)
-    return sorted(test_rels - {r.get("relation") for r in rows}), \
-        "test relations absent from the training set (the test data has no train split)"
+    return split_relations(path, split, lambda src: load_from_args(args, source=str(src)))
 
 
 def cmd_finetune(args):
     from knowcat.finetune import FinetuneConfig, eval_items, finetune, format_epochs
     from knowcat.mixtures import DEFAULT_TEMPLATE, read_training_set
+    from knowcat.selection import finetune_dev, finetune_ood
 
     cfg = _override(FinetuneConfig(), args)
     rows = read_training_set(args.train)
     test = eval_items(_eval_records(args, args.test, args.test_split))
     dev = eval_items(_eval_records(args, args.dev, args.dev_split))
-    ood, ood_rule = finetune_ood(args, rows, test)
+    split_rels = _split_relations(args, args.test, args.train_split) if args.test else set()
+    ood, ood_rule = finetune_ood(test, rows, args.ood_relations, args.ood_by_relation, split_rels, args.test,
+                                 args.train_split, warn=lambda msg: print(msg, file=sys.stderr))
     # EARLY_STOP on the dev questions of the trained relations, as knowcat experiment does
-    from knowcat.experiment import early_stop_dev
-
-    train_rels = (_split_relations(args, args.test, args.train_split) if args.test else set()) \
-        or {r.get("relation") for r in rows if r.get("relation")}
-    dev = early_stop_dev(dev, train_rels, ood)
+    dev = finetune_dev(dev, rows, ood, split_rels)
     m = finetune(args.model, rows, {k: v for k, v in (("dev", dev), ("test", test)) if v}, args.out, cfg,
                  template=args.template or DEFAULT_TEMPLATE, ood_relations=ood, device=args.device,
                  progress=not args.no_progress, ood_rule=ood_rule)
@@ -532,14 +445,10 @@ def cmd_experiment(args):
 
 
 def cmd_analyze(args):
-    from knowcat.experiment import analyze, format_findings
-    from knowcat.io import atomic_write_json
+    from knowcat.experiment import analyze_run
 
     cfg = _experiment_config(args)
-    a = analyze(args.run, cfg, cfg.variants)
-    atomic_write_json(Path(args.run) / "analysis.json", a)
-    print(format_findings(a))
-    print(f"-> {Path(args.run) / 'analysis.json'}")
+    analyze_run(args.run, cfg, cfg.variants)
 
 
 def cmd_surrogate(args):
@@ -840,15 +749,6 @@ _RANGES = {
 
 _FORMATS = ("entityquestions", "eq", "hf", "datasets", "jsonl", "json", "csv", "parquet")
 
-# what each command writes inside its output folder (None: the whole folder is the command's)
-_WRITES = {
-    "categorize": ("categorize", "categorized.jsonl", "categorized.parquet", "categorize_summary.json",
-                   "rejects.jsonl"),
-    "greedy": ("greedy.jsonl", "exposure_check.json", "rejects.jsonl"),
-    "finetune": None,
-    "experiment": ("mixtures", "finetune", "analysis.json", "rejects.jsonl"),
-    "surrogate": ("surrogates",),
-}
 
 
 def validate_args(args) -> None:
@@ -858,6 +758,7 @@ def validate_args(args) -> None:
 
     from knowcat.errors import UsageError
     from knowcat.paths import check_model_source, check_output_separate
+    from knowcat.rundir import WRITES
 
     for name, (lo, strict, hi) in _RANGES.items():
         v = getattr(args, name, None)
@@ -903,8 +804,8 @@ def validate_args(args) -> None:
     if model is not None:
         check_model_source(model)
         out = getattr(args, "out", None) or getattr(args, "run", None)
-        if out is not None and args.command in _WRITES:
-            check_output_separate([model], out, _WRITES[args.command],
+        if out is not None and args.command in WRITES:
+            check_output_separate([model], out, WRITES[args.command],
                                   what="run directory" if args.command != "finetune" else "output folder")
             if getattr(args, "rejects", None):
                 check_output_separate([model], args.rejects, what="rejects file")

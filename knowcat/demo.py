@@ -29,7 +29,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import contextlib  # noqa: E402
-import json  # noqa: E402
 import logging  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -39,11 +38,12 @@ from pathlib import Path
 from knowcat.estimate import EstimateConfig
 from knowcat.experiment import ExperimentConfig
 from knowcat.finetune import FinetuneConfig
-from knowcat.io import atomic_write_json, json_safe
+from knowcat.io import json_safe
 from knowcat.mixtures import MixtureConfig
+from knowcat.rundir import RunDir
 from knowcat.surrogate import SurrogateConfig
 from knowcat.slick import CATEGORIES, SliCKConfig
-from knowcat.world.build import PRESETS as WORLD_PRESETS, WorldConfig, build_world, read_exposures
+from knowcat.world.build import PRESETS as WORLD_PRESETS, WorldConfig, build_world
 from knowcat.world.pretrain import PretrainConfig, pretrain
 
 
@@ -104,7 +104,9 @@ def world_examples(world_dir):
     """The world's dataset, read back through the EntityQuestions loader like any user data."""
     from knowcat.loaders import load_entityquestions
 
-    return load_entityquestions(Path(world_dir) / "data")
+    from knowcat.rundir import WorldDir
+
+    return load_entityquestions(WorldDir(world_dir).data)
 
 
 def category_exposure(categorized: list[dict], exposures: list[dict], split: str | None = None) -> dict:
@@ -214,20 +216,23 @@ class FileProgress:
 
 
 def _study_progress(run: Path, epochs: int):
+    rd = RunDir(run)
+
     def total():
-        m = run / "mixtures" / "manifest.json"
-        return epochs * sum(v["n"] > 0 for v in json.loads(m.read_text())["sets"].values()) if m.exists() else None
+        m = rd.mixtures.read_manifest()
+        return epochs * sum(v["n"] > 0 for v in m["sets"].values()) if m is not None else None
 
     def count():
-        return sum(1 for _ in (run / "finetune").glob("*/epochs/epoch_[0-9][0-9][0-9].json"))
+        return sum(ft.count_epochs() for ft in rd.finetune_runs())
 
     return count, total
 
 
 def _surrogate_progress(run: Path, names):
+    sd = RunDir(run).surrogates
+
     def count():
-        p = run / "surrogates" / "tests.json"
-        return len(set(json.loads(p.read_text())) & set(names)) if p.exists() else 0
+        return len(set(sd.read_tests() or {}) & set(names))
 
     return count, (lambda: len(names))
 
@@ -262,7 +267,7 @@ def run_demo(run_dir, preset: str = "default", seed: int | None = None, device: 
     terminal too when ``verbose``); ``say`` the terminal's stage lines."""
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    log_path = run / "demo.log"
+    log_path = RunDir(run).demo_log
     logfile = open(log_path, "a", encoding="utf-8")
 
     def to_file(msg=""):
@@ -323,7 +328,8 @@ def _run_demo_stages(run: Path, preset, seed, device, log, progress, study, say)
     precision = "bfloat16 autocast" if cfg.pretrain.bf16 else "float32"
     machine = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
-    atomic_write_json(run / "config.json", {"stage": "demo", "preset": preset, "precision": {
+    rd = RunDir(run)
+    rd.write_demo_config({"stage": "demo", "preset": preset, "precision": {
         "pretrain": precision, "finetune": "bfloat16" if cfg.experiment and cfg.experiment.finetune.bf16 else "float32",
         "categorize": "float32"}, "machine": machine, **asdict(cfg)})
     stages = ["world", "pretrain", "categorize"] + (["filter"] if cfg.sft_filter is not None and
@@ -334,44 +340,45 @@ def _run_demo_stages(run: Path, preset, seed, device, log, progress, study, say)
                      "status": "running", "stages": stages, "stages_done": [], "seconds": {}}
     t_start = time.time()
     say(f"knowcat demo ({preset}): {len(stages)} stages into {run} on {machine['threads']} of {os.cpu_count()} cores "
-        f"(the ones idle at the start; OMP_NUM_THREADS to choose); detail in {run / 'demo.log'}; "
-        f"the report {run / 'report.html'} is rewritten as each stage ends")
+        f"(the ones idle at the start; OMP_NUM_THREADS to choose); detail in {rd.demo_log}; "
+        f"the report {rd.report} is rewritten as each stage ends")
 
     def end_stage(name: str, line: str, report: bool = True):
         summary["stages_done"].append(name)
         summary["seconds"] = {k: round(v, 1) for k, v in timings.items()}
         summary["seconds_since_start"] = round(time.time() - t_start, 1)
-        atomic_write_json(run / "demo_summary.json", json_safe(summary))
+        rd.write_demo_summary(json_safe(summary))
         where = ""
-        if report and (run / "categorized.jsonl").exists():
+        if report and rd.has_categorized():
             from reports import build_report
 
             where = f" -> report updated ({time.time() - t_start:.0f} s since start)"
             summary["report"] = str(build_report(run))
             summary.setdefault("first_report_seconds", round(time.time() - t_start, 1))
-            atomic_write_json(run / "demo_summary.json", json_safe(summary))
+            rd.write_demo_summary(json_safe(summary))
         i = stages.index(name) + 1
         say(f"[{i}/{len(stages)}] {name}: {line} ({timings[name]:.0f} s){where}")
 
-    world_dir = run / "world"
+    world = rd.world
+    world_dir = world.root
     t = time.time()
-    if (world_dir / "world.json").exists():
+    if world.summary.exists():
         log(f"world: already built in {world_dir}")
     else:
         build_world(world_dir, cfg.world, log=log)
     timings["world"] = time.time() - t
-    w = json.loads((world_dir / "world.json").read_text())
+    w = world.read_summary()
     end_stage("world", f"{w['facts']} facts over {len(w['relations'])} relations, {w['documents']} documents, "
                        f"{w['mentions']} mentions, never seen {w['never_seen_share']:.0%}", report=False)
 
     t = time.time()
-    model_dir = run / "model"
-    if (model_dir / "knowcat_pretrain.json").exists():
+    model_dir = rd.model
+    if rd.pretrain_record.exists():
         log(f"pretrain: model already in {model_dir}")
     else:
         pretrain(world_dir, model_dir, cfg.pretrain, log=log, progress=progress)
     timings["pretrain"] = time.time() - t
-    pm = json.loads((model_dir / "knowcat_pretrain.json").read_text())
+    pm = rd.read_pretrain_record()
     params = pm.get("parameters")
     end_stage("pretrain", f"{'?' if params is None else f'{params / 1e6:.1f}M'} parameters, {pm['tokens']} tokens "
                           f"in {pm['steps']} steps, {precision}, final loss {pm['final_loss']}", report=False)
@@ -381,13 +388,13 @@ def _run_demo_stages(run: Path, preset, seed, device, log, progress, study, say)
     todo = [e for e in examples if e.split in cfg.categorize_splits]
     pool = [e for e in examples if e.split == cfg.slick.exemplar_split]
     run_categorize(str(model_dir), todo, pool, run, cfg.slick, device=device, batch_size=cfg.batch_size,
-                   data_source=str(world_dir / "data"), log=log, progress=progress)
-    categorized = [json.loads(line) for line in open(run / "categorized.jsonl", encoding="utf-8")]
-    exposures = read_exposures(world_dir)
+                   data_source=str(world.data), log=log, progress=progress)
+    categorized = rd.read_categorized(missing_ok=False)
+    exposures = world.read_exposures(missing_ok=False)
     check_set = {r["id"]: r["p_correct_greedy"] for r in categorized if r.get("split") == cfg.check_split}
     check = exposure_check(check_set, exposures)
     ce = category_exposure(categorized, exposures, cfg.check_split)
-    atomic_write_json(run / "exposure_check.json", {"greedy_vs_exposure": check, "category_exposure": ce})
+    rd.write_exposure_check({"greedy_vs_exposure": check, "category_exposure": ce})
     log(f"ground truth ({cfg.check_split} split):")
     log(format_check(check))
     log(format_category_exposure(ce))
@@ -434,12 +441,12 @@ def _run_demo_stages(run: Path, preset, seed, device, log, progress, study, say)
     summary["status"] = "complete"
     summary["seconds_since_start"] = round(time.time() - t_start, 1)
     summary["seconds"] = {k: round(v, 1) for k, v in timings.items()}
-    atomic_write_json(run / "demo_summary.json", json_safe(summary))
+    rd.write_demo_summary(json_safe(summary))
     from reports import build_report
 
     report = build_report(run)  # reads demo_summary.json: the summary is written first, then again with the path
     summary["report"] = str(report)
-    atomic_write_json(run / "demo_summary.json", json_safe(summary))
+    rd.write_demo_summary(json_safe(summary))
     log(f"report: {report}")
     log(f"demo: done in {sum(timings.values()):.0f} s -> {run}")
     say(f"found: {categories_line(ce, check)}")

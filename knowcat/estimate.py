@@ -32,6 +32,7 @@ import numpy as np
 from knowcat.examples import QAExample
 from knowcat.io import atomic_write_json
 from knowcat.prompts import FewShotConfig, answer_sep, exemplar_sets, prompt_for
+from knowcat.rundir import RunDir
 from knowcat.slick import CATEGORIES, SliCKConfig
 
 
@@ -334,14 +335,14 @@ def _slick_on_sample(model, tokenizer, model_name, cal_ex, pool, slick_cfg, run_
     from knowcat.runs import run_categorize
     from probes.engine import open_engine
 
-    cdir = Path(run_dir) / "calibration"
-    record = Path(run_dir) / "estimate" / "slick_forward_tokens.json"
-    fresh = not any(RunDir(cdir).shards_dir.glob("*.jsonl")) if RunDir(cdir).shards_dir.exists() else True
+    cal = RunDir(run_dir).calibration
+    cdir = cal.root
+    record = RunDir(run_dir).estimate_slick_tokens
+    fresh = not any(cal.shards_dir.glob("*.jsonl")) if cal.shards_dir.exists() else True
     log(f"estimate: SliCK on the calibration sample ({len(cal_ex)} examples) in {cdir}")
     engine = open_engine("transformers", (model, tokenizer))
     run_categorize(model_name, cal_ex, pool, cdir, slick_cfg, engine=engine, log=log, progress=progress)
-    with open(cdir / "categorized.jsonl", encoding="utf-8") as f:
-        rows = {r["id"]: r for r in map(json.loads, f)}
+    rows = {r["id"]: r for r in cal.read_categorized(missing_ok=False)}
     measured = None
     if fresh and getattr(engine, "forward_tokens", 0):
         measured = {"forward_tokens": int(engine.forward_tokens), "examples": len(cal_ex)}
@@ -379,7 +380,7 @@ def estimate(model, tokenizer, examples: list[QAExample], pool: list[QAExample],
     n_req = len(examples) * cfg.n_prompts
     bar = tqdm(total=n_req, desc="features", unit="prompt", disable=not progress)
     if run_dir is not None:
-        feats = sharded_features(model, tokenizer, examples, pool, cfg, Path(run_dir) / "estimate" / "features",
+        feats = sharded_features(model, tokenizer, examples, pool, cfg, RunDir(run_dir).estimate_features,
                                  shard_size=shard_size, progress=bar.update, log=log)
     else:
         feats = features(model, tokenizer, examples, pool, cfg, progress=bar.update, log=log)
@@ -485,8 +486,9 @@ def write_estimate(run_dir, examples: list[QAExample], res: EstimateResult, fiel
     from knowcat.runs import user_record
 
     run = Path(run_dir)
+    rd = RunDir(run)
     run.mkdir(parents=True, exist_ok=True)
-    dest = run / "estimated.jsonl"
+    dest = rd.estimated_jsonl
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=run)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -500,7 +502,7 @@ def write_estimate(run_dir, examples: list[QAExample], res: EstimateResult, fiel
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    atomic_write_json(run / "estimate_summary.json", res.summary)
+    atomic_write_json(rd.estimate_summary, res.summary)
     return dest
 
 

@@ -21,18 +21,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from knowcat.finetune import FinetuneConfig, eval_items, finetune, format_epochs, read_epochs
-from knowcat.io import atomic_write_json
-from knowcat.mixtures import KNOWN, MixtureConfig, build_mixtures, read_training_set, write_mixtures
-from knowcat.slick import CATEGORIES
+from knowcat.finetune import FinetuneConfig, eval_items, finetune, format_epochs
+from knowcat.mixtures import MixtureConfig, build_mixtures, read_training_set, write_mixtures
+from knowcat.rundir import FinetuneDir, RunDir
+from knowcat.selection import DEV_RULE, OOD_RULE, early_stop_dev  # noqa: F401  (the study's rules)
 
 
 @dataclass
@@ -82,33 +80,12 @@ def linear_model_variants(available, rule: str = "paper") -> tuple[list[str], st
     return chosen, "the given sets"
 
 
-OOD_RULE = "test relations absent from the categorized train split"
-DEV_RULE = "dev questions of the train split's relations only (out-of-distribution relations excluded)"
-
-
-def early_stop_dev(dev: list[dict], train_relations, ood_relations=()) -> list[dict]:
-    """The dev questions EARLY_STOP is chosen on, for ``knowcat experiment`` and ``knowcat finetune``
-    alike: those of the relations trained on (``train_relations``; empty: not known, every relation)
-    that are not out-of-distribution. Dev records without relations are kept as they are."""
-    if not any(d.get("relation") for d in dev):
-        return list(dev)
-    train, ood = set(train_relations or ()), set(ood_relations)
-    return [d for d in dev if (not train or d.get("relation") in train) and d.get("relation") not in ood]
-
-
-def _read_jsonl(path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def load_dev(run_dir, dev_split: str = "dev", source: str | None = None) -> list[dict]:
     """The dev questions: from ``source`` or the data the run was categorized from."""
     from knowcat.loaders import load_examples
 
     if source is None:
-        cfg_path = Path(run_dir) / "categorize" / "config.json"
-        meta = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
-        source = meta.get("data")
+        source = (RunDir(run_dir).read_categorize_config() or {}).get("data")
     if not source:
         raise ValueError("no dev data: give the dev questions (--dev DATA); the run does not record its data")
     return [{"id": e.id, "question": e.question, "answers": list(e.answers), "relation": e.relation}
@@ -117,16 +94,16 @@ def load_dev(run_dir, dev_split: str = "dev", source: str | None = None) -> list
 
 def run_experiment(run_dir, model: str, cfg: ExperimentConfig = ExperimentConfig(), dev=None,
                    device: str = "auto", log=print, progress: bool = True) -> dict:
-    run = Path(run_dir)
-    categorized = _read_jsonl(run / "categorized.jsonl")
+    run, rd = Path(run_dir), RunDir(run_dir)
+    check_run_separate(rd, model)
+    categorized = rd.read_categorized(missing_ok=False)
     t0 = time.time()
-    mix_dir = run / "mixtures"
-    sets = build_mixtures(categorized, cfg.mixtures, source=str(run / "categorized.jsonl"))
-    if (mix_dir / "manifest.json").exists():
-        old = json.loads((mix_dir / "manifest.json").read_text())
-        if old["sets"] != json.loads(json.dumps(sets["_manifest"]["sets"])):
-            raise ValueError(f"{mix_dir} holds other mixtures; remove it or use another run directory")
-    write_mixtures(sets, mix_dir)
+    mix = rd.mixtures
+    sets = build_mixtures(categorized, cfg.mixtures, source=str(rd.categorized_jsonl))
+    old = mix.read_manifest()
+    if old is not None and old["sets"] != json.loads(json.dumps(sets["_manifest"]["sets"])):
+        raise ValueError(f"{mix.root} holds other mixtures; remove it or use another run directory")
+    write_mixtures(sets, mix.root)
     from knowcat.mixtures import format_manifest
 
     log(format_manifest(sets["_manifest"]))
@@ -144,63 +121,62 @@ def run_experiment(run_dir, model: str, cfg: ExperimentConfig = ExperimentConfig
         if v not in names:
             raise ValueError(f"unknown variant {v!r}; the mixtures are {names}")
     for r in range(cfg.replicates):
-        ft_dir = "finetune" if r == 0 else f"replicates/rep_{r:02d}/finetune"
+        ft_dir = rd.finetune_folder(r)
         ft_cfg = replace(cfg.finetune, seed=cfg.finetune.seed + r)
         if cfg.replicates > 1:
-            log(f"replicate {r + 1}/{cfg.replicates} (fine-tuning seed {ft_cfg.seed}) in {run / ft_dir}")
-        _finetune_variants(run, model, cfg, ft_cfg, sets, variants, dev, test, ood, run / ft_dir, device, log,
-                           progress)
+            log(f"replicate {r + 1}/{cfg.replicates} (fine-tuning seed {ft_cfg.seed}) in {rd.finetune_root(ft_dir)}")
+        _finetune_variants(rd, model, cfg, ft_cfg, sets, variants, dev, test, ood, ft_dir, device, log, progress)
     analysis = analyze(run, cfg, variants)
     analysis["seconds"] = round(time.time() - t0, 1)
-    atomic_write_json(run / "analysis.json", analysis)
+    rd.write_analysis(analysis)
     log(format_findings(analysis))
     return analysis
 
 
-def _finetune_variants(run: Path, model, cfg: ExperimentConfig, ft_cfg, sets, variants, dev, test, ood,
-                       ft_root: Path, device, log, progress) -> None:
-    """One fine-tuning run per set under ``ft_root`` (each resumable)."""
-    mix_dir = run / "mixtures"
+def check_run_separate(rd: RunDir, model) -> None:
+    """Refuse (:class:`knowcat.errors.UsageError`) a run directory where the study would write into the
+    folder of the model it fine-tunes: the study writes ``mixtures/``, ``finetune/``, ``replicates/`` and
+    ``analysis.json`` there, none of which may be, hold or lie inside the model folder."""
+    from knowcat.paths import check_output_separate
+    from knowcat.rundir import WRITES
+
+    check_output_separate([model], rd.root, WRITES["experiment"], what="run directory")
+
+
+def _finetune_variants(rd: RunDir, model, cfg: ExperimentConfig, ft_cfg, sets, variants, dev, test, ood,
+                       ft_dir: str, device, log, progress) -> None:
+    """One fine-tuning run per set under the run's ``ft_dir`` (each resumable)."""
+    mix = rd.mixtures
     trained: dict[str, str] = {}  # sha256 of a training file -> the variant first trained on it
     for i, v in enumerate(variants):
         if sets["_manifest"]["sets"][v]["n"] == 0:
             log(f"[{i + 1}/{len(variants)}] {v} is empty: skipped")
             continue
-        digest = hashlib.sha256((mix_dir / f"{v}.jsonl").read_bytes()).hexdigest()
+        digest = hashlib.sha256(mix.set_path(v).read_bytes()).hexdigest()
         twin = trained.setdefault(digest, v)
-        if twin != v and _complete(ft_root / twin):
+        if twin != v and rd.finetune(twin, ft_dir).complete():
             # e.g. D_Unknown and the 100% Unknown set under the paper's |D| rule: the same examples in the same
             # order, and fine-tuning is deterministic, so the run is copied rather than repeated
             log(f"[{i + 1}/{len(variants)}] {v} is the same training set as {twin} (identical file): "
                 f"its fine-tuning run is reused")
-            reuse_finetune_run(ft_root / twin, ft_root / v, twin)
+            reuse_finetune_run(rd.finetune(twin, ft_dir).root, rd.finetune(v, ft_dir).root, twin)
             continue
-        rows = read_training_set(mix_dir / f"{v}.jsonl")
+        rows = read_training_set(mix.set_path(v))
         log(f"[{i + 1}/{len(variants)}] fine-tuning on {v} ({len(rows)} examples)")
-        m = finetune(model, rows, {"dev": dev, "test": test}, ft_root / v, ft_cfg,
+        m = finetune(model, rows, {"dev": dev, "test": test}, rd.finetune(v, ft_dir).root, ft_cfg,
                      template=cfg.mixtures.prompt_template, ood_relations=ood, device=device, log=log,
                      progress=progress, ood_rule=OOD_RULE)
         log(format_epochs(m))
-
-
-def _complete(d: Path) -> bool:
-    return (d / "metrics.json").exists() and bool(json.loads((d / "metrics.json").read_text()).get("complete"))
 
 
 def reuse_finetune_run(src: Path, dst: Path, name: str) -> None:
     """Copy the finished fine-tuning run ``src`` (measurements, answers and any saved model; not checkpoints) to ``dst``,
     whose training set is the same file; its config.json records ``same_training_set_as``. Atomic:
     ``dst`` appears whole or not at all."""
-    m = json.loads((src / "metrics.json").read_text())
-    if (dst / "metrics.json").exists() and json.loads((dst / "metrics.json").read_text()) == m:
+    src, dst = FinetuneDir(src), FinetuneDir(dst)
+    if dst.read_metrics() is not None and dst.read_metrics() == src.read_metrics():
         return
-    tmp = dst.with_name(f".{dst.name}.reuse")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("checkpoints"))
-    cfg = json.loads((tmp / "config.json").read_text())
-    atomic_write_json(tmp / "config.json", {**cfg, "same_training_set_as": name})
-    shutil.rmtree(dst, ignore_errors=True)
-    os.replace(tmp, dst)
+    src.copy_to(dst, same_training_set_as=name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +184,7 @@ def reuse_finetune_run(src: Path, dst: Path, name: str) -> None:
 
 
 def read_answers(run_dir, variant: str, epoch: int, finetune_dir: str = "finetune") -> list[dict]:
-    return _read_jsonl(Path(run_dir) / finetune_dir / variant / "epochs" / f"epoch_{epoch:03d}.answers.jsonl")
+    return RunDir(run_dir).finetune(variant, finetune_dir).read_answers(epoch)
 
 
 def study_inputs(run: Path, runs: dict, size: int, subsets: dict, finetune_dir: str = "finetune"):
@@ -216,13 +192,15 @@ def study_inputs(run: Path, runs: dict, size: int, subsets: dict, finetune_dir: 
     from linear_models.study import StudyInputs
 
     test_answers, train_fitted = {}, {}
+    rd = RunDir(run)
     for v, m in runs.items():
         test_answers[v], train_fitted[v] = {}, {}
+        ft = rd.finetune(v, finetune_dir)
+        recorded = set(ft.epochs_with_answers())
         for e in m["epochs"]:
-            path = Path(run) / finetune_dir / v / "epochs" / f"epoch_{e['epoch']:03d}.answers.jsonl"
-            if not path.exists():  # an epoch whose answers were not recorded: its metrics alone are used
+            if e["epoch"] not in recorded:  # an epoch whose answers were not recorded: its metrics alone are used
                 continue
-            rows = read_answers(run, v, e["epoch"], finetune_dir)
+            rows = ft.read_answers(e["epoch"])
             t = [r for r in rows if r.get("set") == "test"]
             test_answers[v][e["epoch"]] = {"id": [r["id"] for r in t], "correct": [bool(r["correct"]) for r in t],
                                            "abstained": [bool(r.get("abstained", False)) for r in t]}
@@ -238,12 +216,7 @@ def study_inputs(run: Path, runs: dict, size: int, subsets: dict, finetune_dir: 
 def replicate_dirs(run_dir) -> dict[str, str]:
     """{replicate name: its fine-tuning folder, relative to the run}: ``finetune`` (replicate 0)
     and every ``replicates/rep_NN/finetune`` present."""
-    run = Path(run_dir)
-    out = {"rep_00": "finetune"}
-    for d in sorted((run / "replicates").glob("rep_*")):
-        if (d / "finetune").is_dir():
-            out[d.name] = str(Path("replicates") / d.name / "finetune")
-    return out
+    return RunDir(run_dir).replicate_folders()
 
 
 def analyze(run_dir, cfg: ExperimentConfig = ExperimentConfig(), variants=None, replicates: bool = True) -> dict:
@@ -274,24 +247,36 @@ def analyze(run_dir, cfg: ExperimentConfig = ExperimentConfig(), variants=None, 
     return a
 
 
+def analyze_run(run_dir, cfg: ExperimentConfig = ExperimentConfig(), variants=None, log=print) -> dict:
+    """``knowcat analyze``: :func:`analyze` the run's files again and write ``RUN/analysis.json``."""
+    rd = RunDir(run_dir)
+    a = analyze(run_dir, cfg, variants)
+    rd.write_analysis(a)
+    log(format_findings(a))
+    log(f"-> {rd.analysis}")
+    return a
+
+
 def analyze_replicate(run_dir, cfg: ExperimentConfig = ExperimentConfig(), variants=None,
                       finetune_dir: str = "finetune") -> dict:
     from linear_models.study import StudyOptions, analyze_study
 
-    run = Path(run_dir)
-    manifest = json.loads((run / "mixtures" / "manifest.json").read_text())
+    run, rd = Path(run_dir), RunDir(run_dir)
+    manifest = rd.mixtures.read_manifest()
+    if manifest is None:
+        raise FileNotFoundError(f"{rd.mixtures.manifest} does not exist: run the study first (knowcat experiment)")
     requested = list(variants or cfg.variants or manifest["sets"])
     unknown = [v for v in requested if v not in manifest["sets"]]
     if unknown:
         raise ValueError(f"unknown variant(s) {', '.join(unknown)}; the mixtures are {list(manifest['sets'])}")
     runs = {}
     for v in requested:
-        p = run / finetune_dir / v / "metrics.json"
-        if p.exists():
-            runs[v] = json.loads(p.read_text())
+        m = rd.finetune(v, finetune_dir).read_metrics()
+        if m is not None:
+            runs[v] = m
     if not runs:
-        raise ValueError(f"no finished fine-tuning runs under {run / finetune_dir} for {requested}")
-    categorized = _read_jsonl(run / "categorized.jsonl")
+        raise ValueError(f"no finished fine-tuning runs under {rd.finetune_root(finetune_dir)} for {requested}")
+    categorized = rd.read_categorized(missing_ok=False)
     train_rels = {r["relation"] for r in categorized if r.get("split") == cfg.train_split}
     test = eval_items(categorized, cfg.test_split)
     subsets = {"in_distribution": [t["id"] for t in test if t["relation"] in train_rels],

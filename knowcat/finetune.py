@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from knowcat.io import atomic_write_json, atomic_write_text
+from knowcat.io import atomic_write_json
 from knowcat.matching import is_correct, normalize
 from knowcat.slick import CATEGORIES
 
@@ -223,13 +223,11 @@ def may_be_early_stop(dev_accuracy: float | None, earlier: list[dict], dev: str 
 # the run
 
 
-def _epoch_path(out: Path, epoch: int) -> Path:
-    return out / "epochs" / f"epoch_{epoch:03d}.json"
-
-
 def read_epochs(out_dir) -> list[dict]:
-    d = Path(out_dir) / "epochs"
-    return [json.loads(p.read_text()) for p in sorted(d.glob("epoch_[0-9][0-9][0-9].json"))] if d.exists() else []
+    """The measured epochs of the fine-tuning run in ``out_dir``, in order."""
+    from knowcat.rundir import FinetuneDir
+
+    return FinetuneDir(out_dir).read_epochs()
 
 
 NO_DEV_NOTE = ("no dev set was measured, so EARLY_STOP (the best dev epoch) is undefined; "
@@ -348,14 +346,15 @@ def finetune(model_name: str, train_rows: list[dict], eval_sets: dict[str, list[
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from knowcat.mixtures import DEFAULT_TEMPLATE
+    from knowcat.rundir import FinetuneDir
     from probes.loading import load_model, resolve_device
 
     template = template or DEFAULT_TEMPLATE
     out = Path(out_dir)
     _check_out_dir(model_name, out)
-    done = out / "metrics.json"
-    if done.exists():
-        m = json.loads(done.read_text())
+    fd = FinetuneDir(out)
+    m = fd.read_metrics()
+    if m is not None:
         if m.get("complete") and m.get("config") == asdict(cfg):
             log(f"finetune: already complete in {out}")
             return m
@@ -363,14 +362,14 @@ def finetune(model_name: str, train_rows: list[dict], eval_sets: dict[str, list[
     run_config = {"model": model_name, "config": asdict(cfg), "template": template, "n_train": len(train_rows),
                   "eval_sets": {k: len(v) for k, v in eval_sets.items()}, "ood_relations": sorted(ood),
                   "ood_rule": ood_rule}
-    if (out / "config.json").exists() and (read_epochs(out) or (out / "checkpoints").exists()):
-        old = json.loads((out / "config.json").read_text())
+    if fd.config.exists() and (fd.read_epochs() or fd.checkpoints.exists()):
+        old = fd.read_config()
         if {k: old.get(k) for k in run_config} != json.loads(json.dumps(run_config)):
             raise ValueError(f"{out} holds a fine-tuning run with another model, configuration or data; "
                              f"remove it or use another output folder (resuming would mix the two)")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "epochs").mkdir(exist_ok=True)
-    atomic_write_json(out / "config.json", run_config)
+    fd.epochs_dir.mkdir(exist_ok=True)
+    fd.write_config(run_config)
     if not eval_sets.get("dev") and int(os.environ.get("RANK", "0")) == 0:
         log(f"finetune: warning: {NO_DEV_NOTE}")
     dev = resolve_device(device)
@@ -390,7 +389,7 @@ def finetune(model_name: str, train_rows: list[dict], eval_sets: dict[str, list[
     accum = max(1, math.ceil(cfg.batch_size / (per_device * world)))
     steps_per_epoch = math.ceil(len(train_rows) / (per_device * world * accum))
     args = TrainingArguments(
-        output_dir=str(out / "checkpoints"), num_train_epochs=cfg.epochs, learning_rate=cfg.lr,
+        output_dir=str(fd.checkpoints), num_train_epochs=cfg.epochs, learning_rate=cfg.lr,
         per_device_train_batch_size=per_device, gradient_accumulation_steps=accum,
         weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio, lr_scheduler_type=cfg.scheduler,
         # one checkpoint per epoch; the older ones are removed by Measure.on_save once the new one
@@ -406,7 +405,7 @@ def finetune(model_name: str, train_rows: list[dict], eval_sets: dict[str, list[
     class Measure(TrainerCallback):
         def on_epoch_end(self, args, state, control, model=None, **kw):
             epoch = int(round(state.epoch))
-            if state.is_world_process_zero and not _epoch_path(out, epoch).exists():
+            if state.is_world_process_zero and not fd.epoch(epoch).exists():
                 last = epoch >= int(round(args.num_train_epochs))
                 if every_epoch or last or not eval_sets.get("dev"):
                     metrics, rows = measure_epoch(model, tok, epoch, train_rows, eval_sets, template, cfg, ood)
@@ -414,7 +413,7 @@ def finetune(model_name: str, train_rows: list[dict], eval_sets: dict[str, list[
                     rest = {k: v for k, v in eval_sets.items() if k != "test"}
                     metrics, rows = measure_epoch(model, tok, epoch, train_rows, rest, template, cfg, ood)
                     dev_acc = (metrics.get("dev") or {}).get("all", {}).get("accuracy")
-                    if "test" in eval_sets and may_be_early_stop(dev_acc, [m for m in read_epochs(out)
+                    if "test" in eval_sets and may_be_early_stop(dev_acc, [m for m in fd.read_epochs()
                                                                             if m["epoch"] < epoch]):
                         m2, rows2 = measure_epoch(model, tok, epoch, [], {"test": eval_sets["test"]}, template,
                                                   cfg, ood)
@@ -423,9 +422,7 @@ def finetune(model_name: str, train_rows: list[dict], eval_sets: dict[str, list[
                         rows += rows2
                 losses = [h["loss"] for h in state.log_history if "loss" in h]
                 metrics["train_loss"] = losses[-1] if losses else None
-                atomic_write_text(out / "epochs" / f"epoch_{epoch:03d}.answers.jsonl",
-                                  "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-                atomic_write_json(_epoch_path(out, epoch), metrics)
+                fd.write_epoch(epoch, metrics, rows)
 
                 def pct(name):
                     a = (metrics.get(name) or {}).get("all", {}).get("accuracy")
@@ -449,7 +446,7 @@ def finetune(model_name: str, train_rows: list[dict], eval_sets: dict[str, list[
             if world > 1:
                 torch.distributed.barrier()
 
-    ckpt_dir = out / "checkpoints"
+    ckpt_dir = fd.checkpoints
     trainer = Trainer(model=model, args=args, train_dataset=_ListDataset(encoded), data_collator=_Collator(
         tok.pad_token_id), callbacks=[Measure()])
     if not progress:
@@ -473,21 +470,21 @@ def finetune(model_name: str, train_rows: list[dict], eval_sets: dict[str, list[
     t = time.time()
     if resume:
         log(f"finetune: resuming from {resume.name}")
-    elif read_epochs(out):
+    elif fd.read_epochs():
         log("finetune: no complete checkpoint; training again from the start (measured epochs are kept)")
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.time() - t
     if not trainer.is_world_process_zero():
         return {}
     if cfg.save_model:
-        trainer.save_model(str(out / "model"))
-        tok.save_pretrained(str(out / "model"))
-    epochs = read_epochs(out)
+        trainer.save_model(str(fd.model))
+        tok.save_pretrained(str(fd.model))
+    epochs = fd.read_epochs()
     result = {"complete": True, "config": asdict(cfg), "model": model_name, "n_train": len(train_rows),
               "world_size": trainer.args.world_size, "ood_relations": sorted(ood), "ood_rule": ood_rule,
               "seconds_training": round(seconds, 1), **choose_stops(epochs), "epochs": epochs}
-    atomic_write_json(done, result)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    fd.write_metrics(result)
+    shutil.rmtree(fd.checkpoints, ignore_errors=True)
     return result
 
 

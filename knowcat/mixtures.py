@@ -38,10 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from knowcat.errors import DataError
-from knowcat.io import atomic_write_json, atomic_write_text
-from knowcat.slick import CATEGORIES
-
-KNOWN = ("HighlyKnown", "MaybeKnown", "WeaklyKnown")
+from linear_models.names import CATEGORIES, KNOWN
 DEFAULT_TEMPLATE = "Answer the following question. {question}\nAnswer:"
 
 
@@ -235,14 +232,10 @@ def _training_record(rec: dict, cfg: MixtureConfig) -> dict:
 
 
 def write_mixtures(sets: dict, out_dir) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, rows in sets.items():
-        if name.startswith("_"):
-            continue
-        atomic_write_text(out / f"{name}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    atomic_write_json(out / "manifest.json", sets["_manifest"])
-    return out
+    """Every set as ``OUT/NAME.jsonl`` and ``OUT/manifest.json`` (:class:`knowcat.rundir.MixturesDir`)."""
+    from knowcat.rundir import MixturesDir
+
+    return MixturesDir(out_dir).write(sets)
 
 
 def read_training_set(path) -> list[dict]:

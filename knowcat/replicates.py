@@ -9,7 +9,6 @@ sign agreement and the combined decision (a finding holds only when it holds for
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from knowcat.io import atomic_write_json
@@ -31,11 +30,13 @@ def aggregate(analyses: dict) -> dict:
 
 
 def read_analyses(out_dir, seeds) -> dict:
+    from knowcat.rundir import RunDir
+
     out = {}
     for s in seeds:
-        p = Path(out_dir) / f"seed_{s}" / "analysis.json"
-        if p.exists():
-            out[f"seed_{s}"] = json.loads(p.read_text())
+        a = RunDir(Path(out_dir) / f"seed_{s}").read_analysis()
+        if a is not None:
+            out[f"seed_{s}"] = a
     return out
 
 

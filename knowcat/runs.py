@@ -34,7 +34,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from knowcat.examples import QAExample
-from knowcat.io import atomic_write_json
 from knowcat.rundir import RunDir
 from knowcat.slick import CATEGORIES, SliCKConfig, categorize
 
@@ -272,7 +271,7 @@ def finalize(run_dir, examples: list[QAExample], n_shards: int, fields=None, sec
     rd.write_categorized(records)
     summary = summarize(examples, res)
     summary["seconds"] = round(seconds, 1)
-    atomic_write_json(rd.categorize_summary, summary)
+    rd.write_categorize_summary(summary)
     log(format_summary(summary))
     log(f"categorize: wrote {rd.categorized_jsonl} and {rd.categorized_parquet}")
     return summary
@@ -304,3 +303,46 @@ def format_summary(s: dict) -> str:
     lines.append(f"{'all':<10}" + "".join(f"{s['categories'][c]:>13}" for c in CATEGORIES) + f"{s['n']:>8}")
     lines.append(f"{'share':<10}" + "".join(f"{s['shares'][c]:>13.1%}" for c in CATEGORIES))
     return "\n".join(lines)
+
+
+def categorize_with(backend: str, model_name: str, examples: list[QAExample], exemplar_pool: list[QAExample],
+                    run_dir, cfg: SliCKConfig = SliCKConfig(), shard_size: int = 256, device: str = "auto",
+                    dtype: str = "auto", batch_size: int | None = None, fields=None, data_source: str | None = None,
+                    progress: bool = True, ray_address: str | None = None, ray_workers: int = 2,
+                    ray_gpus_per_worker: float = 0.0, ray_engine: str = "transformers", tensor_parallel_size: int = 1,
+                    data_parallel_size: int = 1, command: dict | None = None, log=print) -> dict:
+    """Categorize with the executor ``backend`` names (the one place that chooses it): ``transformers``
+    or ``vllm`` in this process (:func:`run_categorize`), ``vllm`` with ``data_parallel_size`` > 1 as one
+    engine process per replica, ``ray`` (or any ``ray_address``) over Ray workers running ``ray_engine``
+    (:mod:`knowcat.ray_runner`). ``command``: the options the run was asked with beyond its identity
+    (recorded in ``categorize/command.json`` once it finishes, for the report's rerun command)."""
+    from knowcat.errors import UsageError
+
+    opts = {}
+    if backend == "vllm" or (backend == "ray" and ray_engine == "vllm"):
+        opts = {"tensor_parallel_size": tensor_parallel_size, "dtype": dtype}
+    if data_parallel_size > 1 and (backend != "vllm" or ray_address):
+        raise UsageError("--data-parallel-size runs several vLLM engines on this machine (--backend vllm); "
+                         "with --backend ray the replicas are --ray-workers (--ray-engine vllm)")
+    if backend == "vllm" and data_parallel_size > 1:
+        from knowcat.ray_runner import run_categorize_data_parallel
+
+        summary = run_categorize_data_parallel(model_name, examples, exemplar_pool, run_dir, cfg,
+                                               data_parallel_size=data_parallel_size, shard_size=shard_size,
+                                               engine_options=opts, fields=fields, data_source=data_source, log=log)
+    elif backend == "ray" or ray_address:
+        from knowcat.ray_runner import run_categorize_ray
+
+        summary = run_categorize_ray(model_name, examples, exemplar_pool, run_dir, cfg, shard_size=shard_size,
+                                     ray_address=ray_address, num_workers=ray_workers,
+                                     gpus_per_worker=ray_gpus_per_worker, device=device, dtype=dtype,
+                                     engine=ray_engine, engine_options=opts, fields=fields, data_source=data_source,
+                                     log=log)
+    else:
+        summary = run_categorize(model_name, examples, exemplar_pool, run_dir, cfg, shard_size=shard_size,
+                                 device=device, dtype=dtype, batch_size=batch_size, fields=fields,
+                                 data_source=data_source, progress=progress, backend=backend, backend_options=opts,
+                                 log=log)
+    if command and summary:
+        RunDir(run_dir).write_categorize_command(command)
+    return summary

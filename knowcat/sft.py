@@ -28,6 +28,7 @@ from knowcat.io import atomic_write_json
 from knowcat.loaders.sft import (META_KEY, SFTDataset, annotate, container_of, detect_record_format, iter_raw,
                                  set_answer, strip_meta, write_rejects, write_sft)
 from knowcat.matching import answer_too_long
+from knowcat.rundir import RunDir
 from knowcat.slick import CATEGORIES
 
 NOT_APPLICABLE = "not_applicable"
@@ -282,7 +283,7 @@ def categorize_sft(model_name: str, data, run_dir, cfg, *, format: str | None = 
 
     run = Path(run_dir)
     ds = load_sft(data, format=format, turns=turns, on_error=on_error)
-    rp = Path(rejects) if rejects else run / "load_rejects.jsonl"
+    rp = Path(rejects) if rejects else RunDir(run).load_rejects
     if ds.rejects or rejects:
         write_rejects(rp, ds.rejects)
         log(f"categorize: {len(ds.rejects)} malformed records skipped -> {rp}")
@@ -297,14 +298,11 @@ def categorize_sft(model_name: str, data, run_dir, cfg, *, format: str | None = 
     results = {}
     if todo:
         run_categorize(model_name, todo, pool, run, cfg, data_source=str(data), log=log, **run_options)
-        with open(run / "categorized.jsonl", encoding="utf-8") as f:
-            for line in f:
-                r = json.loads(line)
-                results[r["id"]] = {k: r[k] for k in RESULT_FIELDS if k in r}
+        for r in RunDir(run).read_categorized(missing_ok=False):
+            results[r["id"]] = {k: r[k] for k in RESULT_FIELDS if k in r}
     records = annotate_records(ds, examples, results, "slick", na)
     kind = ds.container
-    dest = Path(out) if out else run / ("categorized_sft" + {"jsonl": ".jsonl", "json": ".json",
-                                                             "parquet": ".parquet", "hf": ""}[kind])
+    dest = Path(out) if out else RunDir(run).categorized_sft(kind)
     write_sft(dest, records, None if dest.suffix else "hf")
     log(f"categorize: wrote {dest} ({len(records)} records in their own format, categories under '{META_KEY}')")
     return dest

@@ -30,8 +30,7 @@ from knowcat.examples import QAExample
 from knowcat.matching import MATCH_MODES, is_correct
 from knowcat.prompts import FewShotConfig, exemplar_sets, prompt_for
 
-CATEGORIES = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
-KNOWN = ("HighlyKnown", "MaybeKnown", "WeaklyKnown")
+from linear_models.names import CATEGORIES, KNOWN  # noqa: F401  (defined once, there)
 
 
 @dataclass(frozen=True)

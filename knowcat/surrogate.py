@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from knowcat.io import atomic_write_json, atomic_write_text
+from knowcat.rundir import RunDir, SurrogatesDir
 
 SURROGATES = ("answer_jacobian", "relation_map", "relation_jacobian", "weight_update")
 
@@ -121,11 +121,14 @@ def _load_examples(run: Path, cfg: SurrogateConfig, data: str | None):
     from knowcat.loaders import load_examples
     from knowcat.slick import SliCKConfig
 
-    cat = [json.loads(line) for line in open(run / "categorized.jsonl", encoding="utf-8")]
+    rd = RunDir(run)
+    cat = rd.read_categorized(missing_ok=False)
     by_id = {r["id"]: r for r in cat if r.get("split") == cfg.split}
     if not by_id:
-        raise ValueError(f"no categorized '{cfg.split}' examples in {run / 'categorized.jsonl'}")
-    meta = json.loads((run / "categorize" / "config.json").read_text())
+        raise ValueError(f"no categorized '{cfg.split}' examples in {rd.categorized_jsonl}")
+    meta = rd.read_categorize_config()
+    if meta is None:
+        raise FileNotFoundError(f"{rd.categorize_config} does not exist: the run was not made by knowcat categorize")
     source = data or meta.get("data")
     if not source:
         raise ValueError("the run does not record its data; give --data")
@@ -158,17 +161,22 @@ def run_surrogates(run_dir, model_name: str, cfg: SurrogateConfig = SurrogateCon
     for s in cfg.surrogates:
         if s not in SURROGATES:
             raise ValueError(f"unknown surrogate {s!r}; choose from {SURROGATES}")
+    from knowcat.paths import check_output_separate
+    from knowcat.rundir import WRITES
+
     run = Path(run_dir)
-    out = run / "surrogates"
+    check_output_separate([model_name], run, WRITES["surrogate"], what="run directory")
+    sd = RunDir(run).surrogates
+    out = sd.root
     out.mkdir(parents=True, exist_ok=True)
     todo, cats, pool, protocol = _load_examples(run, cfg, data)
     prompts = _prompts(todo, pool, protocol, cfg.prompt_index)
     model, tok = load_model(model_name, device=device, dtype="float32")
     model.requires_grad_(False)
-    atomic_write_json(out / "config.json", {"model": model_name, "config": asdict(cfg), "n": len(todo)})
+    sd.write_config({"model": model_name, "config": asdict(cfg), "n": len(todo)})
     t = time.time()
     baseline = baseline_scores(model, tok, todo, prompts)
-    atomic_write_text(out / "baseline.jsonl", "".join(json.dumps({"id": i, **v}) + "\n" for i, v in baseline.items()))
+    sd.write_baseline(baseline)
     seconds = {"baseline": round(time.time() - t, 1)}
     for name in cfg.surrogates:
         t = time.time()
@@ -178,7 +186,7 @@ def run_surrogates(run_dir, model_name: str, cfg: SurrogateConfig = SurrogateCon
         for r in rows:
             r.update({f"baseline_{k}": v for k, v in baseline.get(r["id"], {}).items()})
         seconds[name] = round(time.time() - t, 1)
-        _write_rows(out / name, rows)
+        sd.write_rows(name, rows)
         log(f"surrogate {name}: {len(rows)} examples in {seconds[name]:.0f} s")
     tests = evaluate_run(run, cfg, seconds, log)
     for name, t_ in tests.items():
@@ -202,14 +210,14 @@ def fit_epochs(run: Path, variant: str | None = None) -> dict | None:
     n_epochs + 1 (it ranks after every fitted one). ``variant``: one fine-tuning run, or None for every
     run but D_IDK's: then an example's value is the mean of its first-fit epochs over the runs whose
     training set holds it (the runs are different mixtures, so each example is seen in several)."""
-    ft = run / "finetune"
-    runs = {d.name: sorted((d / "epochs").glob("epoch_[0-9][0-9][0-9].answers.jsonl"))
-            for d in sorted(ft.glob("*")) if (d / "epochs").is_dir()} if ft.is_dir() else {}
-    runs = {k: v for k, v in runs.items() if v}
+    rd = RunDir(run)
+    runs = {d.name: (d, d.epochs_with_answers()) for d in rd.finetune_runs() if d.epochs_dir.is_dir()}
+    runs = {k: v for k, v in runs.items() if v[1]}
     if not runs:
         return None
     if variant is not None and variant not in runs:
-        raise ValueError(f"no fine-tuning run {variant!r} with measured epochs in {ft}; have {sorted(runs)}")
+        raise ValueError(f"no fine-tuning run {variant!r} with measured epochs in {rd.finetune_root()}; "
+                         f"have {sorted(runs)}")
     # D_IDK trains Unknown examples on the abstention string: its "fitted" is another target, so it is left
     # out of the mean (it can still be chosen by name)
     chosen = [variant] if variant is not None else sorted(v for v in runs if "idk" not in v.lower())
@@ -217,21 +225,20 @@ def fit_epochs(run: Path, variant: str | None = None) -> dict | None:
     never = 0
     for v in chosen:
         first: dict[str, int | None] = {}
-        for p in runs[v]:
-            epoch = int(p.name[6:9])
-            for line in open(p, encoding="utf-8"):
-                r = json.loads(line)
+        ft, epochs = runs[v]
+        for epoch in epochs:
+            for r in ft.read_answers(epoch):
                 if r.get("set") != "train":
                     continue
                 first.setdefault(r["id"], None)
                 if r.get("fitted") and first[r["id"]] is None:
                     first[r["id"]] = epoch
-        n_epochs = len(runs[v])
+        n_epochs = len(epochs)
         for k, e in first.items():
             never += e is None
             per.setdefault(k, []).append(e if e is not None else n_epochs + 1)
     return {"variant": variant or "mean over " + ",".join(chosen), "runs": chosen,
-            "n_epochs": {v: len(runs[v]) for v in chosen}, "never_fitted_as": "n_epochs + 1",
+            "n_epochs": {v: len(runs[v][1]) for v in chosen}, "never_fitted_as": "n_epochs + 1",
             "never_fitted": never, "epochs": {k: float(np.mean(v)) for k, v in per.items()}}
 
 
@@ -245,21 +252,16 @@ def evaluate_run(run, cfg: SurrogateConfig = SurrogateConfig(), seconds: dict | 
     from linear_models.hypothesis import evaluate
 
     run = Path(run)
-    out = run / "surrogates"
-    rows = {n: [json.loads(line) for line in open(out / f"{n}.jsonl", encoding="utf-8")]
-            for n in SURROGATES if (out / f"{n}.jsonl").exists()}
+    sd = RunDir(run).surrogates
+    rows = {n: sd.read_rows(n) for n in SURROGATES}
     rows = {n: r for n, r in rows.items() if r}
-    baseline = {}
-    if (out / "baseline.jsonl").exists():
-        for line in open(out / "baseline.jsonl", encoding="utf-8"):
-            r = json.loads(line)
-            baseline[r.pop("id")] = r
+    baseline = sd.read_baseline()
     fe = fit_epochs(run, cfg.finetune_variant)
     if fe is None:
         log("surrogates: no fine-tuning run with per-epoch answers in this run: no fit-epoch link")
     tests = evaluate(rows, baseline, fe, alpha=cfg.alpha, n_perm=cfg.permutations, folds=cfg.cv_folds,
                      n_boot=cfg.bootstrap, seed=cfg.seed, link_fields=LINK_FIELDS)
-    old = json.loads((out / "tests.json").read_text()) if (out / "tests.json").exists() else {}
+    old = sd.read_tests() or {}
     for name, t in tests.items():
         t["sweep_over"] = "relative residual tolerance" if name in ("relation_map", "weight_update") else "rank rtol"
         t["reachable"] = _reachable_summary(rows[name])
@@ -273,9 +275,9 @@ def evaluate_run(run, cfg: SurrogateConfig = SurrogateConfig(), seconds: dict | 
         tests_meta = {"baseline_seconds": seconds["baseline"]}
     else:
         tests_meta = {}
-    atomic_write_json(out / "tests.json", {**tests})
+    sd.write_tests({**tests})
     if tests_meta:
-        atomic_write_json(out / "timings.json", tests_meta)
+        sd.write_timings(tests_meta)
     return tests
 
 
@@ -289,16 +291,6 @@ def _reachable_summary(rows: list[dict]) -> dict:
         shapes[key] = shapes.get(key, 0) + 1
     return {"examples_that_can_reach": {c: sum(c in (r.get("reachable") or CLASSES) for r in rows) for c in CLASSES},
             "n": len(rows), "shapes": dict(sorted(shapes.items(), key=lambda kv: -kv[1])[:10])}
-
-
-def _write_rows(stem: Path, rows: list[dict]) -> None:
-    import pandas as pd
-
-    atomic_write_text(stem.with_suffix(".jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
-    flat = [{k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in r.items()} for r in rows]
-    tmp = stem.with_suffix(".parquet.tmp")
-    pd.DataFrame(flat).to_parquet(tmp, index=False)
-    tmp.replace(stem.with_suffix(".parquet"))
 
 
 def _bar(total, desc, progress):
@@ -347,8 +339,7 @@ def _answer_jacobian(model, tok, todo, prompts, cats, cfg, out, log, progress) -
     device = model.get_output_embeddings().weight.device
     budget = (cfg.memory_budget_mb * 2 ** 20) if cfg.memory_budget_mb else _free_bytes(device) / 8
     itemsize = torch.finfo(dt).bits // 8
-    shard_dir = out / "answer_jacobian.shards"
-    shard_dir.mkdir(exist_ok=True)
+    shards = SurrogatesDir(out).shards("answer_jacobian")
     relevant = ("split", "prompt_index", "margin", "rtol", "atol", "rtol_sweep", "dtype", "memory_budget_mb",
                 "matrix_free", "matrix_free_k", "matrix_free_oversample", "matrix_free_power_iters",
                 "matrix_free_iters", "matrix_free_residual_tol", "matrix_free_normal_tol", "matrix_free_products",
@@ -357,17 +348,14 @@ def _answer_jacobian(model, tok, todo, prompts, cats, cfg, out, log, progress) -
     # "system": the formulation (pre-norm states, forced first block apart): shards of another are not reused
     config_key = json.dumps({"model": getattr(model, "name_or_path", None), "system": "prenorm-forced-first-block",
                              **{k: v for k, v in asdict(cfg).items() if k in relevant}}, sort_keys=True)
-    if (shard_dir / "config.json").exists() and (shard_dir / "config.json").read_text() != config_key:
-        for p in shard_dir.glob("*.jsonl"):
-            p.unlink()
-    atomic_write_text(shard_dir / "config.json", config_key)
+    shards.reset_unless_key(config_key)
     rows: list[dict] = []
     bar = _bar(len(todo), "surrogate answer_jacobian", progress)
     for s0 in range(0, len(todo), cfg.shard_size):
-        shard = shard_dir / f"{s0 // cfg.shard_size:05d}.jsonl"
+        shard = s0 // cfg.shard_size
         chunk = todo[s0:s0 + cfg.shard_size]
-        if shard.exists():
-            rows += [json.loads(line) for line in open(shard, encoding="utf-8")]
+        if shards.done(shard):
+            rows += shards.read(shard)
             bar.update(len(chunk))
             continue
         part = []
@@ -399,7 +387,7 @@ def _answer_jacobian(model, tok, todo, prompts, cats, cfg, out, log, progress) -
                          "sweep": {str(k): v for k, v in sweep.items()}, "sweep_reachable": sweep_reach,
                          "seconds": round(time.time() - t, 4)})
             bar.update(1)
-        atomic_write_text(shard, "".join(json.dumps(r) + "\n" for r in part))
+        shards.write(shard, part)
         rows += part
     bar.close()
     return rows

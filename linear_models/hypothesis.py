@@ -61,10 +61,7 @@ import math
 
 import numpy as np
 
-CATEGORIES = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
-CLASSES = ("no_solution", "unique", "infinitely_many")
-EXTRA_LABELS = ("consistent_rank_unknown", "undetermined")  # matrix-free only
-UNDETERMINED = "undetermined"
+from linear_models.names import CATEGORIES, CLASSES, EXTRA_LABELS, UNDETERMINED  # noqa: F401
 
 
 def contingency(classes: list[str], categories: list[str]) -> dict:

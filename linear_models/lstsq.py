@@ -111,7 +111,7 @@ from dataclasses import dataclass
 
 import torch
 
-CLASSES = ("no_solution", "unique", "infinitely_many")
+from linear_models.names import CLASSES, CONSISTENT_RANK_UNKNOWN, UNDETERMINED  # noqa: F401
 
 
 @contextlib.contextmanager
@@ -214,8 +214,6 @@ def classify(rank: torch.Tensor, rank_aug: torch.Tensor, n_unknowns: int) -> lis
 # ---------------------------------------------------------------------------------------------
 # matrix-free
 
-CONSISTENT_RANK_UNKNOWN = "consistent_rank_unknown"  # solutions exist; unique or not cannot be told
-UNDETERMINED = "undetermined"  # neither consistency nor inconsistency established within the budget
 MATRIX_FREE_LABELS = CLASSES + (CONSISTENT_RANK_UNKNOWN, UNDETERMINED)
 
 

@@ -8,8 +8,8 @@ The paper's linear model, fitted by ordinary least squares over every
     Accuracy = b0 + b_kn * N_kn / |D| + b_unk * N_unk / |D|
 
 with N_kn and N_unk the numbers of Known and Unknown training examples fitted at
-that epoch and Accuracy the test accuracy in percent (the paper: in-distribution
-b0 36.9, b_kn 7.3, b_unk -8.3, R^2 0.86: ``PAPER_LINEAR_MODEL``). Significance of
+that epoch and Accuracy the test accuracy in percent (the paper's coefficients:
+``linear_models.names.PAPER_LINEAR_MODEL``). Significance of
 EARLY_STOP against CONVERGENCE: the test set is split at random into 100 parts, each
 part's accuracy is measured at both stops, and a paired t-test compares them.
 
@@ -35,24 +35,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-CATEGORIES = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
-PAPER_LINEAR_MODEL = {
-    "in_distribution": {"b0": 36.9, "b_kn": 7.3, "b_unk": -8.3, "r2": 0.86},
-    "ood": {"b0": 36.2, "b_kn": 3.2, "b_unk": -3.0, "r2": 0.95},
-}
-# Table 2 of the paper: test accuracy (Full / HighlyKnown / MaybeKnown / WeaklyKnown / Unknown)
-PAPER_TABLE2 = {
-    "early_stop": {"HighlyKnown": (40.5, 98.7, 60.1, 9.0, 0.6), "MaybeKnown": (43.6, 98.4, 69.9, 12.1, 1.0),
-                   "WeaklyKnown": (39.2, 95.0, 59.2, 8.6, 0.4), "Unknown": (37.5, 95.6, 52.9, 6.5, 0.6),
-                   "natural": (43.5, 98.0, 67.6, 14.1, 1.8)},
-    "convergence": {"HighlyKnown": (40.0, 98.4, 58.8, 8.5, 0.7), "MaybeKnown": (43.2, 97.5, 68.2, 12.9, 1.3),
-                    "WeaklyKnown": (35.4, 73.5, 55.8, 17.2, 2.2), "Unknown": (25.8, 55.8, 36.6, 12.2, 3.2),
-                    "natural": (41.8, 95.5, 61.7, 14.8, 2.5)},
-}
+from linear_models.names import CATEGORIES, KNOWN, PAPER_LINEAR_MODEL, PAPER_TABLE2  # noqa: F401
 
-
-
-KNOWN = ("HighlyKnown", "MaybeKnown", "WeaklyKnown")
 DECISIONS = ("holds", "does not hold", "unclear")
 COEFS = ("b0", "b_kn", "b_unk")
 

@@ -33,21 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
+from knowcat.rundir import RunDir
 from reports import figures as F
 
-CATEGORIES = F.CATEGORIES
-PAPER_SHARES = {"HighlyKnown": 0.24, "MaybeKnown": 0.23, "WeaklyKnown": 0.17, "Unknown": 0.36}
-
-
-def _read_json(p: Path):
-    return json.loads(p.read_text(encoding="utf-8")) if p.exists() else None
-
-
-def _read_jsonl(p: Path) -> list[dict]:
-    if not p.exists():
-        return []
-    with open(p, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+from linear_models.names import CATEGORIES, PAPER_CATEGORY_SHARES as PAPER_SHARES, PAPER_IDK  # noqa: E402
 
 
 def _versions() -> dict:
@@ -82,8 +71,7 @@ def _sample_rows(rows: list[dict], n: int, seed: int = 0) -> tuple[list[dict], b
 
 
 # the run's config files, each read for every key named ``seed`` or ``*_seed`` (at any depth)
-SEED_FILES = ("config.json", "categorize/config.json", "world/world.json", "model/knowcat_pretrain.json",
-              "mixtures/manifest.json", "finetune/*/config.json", "surrogates/config.json")
+SEED_FILES = RunDir.CONFIG_FILES
 
 
 def _seed_keys(obj, path: tuple = ()):
@@ -99,8 +87,7 @@ def run_seeds(run: Path) -> list[dict]:
     """Every seed in the run's config files: ``[{"file", "seeds": [(key, value), ...]}]``. Files of one
     pattern (the fine-tuning runs' ``finetune/*/config.json``) that agree are shown once, with their count."""
     out = []
-    for pattern in SEED_FILES:
-        files = sorted(run.glob(pattern))
+    for pattern, files in RunDir(run).config_files():
         found: dict[tuple, list[str]] = {}
         for f in files:
             try:
@@ -120,8 +107,9 @@ def run_seeds(run: Path) -> list[dict]:
     return out
 
 
-def _rerun_command(run: Path, demo_cfg: dict | None, cat_cfg: dict | None) -> str:
-    """The command that made the run, every recorded setting as a flag, every value shell-quoted."""
+def _rerun_command(run: Path, demo_cfg: dict | None, cat_cfg: dict | None, command: dict | None = None) -> str:
+    """The command that made the run, every recorded setting as a flag (the run's identity in ``cat_cfg``,
+    the other options it was given in ``command``), every value shell-quoted."""
     q = shlex.quote
     if demo_cfg:
         cmd = f"knowcat demo --preset {q(str(demo_cfg.get('preset', 'default')))} --out {q(str(run))}"
@@ -139,6 +127,15 @@ def _rerun_command(run: Path, demo_cfg: dict | None, cat_cfg: dict | None) -> st
             flag = f"--{k.replace('_', '-')}"
             if isinstance(v, bool):
                 parts.append(flag if v else f"--no-{k.replace('_', '-')}")
+            elif v is not None:
+                parts += [flag, q(str(v))]
+        for k, v in (command or {}).items():
+            flag = f"--{k.replace('_', '-')}"
+            if isinstance(v, bool):
+                parts.append(flag if v else f"--no-{k.replace('_', '-')}")
+            elif isinstance(v, list):
+                for x in v:
+                    parts += [flag, q(str(x))]
             elif v is not None:
                 parts += [flag, q(str(v))]
         return " ".join(parts)
@@ -161,8 +158,9 @@ def knowledge_section(run: Path, rows: list[dict], max_table_rows: int) -> dict:
         "fig_hist": F.p_correct_histograms([r.get("p_correct_greedy") for r in rows],
                                            [r.get("p_correct_sampled") for r in rows]) if rows else "",
     }
-    exposure_check = _read_json(run / "exposure_check.json")
-    expos = {e["id"]: e["count"] for e in _read_jsonl(run / "world" / "exposures.jsonl")}
+    rd = RunDir(run)
+    exposure_check = rd.read_exposure_check()
+    expos = {e["id"]: e["count"] for e in rd.world.read_exposures()}
     if exposure_check:
         g = exposure_check["greedy_vs_exposure"]
         sec["ground_truth"] = {k: g[k] for k in g if k != "by_exposure"}
@@ -195,7 +193,7 @@ def knowledge_section(run: Path, rows: list[dict], max_table_rows: int) -> dict:
 
 
 def finetune_section(run: Path) -> dict | None:
-    a = _read_json(run / "analysis.json")
+    a = RunDir(run).read_analysis()
     if not a:
         return None
     sec = {"size": a["size"], "variants": a["variants"], "findings": a.get("findings", {})}
@@ -252,13 +250,14 @@ def finetune_section(run: Path) -> dict | None:
 
 
 def surrogate_section(run: Path) -> dict | None:
-    tests = _read_json(run / "surrogates" / "tests.json")
+    sd = RunDir(run).surrogates
+    tests = sd.read_tests()
     if not tests:
         return None
     out = []
     for name, t in tests.items():
         d = t["at_default"]
-        rows = _read_jsonl(run / "surrogates" / f"{name}.jsonl")
+        rows = sd.read_rows(name)
         resid = {c: [r["residual"] for r in rows if r["category"] == c and r.get("residual") is not None
                      and np.isfinite(r["residual"])] for c in CATEGORIES}
         resid = {c: v for c, v in resid.items() if v}
@@ -326,8 +325,8 @@ def summary_lines(know: dict, ft: dict | None, sg: dict | None, gt: dict | None)
     lines = []
     if know["n"]:
         shares = ", ".join(f"{c['category']} {c['share']:.0%}" for c in know["counts"])
-        lines.append(f"{know['n']} questions categorized: {shares} (the paper's EntityQuestions train set: "
-                     "HighlyKnown 24%, MaybeKnown 23%, WeaklyKnown 17%, Unknown 36%).")
+        paper = ", ".join(f"{c} {s:.0%}" for c, s in PAPER_SHARES.items())
+        lines.append(f"{know['n']} questions categorized: {shares} (the paper's EntityQuestions train set: {paper}).")
     if gt:
         lines.append(f"Ground truth (demo world): greedy accuracy against exposure, Spearman "
                      f"{format_or_na('%.2f', gt.get('spearman'))}; never-seen facts answered correctly "
@@ -382,15 +381,14 @@ def filter_section(run: Path) -> dict | None:
 def build_report(run_dir, out: str | Path | None = None, max_table_rows: int = 2000) -> Path:
     from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-    run = Path(run_dir)
-    t = time.time()
-    rows = _read_jsonl(run / "categorized.jsonl")
-    if not rows and not (run / "analysis.json").exists():
+    run, rd = Path(run_dir), RunDir(run_dir)
+    rows = rd.read_categorized()
+    if not rows and not rd.analysis.exists():
         raise FileNotFoundError(f"{run} holds no categorized.jsonl: nothing to report")
-    cat_cfg = _read_json(run / "categorize" / "config.json")
-    demo_cfg = _read_json(run / "config.json") if (run / "demo_summary.json").exists() else None
-    demo_summary = _read_json(run / "demo_summary.json")
-    cat_summary = _read_json(run / "categorize_summary.json")
+    cat_cfg = rd.read_categorize_config()
+    demo_cfg = rd.read_demo_config()
+    demo_summary = rd.read_demo_summary()
+    cat_summary = rd.read_categorize_summary()
     know = knowledge_section(run, rows, max_table_rows)
     ft = finetune_section(run)
     sg = surrogate_section(run)
@@ -410,11 +408,11 @@ def build_report(run_dir, out: str | Path | None = None, max_table_rows: int = 2
         title=f"knowcat report: {run.name}", run=str(run), generated=time.strftime("%Y-%m-%d %H:%M:%S"),
         model=(cat_cfg or {}).get("model"), data=(cat_cfg or {}).get("data"),
         protocol=(cat_cfg or {}).get("protocol", {}), seeds=run_seeds(run), versions=_versions(), seconds=seconds,
-        rerun=_rerun_command(run, demo_cfg, cat_cfg), know=know, ft=ft, sg=sg, flt=flt,
+        rerun=_rerun_command(run, demo_cfg, cat_cfg, rd.read_categorize_command()), know=know, ft=ft, sg=sg, flt=flt,
         summary=summary_lines(know, ft, sg, know.get("ground_truth")), categories=CATEGORIES,
-        progress=progress, precision=precision, machine=machine,
+        progress=progress, precision=precision, machine=machine, paper_idk=PAPER_IDK,
     )
-    path = Path(out) if out else run / "report.html"
+    path = Path(out) if out else rd.report
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(html, encoding="utf-8")
     tmp.replace(path)

@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-CATEGORIES = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
+from linear_models.names import CATEGORIES  # noqa: E402
 PALETTE = dict(zip(CATEGORIES, ("#1b7837", "#7fbf7b", "#f1a340", "#b2182b")))
 sns.set_theme(style="whitegrid", context="notebook")
 # labels come from the data (relation names, category names): never read them as mathtext, where a "$"

@@ -121,6 +121,85 @@ def test_commands_refuse_output_in_model(tmp_path, capsys, command):
     assert sorted(p.name for p in model.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
 
 
+def _categorized_run(run):
+    """A run directory with a categorized train and test split (what ``knowcat experiment`` starts from)."""
+    rows = [{"id": f"{s}{i}", "question": f"q{s}{i}?", "answers": [f"a{i}"], "relation": "R", "split": s,
+             "category": c} for s in ("train", "test") for i, c in enumerate(("HighlyKnown", "Unknown") * 2)]
+    run.mkdir(parents=True, exist_ok=True)
+    write_jsonl(run / "categorized.jsonl", rows)
+    return run
+
+
+# a model folder somewhere under what the study writes in RUN (mixtures/, finetune/, replicates/, analysis)
+STUDY_NESTINGS = ["mixtures/m", "finetune/unknown_50/model", "finetune/a/b/c/model", "replicates/rep_01/finetune/x/m"]
+
+
+@pytest.mark.parametrize("nesting", STUDY_NESTINGS)
+def test_experiment_cli_refuses_a_model_under_what_it_writes(tmp_path, capsys, nesting):
+    """``knowcat experiment RUN --model RUN/replicates/...`` was let through (replicates/ was not among the
+    entries the guard checked)."""
+    run = _categorized_run(tmp_path / "run")
+    model = fake_model(run / nesting)
+    before = folder_digest(run)
+    rc, _, err = run_cli(["experiment", run, "--model", model, "--epochs", 1], capsys)
+    assert_one_line_error(rc, err, "model folder")
+    assert folder_digest(run) == before  # nothing written anywhere in the run, the model's folder included
+
+
+@pytest.mark.parametrize("nesting", STUDY_NESTINGS)
+def test_run_experiment_refuses_a_model_under_what_it_writes(tmp_path, nesting):
+    """The Python API had no guard: ``run_experiment`` wrote mixtures/ (and fine-tuned) into the model's folder."""
+    from knowcat.errors import UsageError
+    from knowcat.experiment import ExperimentConfig, run_experiment
+
+    run = _categorized_run(tmp_path / "run")
+    model = fake_model(run / nesting)
+    before = folder_digest(run)
+    with pytest.raises(UsageError, match="model folder"):
+        run_experiment(run, str(model), ExperimentConfig(), dev=[], log=lambda *a: None, progress=False)
+    assert folder_digest(run) == before
+
+
+def test_run_experiment_refuses_a_run_inside_the_model_folder(tmp_path):
+    from knowcat.errors import UsageError
+    from knowcat.experiment import ExperimentConfig, run_experiment
+
+    model = fake_model(tmp_path / "M")
+    run = _categorized_run(model / "a" / "run")
+    before = folder_digest(model)
+    with pytest.raises(UsageError, match="model folder"):
+        run_experiment(run, str(model), ExperimentConfig(), dev=[], log=lambda *a: None, progress=False)
+    assert folder_digest(model) == before
+
+
+def test_run_experiment_allows_the_model_beside_the_study(tmp_path):
+    """A demo's layout: the model in RUN/model, which the study never writes, passes the guard."""
+    from knowcat.experiment import check_run_separate
+    from knowcat.rundir import RunDir
+
+    run = _categorized_run(tmp_path / "run")
+    check_run_separate(RunDir(run), str(fake_model(run / "model")))
+
+
+@pytest.mark.parametrize("nesting", ["model", "a/model", "a/b/c/model", "checkpoints/model"])
+def test_finetune_refuses_a_model_anywhere_under_its_output(tmp_path, capsys, nesting):
+    """``knowcat finetune`` and ``knowcat.finetune.finetune`` own their whole output folder: a model
+    at any depth inside it is refused, before anything is written."""
+    from knowcat.errors import UsageError
+    from knowcat.finetune import FinetuneConfig, finetune
+
+    out = tmp_path / "F"
+    model = fake_model(out / nesting)
+    before = folder_digest(out)
+    train = write_jsonl(tmp_path / "train.jsonl", [{"id": "1", "prompt": "Q?", "completion": "A", "category": "Unknown"}])
+    rc, _, err = run_cli(["finetune", "--model", model, "--train", train, "--out", out, "--epochs", 1], capsys)
+    assert_one_line_error(rc, err, "model folder")
+    with pytest.raises(UsageError, match="model folder"):
+        finetune(str(model), [{"id": "1", "prompt": "Q?", "completion": "A"}], {}, out, FinetuneConfig(epochs=1),
+                 log=lambda *a: None, progress=False)
+    assert folder_digest(out) == before
+
+
 def test_pretrain_checkpoint_is_not_unpickled(tmp_path):
     """A crafted ``pretrain_checkpoint/state.pt`` ran code with ``weights_only=False``."""
     from knowcat.world.build import PRESETS, build_world
@@ -383,3 +462,44 @@ def test_rerun_command_has_every_flag_and_quotes_paths(tmp_path):
     assert args.shard_size == 7
     for k, v in proto.items():
         assert getattr(args, k) == v, k
+
+
+def test_rerun_command_repeats_the_options_knowcat_categorize_was_given(tmp_path, capsys, tiny_model_dir, tiny_qa):
+    """The report's rerun command left out --splits, --per-relation, --field, --exemplars and the rest of
+    what a categorize run was asked with beyond its identity; now each is recorded and repeated, quoted."""
+    from knowcat.cli import build_parser
+    from knowcat.rundir import RunDir
+    from reports.build import _rerun_command
+
+    exs, pool = tiny_qa
+    rows = [{"uid": e.id, "q": e.question, "answers": e.answers, "relation": e.relation, "split": e.split}
+            for e in exs + pool]
+    data = write_jsonl(tmp_path / "my data.jsonl", rows)
+    ex_file = write_jsonl(tmp_path / "ex; ls.jsonl", rows[len(exs):])
+    run = tmp_path / "my run"
+    argv = ["categorize", "--model", tiny_model_dir, data, "--out", run, "--field", "id=uid", "--field", "question=q",
+            "--splits", "train", "--per-relation", 2, "--exemplars", ex_file, "--n-prompts", 2, "--n-samples", 1,
+            "--k", 2, "--max-new-tokens", 4, "--batch-size", 8, "--no-progress"]
+    rc, out, err = run_cli(argv, capsys)
+    assert rc == 0, err
+    rd = RunDir(run)
+    cmd = _rerun_command(run, None, rd.read_categorize_config(), rd.read_categorize_command())
+    again = build_parser().parse_args(shlex.split(cmd)[1:])
+    given = build_parser().parse_args([str(a) for a in argv])
+    for k, v in vars(given).items():
+        if k in ("func", "no_progress") or v is None:  # None: the default, which the protocol records as a value
+            continue
+        want = str(ex_file.resolve()) if k == "exemplars" else str(data.resolve()) if k == "data" else v
+        assert getattr(again, k) == want, (k, getattr(again, k), want)
+
+
+def test_run_surrogates_refuses_a_model_inside_surrogates(tmp_path):
+    from knowcat.errors import UsageError
+    from knowcat.surrogate import run_surrogates
+
+    run = _categorized_run(tmp_path / "run")
+    model = fake_model(run / "surrogates" / "m")
+    before = folder_digest(run)
+    with pytest.raises(UsageError, match="model folder"):
+        run_surrogates(run, str(model), log=lambda *a: None, progress=False)
+    assert folder_digest(run) == before

@@ -29,6 +29,7 @@ import numpy as np
 
 from knowcat.examples import content_id
 from knowcat.io import atomic_write_json, atomic_write_text
+from knowcat.rundir import WorldDir, write_jsonl
 from knowcat.world.names import NamePool
 from knowcat.world.relations import IN_DISTRIBUTION, OUT_OF_DISTRIBUTION, RELATIONS, Relation, relation_for
 
@@ -238,16 +239,16 @@ def build_world(out_dir, cfg: WorldConfig | None = None, log=print) -> dict:
         tpl = {r: RELATIONS[r].template for r in cfg.relations}
     corpus = make_corpus(cfg, facts, rng, tpl)
 
-    data = out / "data"
+    world = WorldDir(out)
+    data = world.data
     atomic_write_json(data / "relation_query_templates.json", tpl)
     for rid in cfg.relations:
         for split in SPLITS:
             recs = [{"question": f.question, "answers": [f.answer]}
                     for f in facts if f.relation == rid and f.split == split]
             atomic_write_text(data / split / f"{rid}.{split}.json", json.dumps(recs, ensure_ascii=False, indent=1))
-    atomic_write_text(out / "corpus.jsonl", "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in corpus))
-    atomic_write_text(out / "exposures.jsonl",
-                      "".join(json.dumps(asdict(f), ensure_ascii=False) + "\n" for f in facts))
+    write_jsonl(world.corpus, corpus)
+    write_jsonl(world.exposures, (asdict(f) for f in facts))
     counts = np.array([f.count for f in facts])
     total_mentions = int(sum(f.count + f.conflicting for f in facts))
     summary = {
@@ -262,7 +263,7 @@ def build_world(out_dir, cfg: WorldConfig | None = None, log=print) -> dict:
         "never_seen_share": float((counts == 0).mean()),
         "count_quantiles": {str(q): float(np.quantile(counts, q)) for q in (0.25, 0.5, 0.75, 0.9, 0.99)},
     }
-    atomic_write_json(out / "world.json", summary)
+    atomic_write_json(world.summary, summary)
     log(f"world: {len(facts)} facts over {len(cfg.relations)} relations, {len(corpus)} documents, "
         f"{summary['mentions']} mentions; never seen {summary['never_seen_share']:.0%}; "
         f"exposure quartiles {summary['count_quantiles']['0.25']:.0f}/{summary['count_quantiles']['0.5']:.0f}/"
@@ -271,5 +272,4 @@ def build_world(out_dir, cfg: WorldConfig | None = None, log=print) -> dict:
 
 
 def read_exposures(world_dir) -> list[dict]:
-    with open(Path(world_dir) / "exposures.jsonl", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return WorldDir(world_dir).read_exposures(missing_ok=False)

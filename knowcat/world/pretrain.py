@@ -12,7 +12,6 @@ and end exactly where an uninterrupted one would. The result is saved with
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -63,8 +62,9 @@ def native_bf16() -> bool:
 
 
 def read_corpus(world_dir) -> list[str]:
-    with open(Path(world_dir) / "corpus.jsonl", encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in f if line.strip()]
+    from knowcat.rundir import WorldDir
+
+    return WorldDir(world_dir).read_corpus()
 
 
 def pack_blocks(docs_ids: list[list[int]], block_size: int, pad_id: int) -> np.ndarray:
@@ -117,9 +117,11 @@ def pretrain(world_dir, out_dir=None, cfg: PretrainConfig | None = None, log=pri
     from knowcat.world.tokenizer import train_tokenizer
 
     cfg = cfg or PretrainConfig()
+    from knowcat.rundir import WorldDir
+
     world_dir = Path(world_dir)
-    out = Path(out_dir) if out_dir else world_dir / "model"
-    ckpt_dir = world_dir / "pretrain_checkpoint"
+    out = Path(out_dir) if out_dir else WorldDir(world_dir).model
+    ckpt_dir = WorldDir(world_dir).pretrain_checkpoint
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     docs = read_corpus(world_dir)

@@ -1,0 +1,56 @@
+"""The code's layout rules, checked on the source: one owner of the run directory, names defined once,
+the command line free of file writing."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("knowcat", "probes", "linear_models", "reports")
+
+
+def sources():
+    for pkg in PACKAGES:
+        for p in sorted((ROOT / pkg).rglob("*.py")):
+            yield p.relative_to(ROOT).as_posix(), p.read_text(encoding="utf-8")
+
+
+# every file name a run directory holds, as a path would be built from it
+RUN_FILES = ("categorize", "categorized.jsonl", "categorized.parquet", "categorize_summary.json", "shards",
+             "greedy.jsonl", "exposure_check.json", "demo_summary.json", "mixtures", "manifest.json", "finetune",
+             "epochs", "metrics.json", "analysis.json", "surrogates", "tests.json", "baseline.jsonl", "report.html",
+             "exposures.jsonl", "world.json", "corpus.jsonl", "replicates", "estimated.jsonl", "calibration")
+
+
+def test_only_rundir_builds_run_paths():
+    pattern = re.compile(r"/\s*f?[\"'](" + "|".join(re.escape(n) for n in RUN_FILES) + r")[\"']")
+    bad = [f"{name}: {m.group(0)}" for name, text in sources() if name != "knowcat/rundir.py"
+           for m in pattern.finditer(text)]
+    assert not bad, bad
+
+
+def test_only_rundir_and_the_loaders_parse_jsonl():
+    """Run files are parsed by knowcat.rundir; the user's files by the loaders (and the readers of a file the
+    user names: a training set, a labels file, a rejects file)."""
+    allowed = {"knowcat/rundir.py", "knowcat/examples.py", "knowcat/mixtures.py", "knowcat/estimate.py",
+               "knowcat/filtering.py"}
+    bad = [name for name, text in sources() if "json.loads(line" in text and name not in allowed
+           and not name.startswith("knowcat/loaders/")]
+    assert not bad, bad
+
+
+def test_shared_names_are_defined_once():
+    defs = re.compile(r"^(CATEGORIES|KNOWN|CLASSES|UNDETERMINED|PAPER_\w+)\s*=", re.M)
+    found = {}
+    for name, text in sources():
+        for m in defs.finditer(text):
+            found.setdefault(m.group(1), []).append(name)
+    assert found and all(v == ["linear_models/names.py"] for v in found.values()), found
+    literal = re.compile(r"\(\s*\"HighlyKnown\",\s*\"MaybeKnown\",\s*\"WeaklyKnown\"")
+    assert [n for n, t in sources() if literal.search(t)] == ["linear_models/names.py"]
+    assert not [n for n, t in sources() if n != "linear_models/names.py" and re.search(r"36\.9|0\.24\b|61\.8", t)]
+
+
+def test_the_command_line_writes_no_file_itself():
+    text = (ROOT / "knowcat" / "cli.py").read_text(encoding="utf-8")
+    for call in ("atomic_write", "open(", ".write_text(", ".write_bytes(", "json.dump(", "to_parquet("):
+        assert call not in text, call
