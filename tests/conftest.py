@@ -38,7 +38,7 @@ def quick_demo_cli(tmp_path_factory):
         import json
 
         summary = Path(prebuilt) / "demo_summary.json"
-        return Path(prebuilt), json.loads(summary.read_text()) if summary.exists() else {}
+        return Path(prebuilt), json.loads(summary.read_text()) if summary.exists() else {}, ""
     run = tmp_path_factory.mktemp("quick_demo")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-m", "knowcat", "demo", "--preset", "quick", "--out", str(run),
