@@ -104,3 +104,97 @@ def test_prefix_reuse_off_gives_the_same_answers_and_samples(quick_demo, quick_m
     on = generate(model, tok, reqs, max_new_tokens=10)
     off = generate(model, tok, reqs, max_new_tokens=10, prefix_reuse=False)
     assert {k: (g.greedy, g.samples) for k, g in on.items()} == {k: (g.greedy, g.samples) for k, g in off.items()}
+
+
+def _quick_requests(run, n_prompts=2, split="test", streams=0, limit=None):
+    from knowcat.demo import world_examples
+
+    examples = world_examples(run / "world")
+    sets = exemplar_sets([e for e in examples if e.split == "dev"], FewShotConfig(n_prompts=n_prompts, k=4))
+    todo = [e for e in examples if e.split == split][:limit]
+    return [PromptRequest((ex.id, j), *prompt_for(ex, s), True, tuple(7000 + 31 * i + j for i in range(streams)))
+            for ex in todo for j, s in enumerate(sets[ex.relation])]
+
+
+def test_greedy_equals_generate_on_every_quick_question(quick_demo, quick_model):
+    """Greedy answers of batches that mix every prefix (left-padded) equal plain ``model.generate``
+    on every train and test question of the quick world."""
+    from probes.generation import generate
+
+    model, tok = quick_model
+    run, _ = quick_demo
+    reqs = [r for split in ("train", "test") for r in _quick_requests(run, n_prompts=1, split=split)]
+    got = generate(model, tok, reqs, max_new_tokens=12, batch_size=512)
+    assert len({r.prefix for r in reqs}) > 4  # batches mix prefixes
+    differ = [r.key for r in reqs if got[r.key].greedy != _plain_generate(model, tok, r.prefix + r.suffix, 12)]
+    assert not differ, f"{len(differ)}/{len(reqs)} greedy answers differ from model.generate: {differ[:5]}"
+
+
+def test_mixed_prefix_batches_equal_one_prefix_batches(quick_demo, quick_model):
+    """Rows of different prefixes in one batch give the answers and samples of batches of one prefix."""
+    from probes.generation import generate
+
+    model, tok = quick_model
+    run, _ = quick_demo
+    reqs = _quick_requests(run, n_prompts=2, streams=4, limit=30)
+    mixed = generate(model, tok, reqs, max_new_tokens=10, batch_size=256)
+    by_prefix: dict = {}
+    for r in reqs:
+        by_prefix.setdefault(r.prefix, []).append(r)
+    assert len(by_prefix) > 2
+    alone = {}
+    for group in by_prefix.values():
+        alone.update(generate(model, tok, group, max_new_tokens=10, batch_size=256))
+    assert {k: (g.greedy, g.samples) for k, g in mixed.items()} == {k: (g.greedy, g.samples) for k, g in alone.items()}
+    assert any(len(set(g.samples)) > 1 for g in mixed.values())  # samples that differ: the test is not vacuous
+
+
+def test_samples_asked_after_the_greedy_round_reuse_its_prompt_state(quick_demo, quick_model, monkeypatch):
+    """Greedy answers in one round and the samples of the same prompts in a later round (lazy SliCK)
+    give the answers of one round asking both; the later round computes no prefill."""
+    from probes.engine import TransformersEngine
+
+    model, tok = quick_model
+    run, _ = quick_demo
+    reqs = _quick_requests(run, n_prompts=2, streams=5, limit=20)
+    together = TransformersEngine(model, tok, batch_size=64).generate([reqs], max_new_tokens=10)
+    engine = TransformersEngine(model, tok, batch_size=64)
+    greedy = engine.generate([[PromptRequest(r.key, r.prefix, r.suffix, True, ()) for r in reqs]], max_new_tokens=10)
+    assert len(engine._states) == len(reqs)
+    widths = []
+    real = model.forward
+
+    import functools
+
+    @functools.wraps(real)
+    def forward(*a, **k):
+        widths.append(k["input_ids"].shape[1])
+        return real(*a, **k)
+
+    monkeypatch.setattr(model, "forward", forward)
+    samples = engine.generate([[PromptRequest(r.key, r.prefix, r.suffix, False, r.streams) for r in reqs]],
+                              max_new_tokens=10)
+    assert widths and set(widths) == {1} and len(engine._states) == 0  # decode steps only
+    for r in reqs:
+        assert (greedy[r.key].greedy, samples[r.key].samples) == (together[r.key].greedy, together[r.key].samples)
+
+
+def test_prefix_cache_is_bounded_and_follows_the_weights(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from probes.generation import PrefixCache
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    cache = PrefixCache(model, max_entries=2)
+    a = cache.get((1, 5, 9))
+    cache.get((1, 6))
+    assert cache.get((1, 5, 9)) is a  # kept, and now the most recently used
+    cache.get((1, 7, 7, 7))
+    assert len(cache) == 2 and cache.encoded_tokens == 9
+    assert cache.get((1, 5, 9)) is a  # (1, 6) went first
+    assert cache.encoded_tokens == 9
+    with torch.no_grad():  # the weights change in place (an optimizer step): cached prefixes are stale
+        next(model.parameters()).add_(0.5)
+    b = cache.get((1, 5, 9))
+    assert b is not a and len(cache) == 1 and not torch.equal(b[0][0], a[0][0])
