@@ -408,7 +408,7 @@ def _run_demo_stages(run: Path, preset, seed, device, log, progress, study, say)
 
         t = time.time()
         labels = {r["id"]: r for r in categorized if r.get("split") == cfg.check_split}
-        fs = run_sft_filter(run / "filter", str(model_dir), world_dir / "data", labels, cfg.sft_filter,
+        fs = run_sft_filter(rd.filter.root, str(model_dir), world_dir / "data", labels, cfg.sft_filter,
                             slick_cfg=cfg.slick, split=cfg.check_split, device=device, log=log)
         timings["filter"] = time.time() - t
         v = fs["estimate"].get("validation_rest") or {}

@@ -280,6 +280,55 @@ class FinetuneDir:
         os.replace(tmp.root, dst.root)
 
 
+class FilterDir:
+    """An SFT filtering run (``RUN/filter`` in the demo): the split written as SFT files (``sft/``), the
+    estimator's run (``estimate/``), the filter's output (``kept.jsonl``, ``kept.rejects.jsonl``,
+    ``kept.stats.json``) and ``filter_summary.json``, which the report reads."""
+
+    def __init__(self, folder):
+        self.root = Path(folder)
+
+    def sft_file(self, split: str, kind: str) -> Path:
+        """``kind``: "chat" or "alpaca"."""
+        return self.root / "sft" / f"{split}.{kind}.jsonl"
+
+    @property
+    def sft_dir(self) -> Path:
+        return self.root / "sft"
+
+    @property
+    def estimate(self) -> "RunDir":
+        return RunDir(self.root / "estimate")
+
+    @property
+    def kept(self) -> Path:
+        return self.root / "kept.jsonl"
+
+    @property
+    def kept_stats(self) -> Path:
+        return self.root / "kept.stats.json"
+
+    @property
+    def kept_rejects(self) -> Path:
+        return self.root / "kept.rejects.jsonl"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "filter_summary.json"
+
+    def read_stats(self) -> dict:
+        return read_json(self.kept_stats)
+
+    def read_rejects(self) -> list[dict]:
+        return read_jsonl(self.kept_rejects)
+
+    def read_summary(self) -> dict | None:
+        return _read_json_or_none(self.summary)
+
+    def write_summary(self, summary: dict) -> None:
+        atomic_write_json(self.summary, summary)
+
+
 class SurrogatesDir:
     """The Ax=b surrogates' outputs (``RUN/surrogates``): ``config.json``, ``baseline.jsonl``, one
     ``NAME.jsonl`` / ``NAME.parquet`` of rows per surrogate (``NAME.shards/`` while it runs),
@@ -474,6 +523,9 @@ class RunDir:
     def estimate_summary(self) -> Path:
         return self.root / "estimate_summary.json"
 
+    def read_estimate_summary(self) -> dict:
+        return read_json(self.estimate_summary)
+
     @property
     def estimate_features(self) -> Path:
         """The estimator's feature shards (``NNNNN.npz``)."""
@@ -595,6 +647,10 @@ class RunDir:
         atomic_write_json(self.analysis, analysis)
 
     # -- surrogates and the report ----------------------------------------------------------------
+    @property
+    def filter(self) -> FilterDir:
+        return FilterDir(self.root / "filter")
+
     @property
     def surrogates(self) -> SurrogatesDir:
         return SurrogatesDir(self.root / "surrogates")

@@ -15,10 +15,9 @@ Each step is skipped when its output is already there, so a killed run resumes.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from knowcat.io import atomic_write_json
+from knowcat.rundir import FilterDir
 
 N_REJECT_EXAMPLES = 12
 
@@ -33,22 +32,20 @@ def run_sft_filter(out_dir, model, data, labels: dict[str, dict], cfg=None, *, s
     from knowcat.filtering import FilterConfig
     from knowcat.sft import estimate_sft, filter_sft_file, write_split_as_sft
 
-    out = Path(out_dir)
+    fd = FilterDir(out_dir)
     cfg = cfg or EstimateConfig(calibrate=0.2)
-    sft_dir = out / "sft"
-    files = {"chat": sft_dir / f"{split}.chat.jsonl", "alpaca": sft_dir / f"{split}.alpaca.jsonl"}
+    files = {k: fd.sft_file(split, k) for k in ("chat", "alpaca")}
     if not all(p.exists() for p in files.values()):
-        files = write_split_as_sft(data, sft_dir, split)
-    est_dir = out / "estimate"
-    annotated = est_dir / "estimated_sft.jsonl"
-    if not (annotated.exists() and (est_dir / "estimate_summary.json").exists()):
-        estimate_sft(model, files["chat"], est_dir, cfg, slick_cfg, group_by="relation", labels=labels, device=device,
+        files = write_split_as_sft(data, fd.sft_dir, split)
+    est = fd.estimate
+    annotated = est.estimated_sft("jsonl")
+    if not (annotated.exists() and est.estimate_summary.exists()):
+        estimate_sft(model, files["chat"], est.root, cfg, slick_cfg, group_by="relation", labels=labels, device=device,
                      log=log, progress=progress)
-    kept = out / "kept.jsonl"
-    if not (out / "kept.stats.json").exists():
-        filter_sft_file(annotated, kept, FilterConfig(drop=tuple(drop)), log=log)
-    summary = filter_summary(out, labels, drop)
-    atomic_write_json(out / "filter_summary.json", summary)
+    if not fd.kept_stats.exists():
+        filter_sft_file(annotated, fd.kept, FilterConfig(drop=tuple(drop)), log=log)
+    summary = filter_summary(fd.root, labels, drop)
+    fd.write_summary(summary)
     return summary
 
 
@@ -60,28 +57,26 @@ def filter_summary(out_dir, labels: dict[str, dict] | None, drop) -> dict:
 
     from knowcat.loaders.sft import META_KEY
 
-    out = Path(out_dir)
-    stats = json.loads((out / "kept.stats.json").read_text(encoding="utf-8"))
-    est = json.loads((out / "estimate" / "estimate_summary.json").read_text(encoding="utf-8"))
+    fd = FilterDir(out_dir)
+    stats = fd.read_stats()
+    est = fd.estimate.read_estimate_summary()
     dropped_by = Counter()
     examples = []
-    with open(out / "kept.rejects.jsonl", encoding="utf-8") as f:
-        for line in f:
-            r = json.loads(line)
-            rec = r["data"]
-            meta = rec.get(META_KEY, {})
-            turn = (meta.get("turns") or [{}])[-1]
-            rid = str(rec.get("id"))
-            slick = labels.get(rid, {}).get("category") if labels else None
-            dropped_by[(meta.get("method"), slick)] += 1
-            if len(examples) < N_REJECT_EXAMPLES:
-                msgs = rec.get("messages") or []
-                examples.append({
-                    "id": rid, "relation": rec.get("relation"),
-                    "question": next((m["content"] for m in msgs if m.get("role") == "user"), None),
-                    "answer": next((m["content"] for m in reversed(msgs) if m.get("role") == "assistant"), None),
-                    "category": meta.get("category"), "method": meta.get("method"), "slick_category": slick,
-                    "p_unknown": (turn.get("probs") or {}).get("Unknown"), "reason": r["reason"]})
+    for r in fd.read_rejects():
+        rec = r["data"]
+        meta = rec.get(META_KEY, {})
+        turn = (meta.get("turns") or [{}])[-1]
+        rid = str(rec.get("id"))
+        slick = labels.get(rid, {}).get("category") if labels else None
+        dropped_by[(meta.get("method"), slick)] += 1
+        if len(examples) < N_REJECT_EXAMPLES:
+            msgs = rec.get("messages") or []
+            examples.append({
+                "id": rid, "relation": rec.get("relation"),
+                "question": next((m["content"] for m in msgs if m.get("role") == "user"), None),
+                "answer": next((m["content"] for m in reversed(msgs) if m.get("role") == "assistant"), None),
+                "category": meta.get("category"), "method": meta.get("method"), "slick_category": slick,
+                "p_unknown": (turn.get("probs") or {}).get("Unknown"), "reason": r["reason"]})
     return {
         "drop": list(drop), "format": stats["format"], "total": stats["total"], "kept": stats["kept"],
         "rejected": stats["rejected"], "by_category": stats["by_category"], "by_method": stats["by_method"],

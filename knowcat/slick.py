@@ -10,15 +10,21 @@ the dev split of the same relation). Per prompt: one greedy answer (T = 0) and
 - WeaklyKnown:  P_Correct(T=0) = 0 and P_Correct(T>0) > 0
 - Unknown:      P_Correct(T=0) = 0 and P_Correct(T>0) = 0
 
-Lazy mode (the default) generates only what decides the category: every
-greedy answer, and samples only while an example has no correct answer yet.
-Prompts are processed in turn (every question under prompt 0, then prompt 1
-...), so once one of an example's greedy answers or samples is correct, its
-later prompts are asked greedily only. Because every sample is a pure function of (seed, example id,
+Lazy mode (the default) generates only what decides the category, in waves that
+keep the engine's batches full: first every greedy answer of every prompt (one
+round, always needed), then samples only for the examples whose greedy answers
+are all wrong, a few prompts' samples per example per round (as many as fill the
+engine's batch), an example leaving at the end of the round that gave it a
+correct sample. Because every sample is a pure function of (seed, example id,
 prompt index, sample index), lazy and exact mode see the same answers and give
 the same categories; exact mode also yields the full P_Correct(T>0) for every
-example. In lazy mode P_Correct(T>0) is reported only where it was fully
-measured (Unknown: 0) and is ``None`` elsewhere; the counts are always given.
+example. In lazy mode the samples of an example are counted in their canonical
+order (prompt 0's samples 0, 1 ..., then prompt 1's ...) up to its first correct
+one, whatever the rounds computed past it, so the counts do not depend on the
+batch size either: an example with a correct greedy answer has none, a
+WeaklyKnown one counts up to its first correct sample, an Unknown one all of
+them. P_Correct(T>0) is reported only where it was fully measured (Unknown: 0)
+and is ``None`` elsewhere; the counts are always given.
 """
 
 from __future__ import annotations
@@ -113,6 +119,20 @@ class _State:
     n_greedy_correct: int = 0
     n_sampled: int = 0
     n_sampled_correct: int = 0
+    sample_hit: bool = False  # one of the samples computed so far is correct
+
+
+def _count_samples(st: _State, answers, cfg: SliCKConfig) -> None:
+    """The sample counts, in canonical order (prompt by prompt, sample by sample); lazy mode stops at
+    the first correct sample and forgets the samples computed past it."""
+    for j in sorted(st.samples):
+        for i, a in enumerate(st.samples[j]):
+            ok = is_correct(a, answers, cfg.match)
+            st.n_sampled += 1
+            st.n_sampled_correct += ok
+            if ok and not cfg.exact:
+                st.samples = {k: (v if k < j else v[:i + 1]) for k, v in st.samples.items() if k <= j}
+                return
 
 
 def categorize(engine, examples: list[QAExample], exemplar_pool: list[QAExample],
@@ -122,7 +142,8 @@ def categorize(engine, examples: list[QAExample], exemplar_pool: list[QAExample]
 
     ``engine``: a :class:`probes.engine.Engine` (:func:`probes.engine.open_engine`).
     ``exemplar_pool``: the examples few-shot exemplars are drawn from (the dev
-    split). ``progress`` is called with numbers of finished prompts.
+    split). ``progress`` is called with numbers of finished requests (the greedy answer
+    or the samples of an example under one prompt; with ``n_samples=0``: prompts).
     """
     from probes.generation import PromptRequest
     from probes.sampling import stream_seed
@@ -144,30 +165,33 @@ def categorize(engine, examples: list[QAExample], exemplar_pool: list[QAExample]
     by_id = {ex.id: ex for ex in examples}
 
     def record(req, g):
-        ex_id, j = req.key
+        ex_id, j = req.key[1], req.key[2]
         st, answers = state[ex_id], by_id[ex_id].answers
-        st.greedy[j] = g.greedy
-        st.n_greedy_correct += is_correct(g.greedy, answers, cfg.match)
-        st.samples[j] = list(g.samples)
-        st.n_sampled += len(g.samples)
-        st.n_sampled_correct += sum(is_correct(a, answers, cfg.match) for a in g.samples)
+        if req.greedy:
+            st.greedy[j] = g.greedy
+            st.n_greedy_correct += is_correct(g.greedy, answers, cfg.match)
+        if req.streams:
+            st.samples[j] = list(g.samples)
+            st.sample_hit = st.sample_hit or any(is_correct(a, answers, cfg.match) for a in g.samples)
 
-    def prepare(req):
-        # lazy: samples matter only while none of the example's answers so far is correct
-        st = state[req.key[0]]
-        if req.streams and (st.n_greedy_correct or st.n_sampled_correct):
-            return PromptRequest(req.key, req.prefix, req.suffix, True, ())
-        return req
-
-    # One round per prompt (all questions under prompt 0, then prompt 1 ...): the greedy
-    # answer and the samples of a prompt come from one prefill. Lazy mode drops the
-    # samples of an example once one of its answers in earlier rounds is correct: its
-    # category is then decided by the greedy answers alone, or it is WeaklyKnown.
-    rounds = ([PromptRequest((ex.id, j), *prompts[ex.id][j], True,
+    def sample_request(ex, j):
+        return PromptRequest(("s", ex.id, j), *prompts[ex.id][j], False,
                              tuple(stream_seed(cfg.seed, ex.id, j, s) for s in range(cfg.n_samples)))
-               for ex in examples] for j in range(cfg.n_prompts))
+
+    if cfg.exact or cfg.n_samples == 0:
+        # one round: every greedy answer and every sample (greedy and samples of a prompt share a prefill)
+        rounds = [[PromptRequest(("p", ex.id, j), *prompts[ex.id][j], True, sample_request(ex, j).streams)
+                   for ex in examples for j in range(cfg.n_prompts)]]
+    else:
+        rounds = _lazy_waves(examples, cfg, state, sample_request,
+                             getattr(engine, "batch_rows", None) or LAZY_WAVE_ROWS)
+        rounds = _chain([[PromptRequest(("g", ex.id, j), *prompts[ex.id][j], True, ())
+                          for ex in examples for j in range(cfg.n_prompts)]], rounds)
     engine.generate(rounds, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                    prepare=None if cfg.exact else prepare, on_result=record, progress=progress)
+                    on_result=record, progress=progress)
+
+    for ex in examples:
+        _count_samples(state[ex.id], ex.answers, cfg)
 
     results = []
     for ex in examples:
@@ -182,6 +206,34 @@ def categorize(engine, examples: list[QAExample], exemplar_pool: list[QAExample]
             ci_sampled=wilson(st.n_sampled_correct, st.n_sampled, cfg.alpha) if full and st.n_sampled else None,
             match_mode=cfg.match, mode="exact" if cfg.exact else "lazy",
             greedy_answers=st.greedy if cfg.keep_answers else None,
-            sampled_answers=[st.samples[j] for j in range(cfg.n_prompts)] if cfg.keep_answers else None,
+            sampled_answers=[st.samples.get(j, []) for j in range(cfg.n_prompts)] if cfg.keep_answers else None,
         ))
     return results
+
+
+# rows a sample round aims at when the engine does not say how many rows it decodes together
+LAZY_WAVE_ROWS = 512
+
+
+def _chain(*parts):
+    for p in parts:
+        yield from p
+
+
+def _lazy_waves(examples, cfg: SliCKConfig, state, sample_request, batch_rows: int):
+    """The sample rounds of lazy mode, formed one at a time after the previous round's results were
+    recorded: for each example whose answers so far are all wrong, its next prompts' samples in prompt
+    order, as many prompts each as make the round at least ``batch_rows`` rows."""
+    asked = {ex.id: 0 for ex in examples}  # prompts whose samples were asked
+    while True:
+        todo = [ex for ex in examples if asked[ex.id] < cfg.n_prompts and not state[ex.id].n_greedy_correct
+                and not state[ex.id].sample_hit]
+        if not todo:
+            return
+        per = max(1, -(-batch_rows // (len(todo) * cfg.n_samples)))
+        wave = []
+        for ex in todo:
+            j0 = asked[ex.id]
+            asked[ex.id] = min(cfg.n_prompts, j0 + per)
+            wave.extend(sample_request(ex, j) for j in range(j0, asked[ex.id]))
+        yield wave

@@ -42,6 +42,9 @@ class Engine(Protocol):
     @property
     def device(self) -> str: ...
 
+    # optional: ``batch_rows``, the rows (a greedy answer or one sample) the engine decodes together,
+    # or ``None`` where it schedules its own batches; callers size their rounds to fill it
+
     def generate(self, rounds: Iterable[Sequence[PromptRequest]], *, max_new_tokens: int = 32,
                  temperature: float = 0.5, top_k: int = 40, stop: str = "\n", prepare: Prepare | None = None,
                  on_result: OnResult | None = None, progress: Progress | None = None
@@ -91,6 +94,8 @@ class TransformersEngine:
         self.log = log
         self.prefix_reuse = prefix_reuse
         self.forward_tokens = 0
+        # prefix KV caches and prompt states, shared by every call (probes.generation.PrefixCache, PromptStates)
+        self._prefixes = self._states = None
 
     @classmethod
     def load(cls, model: str, device: str = "auto", dtype: str = "auto", batch_size: int | None = None, log=None,
@@ -104,13 +109,22 @@ class TransformersEngine:
     def device(self) -> str:
         return str(self.model.device)
 
+    @property
+    def batch_rows(self) -> int:
+        """Rows decoded together (the given batch size, or the device's default)."""
+        from probes.generation import default_batch_size
+
+        return self.batch_size or default_batch_size(self.model)
+
     def generate(self, rounds, *, max_new_tokens=32, temperature=0.5, top_k=40, stop="\n", prepare=None,
                  on_result=None, progress=None):
-        from probes.generation import RoundGenerator
+        from probes.generation import PrefixCache, PromptStates, RoundGenerator
 
+        if self._prefixes is None:
+            self._prefixes, self._states = PrefixCache(self.model), PromptStates(self.model)
         gen = RoundGenerator(self.model, self.tokenizer, max_new_tokens=max_new_tokens, batch_size=self.batch_size,
                              temperature=temperature, top_k=top_k, stop=stop, log=self.log,
-                             prefix_reuse=self.prefix_reuse)
+                             prefix_reuse=self.prefix_reuse, prefixes=self._prefixes, states=self._states)
         try:
             return run_rounds(gen, rounds, prepare, on_result, progress)
         finally:

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import copy
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Hashable, Iterable, Sequence
 
 import numpy as np
 import torch
+
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 from probes.sampling import topk_cdf, uniforms
 
@@ -94,6 +97,58 @@ def stop_token_ids(tokenizer, stop: str = "\n") -> set[int]:
     return ids
 
 
+def _weights_version(model) -> int:
+    """Changes whenever a parameter is modified in place (an optimizer step): cached prefixes are stale."""
+    return sum(p._version for p in model.parameters())
+
+
+def _nbytes(x) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    return sum(_nbytes(y) for y in x)
+
+
+class KVStore:
+    """Tensors keyed by token ids, least recently used first out once ``max_entries`` entries or
+    ``max_bytes`` are held; emptied when the model's weights change (they were computed with the old ones)."""
+
+    def __init__(self, model, max_entries: int, max_bytes: int):
+        self.model, self.max_entries, self.max_bytes = model, max_entries, max_bytes
+        self._items: OrderedDict = OrderedDict()
+        self._bytes = 0
+        self._version = None
+
+    def _check(self) -> None:
+        version = _weights_version(self.model)
+        if version != self._version:
+            self._items.clear()
+            self._bytes, self._version = 0, version
+
+    def get(self, key, pop: bool = False):
+        self._check()
+        item = self._items.pop(key, None) if pop else self._items.get(key)
+        if item is not None:
+            if pop:
+                self._bytes -= _nbytes(item)
+            else:
+                self._items.move_to_end(key)
+        return item
+
+    def put(self, key, item) -> None:
+        self._check()
+        old = self._items.pop(key, None)
+        if old is not None:
+            self._bytes -= _nbytes(old)
+        self._items[key] = item
+        self._bytes += _nbytes(item)
+        while self._items and (len(self._items) > self.max_entries or self._bytes > self.max_bytes):
+            _, old = self._items.popitem(last=False)
+            self._bytes -= _nbytes(old)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 class PrefixEncoder:
     """Encodes token prefixes once and hands out batch-broadcast copies of their caches."""
 
@@ -120,90 +175,315 @@ class PrefixEncoder:
         return c
 
 
+class PrefixCache(KVStore):
+    """Keys and values of encoded token prefixes (:class:`KVStore`). Each prefix is encoded alone
+    (batch 1, no padding), once; ``get`` returns one ``(keys, values)`` pair per layer, each
+    ``[1, heads, len(ids), head_dim]``."""
+
+    def __init__(self, model, max_entries: int = 256, max_bytes: int = 2 << 30):
+        super().__init__(model, max_entries, max_bytes)
+        self.encoded_tokens = 0
+
+    @torch.inference_mode()
+    def get(self, ids: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        kv = super().get(ids)
+        if kv is None:
+            x = torch.tensor([ids], device=self.model.device)
+            out = self.model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=True)
+            kv = _layer_kv(output_cache(out))
+            self.encoded_tokens += len(ids)
+            self.put(ids, kv)
+        return kv
+
+
+class PromptStates(KVStore):
+    """The state after a whole prompt (its suffix's keys and values per layer, and the logits of
+    the first answer token), kept from a greedy-only request for a later request of the same
+    prompt (lazy SliCK asks the samples of a prompt in a later round): that request skips its
+    prefill, as a shared prefill of its greedy answer and samples would."""
+
+    def __init__(self, model, max_entries: int = 1 << 16, max_bytes: int = 1 << 30):
+        super().__init__(model, max_entries, max_bytes)
+
+
+def _layer_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(keys, values)`` per layer of a full-attention cache (transformers' ``DynamicCache``)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if layers is None or any(type(l) is not DynamicLayer for l in layers):
+        kinds = sorted({type(l).__name__ for l in layers or ()}) or [type(cache).__name__]
+        raise NotImplementedError(f"batched generation needs full-attention KV caches; this model's are {kinds}")
+    return [(l.keys, l.values) for l in layers]
+
+
+class _BufferLayer(CacheLayerMixin):
+    """One layer's keys and values in buffers allocated once for a whole decode
+    (``[rows, heads, positions, head_dim]``): a forward pass writes its positions in place and
+    attends over a view of the rows it computes, instead of concatenating a new cache per step."""
+
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
+        super().__init__()
+        self.keys, self.values, self.n = keys, values, length
+        self.row0 = 0  # the first row a forward pass computes
+        self.device = keys.device
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        r0, q = self.row0, key_states.shape[-2]
+        r1 = r0 + key_states.shape[0]
+        self.keys[r0:r1, :, self.n:self.n + q] = key_states
+        self.values[r0:r1, :, self.n:self.n + q] = value_states
+        self.n += q
+        return self.keys[r0:r1, :, :self.n], self.values[r0:r1, :, :self.n]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.n + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.n
+
+    def get_max_length(self) -> int:
+        return self.keys.shape[-2]
+
+
+class _Buffers:
+    """The decode's state for every row: its KV cache (a transformers ``Cache`` of :class:`_BufferLayer`),
+    its attention mask and its next position. Rows are copied only when a branch splits off
+    (:meth:`fork`) or when enough rows have finished that computing them costs more than
+    compacting the rest (:meth:`compact`)."""
+
+    def __init__(self, prefix_kvs: list, suffix_lens: list[int], row_capacity: int, positions: int, device):
+        R = len(prefix_kvs)
+        first = prefix_kvs[0]
+        plens = [kv[0][0].shape[-2] for kv in prefix_kvs]
+        self.P, S = max(plens), max(suffix_lens)
+        self.rows_cap, self.pos_cap = max(row_capacity, R), self.P + S + positions
+        by_prefix: dict[int, list[int]] = {}
+        for r, kv in enumerate(prefix_kvs):
+            by_prefix.setdefault(id(kv), []).append(r)
+        layers = []
+        for li, (k0, v0) in enumerate(first):
+            K = torch.empty((self.rows_cap, k0.shape[1], self.pos_cap, k0.shape[-1]), dtype=k0.dtype, device=device)
+            V = torch.empty((self.rows_cap, v0.shape[1], self.pos_cap, v0.shape[-1]), dtype=v0.dtype, device=device)
+            K[:R, :, :self.P].zero_()  # left padding (masked, but finite)
+            V[:R, :, :self.P].zero_()
+            for rows in by_prefix.values():
+                k, v = prefix_kvs[rows[0]][li]
+                L = k.shape[-2]
+                idx = torch.tensor(rows, device=device)
+                K[idx, :, self.P - L:self.P] = k
+                V[idx, :, self.P - L:self.P] = v
+            layers.append(_BufferLayer(K, V, self.P))
+        self.cache = Cache(layers=layers)
+        self.attn = torch.zeros((self.rows_cap, self.pos_cap), dtype=torch.long, device=device)
+        for r, L in enumerate(plens):
+            self.attn[r, self.P - L:self.P] = 1
+        self.plens = torch.tensor(plens, device=device)
+        self.next_pos = torch.zeros(self.rows_cap, dtype=torch.long, device=device)
+
+    @property
+    def n(self) -> int:
+        return self.cache.layers[0].n
+
+    def fork(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Rows ``dst`` become copies of rows ``src`` (new branches of their nodes)."""
+        n = self.n
+        for layer in self.cache.layers:
+            layer.keys[dst, :, :n] = layer.keys[src, :, :n]
+            layer.values[dst, :, :n] = layer.values[src, :, :n]
+        self.attn[dst, :n] = self.attn[src, :n]
+        self.next_pos[dst] = self.next_pos[src]
+
+    def compact(self, keep: torch.Tensor, row_capacity: int) -> None:
+        """Keep rows ``keep`` only, in that order, in buffers of ``row_capacity`` rows."""
+        n, m = self.n, len(keep)
+        self.rows_cap = max(row_capacity, m)
+        for layer in self.cache.layers:
+            for name in ("keys", "values"):
+                old = getattr(layer, name)
+                new = torch.empty((self.rows_cap,) + tuple(old.shape[1:]), dtype=old.dtype, device=old.device)
+                new[:m, :, :n] = old[keep, :, :n]
+                setattr(layer, name, new)
+        attn = torch.zeros((self.rows_cap, self.pos_cap), dtype=self.attn.dtype, device=self.attn.device)
+        attn[:m, :n] = self.attn[keep, :n]
+        self.attn = attn
+        pos = torch.zeros(self.rows_cap, dtype=self.next_pos.dtype, device=self.next_pos.device)
+        pos[:m] = self.next_pos[keep]
+        self.next_pos = pos
+
+
+def _length_groups(lengths: list[int], min_tokens: int = 256, waste: float = 0.15) -> list[tuple[int, int]]:
+    """Consecutive row ranges to prefill together: a range grows while its padding stays within
+    ``waste`` of its tokens, or while it holds fewer than ``min_tokens`` (a small forward pass
+    costs its latency more than its padding)."""
+    groups, lo = [], 0
+    for i in range(1, len(lengths) + 1):
+        if i == len(lengths):
+            groups.append((lo, i))
+            break
+        rows = lengths[lo:i + 1]
+        real, padded = sum(rows), max(rows) * len(rows)
+        if padded > (1 + waste) * real and sum(lengths[lo:i]) >= min_tokens:
+            groups.append((lo, i))
+            lo = i
+    return groups
+
+
 @torch.inference_mode()
-def _decode_chunk(model, prefix_cache, prefix_len: int, suffixes: list[list[int]], branches: list[list[int]],
+def _decode_chunk(model, prefix_kvs: list, suffixes: list[list[int]], branches: list[list[int]],
                   pad_id: int, stop: torch.Tensor, max_new_tokens: int, temperature: float,
-                  top_k: int, fed: list[int] | None = None) -> list[list[list[int]]]:
+                  top_k: int, states: list | None = None, keep: list[bool] | None = None,
+                  fed: list[int] | None = None):
     """Continue ``prefix + suffix`` of each request along its branches.
 
-    ``branches[i]`` lists request ``i``'s branches: ``-1`` for the greedy answer,
-    otherwise a sampling stream seed. The suffixes are computed once (one prefill
-    per request); each branch then decodes from the shared state until it emits a
-    stop token. Returns the generated ids per request and branch; ``fed[0]`` (if given) grows
-    by the tokens fed to the model (suffixes without padding, then one per decoded node and step).
+    ``prefix_kvs[i]``: request ``i``'s prefix keys and values (:class:`PrefixCache`); requests
+    of different prefixes share the batch, each prefix left-padded to the longest. ``branches[i]``
+    lists request ``i``'s branches: ``-1`` for the greedy answer, otherwise a sampling stream seed.
+    The suffixes are computed once (one prefill per request, none for a request whose
+    ``states[i]`` holds its state after the prompt, :class:`PromptStates`); each branch then
+    decodes from the shared state until it emits a stop token. Returns the generated ids per
+    request and branch, and ``{i: state}`` for the requests ``i`` with ``keep[i]``; ``fed[0]``
+    (if given) grows by the tokens fed to the model (the suffixes prefilled, without padding, then one
+    per decoded node and step).
     """
-    dev = model.device
     R = len(suffixes)
+    states = states or [None] * R
+    # the requests to prefill take the first rows
+    order = sorted(range(R), key=lambda i: states[i] is not None)
+    if order != list(range(R)):
+        gen, kept = _decode_chunk(model, [prefix_kvs[i] for i in order], [suffixes[i] for i in order],
+                                  [branches[i] for i in order], pad_id, stop, max_new_tokens, temperature, top_k,
+                                  [states[i] for i in order], [keep[i] for i in order] if keep else None)
+        out_gen: list = [None] * R
+        for j, i in enumerate(order):
+            out_gen[i] = gen[j]
+        return out_gen, {order[j]: st for j, st in kept.items()}
+    dev = model.device
     S = max(len(s) for s in suffixes)
+    owner = np.array([r for r, br in enumerate(branches) for _ in br], dtype=np.int64)
+    streams = np.array([0 if b == -1 else b for br in branches for b in br], dtype=np.uint64)
+    is_greedy = np.array([b == -1 for br in branches for b in br])
+    n_branches = len(owner)
+    buf = _Buffers(prefix_kvs, [len(s) for s in suffixes], n_branches, max_new_tokens, dev)
+    P = buf.P
+
     ids = torch.full((R, S), pad_id, dtype=torch.long)
     smask = torch.zeros((R, S), dtype=torch.long)
     for r, s in enumerate(suffixes):
         ids[r, S - len(s):] = torch.tensor(s)
         smask[r, S - len(s):] = 1
     ids, smask = ids.to(dev), smask.to(dev)
-    attn = torch.cat([torch.ones((R, prefix_len), dtype=torch.long, device=dev), smask], dim=1)
-    pos = (prefix_len + smask.cumsum(1) - 1).clamp(min=prefix_len)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
-                **cache_kwargs(model, prefix_cache), **_last_logits_only(model))
+    buf.attn[:R, P:P + S] = smask
+    pos = buf.plens[:, None] + (smask.cumsum(1) - 1).clamp(min=0)
+    b = sum(st is None for st in states)
+    logits = []
+    # the prefill in groups of similar suffix lengths (little padding), each right-aligned at P + S
+    for lo, hi in _length_groups([len(s) for s in suffixes[:b]]):
+        w = max(len(s) for s in suffixes[lo:hi])
+        for layer in buf.cache.layers:
+            layer.keys[lo:hi, :, P:P + S - w].zero_()  # padding left of the group's window (masked, but finite)
+            layer.values[lo:hi, :, P:P + S - w].zero_()
+            layer.n, layer.row0 = P + S - w, lo
+        out = model(input_ids=ids[lo:hi, S - w:], attention_mask=buf.attn[lo:hi, :P + S],
+                    position_ids=pos[lo:hi, S - w:], use_cache=True, **cache_kwargs(model, buf.cache),
+                    **_last_logits_only(model))
+        logits.append(out.logits[:, -1, :])
+    for layer in buf.cache.layers:
+        layer.n, layer.row0 = P + S, 0
+    if b < R:
+        for li, layer in enumerate(buf.cache.layers):
+            layer.keys[b:R, :, P:P + S].zero_()  # the suffixes' padding (masked, but finite)
+            layer.values[b:R, :, P:P + S].zero_()
+            for r in range(b, R):
+                k, v = states[r][0][li]
+                layer.keys[r, :, P + S - k.shape[-2]:P + S] = k[0]
+                layer.values[r, :, P + S - v.shape[-2]:P + S] = v[0]
+        stored = torch.stack([states[r][1] for r in range(b, R)]).to(dev)
+        logits.append(stored.to(logits[0].dtype) if logits else stored)
+    logits = torch.cat(logits) if len(logits) > 1 else logits[0]
+    buf.next_pos[:R] = pos[:, -1] + 1
     if fed is not None:
-        fed[0] += sum(len(s) for s in suffixes)
+        fed[0] += sum(len(s) for s in suffixes[:b])
+    kept = {}
+    for r in range(b):
+        if keep and keep[r]:
+            s_len = len(suffixes[r])
+            kept[r] = ([(layer.keys[r:r + 1, :, P + S - s_len:P + S].clone(),
+                         layer.values[r:r + 1, :, P + S - s_len:P + S].clone()) for layer in buf.cache.layers],
+                       logits[r].clone())
 
-    # Decoding runs over *nodes*: distinct (request, tokens generated so far). Branches
-    # whose continuations coincide share a node, so a node's forward pass is computed
-    # once however many branches stand on it (at T = 0.5 most samples share their
-    # first tokens with each other and with the greedy answer). A node splits, its
-    # cache row copied, only when its branches draw different tokens.
-    owner = np.array([r for r, br in enumerate(branches) for _ in br], dtype=np.int64)
-    streams = np.array([0 if b == -1 else b for br in branches for b in br], dtype=np.uint64)
-    is_greedy = np.array([b == -1 for br in branches for b in br])
-    node = owner.copy()  # branch -> node (the prefill's rows are the first nodes)
-    live = np.arange(len(owner))
-    cache = output_cache(out)
-    logits = out.logits[:, -1, :]
-    next_pos = pos[:, -1] + 1
-    generated: list[list[int]] = [[] for _ in owner]
-    stop_set = set(stop.tolist())
+    # Decoding runs over *nodes*: distinct (request, tokens generated so far), one buffer row
+    # each. Branches whose continuations coincide share a node, so a node's forward pass is
+    # computed once however many branches stand on it (at T = 0.5 most samples share their
+    # first tokens with each other and with the greedy answer). When a node's branches draw
+    # different tokens, one keeps the row and each other token gets a new row, a copy.
+    # Finished rows stay in the batch (their results unread) until a quarter of it has finished.
+    slot = owner.copy()  # branch -> row
+    live = np.arange(n_branches)
+    rows = R  # rows the forward computes (live nodes and finished ones not compacted yet)
+    generated = np.zeros((n_branches, max_new_tokens), dtype=np.int64)
+    length = np.zeros(n_branches, dtype=np.int64)
+    stop_ids = stop.cpu().numpy()
+    any_greedy, any_sampled = bool(is_greedy.any()), not bool(is_greedy.all())
     for step in range(max_new_tokens):
-        nodes_of_live = node[live]
+        slots = slot[live]
         tok = np.empty(len(live), dtype=np.int64)
         g = is_greedy[live]
-        if g.any():
-            tok[g] = logits.argmax(dim=-1).cpu().numpy()[nodes_of_live[g]]
-        if (~g).any():
-            sn = nodes_of_live[~g]
+        if any_greedy and g.any():
+            tok[g] = logits.argmax(dim=-1).cpu().numpy()[slots[g]]
+        if any_sampled and not g.all():
+            sn = slots[~g]
             uniq, inv = np.unique(sn, return_inverse=True)
             idx, cdf = topk_cdf(logits[torch.from_numpy(uniq).to(dev)], temperature, top_k)
             u = torch.from_numpy(uniforms(streams[live[~g]], step)).to(cdf.device)
             inv_t = torch.from_numpy(inv).to(cdf.device)
             pick = torch.searchsorted(cdf[inv_t], u[:, None]).clamp(max=idx.shape[1] - 1)
             tok[~g] = idx[inv_t].gather(1, pick).squeeze(1).cpu().numpy()
-        done = np.fromiter((t in stop_set for t in tok.tolist()), dtype=bool, count=len(tok))
-        for b, t in zip(live.tolist(), tok.tolist()):
-            generated[b].append(t)
+        generated[live, step] = tok
+        length[live] = step + 1
         if step == max_new_tokens - 1:
             break
-        live, tok, nodes_of_live = live[~done], tok[~done], nodes_of_live[~done]
+        keep = ~np.isin(tok, stop_ids)
+        live, tok, slots = live[keep], tok[keep], slots[keep]
         if len(live) == 0:
             break
-        keys, new_of_live = np.unique(np.stack([nodes_of_live, tok], axis=1), axis=0, return_inverse=True)
-        new_of_live = new_of_live.reshape(-1)
-        parents = torch.from_numpy(keys[:, 0]).to(dev)
-        if len(keys) != logits.shape[0] or not torch.equal(parents, torch.arange(len(keys), device=dev)):
-            cache.reorder_cache(parents)
-            attn, next_pos = attn[parents], next_pos[parents]
-        node[live] = new_of_live
-        attn = torch.cat([attn, torch.ones((len(keys), 1), dtype=torch.long, device=dev)], dim=1)
-        out = model(input_ids=torch.from_numpy(keys[:, 1:]).to(dev), attention_mask=attn,
-                    position_ids=next_pos[:, None], use_cache=True, **cache_kwargs(model, cache))
+        keys, inv = np.unique(np.stack([slots, tok], axis=1), axis=0, return_inverse=True)
+        inv = inv.reshape(-1)
+        new_row = np.r_[True, keys[1:, 0] != keys[:-1, 0]] if len(keys) > 1 else np.ones(1, dtype=bool)
+        n_new = int((~new_row).sum())
+        if 4 * (rows + n_new - len(keys)) > rows + n_new or rows + n_new > buf.rows_cap:
+            # compact: the nodes take rows 0 .. len(keys) - 1 (one copy for the splits too)
+            buf.compact(torch.from_numpy(keys[:, 0]).to(dev), len(live))
+            row_of_key = np.arange(len(keys))
+            rows = len(keys)
+        else:
+            row_of_key = keys[:, 0].copy()
+            if n_new:
+                row_of_key[~new_row] = rows + np.arange(n_new)
+                buf.fork(torch.from_numpy(row_of_key[~new_row]).to(dev), torch.from_numpy(keys[~new_row, 0]).to(dev))
+                rows += n_new
+        slot[live] = row_of_key[inv]
+        step_ids = np.full(rows, pad_id, dtype=np.int64)
+        step_ids[row_of_key] = keys[:, 1]
+        n = buf.n
+        buf.attn[:rows, n] = 1
+        out = model(input_ids=torch.from_numpy(step_ids).to(dev)[:, None], attention_mask=buf.attn[:rows, :n + 1],
+                    position_ids=buf.next_pos[:rows, None], use_cache=True, **cache_kwargs(model, buf.cache))
+        buf.next_pos[:rows] += 1
         if fed is not None:
             fed[0] += len(keys)
-        cache = output_cache(out)
         logits = out.logits[:, -1, :]
-        next_pos = next_pos + 1
     per_request: list[list[list[int]]] = [[] for _ in range(R)]
     for b, r in enumerate(owner.tolist()):
-        per_request[r].append(generated[b])
-    return per_request
+        per_request[r].append(generated[b, :length[b]].tolist())
+    return per_request, kept
 
 
 def decode_answer(tokenizer, ids: list[int], stop: str = "\n") -> str:
@@ -226,7 +506,7 @@ def group_requests(tokenizer, requests: Iterable[PromptRequest]):
     for r, ids in zip(requests, full):
         pre = prefix_ids[r.prefix]
         n = len(pre) if ids[:len(pre)] == pre else _common_prefix_len(pre, ids)
-        n = min(n, len(ids) - 1)  # at least one token is computed with the row
+        n = max(min(n, len(ids) - 1), min(1, len(ids) - 1))  # at least one token in each part
         groups.setdefault(tuple(ids[:n]), []).append((r, ids[n:]))
     return groups
 
@@ -273,67 +553,78 @@ def default_batch_size(model, context_tokens: int = 256) -> int:
 
 class RoundGenerator:
     """One round of requests on a transformers model (an engine's part of
-    :func:`probes.engine.run_rounds`): rows grouped by shared token prefix, batched by length,
-    decoded together. ``batch_size`` counts decoded rows (a request with 1 greedy + 16 samples
-    is 17 rows); ``None`` picks one for the device, halved on out-of-memory (kept for later
-    rounds). ``prefix_reuse=False`` prefills every prompt whole (the comparison the benchmarks make).
-    :attr:`forward_tokens` counts the tokens fed to the model so far (padding excluded): each
-    prefix once per encoding, every row's suffix, every decoded node's token."""
+    :func:`probes.engine.run_rounds`): requests of every prefix batched together by length
+    (prefixes from a :class:`PrefixCache`, each encoded once), decoded together. ``batch_size``
+    counts decoded rows (a request with 1 greedy + 16 samples is 17 rows); ``None`` picks one for
+    the device, halved on out-of-memory (kept for later rounds). ``prefix_reuse=False`` prefills
+    every prompt whole (the comparison the benchmarks make). ``prefixes``: a :class:`PrefixCache`
+    to share between rounds and calls (an engine keeps one). :attr:`forward_tokens` counts the
+    tokens this generator fed to the model (padding excluded): each prefix it encoded, every suffix
+    prefilled, every decoded node's token."""
 
     def __init__(self, model, tokenizer, max_new_tokens: int = 32, batch_size: int | None = None,
-                 temperature: float = 0.5, top_k: int = 40, stop: str = "\n", log=None, prefix_reuse: bool = True):
+                 temperature: float = 0.5, top_k: int = 40, stop: str = "\n", log=None, prefix_reuse: bool = True,
+                 prefixes: PrefixCache | None = None, states: PromptStates | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.temperature, self.top_k, self.stop = max_new_tokens, temperature, top_k, stop
         self.log, self.prefix_reuse = log, prefix_reuse
         self.stop_t = torch.tensor(sorted(stop_token_ids(tokenizer, stop)), device=model.device)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.rows_per_batch = batch_size or default_batch_size(model)
-        self.encoder = PrefixEncoder(model)
+        self.prefixes = prefixes if prefixes is not None else PrefixCache(model)
+        self.states = states if states is not None else PromptStates(model)
+        self._enc0 = self.prefixes.encoded_tokens
         self._fed = [0]
 
     @property
     def forward_tokens(self) -> int:
-        return self.encoder.encoded_tokens + self._fed[0]
+        return self.prefixes.encoded_tokens - self._enc0 + self._fed[0]
 
     def __call__(self, requests: list[PromptRequest], progress: Callable[[int], object] | None = None
                  ) -> dict[Hashable, Generation]:
         model, tokenizer = self.model, self.tokenizer
         if not self.prefix_reuse:  # for benchmarks: every row prefills its whole prompt
             requests = [PromptRequest(r.key, "", r.prefix + r.suffix, r.greedy, r.streams) for r in requests]
+        items = [(req, pre, suf) for pre, group in group_requests(tokenizer, requests).items() for req, suf in group]
+        items.sort(key=lambda it: (len(it[2]), len(it[1])))  # batch by length: little padding
         results: dict[Hashable, Generation] = {}
-        for pre, items in group_requests(tokenizer, requests).items():
-            items.sort(key=lambda rs: len(rs[1]))  # batch by length: little padding
-            i = 0
-            while i < len(items):
-                chunk, rows = [], 0
-                while i + len(chunk) < len(items):
-                    req = items[i + len(chunk)][0]
-                    n = int(req.greedy) + len(req.streams)
-                    if chunk and rows + n > self.rows_per_batch:
-                        break
-                    chunk.append(items[i + len(chunk)])
-                    rows += n
-                branches = [([-1] if r.greedy else []) + list(r.streams) for r, _ in chunk]
-                try:
-                    cache = self.encoder.get(pre, len(chunk))
-                    gen = _decode_chunk(model, cache, len(pre), [s for _, s in chunk], branches, self.pad_id,
-                                        self.stop_t, self.max_new_tokens, self.temperature, self.top_k,
-                                        fed=self._fed)
-                except (torch.OutOfMemoryError, RuntimeError) as err:
-                    if not _is_oom(err) or self.rows_per_batch <= 1:
-                        raise
-                    self.rows_per_batch = max(1, self.rows_per_batch // 2)
-                    if model.device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    if self.log:
-                        self.log(f"out of memory: batch size now {self.rows_per_batch} rows")
-                    continue
-                for (req, _), outs in zip(chunk, gen):
-                    texts = [decode_answer(tokenizer, g, self.stop) for g in outs]
-                    results[req.key] = Generation(texts[0] if req.greedy else None, texts[int(req.greedy):])
-                i += len(chunk)
-                if progress is not None:
-                    progress(len(chunk))
+        i = 0
+        while i < len(items):
+            chunk, rows = [], 0
+            while i + len(chunk) < len(items):
+                req = items[i + len(chunk)][0]
+                n = int(req.greedy) + len(req.streams)
+                if chunk and rows + n > self.rows_per_batch:
+                    break
+                chunk.append(items[i + len(chunk)])
+                rows += n
+            branches = [([-1] if r.greedy else []) + list(r.streams) for r, _, _ in chunk]
+            try:
+                kvs = [self.prefixes.get(pre) for _, pre, _ in chunk]
+                keys = [(pre, tuple(suf)) for _, pre, suf in chunk]
+                states = [self.states.get(k, pop=True) for k in keys]
+                # a greedy-only request keeps its prompt's state for a later request of its samples
+                keep = [r.greedy and not r.streams for r, _, _ in chunk]
+                gen, kept = _decode_chunk(model, kvs, [s for _, _, s in chunk], branches, self.pad_id,
+                                          self.stop_t, self.max_new_tokens, self.temperature, self.top_k,
+                                          states, keep, fed=self._fed)
+                for j, st in kept.items():
+                    self.states.put(keys[j], st)
+            except (torch.OutOfMemoryError, RuntimeError) as err:
+                if not _is_oom(err) or self.rows_per_batch <= 1:
+                    raise
+                self.rows_per_batch = max(1, self.rows_per_batch // 2)
+                if model.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if self.log:
+                    self.log(f"out of memory: batch size now {self.rows_per_batch} rows")
+                continue
+            for (req, _, _), outs in zip(chunk, gen):
+                texts = [decode_answer(tokenizer, g, self.stop) for g in outs]
+                results[req.key] = Generation(texts[0] if req.greedy else None, texts[int(req.greedy):])
+            i += len(chunk)
+            if progress is not None:
+                progress(len(chunk))
         return results
 
 

@@ -363,7 +363,7 @@ def filter_section(run: Path) -> dict | None:
     """The filtering run's section (``filter/filter_summary.json``, as :mod:`knowcat.sft_run` writes it):
     the category distribution before and after, what was dropped and why, the estimator's agreement
     with SliCK (confusion matrix, macro-F1, AUROC, drop-Unknown shares) and its cost."""
-    fs = _read_json(run / "filter" / "filter_summary.json")
+    fs = RunDir(run).filter.read_summary()
     if not fs:
         return None
     est = fs.get("estimate") or {}

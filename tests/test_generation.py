@@ -75,12 +75,12 @@ def test_out_of_memory_backs_off_to_smaller_batches(quick_demo, quick_model, mon
     real = G._decode_chunk
     sizes = []
 
-    def fake(model_, cache, plen, suffixes, branches, *a, **k):
+    def fake(model_, prefix_kvs, suffixes, branches, *a, **k):
         rows = sum(len(b) for b in branches)
         sizes.append(rows)
         if rows > 16:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(model_, cache, plen, suffixes, branches, *a, **k)
+        return real(model_, prefix_kvs, suffixes, branches, *a, **k)
 
     monkeypatch.setattr(G, "_decode_chunk", fake)
     logs = []

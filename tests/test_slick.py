@@ -56,24 +56,94 @@ def test_config_validation():
     assert (d.n_prompts, d.k, d.n_samples, d.temperature, d.top_k, d.match) == (10, 4, 16, 0.5, 40, "exact")
 
 
-def test_lazy_and_exact_give_identical_categories(quick_model, quick_data):
+class CountingEngine:
+    """An engine that counts what it is asked (rounds, answer rows: a greedy answer or one sample) and
+    what its model computes (forward calls, tokens: ``input_ids.numel()``, padding included)."""
+
+    def __init__(self, engine, monkeypatch):
+        import functools
+
+        self.engine, self.name, self.batch_rows = engine, engine.name, engine.batch_rows
+        self.rounds = self.rows = self.calls = self.tokens = 0
+        real = engine.model.forward
+
+        @functools.wraps(real)
+        def forward(*a, **k):
+            ids = k.get("input_ids", a[0] if a else None)
+            self.calls += 1
+            self.tokens += 0 if ids is None else ids.numel()
+            return real(*a, **k)
+
+        monkeypatch.setattr(engine.model, "forward", forward)
+
+    @property
+    def device(self):
+        return self.engine.device
+
+    def generate(self, rounds, **kw):
+        def counted():
+            for rnd in rounds:
+                self.rounds += 1
+                self.rows += sum(int(r.greedy) + len(r.streams) for r in rnd)
+                yield rnd
+
+        return self.engine.generate(counted(), **kw)
+
+    def work(self) -> dict:
+        return {"rounds": self.rounds, "rows": self.rows, "forward_calls": self.calls, "forward_tokens": self.tokens}
+
+
+def test_lazy_and_exact_give_identical_categories(quick_model, quick_split, monkeypatch):
+    from knowcat.world.build import read_exposures
+
     model, tok = quick_model
-    train, pool = quick_data
-    exs = train[:60]
-    lazy = categorize(TransformersEngine(model, tok, batch_size=64), exs, pool, SMALL)
-    exact = categorize(TransformersEngine(model, tok, batch_size=64), exs, pool, SliCKConfig(**{**SMALL.__dict__, "exact": True}))
+    run, train, pool = quick_split
+    # the first questions, and the most exposed ones (the few the quick model knows are among them)
+    count = {e["id"]: e["count"] for e in read_exposures(run / "world")}
+    exs = train[:40] + sorted(train[40:], key=lambda e: -count.get(e.id, 0))[:24]
+    cfg = SliCKConfig(**{**SMALL.__dict__, "keep_answers": True})
+    engine = CountingEngine(TransformersEngine(model, tok, batch_size=64), monkeypatch)
+    lazy = categorize(engine, exs, pool, cfg)
+    lazy_work = engine.work()
+    engine = CountingEngine(TransformersEngine(model, tok, batch_size=64), monkeypatch)
+    exact = categorize(engine, exs, pool, SliCKConfig(**{**cfg.__dict__, "exact": True}))
+    exact_work = engine.work()
     assert [r.category for r in lazy] == [r.category for r in exact]
-    assert {r.category for r in lazy} >= {"Unknown"}  # the test is not vacuous
+    # the test is not vacuous: both sample outcomes, and examples decided by their greedy answers
+    assert {r.category for r in lazy} >= {"Unknown", "WeaklyKnown"}
+    assert {r.category for r in lazy} & {"HighlyKnown", "MaybeKnown"}
+    gold = {e.id: e.answers for e in exs}
     for lz, ex in zip(lazy, exact):
         assert ex.n_sampled == SMALL.n_prompts * SMALL.n_samples and ex.p_correct_sampled is not None
-        assert lz.n_sampled <= ex.n_sampled
-        if lz.category == "HighlyKnown":  # its first greedy answer was correct: one prompt's samples at most
-            assert lz.n_sampled <= SMALL.n_samples and lz.p_correct_sampled is None
-        if lz.category == "Unknown":
-            assert lz.n_sampled == ex.n_sampled and lz.p_correct_sampled == 0.0
-        assert lz.p_correct_greedy == ex.p_correct_greedy
-    # lazy did less work
-    assert sum(r.n_sampled for r in lazy) < sum(r.n_sampled for r in exact)
+        assert lz.greedy_answers == ex.greedy_answers and lz.p_correct_greedy == ex.p_correct_greedy
+        flat = [a for s in ex.sampled_answers for a in s]
+        hits = [i for i, a in enumerate(flat) if is_correct(a, gold[ex.id])]
+        if lz.category in ("HighlyKnown", "MaybeKnown"):  # decided by the greedy answers: no sample asked
+            assert lz.n_sampled == 0 and lz.p_correct_sampled is None
+        elif lz.category == "WeaklyKnown":  # counted up to its first correct sample, in canonical order
+            assert (lz.n_sampled, lz.n_sampled_correct) == (hits[0] + 1, 1)
+            assert [a for s in lz.sampled_answers for a in s] == flat[:hits[0] + 1]
+        else:
+            assert lz.n_sampled == ex.n_sampled and lz.p_correct_sampled == 0.0 and not hits
+            assert lz.sampled_answers == ex.sampled_answers
+    # lazy asked fewer answers, in rounds whose batches stay full: fewer forward calls. (Its forward
+    # tokens are not fewer on this world, where almost every question needs all its samples, and
+    # the greedy answers and the samples of a prompt are decoded apart)
+    assert lazy_work["rows"] < exact_work["rows"], (lazy_work, exact_work)
+    assert lazy_work["forward_calls"] < exact_work["forward_calls"], (lazy_work, exact_work)
+    assert lazy_work["rounds"] > 2 and exact_work["rounds"] == 1
+
+
+def test_lazy_counts_do_not_depend_on_the_batch_size(quick_model, quick_data):
+    """The sample rounds are sized to the engine's batch; the results are not."""
+    model, tok = quick_model
+    train, pool = quick_data
+    exs = train[:40]
+    cfg = SliCKConfig(**{**SMALL.__dict__, "keep_answers": True})
+    a = categorize(TransformersEngine(model, tok, batch_size=8), exs, pool, cfg)
+    b = categorize(TransformersEngine(model, tok, batch_size=400), list(reversed(exs)), pool, cfg)
+    b = {r.id: r for r in b}
+    assert [r.fields() for r in a] == [b[r.id].fields() for r in a]
 
 
 def test_answers_do_not_depend_on_batch_size_or_order(quick_model, quick_data):
