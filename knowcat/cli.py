@@ -259,7 +259,7 @@ def cmd_estimate(args):
             if type(e) is not ValueError:  # DataError: the usual bad-input path
                 raise
             raise UsageError(f"knowcat estimate: {e}") from None
-        print(f"estimate: wrote {out} and {Path(args.out) / 'estimate_summary.json'}")
+        print(f"estimate: wrote {out} and {RunDir(args.out).estimate_summary}")
         return
     examples, fieldmap = load_from_args(args, with_fields=True)
     exemplars = load_from_args(args, source=args.exemplars) if args.exemplars else None
@@ -273,7 +273,7 @@ def cmd_estimate(args):
             raise
         raise UsageError(f"knowcat estimate: {e}") from None
     out = write_estimate(args.out, todo, res, fields=fieldmap)
-    print(f"estimate: wrote {out} and {Path(args.out) / 'estimate_summary.json'}")
+    print(f"estimate: wrote {out} and {RunDir(args.out).estimate_summary}")
 
 
 def cmd_filter(args):

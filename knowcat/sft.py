@@ -341,7 +341,7 @@ def estimate_sft(model, data, run_dir, cfg=None, slick_cfg=None, *, tokenizer=No
         labels = read_labels(labels)
     ds = load_sft(data, format=format, turns=turns, on_error=on_error)
     if ds.rejects or rejects:
-        rp = Path(rejects) if rejects else run / "load_rejects.jsonl"
+        rp = Path(rejects) if rejects else RunDir(run).load_rejects
         write_rejects(rp, ds.rejects)
         log(f"estimate: {len(ds.rejects)} malformed records skipped -> {rp}")
     examples, na = prepare(ds, group_by, max_answer_tokens)
@@ -356,8 +356,7 @@ def estimate_sft(model, data, run_dir, cfg=None, slick_cfg=None, *, tokenizer=No
 
     results = {i: {"category": c, "method": m, "probs": dict(zip(_C, map(float, p)))}
                for i, c, m, p in zip(res.ids, res.categories, res.method, res.probs)}
-    dest = Path(out) if out else run / ("estimated_sft" + {"jsonl": ".jsonl", "json": ".json", "parquet": ".parquet",
-                                                           "hf": ""}[ds.container])
+    dest = Path(out) if out else RunDir(run).estimated_sft(ds.container)
     write_annotated(dest, annotate_records(ds, examples, results, None, na), None if dest.suffix else "hf")
     write_estimate(run, todo, res)
     log(f"estimate: wrote {dest} ({len(ds.records)} records in their own format, categories under '{META_KEY}')")

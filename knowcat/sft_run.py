@@ -15,8 +15,6 @@ Each step is skipped when its output is already there, so a killed run resumes.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from knowcat.rundir import FilterDir
 
 N_REJECT_EXAMPLES = 12

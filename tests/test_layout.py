@@ -18,7 +18,9 @@ def sources():
 RUN_FILES = ("categorize", "categorized.jsonl", "categorized.parquet", "categorize_summary.json", "shards",
              "greedy.jsonl", "exposure_check.json", "demo_summary.json", "mixtures", "manifest.json", "finetune",
              "epochs", "metrics.json", "analysis.json", "surrogates", "tests.json", "baseline.jsonl", "report.html",
-             "exposures.jsonl", "world.json", "corpus.jsonl", "replicates", "estimated.jsonl", "calibration")
+             "exposures.jsonl", "world.json", "corpus.jsonl", "replicates", "estimated.jsonl", "calibration",
+             "estimate_summary.json", "estimate", "load_rejects.jsonl", "filter", "filter_summary.json", "kept.jsonl",
+             "kept.stats.json", "kept.rejects.jsonl", "sft")
 
 
 def test_only_rundir_builds_run_paths():
