@@ -232,6 +232,11 @@ def test_holm_and_evaluate_verdicts():
     r = evaluate({"restate": restate}, baseline, None, n_perm=499, folds=4, n_boot=100)["restate"]["at_default"]
     assert r["arms"]["no_solution"]["verdict"] in ("not_beyond_baseline", "inconclusive")
     assert not r["incremental_validity"]["adds_information"]
+    # a swept tolerance passes the same test as the default: cross-validated, not the likelihood ratio alone
+    swept = [{**row, "sweep": {"0.5": row["class"]}} for row in good]
+    sw = evaluate({"good": swept}, baseline, None, n_perm=499, folds=4, n_boot=100)["good"]["sweep"]["0.5"]
+    assert sw["incremental_validity"]["cv_auroc_difference_ci"] is not None
+    assert sw["verdict"] == "supported" and sw["incremental_validity"]["adds_information"]
 
 
 def test_incremental_validity_nested():
