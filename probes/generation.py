@@ -227,11 +227,15 @@ class _BufferLayer(CacheLayerMixin):
         return self.keys.shape[-2]
 
 
+# devices where KV rows are copied one by one (elsewhere: one indexed copy, one kernel)
+ROW_COPY_DEVICES = frozenset({"cpu"})
+
+
 def _copy_rows(dst: torch.Tensor, dst_rows, src: torch.Tensor, src_rows, n: int) -> None:
     """``dst[dst_rows[i], ..., :n, :] = src[src_rows[i], ..., :n, :]`` for every ``i`` (positions on
     the second-to-last axis). On a CPU one copy per row: advanced-index assignment gathers into a
     temporary and scatters it back, 4 to 20 times slower (measured on the demo model's caches)."""
-    if dst.device.type == "cpu":
+    if dst.device.type in ROW_COPY_DEVICES:
         for d, s_ in zip(dst_rows.tolist(), src_rows.tolist()):
             dst[d, ..., :n, :].copy_(src[s_, ..., :n, :])
     else:
@@ -256,7 +260,7 @@ class _Buffers:
         for li, (k0, v0) in enumerate(first):
             K = torch.empty((self.rows_cap, k0.shape[1], self.pos_cap, k0.shape[-1]), dtype=k0.dtype, device=device)
             V = torch.empty((self.rows_cap, v0.shape[1], self.pos_cap, v0.shape[-1]), dtype=v0.dtype, device=device)
-            if device.type == "cpu":
+            if torch.device(device).type in ROW_COPY_DEVICES:
                 for r, kv in enumerate(prefix_kvs):
                     k, v = kv[li]
                     L = k.shape[-2]
