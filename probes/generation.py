@@ -2,9 +2,14 @@
 
 Every prompt is ``prefix + suffix``. Prompts that share a prefix (all questions
 of a relation under one set of few-shot exemplars) share its KV cache: the
-prefix is encoded once, the cache is broadcast to the batch, and only each
-row's suffix and answer are computed. Rows stop at their first newline (or eos)
-and leave the batch as they finish.
+prefix is encoded once (:class:`PrefixCache`, kept by the engine across calls)
+and only each row's suffix and answer are computed. Rows of different prefixes
+share a batch: each prefix's keys and values are left-padded to the longest,
+each row keeps its own positions and attention mask, so a batch is filled
+whatever the mix of prefixes. The keys and values live in buffers allocated once
+per batch and written in place (:class:`_BufferLayer`, a transformers cache
+layer); a row is copied only when its answers split into different tokens. Rows
+stop at their first newline (or eos) and leave the batch as they finish.
 
 The shared part is taken from the tokenization of the *whole* prompt, never
 from tokenizing the pieces apart: a row whose tokens do not start with the
