@@ -61,17 +61,18 @@ def topk_cdf(logits: torch.Tensor, temperature: float, top_k: int) -> tuple[torc
     x = logits.float()
     V = x.shape[-1]
     k = min(top_k, V) if top_k and top_k > 0 else V
-    kth = torch.topk(x, k, dim=-1).values[:, -1:]
-    keep = x >= kth
-    width = int(keep.sum(dim=-1).max())
-    vals, idx = torch.topk(x.masked_fill(~keep, float("-inf")), width, dim=-1)
+    vals, idx = torch.topk(x, k, dim=-1)
+    kth = vals[:, -1:]
+    n_kept = (x >= kth).sum(dim=-1, keepdim=True)
+    width = int(n_kept.max())
+    if width > k:  # a tie at the k-th logit: every tied token is kept
+        vals, idx = torch.topk(x.masked_fill(x < kth, float("-inf")), width, dim=-1)
     # canonical order: token id ascending, then a stable sort by logit descending
     idx, o = torch.sort(idx, dim=-1)
     vals = vals.gather(1, o)
     vals, o = torch.sort(vals, dim=-1, descending=True, stable=True)
     idx = idx.gather(1, o)
     cdf = torch.softmax(vals.double() / temperature, dim=-1).cumsum(dim=-1)
-    n_kept = keep.sum(dim=-1, keepdim=True)
     pos = torch.arange(width, device=cdf.device)[None, :]
     cdf = torch.where(pos >= n_kept.to(cdf.device) - 1, torch.ones_like(cdf), cdf)
     return idx, cdf

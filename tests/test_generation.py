@@ -198,3 +198,24 @@ def test_prefix_cache_is_bounded_and_follows_the_weights(tiny_model_dir):
         next(model.parameters()).add_(0.5)
     b = cache.get((1, 5, 9))
     assert b is not a and len(cache) == 1 and not torch.equal(b[0][0], a[0][0])
+
+
+def test_indexed_row_copies_give_the_same_answers(quick_demo, quick_model, monkeypatch):
+    """The accelerator path (one indexed copy for prefix fill, forks and compaction) gives the answers
+    of the CPU path (a copy per row), run here on the CPU. (T = 1.5: answers long and varied enough
+    that rows split and finish at different steps.)"""
+    import probes.generation as G
+
+    model, tok = quick_model
+    run, _ = quick_demo
+    reqs = _quick_requests(run, n_prompts=2, streams=6, limit=20)
+    calls = {"fork": 0, "compact": 0}
+    for name in calls:
+        real = getattr(G._Buffers, name)
+        monkeypatch.setattr(G._Buffers, name, lambda self, *a, _r=real, _n=name: (
+            calls.__setitem__(_n, calls[_n] + 1), _r(self, *a))[1])
+    rows = G.generate(model, tok, reqs, max_new_tokens=10, batch_size=96, temperature=1.5)
+    assert calls["fork"] and calls["compact"]  # both row operations ran
+    monkeypatch.setattr(G, "ROW_COPY_DEVICES", frozenset())
+    indexed = G.generate(model, tok, reqs, max_new_tokens=10, batch_size=96, temperature=1.5)
+    assert {k: (g.greedy, g.samples) for k, g in rows.items()} == {k: (g.greedy, g.samples) for k, g in indexed.items()}
