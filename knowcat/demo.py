@@ -257,7 +257,7 @@ def study_line(findings: dict) -> str:
     parts = []
     for k, f in findings.items():
         if isinstance(f, dict) and "holds" in f:
-            parts.append(f"{k} {'holds' if f['holds'] else 'does not hold'}")
+            parts.append(f"{k} {f.get('decision') or ('holds' if f['holds'] else 'does not hold')}")
     return "; ".join(parts) if parts else "analysis written"
 
 

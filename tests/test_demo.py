@@ -158,3 +158,13 @@ def test_test_set_measured_where_early_stop_may_fall():
         epochs.append({"epoch": i, "dev": {"all": {"accuracy": a}}})
     assert measured == [1, 2, 5]  # a tie (epoch 3) is never EARLY_STOP: the earliest best wins
     assert choose_stops(epochs)["early_stop"] in measured
+
+
+def test_study_line_says_each_findings_decision():
+    """The terminal line of the study stage gives each finding's three-way decision: an interval that contains
+    0 is "unclear", not "does not hold"."""
+    from knowcat.demo import study_line
+
+    line = study_line({"a": {"holds": True, "decision": "holds"}, "b": {"holds": False, "decision": "unclear"},
+                       "c": {"holds": False, "decision": "does not hold"}, "d": {"holds": False}, "e": {}})
+    assert line == "a holds; b unclear; c does not hold; d does not hold"
