@@ -185,7 +185,8 @@ def categorize(engine, examples: list[QAExample], exemplar_pool: list[QAExample]
     else:
         rounds = _lazy_waves(examples, cfg, state, sample_request,
                              getattr(engine, "batch_rows", None) or LAZY_WAVE_ROWS)
-        rounds = _chain([[PromptRequest(("g", ex.id, j), *prompts[ex.id][j], True, ())
+        # the greedy round keeps each prompt's state for the samples a later round may ask
+        rounds = _chain([[PromptRequest(("g", ex.id, j), *prompts[ex.id][j], True, (), keep_state=True)
                           for ex in examples for j in range(cfg.n_prompts)]], rounds)
     engine.generate(rounds, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
                     on_result=record, progress=progress)

@@ -36,13 +36,16 @@ from probes.sampling import topk_cdf, uniforms
 
 @dataclass
 class PromptRequest:
-    """One prompt: its greedy answer (``greedy``) and one sampled answer per stream seed."""
+    """One prompt: its greedy answer (``greedy``) and one sampled answer per stream seed.
+    ``keep_state``: a later request of the same prompt will follow (an engine may keep the state
+    after the prompt for it, so that request skips its prefill)."""
 
     key: Hashable
     prefix: str
     suffix: str
     greedy: bool = True
     streams: tuple[int, ...] = ()
+    keep_state: bool = False
 
 
 @dataclass
@@ -204,9 +207,9 @@ class PrefixCache(KVStore):
 
 class PromptStates(KVStore):
     """The state after a whole prompt (its suffix's keys and values per layer, and the logits of
-    the first answer token), kept from a greedy-only request for a later request of the same
-    prompt (lazy SliCK asks the samples of a prompt in a later round): that request skips its
-    prefill, as a shared prefill of its greedy answer and samples would."""
+    the first answer token), kept from a request with ``keep_state`` for a later request of the
+    same prompt (lazy SliCK asks the samples of a prompt in a later round than its greedy answer):
+    that request skips its prefill, as a shared prefill of its greedy answer and samples would."""
 
     def __init__(self, model, max_entries: int = 1 << 16, max_bytes: int = 1 << 30):
         super().__init__(model, max_entries, max_bytes)
@@ -619,7 +622,8 @@ class RoundGenerator:
                  ) -> dict[Hashable, Generation]:
         model, tokenizer = self.model, self.tokenizer
         if not self.prefix_reuse:  # for benchmarks: every row prefills its whole prompt
-            requests = [PromptRequest(r.key, "", r.prefix + r.suffix, r.greedy, r.streams) for r in requests]
+            requests = [PromptRequest(r.key, "", r.prefix + r.suffix, r.greedy, r.streams, r.keep_state)
+                        for r in requests]
         items = [(req, pre, suf) for pre, group in group_requests(tokenizer, requests).items() for req, suf in group]
         items.sort(key=lambda it: (len(it[2]), len(it[1])))  # batch by length: little padding
         results: dict[Hashable, Generation] = {}
@@ -640,8 +644,7 @@ class RoundGenerator:
                 kvs = [self.prefixes.get(pre, sync=False) for _, pre, _ in chunk]
                 keys = [(pre, tuple(suf)) for _, pre, suf in chunk]
                 states = [self.states.get(k, pop=True, sync=False) for k in keys]
-                # a greedy-only request keeps its prompt's state for a later request of its samples
-                keep = [r.greedy and not r.streams for r, _, _ in chunk]
+                keep = [r.keep_state for r, _, _ in chunk]
                 gen, kept = _decode_chunk(model, kvs, [s for _, _, s in chunk], branches, self.pad_id,
                                           self.stop_t, self.max_new_tokens, self.temperature, self.top_k,
                                           states, keep, fed=self._fed)

@@ -159,7 +159,10 @@ def test_samples_asked_after_the_greedy_round_reuse_its_prompt_state(quick_demo,
     reqs = _quick_requests(run, n_prompts=2, streams=5, limit=20)
     together = TransformersEngine(model, tok, batch_size=64).generate([reqs], max_new_tokens=10)
     engine = TransformersEngine(model, tok, batch_size=64)
-    greedy = engine.generate([[PromptRequest(r.key, r.prefix, r.suffix, True, ()) for r in reqs]], max_new_tokens=10)
+    engine.generate([[PromptRequest(r.key, r.prefix, r.suffix, True, ()) for r in reqs]], max_new_tokens=10)
+    assert len(engine._states) == 0  # kept only where asked
+    greedy = engine.generate([[PromptRequest(r.key, r.prefix, r.suffix, True, (), keep_state=True) for r in reqs]],
+                             max_new_tokens=10)
     assert len(engine._states) == len(reqs)
     widths = []
     real = model.forward
