@@ -216,14 +216,35 @@ class PromptStates(KVStore):
 
 
 def _layer_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(keys, values)`` per layer of a full-attention cache (transformers' ``DynamicCache``)."""
-    from transformers.cache_utils import DynamicLayer
+    """``(keys, values)`` per layer of a full-attention cache (transformers' ``DynamicCache``). A
+    sliding-window layer counts while it still holds every position (a sequence shorter than its window,
+    as few-shot prompts are: Mistral's window is 4,096): its attention is then full attention
+    (:func:`_check_window` keeps the whole decode inside the window)."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    def whole(l) -> bool:
+        if type(l) is DynamicLayer:
+            return True
+        return type(l) is DynamicSlidingWindowLayer and l.keys.shape[-2] == getattr(l, "cumulative_length", -1)
 
     layers = getattr(cache, "layers", None)
-    if layers is None or any(type(l) is not DynamicLayer for l in layers):
+    if layers is None or not all(whole(l) for l in layers):
         kinds = sorted({type(l).__name__ for l in layers or ()}) or [type(cache).__name__]
-        raise NotImplementedError(f"batched generation needs full-attention KV caches; this model's are {kinds}")
+        raise NotImplementedError(f"batched generation needs full-attention KV caches (or sliding windows longer "
+                                  f"than the prompt); this model's are {kinds}")
     return [(l.keys, l.values) for l in layers]
+
+
+def _check_window(model, positions: int) -> None:
+    """Refuse a decode longer than the model's sliding attention window: the buffers attend to every
+    position, which equals sliding-window attention only inside the window."""
+    cfg = getattr(model, "config", None)
+    window = getattr(cfg, "sliding_window", None) if cfg is not None else None
+    uses = getattr(cfg, "use_sliding_window", True) and (
+        "sliding_attention" in (getattr(cfg, "layer_types", None) or ["sliding_attention"]))
+    if window and uses and positions > window:
+        raise NotImplementedError(f"prompt and answer ({positions} positions) exceed the model's sliding attention "
+                                  f"window ({window}): batched generation attends to every position")
 
 
 class _BufferLayer(CacheLayerMixin):
@@ -410,6 +431,7 @@ def _decode_chunk(model, prefix_kvs: list, suffixes: list[list[int]], branches: 
     is_greedy = np.array([b == -1 for br in branches for b in br])
     n_branches = len(owner)
     buf = _Buffers(prefix_kvs, [len(s) for s in suffixes], n_branches, max_new_tokens, dev)
+    _check_window(model, buf.pos_cap)
     P = buf.P
 
     ids = torch.full((R, S), pad_id, dtype=torch.long)
