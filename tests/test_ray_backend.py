@@ -91,7 +91,8 @@ def test_ray_pipeline_equals_single_machine_with_a_worker_killed(data, tmp_path)
     k = killed[0]
     assert 1 <= k["shards_done"] < n_shards  # mid-run: shards done and shards left
     assert not os.path.exists(f"/proc/{k['pid']}/cmdline") or not open(f"/proc/{k['pid']}/cmdline").read()
-    assert seen - k["workers"], "no worker process was started after the kill"  # Ray restarted the actor
+    # whether Ray restarts the killed actor before the surviving one has taken every shard left depends on the
+    # machine's load (a CI run under load saw no new worker process): what must hold is the output below
     single, ray_rows = _rows(tmp_path / "single"), _rows(tmp_path / "ray")
     assert list(single) == list(ray_rows)  # same examples, same order
     for i, r in single.items():
