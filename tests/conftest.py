@@ -16,7 +16,7 @@ ENTITYQUESTIONS = Path(os.environ.get("KNOWCAT_ENTITYQUESTIONS") or ROOT.parent 
 # tests that need these fixtures are marked ``slow`` (the quick demo: world, model and study, a few minutes;
 # a quick world and a model pretrained on it; the default-size world): ``python -m pytest -m "not slow"``
 # runs the rest
-SLOW_FIXTURES = frozenset({"quick_demo", "quick_world", "default_world"})
+SLOW_FIXTURES = frozenset({"quick_demo_cli", "quick_demo", "quick_world", "default_world"})
 
 
 def pytest_collection_modifyitems(config, items):
