@@ -268,6 +268,27 @@ RESULT_FIELDS = ("category", "p_correct_greedy", "n_greedy", "n_greedy_correct",
                  "match_mode")
 
 
+def _load_for_run(stage: str, data, run: Path, format, turns, on_error, rejects, group_by, max_answer_tokens,
+                  exemplars, log):
+    """What ``categorize_sft`` and ``estimate_sft`` both start with: the SFT records read (malformed ones to
+    the rejects file, the run's default when none is given), their turns as examples, those whose answer is
+    too long set apart, and the exemplar pool (``exemplars`` or the examples themselves).
+    Returns ``(dataset, examples, not_applicable, todo, pool)``."""
+    from knowcat.loaders.sft import load_sft
+
+    ds = load_sft(data, format=format, turns=turns, on_error=on_error)
+    if ds.rejects or rejects:
+        rp = Path(rejects) if rejects else RunDir(run).load_rejects
+        write_rejects(rp, ds.rejects)
+        log(f"{stage}: {len(ds.rejects)} malformed records skipped -> {rp}")
+    examples, na = prepare(ds, group_by, max_answer_tokens)
+    todo = [e for e in examples if e.id not in na]
+    log(f"{stage}: {len(ds.records)} {ds.format} records from {data}: {len(examples)} turns, "
+        f"{len(na)} not applicable (answer over {max_answer_tokens} words)")
+    pool = load_sft(exemplars, turns="all").examples(group_by) if exemplars is not None else todo
+    return ds, examples, na, todo, pool
+
+
 def categorize_sft(model_name: str, data, run_dir, cfg, *, format: str | None = None, turns: str = "last",
                    group_by: str | None = None, max_answer_tokens: int | None = 32, exemplars=None,
                    on_error: str = "raise", rejects=None, out=None, log=print, **run_options) -> Path:
@@ -278,23 +299,11 @@ def categorize_sft(model_name: str, data, run_dir, cfg, *, format: str | None = 
     itself is :func:`knowcat.runs.run_categorize` (resumable, in ``run_dir``); the annotated
     records go to ``out`` (default ``run_dir/categorized_sft.<input's type>``). Returns that path.
     """
-    from knowcat.loaders.sft import load_sft
     from knowcat.runs import run_categorize
 
     run = Path(run_dir)
-    ds = load_sft(data, format=format, turns=turns, on_error=on_error)
-    rp = Path(rejects) if rejects else RunDir(run).load_rejects
-    if ds.rejects or rejects:
-        write_rejects(rp, ds.rejects)
-        log(f"categorize: {len(ds.rejects)} malformed records skipped -> {rp}")
-    examples, na = prepare(ds, group_by, max_answer_tokens)
-    todo = [e for e in examples if e.id not in na]
-    log(f"categorize: {len(ds.records)} {ds.format} records from {data}: {len(examples)} turns, "
-        f"{len(na)} not applicable (answer over {max_answer_tokens} words)")
-    if exemplars is not None:
-        pool = load_sft(exemplars, turns="all").examples(group_by)
-    else:
-        pool = todo
+    ds, examples, na, todo, pool = _load_for_run("categorize", data, run, format, turns, on_error, rejects, group_by,
+                                                 max_answer_tokens, exemplars, log)
     results = {}
     if todo:
         run_categorize(model_name, todo, pool, run, cfg, data_source=str(data), log=log, **run_options)
@@ -324,7 +333,6 @@ def estimate_sft(model, data, run_dir, cfg=None, slick_cfg=None, *, tokenizer=No
     file's rows by example id (:func:`knowcat.estimate.read_labels`) or its path. Returns
     ``(path of the annotated records, the EstimateResult)``."""
     from knowcat.estimate import EstimateConfig, estimate, read_labels, write_estimate
-    from knowcat.loaders.sft import load_sft
     from knowcat.slick import SliCKConfig
 
     cfg = cfg or EstimateConfig()
@@ -339,16 +347,8 @@ def estimate_sft(model, data, run_dir, cfg=None, slick_cfg=None, *, tokenizer=No
         raise ValueError("estimate_sft: a loaded model needs its tokenizer")
     if labels is not None and not isinstance(labels, dict):
         labels = read_labels(labels)
-    ds = load_sft(data, format=format, turns=turns, on_error=on_error)
-    if ds.rejects or rejects:
-        rp = Path(rejects) if rejects else RunDir(run).load_rejects
-        write_rejects(rp, ds.rejects)
-        log(f"estimate: {len(ds.rejects)} malformed records skipped -> {rp}")
-    examples, na = prepare(ds, group_by, max_answer_tokens)
-    todo = [e for e in examples if e.id not in na]
-    log(f"estimate: {len(ds.records)} {ds.format} records from {data}: {len(examples)} turns, "
-        f"{len(na)} not applicable (answer over {max_answer_tokens} words)")
-    pool = load_sft(exemplars, turns="all").examples(group_by) if exemplars is not None else todo
+    ds, examples, na, todo, pool = _load_for_run("estimate", data, run, format, turns, on_error, rejects, group_by,
+                                                 max_answer_tokens, exemplars, log)
     res = estimate(model, tokenizer, todo, pool, cfg, slick_cfg, labels=labels, run_dir=run,
                    model_name=model_name or getattr(model, "name_or_path", "model"), log=log, progress=progress,
                    shard_size=shard_size, run_slick=run_slick)
