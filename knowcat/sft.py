@@ -352,9 +352,7 @@ def estimate_sft(model, data, run_dir, cfg=None, slick_cfg=None, *, tokenizer=No
     res = estimate(model, tokenizer, todo, pool, cfg, slick_cfg, labels=labels, run_dir=run,
                    model_name=model_name or getattr(model, "name_or_path", "model"), log=log, progress=progress,
                    shard_size=shard_size, run_slick=run_slick)
-    from knowcat.slick import CATEGORIES as _C
-
-    results = {i: {"category": c, "method": m, "probs": dict(zip(_C, map(float, p)))}
+    results = {i: {"category": c, "method": m, "probs": dict(zip(CATEGORIES, map(float, p)))}
                for i, c, m, p in zip(res.ids, res.categories, res.method, res.probs)}
     dest = Path(out) if out else RunDir(run).estimated_sft(ds.container)
     write_annotated(dest, annotate_records(ds, examples, results, None, na), None if dest.suffix else "hf")
