@@ -269,21 +269,29 @@ def slick_forward_tokens(tokenizer, examples: list[QAExample], pool: list[QAExam
                          scfg: SliCKConfig, per_relation: dict[str, int] | None = None) -> dict[str, dict]:
     """Forward tokens of lazy SliCK per example, from its recorded answers (``keep_answers``).
 
-    Each prompt is encoded once for its greedy answer and its samples; a generated answer of t
-    tokens then feeds t tokens back (its last token produces the stop). Three counts:
+    Each prompt is encoded once for its greedy answer and its samples (lazy mode keeps the prompt's
+    state from the greedy round for the samples); a generated answer of t tokens then feeds t tokens
+    back (its last token produces the stop; an empty answer feeds none). Three counts:
     ``naive``: every prompt's whole text, every answer decoded on its own; ``nodes``: answers that
-    start alike share their common tokens (knowcat's generator decodes distinct token prefixes
-    once); ``shared``: ``nodes`` with each few-shot prefix encoded once per relation and prompt,
-    spread over the relation's examples (``per_relation``: their counts; default those in
-    ``examples``), which is how knowcat runs SliCK. Generated tokens are those of re-tokenizing
-    ``" " + answer`` (at most ``max_new_tokens - 1`` fed back)."""
+    start alike share their common tokens (knowcat's generator decodes the distinct token prefixes of
+    one request once: in exact mode the greedy answer and the samples of a prompt are one request; in
+    lazy mode the greedy answer is decoded in a round of its own, and only the samples share);
+    ``shared``: ``nodes`` with each few-shot prefix encoded once per relation and prompt, spread over
+    the relation's examples (``per_relation``: their counts; default those in ``examples``), which is
+    how knowcat runs SliCK. Generated tokens are those of re-tokenizing ``" " + answer`` (at most
+    ``max_new_tokens - 1`` fed back). Lazy mode records the samples up to the first correct one, and
+    may have computed more (a round can ask several prompts' samples of an example): the count is a
+    lower bound of what the engine fed."""
     render = _renderer(tokenizer, scfg)
     prompts = prompts_of(examples, pool, scfg.n_prompts, scfg.k, scfg.seed, scfg.exemplar_split, render=render)
     cap = scfg.max_new_tokens - 1
     sep = answer_sep(render)
 
     def ids(a: str) -> tuple:
-        return tuple(tokenizer(sep + a, add_special_tokens=False)["input_ids"][:cap])
+        return tuple(tokenizer(sep + a, add_special_tokens=False)["input_ids"][:cap]) if a else ()
+
+    def distinct(answers) -> int:  # the distinct token prefixes of answers decoded together: one fed token each
+        return len({t[:i] for t in answers for i in range(1, len(t) + 1)})
 
     prefix_len: dict[str, int] = {}
     if per_relation is None:
@@ -301,12 +309,12 @@ def slick_forward_tokens(tokenizer, examples: list[QAExample], pool: list[QAExam
             whole = len(tokenizer(pre + suf, add_special_tokens=True)["input_ids"])
             if pre not in prefix_len:
                 prefix_len[pre] = len(tokenizer(pre, add_special_tokens=True)["input_ids"])
-            answers = [ids(a) for a in [ga[j]] + list(sa[j])]
-            fed = sum(len(t) for t in answers)
-            distinct = len({t[:i] for t in answers for i in range(1, len(t) + 1)})
+            g, samples = ids(ga[j]), [ids(a) for a in sa[j]]
+            fed = len(g) + sum(len(t) for t in samples)
+            decoded = distinct([g] + samples) if scfg.exact else len(g) + distinct(samples)
             naive += whole + fed
-            nodes += whole + distinct
-            shared += whole - prefix_len[pre] + prefix_len[pre] / per_relation[ex.relation] + distinct
+            nodes += whole + decoded
+            shared += whole - prefix_len[pre] + prefix_len[pre] / per_relation[ex.relation] + decoded
         out[ex.id] = {"naive": naive, "nodes": nodes, "shared": shared}
     return out
 

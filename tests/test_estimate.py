@@ -51,9 +51,10 @@ def test_features_one_pass_per_prompt(tiny):
     assert f.scalars[0, f.names.index("logprob_1")] == pytest.approx(s.logprob, abs=1e-4)
     # forward tokens, measured: each few-shot prefix is fed once and shared by the questions asked under it
     ps = prompts_of(todo, pool, 2, 2, 0)
-    assert f.whole_tokens[0] == sum(len(tok(p + q + " Town 6")["input_ids"]) for p, q in ps[todo[0].id])
+    # (every text but its last token, which is only a target)
+    assert f.whole_tokens[0] == sum(len(tok(p + q + " Town 6")["input_ids"]) - 1 for p, q in ps[todo[0].id])
     prefixes = {p for e in todo for p, _ in ps[e.id]}
-    want = sum(len(tok(p + q + " " + e.answers[0])["input_ids"]) for e in todo for p, q in ps[e.id]) \
+    want = sum(len(tok(p + q + " " + e.answers[0])["input_ids"]) - 1 for e in todo for p, q in ps[e.id]) \
         - sum(len(tok(p)["input_ids"]) * (sum(pp == p for e in todo for pp, _ in ps[e.id]) - 1) for p in prefixes)
     assert f.tokens.sum() == pytest.approx(want) and f.tokens.sum() < f.whole_tokens.sum()
     no_h = features(model, tok, todo, pool, EstimateConfig(n_prompts=1, k=2, layer=-1))
@@ -241,12 +242,42 @@ def test_slick_cost_counts(tiny):
     n_a = len(tok(" Town 1", add_special_tokens=False)["input_ids"])
     rows = {ex.id: {"greedy_answers": ["Town 1"], "sampled_answers": [["Town 1", "Town 1"]]}}
     c = slick_forward_tokens(tok, [ex], pool, rows, scfg)[ex.id]
-    assert c["naive"] == whole + 3 * n_a and c["nodes"] == whole + n_a
+    # lazy mode decodes the greedy answer in a round of its own, the samples together; exact mode all together
+    assert c["naive"] == whole + 3 * n_a and c["nodes"] == whole + 2 * n_a
+    exact = SliCKConfig(n_prompts=1, k=2, n_samples=2, exact=True)
+    assert slick_forward_tokens(tok, [ex], pool, rows, exact)[ex.id]["nodes"] == whole + n_a
     n_pre = len(tok(pre)["input_ids"])
     c4 = slick_forward_tokens(tok, [ex], pool, rows, scfg, per_relation={ex.relation: 4})[ex.id]
-    assert c4["shared"] == pytest.approx(whole - n_pre + n_pre / 4 + n_a)
+    assert c4["shared"] == pytest.approx(whole - n_pre + n_pre / 4 + 2 * n_a)
     rows[ex.id]["sampled_answers"] = [[]]  # lazy: no samples asked
     assert slick_forward_tokens(tok, [ex], pool, rows, scfg)[ex.id]["naive"] == whole + n_a
+    rows[ex.id]["greedy_answers"] = [""]  # an empty answer: its first token was the stop, nothing fed back
+    assert slick_forward_tokens(tok, [ex], pool, rows, scfg)[ex.id]["naive"] == whole
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exact", [True, False])
+def test_slick_cost_count_follows_what_the_engine_fed(quick_model, quick_split, exact):
+    """On a trained model (whose answers re-tokenize as generated), the count from the recorded answers
+    is what the engine fed: within 2% in exact mode; in lazy mode at most that much over (the engine may
+    have computed samples past the first correct one, which lazy mode does not record)."""
+    from dataclasses import asdict
+
+    from knowcat.estimate import slick_forward_tokens
+    from knowcat.slick import categorize
+    from tests.conftest import first_per_relation
+
+    model, tok = quick_model
+    _, train, dev = quick_split
+    todo = first_per_relation(train, 4)
+    scfg = SliCKConfig(n_prompts=3, k=2, n_samples=6, max_new_tokens=12, keep_answers=True, exact=exact)
+    eng = open_engine("transformers", (model, tok))
+    rows = {r.id: asdict(r) for r in categorize(eng, todo, dev, scfg)}
+    counted = sum(c["shared"] for c in slick_forward_tokens(tok, todo, dev, rows, scfg).values())
+    measured = eng.forward_tokens
+    assert counted <= 1.02 * measured
+    if exact:
+        assert counted >= 0.98 * measured
 
 
 CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
