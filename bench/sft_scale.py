@@ -88,6 +88,7 @@ def stage_estimate(src: Path, work: Path, model: str, calibrate: int) -> dict:
 
     from knowcat.estimate import EstimateConfig
     from knowcat.loaders.sft import load_sft
+    from knowcat.rundir import RunDir
     from knowcat.sft import estimate_sft, prepare
 
     # synthetic SliCK labels for every record (a hash of its id): the calibration sample takes its own
@@ -101,7 +102,7 @@ def stage_estimate(src: Path, work: Path, model: str, calibrate: int) -> dict:
     return {"examples": res.summary["n"], "estimate_seconds": round(time.perf_counter() - t0, 2),
             "tokens_per_example": round(cost["estimate_tokens_per_example"], 1),
             "whole_text_tokens_per_example": round(cost["estimate_tokens_per_example_whole_texts"], 1),
-            "feature_shards": len(list((work / "est" / "estimate" / "features").glob("*.npz")))}
+            "feature_shards": len(list(RunDir(work / "est").estimate_feature_shards.dir.glob("*.npz")))}
 
 
 def stage_features(src: Path, work: Path, model: str, n: int) -> dict:

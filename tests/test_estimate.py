@@ -172,11 +172,14 @@ def test_feature_shards_resume_to_the_same_features(tiny, tmp_path):
     todo = [e for e in exs if e.split == "train"]
     cfg = EstimateConfig(k=2)
     whole = features(model, tok, todo, pool, cfg)
+    from knowcat.rundir import RunDir
+
+    shards = RunDir(tmp_path).estimate_feature_shards
     with pytest.raises(KeyboardInterrupt):
-        sharded_features(model, tok, todo, pool, cfg, tmp_path / "f", shard_size=3, stop_after_shards=2)
-    assert len(list((tmp_path / "f").glob("*.npz"))) == 2
+        sharded_features(model, tok, todo, pool, cfg, shards, shard_size=3, stop_after_shards=2)
+    assert sorted(p.name for p in shards.dir.glob("*.npz")) == ["00000.npz", "00001.npz"]
     calls = []
-    resumed = sharded_features(model, tok, todo, pool, cfg, tmp_path / "f", shard_size=3, progress=calls.append)
+    resumed = sharded_features(model, tok, todo, pool, cfg, shards, shard_size=3, progress=calls.append)
     assert resumed.ids == whole.ids and resumed.names == whole.names
     assert np.allclose(resumed.scalars, whole.scalars, atol=1e-4) and np.allclose(resumed.hidden, whole.hidden, atol=1e-4)
     assert (resumed.whole_tokens == whole.whole_tokens).all() and sum(calls) == len(todo)
@@ -186,9 +189,17 @@ def test_feature_shards_resume_to_the_same_features(tiny, tmp_path):
     assert isinstance(resumed.hidden, HiddenShards) and resumed.hidden.shape == whole.hidden.shape
     assert np.allclose(resumed.hidden.take([5, 0, 3]), whole.hidden[[5, 0, 3]], atol=1e-4)
     assert [s for s, _ in resumed.hidden.chunks()] == list(range(0, len(todo), 3))
-    # other settings do not reuse the shards
-    other = sharded_features(model, tok, todo, pool, EstimateConfig(k=2, layer=-1), tmp_path / "f", shard_size=3)
-    assert other.hidden is None
+    # a finished run computes nothing more (every shard's file exists: the one resume rule)
+    again = sharded_features(model, tok, todo, pool, cfg, shards, shard_size=3, stop_after_shards=0)
+    assert np.array_equal(again.scalars, resumed.scalars)
+    # other settings, or other examples, do not reuse the shards: they are removed first
+    with pytest.raises(KeyboardInterrupt):
+        sharded_features(model, tok, todo, pool, EstimateConfig(k=2, layer=-1), shards, shard_size=3,
+                         stop_after_shards=1)
+    assert len(list(shards.dir.glob("*.npz"))) == 1
+    other = sharded_features(model, tok, todo[1:], pool, cfg, shards, shard_size=3)
+    assert other.ids == [e.id for e in todo[1:]]
+    assert np.allclose(other.scalars, features(model, tok, todo[1:], pool, cfg).scalars, atol=1e-4)
 
 
 def test_judge_asks_the_model_once_per_pair(tiny):
