@@ -379,3 +379,41 @@ def test_sft_filter_run_writes_splits_estimates_filters_and_reports(tiny, tmp_pa
                                                    + "\n" for e in train))
     html = build_report(run).read_text()
     assert 'id="filtering"' in html and "SliCK \\ estimate" in html and f"Kept {len(kept)}" in html
+
+
+def test_estimate_sft_resumes_after_a_kill(tiny, tmp_path, monkeypatch):
+    """Killed while computing features, a rerun computes only the shards left and writes what an
+    uninterrupted run writes; the records are written back from the file (not held), in their own format."""
+    import knowcat.estimate as est
+    from knowcat.loaders.sft import META_KEY, strip_meta
+    from knowcat.sft import estimate_sft
+
+    model, tok, _ = tiny
+    recs = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"Where was person {i} born?"},
+                                         {"role": "assistant", "content": f"Town {i}"}], "g": f"g{i % 2}"}
+            for i in range(20)]
+    src = tmp_path / "chat.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    labels = {f"r{i}": {"category": CATEGORIES[i % 4]} for i in range(20)}
+    kw = dict(tokenizer=tok, group_by="g", labels=labels, shard_size=6, log=lambda *a: None, progress=False,
+              cfg=EstimateConfig(k=2, calibrate=8, folds=2))
+    want_path, want = estimate_sft(model, src, tmp_path / "whole", **kw)
+    real, calls = est.features, []
+
+    def dies_on_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(est, "features", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        estimate_sft(model, src, tmp_path / "run", **kw)
+    assert not (tmp_path / "run" / "estimated_sft.jsonl").exists()
+    calls.clear()
+    got_path, got = estimate_sft(model, src, tmp_path / "run", **kw)
+    assert len(calls) == 2  # 4 shards of 6: the 2 finished before the kill are reused
+    assert got.categories == want.categories and np.allclose(got.probs, want.probs, atol=1e-6)
+    out = [json.loads(x) for x in open(got_path)]
+    assert [strip_meta(r) for r in out] == recs and out == [json.loads(x) for x in open(want_path)]
+    assert {r[META_KEY]["method"] for r in out} == {"slick", "estimate"}

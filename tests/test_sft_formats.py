@@ -326,3 +326,44 @@ def test_relabel_writes_the_abstention_in_each_formats_own_field(fmt, tmp_path):
         assert [t.question for t in again.turns][:1] == [t.question for t in before.turns][:1]
         assert [t["original_answer"] for t in new[META_KEY]["turns"]] == \
             [orig[t.field] if fmt == "qa" else t.answers[0] for t in before.turns]
+
+
+@pytest.mark.parametrize("container", ["jsonl", "json", "parquet"])
+def test_scan_streams_the_same_turns_and_annotations_as_load(container, tmp_path):
+    """scan_sft (records not kept) gives load_sft's examples, rejects and format; the records written back
+    from the stream equal annotate_records' output, malformed records set aside, multi-turn records whole."""
+    from knowcat.loaders.sft import scan_sft, write_sft_stream
+    from knowcat.sft import annotated_stream
+
+    bad = BAD["roles out of order"][0]
+    recs = [MESSAGES[0], bad, MESSAGES[1], MESSAGES[2], dict(MESSAGES[1], id="m2")]  # a repeated id too
+    if container == "parquet":
+        recs = [MESSAGES[1], MESSAGES[2], dict(MESSAGES[1], id="m2")]
+    src = _write(tmp_path / f"d.{container}", recs)
+    ds = load_sft(src, turns="all", on_error="skip")
+    scan = scan_sft(src, turns="all", on_error="skip", group_by="source")
+    assert scan.format == ds.format and scan.n_records == len(ds.records) and scan.rejects == ds.rejects
+    want_ex = ds.examples("source")
+    assert [(e.id, e.relation, e.question, e.answers, e.metadata) for e in scan.examples] == \
+        [(e.id, e.relation, e.question, e.answers, e.metadata) for e in want_ex]
+    res = _fake_results(want_ex)
+    na = {want_ex[-1].id: "answer over 1 words"}
+    want = annotate_records(ds, want_ex, {k: v for k, v in res.items() if k not in na}, "estimate", na)
+    got = list(annotated_stream(scan, scan.examples, res.__getitem__, "estimate", na))
+    assert got == want
+    out = tmp_path / f"out.{container}"
+    assert write_sft_stream(out, iter(got)) == len(want)
+    if container != "parquet":  # (Parquet gives the turns one schema: absent keys come back as None)
+        assert [rr.value for rr in iter_raw(out)] == want
+
+
+def test_streamed_write_leaves_no_partial_file(tmp_path):
+    from knowcat.loaders.sft import write_sft_stream
+
+    def records():
+        yield {"a": 1}
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_sft_stream(tmp_path / "out.jsonl", records())
+    assert list(tmp_path.iterdir()) == []
