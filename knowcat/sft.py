@@ -331,8 +331,9 @@ def categorize_sft(model_name: str, data, run_dir, cfg, *, format: str | None = 
     itself is :func:`knowcat.runs.run_categorize` (resumable, in ``run_dir``); the annotated
     records go to ``out`` (default ``run_dir/categorized_sft.<input's type>``). Returns that path.
     """
-    from knowcat.runs import run_categorize
+    from knowcat.runs import check_chat_template, run_categorize
 
+    check_chat_template(model_name, cfg)  # before the rejects file is written
     run = Path(run_dir)
     ds, examples, na, todo, pool = _load_for_run("categorize", data, run, format, turns, on_error, rejects, group_by,
                                                  max_answer_tokens, exemplars, log)
@@ -377,6 +378,9 @@ def estimate_sft(model, data, run_dir, cfg=None, slick_cfg=None, *, tokenizer=No
         model, tokenizer = load_model(str(model), device=device, dtype=dtype)
     elif tokenizer is None:
         raise ValueError("estimate_sft: a loaded model needs its tokenizer")
+    from knowcat.estimate import _renderer
+
+    _renderer(tokenizer, cfg)  # a tokenizer without a chat template is refused before anything is written
     if labels is not None and not isinstance(labels, dict):
         labels = read_labels(labels)
     ds, examples, na, todo, pool = _load_for_run("estimate", data, run, format, turns, on_error, rejects, group_by,

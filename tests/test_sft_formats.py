@@ -367,3 +367,26 @@ def test_streamed_write_leaves_no_partial_file(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         write_sft_stream(tmp_path / "out.jsonl", records())
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("data", ["qa", "chat"])
+@pytest.mark.parametrize("command", ["categorize", "estimate"])
+def test_cli_chat_template_without_one_writes_nothing(data, command, tmp_path, tiny_model_dir, capsys):
+    """--chat-template with a tokenizer that has none: exit 2, one line naming the problem, no run folder
+    (nor a rejects file: the malformed record in the chat file would otherwise be set aside first)."""
+    from knowcat.cli import main
+
+    if data == "qa":
+        recs = [{"id": f"q{i}", "relation": "P1", "question": f"Where was {i} born?", "answers": [f"Town {i}"],
+                 "split": "dev" if i < 4 else "train"} for i in range(8)]
+    else:
+        recs = [{"messages": [{"role": "user", "content": f"Where was {i} born?"},
+                              {"role": "assistant", "content": f"Town {i}"}]} for i in range(8)]
+        recs.append({"messages": [{"role": "user", "content": "Hi"}]})
+    src = _write(tmp_path / "data.jsonl", recs)
+    capsys.readouterr()
+    rc = main([command, "--model", str(tiny_model_dir), str(src), "--out", str(tmp_path / "run"), "--k", "2",
+               "--chat-template", "--on-error", "skip", "--no-progress", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and not (tmp_path / "run").exists()
+    assert len(err.splitlines()) == 1 and "chat template" in err and "Traceback" not in err
