@@ -85,16 +85,24 @@ def split_tokens(tokenizer, requests: Sequence[ScoreRequest]) -> list[tuple[list
     return [(ids, n) for ids, n, _ in _split(tokenizer, requests)]
 
 
-def _split(tokenizer, requests: Sequence[ScoreRequest]) -> list[tuple[list[int], int, int]]:
-    """(whole text's ids, where the continuation starts, how many leading tokens are shared)."""
+def _split(tokenizer, requests: Sequence[ScoreRequest], chunk: int = 512) -> list[tuple[list[int], int, int]]:
+    """(whole text's ids, where the continuation starts, how many leading tokens are shared). Texts are
+    tokenized ``chunk`` requests at a time: memory holds the prefixes' ids of one chunk only."""
     from probes.generation import _common_prefix_len
 
     def enc(texts):
         texts = sorted(set(texts))
         return dict(zip(texts, tokenizer(texts, add_special_tokens=True)["input_ids"])) if texts else {}
 
-    pre = enc(r.shared + r.prefix for r in requests)
     shared = enc(r.shared for r in requests if r.shared)
+    out = []
+    for c in range(0, len(requests), chunk):
+        out += _split_chunk(tokenizer, requests[c:c + chunk], shared, enc, _common_prefix_len)
+    return out
+
+
+def _split_chunk(tokenizer, requests, shared, enc, _common_prefix_len) -> list[tuple[list[int], int, int]]:
+    pre = enc(r.shared + r.prefix for r in requests)
     full = tokenizer([r.shared + r.prefix + r.continuation for r in requests], add_special_tokens=True)["input_ids"]
     out = []
     for r, ids in zip(requests, full):
@@ -108,7 +116,7 @@ def _split(tokenizer, requests: Sequence[ScoreRequest]) -> list[tuple[list[int],
             sp = shared[r.shared]
             ns = len(sp) if ids[:len(sp)] == sp else _common_prefix_len(sp, ids)
             ns = min(ns, n - 1)  # the row computes at least the position that predicts the continuation
-        out.append((list(ids), n, ns))
+        out.append((ids, n, ns))
     return out
 
 
@@ -177,7 +185,8 @@ def _score_batch(model, rows: list[tuple[list[int], int]], pad_id: int, layers: 
         first[tgt[0]] = -float("inf")
         margin = gold - first.max().item()
         greedy = bool((lg.argmax(-1) == tgt).all())
-        hidden = {i: store[i][r, -c].float().cpu().numpy() for i in layers}  # the last prefix token
+        # the last prefix token's state, copied: a view would keep the whole batch's block output alive
+        hidden = {i: store[i][r, -c].float().cpu().numpy().copy() for i in layers}
         out.append(Score(lp.cpu().tolist(), float(margin), greedy, hidden))
     return out
 

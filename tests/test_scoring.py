@@ -153,3 +153,5 @@ def test_the_last_token_is_not_fed_and_scores_are_those_of_the_whole_text(kind, 
         assert got[r.key].first_token_margin == pytest.approx(margin, abs=1e-4)
         assert got[r.key].greedy_match == greedy
         assert got[r.key].hidden[-1] == pytest.approx(h, abs=1e-4)
+        # its own memory: a view into the batch's block output would keep the whole batch's states alive
+        assert got[r.key].hidden[-1].flags.owndata
