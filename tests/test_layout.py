@@ -56,3 +56,28 @@ def test_the_command_line_writes_no_file_itself():
     text = (ROOT / "knowcat" / "cli.py").read_text(encoding="utf-8")
     for call in ("atomic_write", "open(", ".write_text(", ".write_bytes(", "json.dump(", "to_parquet("):
         assert call not in text, call
+
+
+GENERATE_FUNCTIONS = {"generate", "generate_greedy"}
+
+
+def _imports_generate(text: str) -> list[str]:
+    """The generate functions of probes.generation that ``text`` imports or calls by their module path."""
+    found = []
+    for m in re.finditer(r"from\s+probes\.generation\s+import\s+(\([^)]*\)|[^\n]*)", text):
+        names = {n.split(" as ")[0].strip() for n in m.group(1).strip("()").replace("\\\n", " ").split(",")}
+        found += sorted(names & GENERATE_FUNCTIONS)
+    found += re.findall(r"\bprobes\.generation\.(generate(?:_greedy)?)\b", text)
+    found += re.findall(r"from\s+probes\s+import\s+[^\n]*\bgeneration\b", text)
+    return found
+
+
+def test_only_probes_generates_outside_the_engine():
+    """Outside probes/, a model answers through the engine (probes.engine.open_engine and its generate), never
+    through probes.generation's generate functions."""
+    assert _imports_generate("from probes.generation import PromptRequest, generate_greedy\n") == ["generate_greedy"]
+    assert _imports_generate("from probes.generation import (\n    PromptRequest,\n    generate,\n)\n") == ["generate"]
+    assert _imports_generate("from probes.generation import PromptRequest, decode_answer\n") == []
+    bad = {name: _imports_generate(text) for name, text in sources() if not name.startswith("probes/")}
+    assert not {k: v for k, v in bad.items() if v}, bad
+
