@@ -36,15 +36,23 @@ def make(path: Path, n: int) -> None:
             f.write(json.dumps(rec) + "\n")
 
 
-def stage_load(src: Path, work: Path) -> dict:
-    from knowcat.loaders.sft import load_sft
-    from knowcat.sft import annotate_records, prepare, write_annotated
+def _label(i: str) -> str:
+    """A synthetic SliCK category of an example id (a hash of it)."""
+    import hashlib
 
-    ds = load_sft(src)
-    examples, na = prepare(ds, group_by="source")
-    res = {e.id: {"category": CATS[i % 4]} for i, e in enumerate(examples)}
-    write_annotated(work / "cat.jsonl", annotate_records(ds, examples, res, "estimate", na))
-    return {"records": len(ds.records)}
+    return CATS[hashlib.sha1(i.encode()).digest()[0] % 4]
+
+
+def stage_load(src: Path, work: Path) -> dict:
+    """The path ``knowcat estimate`` takes: the turns read (records not kept), the records written back
+    annotated one at a time from the file."""
+    from knowcat.loaders.sft import scan_sft, write_sft_stream
+    from knowcat.sft import annotated_stream
+
+    scan = scan_sft(src, group_by="source")
+    n = write_sft_stream(work / "cat.jsonl", annotated_stream(scan, scan.examples, lambda i: {"category": _label(i)},
+                                                              "estimate"))
+    return {"records": n, "examples": len(scan.examples)}
 
 
 def stage_filter(src: Path, work: Path) -> dict:
@@ -84,24 +92,22 @@ def tiny_model(src: Path, out: Path) -> Path:
 
 
 def stage_estimate(src: Path, work: Path, model: str, calibrate: int) -> dict:
-    import hashlib
-
     from knowcat.estimate import EstimateConfig
-    from knowcat.loaders.sft import load_sft
-    from knowcat.sft import estimate_sft, prepare
+    from knowcat.loaders.sft import iter_raw
+    from knowcat.rundir import RunDir
+    from knowcat.sft import estimate_sft
 
-    # synthetic SliCK labels for every record (a hash of its id): the calibration sample takes its own
-    examples, _ = prepare(load_sft(src), group_by="source")
-    labels = {e.id: {"category": CATS[hashlib.sha1(e.id.encode()).digest()[0] % 4]} for e in examples}
-    del examples
+    # synthetic SliCK labels for every record (a hash of its id; the records' ids are the examples'), as a
+    # labels file would give them: the calibration sample takes its own
+    labels = {rr.value["id"]: {"category": _label(rr.value["id"])} for rr in iter_raw(src)}
     t0 = time.perf_counter()
     _, res = estimate_sft(model, src, work / "est", EstimateConfig(calibrate=calibrate), group_by="source",
-                          labels=labels, device="auto", log=lambda *a: None, progress=False)
+                          labels=labels, device="auto", log=log, progress=False)
     cost = res.summary["cost"]
     return {"examples": res.summary["n"], "estimate_seconds": round(time.perf_counter() - t0, 2),
             "tokens_per_example": round(cost["estimate_tokens_per_example"], 1),
             "whole_text_tokens_per_example": round(cost["estimate_tokens_per_example_whole_texts"], 1),
-            "feature_shards": len(list((work / "est" / "estimate" / "features").glob("*.npz")))}
+            "feature_shards": len(list(RunDir(work / "est").estimate_feature_shards.dir.glob("*.npz")))}
 
 
 def stage_features(src: Path, work: Path, model: str, n: int) -> dict:
@@ -121,6 +127,11 @@ def stage_features(src: Path, work: Path, model: str, n: int) -> dict:
         torch.cuda.synchronize()
     return {"examples": len(todo), "features_seconds": round(time.perf_counter() - t0, 2),
             "tokens_per_example": float(f.tokens.mean()), "device": str(m.device)}
+
+
+def log(*a) -> None:
+    """Progress on stderr (the stage's result is stdout's last line)."""
+    print(time.strftime("%H:%M:%S"), *a, file=sys.stderr, flush=True)
 
 
 def child(args) -> None:

@@ -187,11 +187,12 @@ def _categorize_sft(args, fmt, cfg):
 
 
 def cmd_categorize(args):
-    from knowcat.runs import categorize_with
+    from knowcat.runs import categorize_with, check_chat_template
     from knowcat.selection import select_for_categorize
     from knowcat.slick import SliCKConfig
 
     cfg = _override(SliCKConfig(), args)
+    check_chat_template(args.model, cfg)  # before anything is read or written
     _install_judge(args, cfg)
     sft_fmt = _sft_format(args)
     if sft_fmt:
@@ -236,6 +237,7 @@ _REQUIRED = {"categorize": ("--model", "M", "DATA", "--out", "RUN")}
 def cmd_estimate(args):
     from knowcat.estimate import EstimateConfig, estimate, read_labels, write_estimate
     from knowcat.rundir import RunDir
+    from knowcat.runs import check_chat_template
     from knowcat.slick import SliCKConfig
     from probes.loading import load_model
 
@@ -244,6 +246,7 @@ def cmd_estimate(args):
         scfg = SliCKConfig(match=args.match, keep_answers=True, chat_template=cfg.chat_template)
     except ValueError as e:
         raise UsageError(f"knowcat estimate: {e}") from None
+    check_chat_template(args.model, cfg)  # before anything is read or written
     _install_judge(args, scfg)
     labels = read_labels(args.labels) if args.labels else None
     sft_fmt = _sft_format(args)

@@ -69,11 +69,12 @@ class Features:
 
 
 class HiddenShards:
-    """Hidden states kept in feature shards on disk and read one shard at a time: memory does not
-    grow with the dataset. ``np.asarray`` reads them all (small data, tests)."""
+    """Hidden states kept in feature shards on disk (a :class:`knowcat.rundir.Shards` of ``.npz``) and
+    read one shard at a time: memory does not grow with the dataset. ``np.asarray`` reads them all
+    (small data, tests)."""
 
-    def __init__(self, paths: list[Path], sizes: list[int], dim: int):
-        self.paths, self.sizes, self.dim = paths, sizes, dim
+    def __init__(self, shards, sizes: list[int], dim: int):
+        self.shards, self.sizes, self.dim = shards, sizes, dim
         self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
 
     @property
@@ -83,11 +84,13 @@ class HiddenShards:
     def __len__(self) -> int:
         return int(self.starts[-1])
 
+    def _read(self, s: int) -> np.ndarray:
+        return self.shards.read_arrays(s, ["hidden"])["hidden"]
+
     def chunks(self):
         """``(first row, hidden states of that shard)`` in order."""
-        for start, path in zip(self.starts[:-1], self.paths):
-            with np.load(path, allow_pickle=False) as z:
-                yield int(start), z["hidden"]
+        for s, start in enumerate(self.starts[:-1]):
+            yield int(start), self._read(s)
 
     def take(self, rows) -> np.ndarray:
         rows = np.asarray(rows, dtype=int)
@@ -95,8 +98,7 @@ class HiddenShards:
         shard = np.searchsorted(self.starts, rows, side="right") - 1
         for s in np.unique(shard):
             sel = np.flatnonzero(shard == s)
-            with np.load(self.paths[s], allow_pickle=False) as z:
-                out[sel] = z["hidden"][rows[sel] - self.starts[s]]
+            out[sel] = self._read(int(s))[rows[sel] - self.starts[s]]
         return out
 
     def __array__(self, dtype=None, copy=None):
@@ -178,66 +180,53 @@ def features(model, tokenizer, examples: list[QAExample], pool: list[QAExample],
 
 
 def sharded_features(model, tokenizer, examples: list[QAExample], pool: list[QAExample], cfg: EstimateConfig,
-                     folder, shard_size: int = 4096, progress=None, log=None, stop_after_shards=None) -> Features:
-    """:func:`features` shard by shard, each saved as ``NNNNN.npz`` (written to a temporary name, then
-    renamed; read back without pickle); finished shards whose example ids and settings match are reused,
-    so a killed run resumes. The hidden states stay on disk (:class:`HiddenShards`): memory holds one
-    shard's. ``stop_after_shards`` stops early, as a kill would (for tests)."""
+                     shards, shard_size: int = 4096, progress=None, log=None, stop_after_shards=None) -> Features:
+    """:func:`features` shard by shard, each written by ``shards`` (a :class:`knowcat.rundir.Shards` of
+    ``.npz``, :attr:`knowcat.rundir.RunDir.estimate_feature_shards`) and read back without pickle. The
+    shards' identity (the settings, the model, the shard size and every example id in order) is recorded
+    first (:meth:`~knowcat.rundir.Shards.reset_unless_key`: shards of another identity are removed); then
+    a shard is finished when its file exists, so a killed run resumes. Memory holds one shard's features
+    and the scalar columns; the hidden states stay on disk (:class:`HiddenShards`). ``stop_after_shards``
+    stops early, as a kill would (for tests)."""
     import hashlib
-    import os
-    import tempfile
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    setting = json.dumps([cfg.n_prompts, cfg.k, cfg.seed, cfg.layer, getattr(model, "name_or_path", ""),
-                          cfg.exemplar_split, bool(getattr(cfg, "chat_template", False))])
-    ids_all, names, scalars, tokens, whole, paths, sizes = [], None, [], [], [], [], []
+    ids_hash = hashlib.sha1()
+    for e in examples:
+        ids_hash.update(e.id.encode("utf-8") + b"\0")
+    shards.reset_unless_key(json.dumps({
+        "n_prompts": cfg.n_prompts, "k": cfg.k, "seed": cfg.seed, "layer": cfg.layer,
+        "model": str(getattr(model, "name_or_path", "")), "exemplar_split": cfg.exemplar_split,
+        "chat_template": bool(getattr(cfg, "chat_template", False)), "shard_size": shard_size,
+        "n_examples": len(examples), "ids_sha1": ids_hash.hexdigest()}, sort_keys=True))
+    names, scalars, tokens, whole, sizes = None, [], [], [], []
     layer, dim, new = None, 0, 0
-    for start in range(0, len(examples), shard_size):
+    for i, start in enumerate(range(0, len(examples), shard_size)):
         chunk = examples[start:start + shard_size]
-        ids = [e.id for e in chunk]
-        key = hashlib.sha1(("\0".join(ids) + "\0" + setting).encode("utf-8")).hexdigest()
-        path = folder / f"{start // shard_size:05d}.npz"
-        z = None
-        if path.exists():
-            with np.load(path, allow_pickle=False) as f:
-                if str(f["key"]) == key and "whole_tokens" in f.files:
-                    z = {k: f[k] for k in ("names", "scalars", "tokens", "whole_tokens", "layer")}
-                    z["dim"] = f["hidden"].shape[1] if f["hidden"].ndim == 2 else 0
-            if z is not None and progress:
+        if shards.done(i):
+            z = shards.read_arrays(i, ["names", "scalars", "tokens", "whole_tokens", "layer", "dim"])
+            if progress:
                 progress(len(chunk) * cfg.n_prompts)
-        if z is None:
+        else:
             if stop_after_shards is not None and new >= stop_after_shards:
                 raise KeyboardInterrupt(f"stopped after {new} new feature shards")
             f = features(model, tokenizer, chunk, pool, cfg, progress=progress, log=log)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.npz", dir=folder)
-            os.close(fd)
-            try:
-                np.savez(tmp, key=np.array(key), names=np.array(f.names), scalars=f.scalars,
-                         hidden=f.hidden if f.hidden is not None else np.zeros(0, np.float32), tokens=f.tokens,
-                         whole_tokens=f.whole_tokens, layer=np.array(-1 if f.layer is None else f.layer))
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
             z = {"names": np.array(f.names), "scalars": f.scalars, "tokens": f.tokens, "whole_tokens": f.whole_tokens,
                  "layer": np.array(-1 if f.layer is None else f.layer),
-                 "dim": 0 if f.hidden is None else f.hidden.shape[1]}
+                 "dim": np.array(0 if f.hidden is None else f.hidden.shape[1])}
+            shards.write_arrays(i, hidden=f.hidden if f.hidden is not None else np.zeros(0, np.float32), **z)
             del f
             new += 1
-        ids_all += ids
         names = names or [str(x) for x in z["names"]]
         scalars.append(z["scalars"])
         tokens.append(z["tokens"])
         whole.append(z["whole_tokens"])
         layer = int(z["layer"]) if int(z["layer"]) >= 0 else None
         dim = int(z["dim"])
-        paths.append(path)
         sizes.append(len(chunk))
-    if not ids_all:
+    if not sizes:
         raise ValueError("no examples")
-    hidden = HiddenShards(paths, sizes, dim) if dim else None
-    return Features(ids_all, names, np.concatenate(scalars), hidden, np.concatenate(tokens), layer,
+    hidden = HiddenShards(shards, sizes, dim) if dim else None
+    return Features([e.id for e in examples], names, np.concatenate(scalars), hidden, np.concatenate(tokens), layer,
                     np.concatenate(whole))
 
 
@@ -269,21 +258,29 @@ def slick_forward_tokens(tokenizer, examples: list[QAExample], pool: list[QAExam
                          scfg: SliCKConfig, per_relation: dict[str, int] | None = None) -> dict[str, dict]:
     """Forward tokens of lazy SliCK per example, from its recorded answers (``keep_answers``).
 
-    Each prompt is encoded once for its greedy answer and its samples; a generated answer of t
-    tokens then feeds t tokens back (its last token produces the stop). Three counts:
+    Each prompt is encoded once for its greedy answer and its samples (lazy mode keeps the prompt's
+    state from the greedy round for the samples); a generated answer of t tokens then feeds t tokens
+    back (its last token produces the stop; an empty answer feeds none). Three counts:
     ``naive``: every prompt's whole text, every answer decoded on its own; ``nodes``: answers that
-    start alike share their common tokens (knowcat's generator decodes distinct token prefixes
-    once); ``shared``: ``nodes`` with each few-shot prefix encoded once per relation and prompt,
-    spread over the relation's examples (``per_relation``: their counts; default those in
-    ``examples``), which is how knowcat runs SliCK. Generated tokens are those of re-tokenizing
-    ``" " + answer`` (at most ``max_new_tokens - 1`` fed back)."""
+    start alike share their common tokens (knowcat's generator decodes the distinct token prefixes of
+    one request once: in exact mode the greedy answer and the samples of a prompt are one request; in
+    lazy mode the greedy answer is decoded in a round of its own, and only the samples share);
+    ``shared``: ``nodes`` with each few-shot prefix encoded once per relation and prompt, spread over
+    the relation's examples (``per_relation``: their counts; default those in ``examples``), which is
+    how knowcat runs SliCK. Generated tokens are those of re-tokenizing ``" " + answer`` (at most
+    ``max_new_tokens - 1`` fed back). Lazy mode records the samples up to the first correct one, and
+    may have computed more (a round can ask several prompts' samples of an example): the count is a
+    lower bound of what the engine fed."""
     render = _renderer(tokenizer, scfg)
     prompts = prompts_of(examples, pool, scfg.n_prompts, scfg.k, scfg.seed, scfg.exemplar_split, render=render)
     cap = scfg.max_new_tokens - 1
     sep = answer_sep(render)
 
     def ids(a: str) -> tuple:
-        return tuple(tokenizer(sep + a, add_special_tokens=False)["input_ids"][:cap])
+        return tuple(tokenizer(sep + a, add_special_tokens=False)["input_ids"][:cap]) if a else ()
+
+    def distinct(answers) -> int:  # the distinct token prefixes of answers decoded together: one fed token each
+        return len({t[:i] for t in answers for i in range(1, len(t) + 1)})
 
     prefix_len: dict[str, int] = {}
     if per_relation is None:
@@ -301,12 +298,12 @@ def slick_forward_tokens(tokenizer, examples: list[QAExample], pool: list[QAExam
             whole = len(tokenizer(pre + suf, add_special_tokens=True)["input_ids"])
             if pre not in prefix_len:
                 prefix_len[pre] = len(tokenizer(pre, add_special_tokens=True)["input_ids"])
-            answers = [ids(a) for a in [ga[j]] + list(sa[j])]
-            fed = sum(len(t) for t in answers)
-            distinct = len({t[:i] for t in answers for i in range(1, len(t) + 1)})
+            g, samples = ids(ga[j]), [ids(a) for a in sa[j]]
+            fed = len(g) + sum(len(t) for t in samples)
+            decoded = distinct([g] + samples) if scfg.exact else len(g) + distinct(samples)
             naive += whole + fed
-            nodes += whole + distinct
-            shared += whole - prefix_len[pre] + prefix_len[pre] / per_relation[ex.relation] + distinct
+            nodes += whole + decoded
+            shared += whole - prefix_len[pre] + prefix_len[pre] / per_relation[ex.relation] + decoded
         out[ex.id] = {"naive": naive, "nodes": nodes, "shared": shared}
     return out
 
@@ -380,7 +377,7 @@ def estimate(model, tokenizer, examples: list[QAExample], pool: list[QAExample],
     n_req = len(examples) * cfg.n_prompts
     bar = tqdm(total=n_req, desc="features", unit="prompt", disable=not progress)
     if run_dir is not None:
-        feats = sharded_features(model, tokenizer, examples, pool, cfg, RunDir(run_dir).estimate_features,
+        feats = sharded_features(model, tokenizer, examples, pool, cfg, RunDir(run_dir).estimate_feature_shards,
                                  shard_size=shard_size, progress=bar.update, log=log)
     else:
         feats = features(model, tokenizer, examples, pool, cfg, progress=bar.update, log=log)

@@ -87,15 +87,18 @@ def file_lock(path: Path, wait: bool = True) -> Iterator[bool]:
 
 
 class Shards:
-    """A folder of numbered JSONL shards (``NNNNN.jsonl``), each written whole and atomically: the
-    one writer of shards. A shard is finished when its file exists (the one resume rule)."""
+    """A folder of numbered shards, each written whole and atomically: the one writer of shards. A shard
+    is finished when its file exists (the one resume rule). JSONL rows (``NNNNN.jsonl``: :meth:`write`,
+    :meth:`read`) or, with ``suffix=".npz"``, named arrays (:meth:`write_arrays`, :meth:`read_arrays`,
+    read without pickle)."""
 
-    def __init__(self, folder, ensure_ascii: bool = False):
+    def __init__(self, folder, ensure_ascii: bool = False, suffix: str = ".jsonl"):
         self.dir = Path(folder)
         self.ensure_ascii = ensure_ascii
+        self.suffix = suffix
 
     def path(self, i: int) -> Path:
-        return self.dir / f"{i:05d}.jsonl"
+        return self.dir / f"{i:05d}{self.suffix}"
 
     def done(self, i: int) -> bool:
         return self.path(i).exists()
@@ -106,6 +109,25 @@ class Shards:
     def read(self, i: int) -> list[dict]:
         return read_jsonl(self.path(i))
 
+    def write_arrays(self, i: int, **arrays) -> None:
+        """Shard ``i`` as an ``.npz`` of ``arrays`` (numeric or text, never objects), atomically."""
+        import io
+
+        import numpy as np
+
+        from knowcat.io import atomic_write_bytes
+
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        atomic_write_bytes(self.path(i), buf.getvalue())
+
+    def read_arrays(self, i: int, names=None) -> dict:
+        """Shard ``i``'s arrays (``names``: only those), read without pickle."""
+        import numpy as np
+
+        with np.load(self.path(i), allow_pickle=False) as z:
+            return {k: z[k] for k in (z.files if names is None else names)}
+
     def lock(self, i: int, wait: bool = True):
         return file_lock(self.dir / f"{i:05d}.lock", wait)
 
@@ -115,7 +137,7 @@ class Shards:
         self.dir.mkdir(parents=True, exist_ok=True)
         cfg = self.dir / "config.json"
         if cfg.exists() and cfg.read_text() != key:
-            for p in self.dir.glob("*.jsonl"):
+            for p in self.dir.glob(f"*{self.suffix}"):
                 p.unlink()
         atomic_write_text(cfg, key)
 
@@ -528,8 +550,13 @@ class RunDir:
 
     @property
     def estimate_features(self) -> Path:
-        """The estimator's feature shards (``NNNNN.npz``)."""
+        """The estimator's feature shards' folder."""
         return self.root / "estimate" / "features"
+
+    @property
+    def estimate_feature_shards(self) -> Shards:
+        """The estimator's feature shards (``NNNNN.npz``, and ``config.json``: what they depend on)."""
+        return Shards(self.estimate_features, suffix=".npz")
 
     @property
     def estimate_slick_tokens(self) -> Path:

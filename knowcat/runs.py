@@ -202,6 +202,26 @@ def open_run(run_dir, model_name: str, examples: list[QAExample], exemplar_pool:
     return CategorizeRun(rd, list(examples), list(exemplar_pool), cfg, shard_size, config)
 
 
+def check_chat_template(model_name, cfg, tokenizer=None) -> None:
+    """``chat_template`` needs a tokenizer that has one: refused (:class:`~knowcat.errors.UsageError`) before
+    anything is written. ``tokenizer``: the one in use, else ``model_name``'s (a model that cannot be read
+    is left to the model's loading to report)."""
+    if not getattr(cfg, "chat_template", False):
+        return
+    from knowcat.errors import UsageError
+
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(model_name))
+        except (OSError, ValueError):
+            return
+    if not getattr(tokenizer, "chat_template", None):
+        raise UsageError(f"--chat-template: the tokenizer of {model_name} has no chat template (tokenizer.chat_template "
+                         f"is empty): a chat template needs a chat model")
+
+
 def run_categorize(model_name: str, examples: list[QAExample], exemplar_pool: list[QAExample], run_dir,
                    cfg: SliCKConfig = SliCKConfig(), shard_size: int = 256, device: str = "auto",
                    dtype: str = "auto", batch_size: int | None = None, fields=None, engine=None,
@@ -216,6 +236,7 @@ def run_categorize(model_name: str, examples: list[QAExample], exemplar_pool: li
     """
     from tqdm.auto import tqdm
 
+    check_chat_template(model_name, cfg, getattr(engine, "tokenizer", None))
     run = open_run(run_dir, model_name, examples, exemplar_pool, cfg, shard_size, data_source, backend)
     n_shards, todo = run.n_shards, run.todo()
     if len(todo) < n_shards:
@@ -318,6 +339,7 @@ def categorize_with(backend: str, model_name: str, examples: list[QAExample], ex
     (recorded in ``categorize/command.json`` once it finishes, for the report's rerun command)."""
     from knowcat.errors import UsageError
 
+    check_chat_template(model_name, cfg)
     opts = {}
     if backend == "vllm" or (backend == "ray" and ray_engine == "vllm"):
         opts = {"tensor_parallel_size": tensor_parallel_size, "dtype": dtype}

@@ -26,7 +26,7 @@ from knowcat.errors import DataError
 from knowcat.examples import QAExample
 from knowcat.io import atomic_write_json
 from knowcat.loaders.sft import (META_KEY, SFTDataset, annotate, container_of, detect_record_format, iter_raw,
-                                 set_answer, strip_meta, write_rejects, write_sft)
+                                 set_answer, strip_meta, write_rejects, write_sft, write_sft_stream)
 from knowcat.matching import answer_too_long
 from knowcat.rundir import RunDir
 from knowcat.slick import CATEGORIES
@@ -73,16 +73,40 @@ def annotate_records(ds: SFTDataset, examples: list[QAExample], results: dict[st
         else:
             raise KeyError(f"no result for example {ex.id} (record {loc['record']}, turn {loc['turn']})")
         per_record.setdefault(loc["record"], []).append({"turn": loc["turn"], "field": loc["field"], **entry})
-    out = []
-    for pos, r in enumerate(ds.records):
-        turns = per_record.get(pos, [])
-        m = method
-        if m is None:
-            ms = {t["method"] for t in turns if "method" in t}
-            m = ms.pop() if len(ms) == 1 else ("mixed" if ms else None)
-        out.append(annotate(r.record, {"category": record_category([t["category"] for t in turns]),
-                                       "method": m, "turns": turns}))
-    return out
+    return [annotate(r.record, record_meta(per_record.get(pos, []), method)) for pos, r in enumerate(ds.records)]
+
+
+def record_meta(turns: list[dict], method: str | None) -> dict:
+    """A record's ``knowcat`` entry from its turns' (see :func:`annotate_records`)."""
+    m = method
+    if m is None:
+        ms = {t["method"] for t in turns if "method" in t}
+        m = ms.pop() if len(ms) == 1 else ("mixed" if ms else None)
+    return {"category": record_category([t["category"] for t in turns]), "method": m, "turns": turns}
+
+
+def annotated_stream(scan, examples: list[QAExample], result_of, method: str | None,
+                     not_applicable: dict[str, str] | None = None):
+    """:func:`annotate_records` record by record for an :class:`~knowcat.loaders.sft.SFTScan`: each record
+    is read again from its file, annotated and handed on, so memory holds one record. ``result_of(id)``
+    gives a turn's result (``{"category", ...}``); ``examples`` are the scan's, in record order."""
+    from knowcat.loaders.sft import scanned_records
+
+    not_applicable = not_applicable or {}
+    j = 0
+    for pos, rec in enumerate(scanned_records(scan)):
+        turns = []
+        while j < len(examples) and examples[j].metadata["sft"]["record"] == pos:
+            ex = examples[j]
+            loc = ex.metadata["sft"]
+            entry = {"category": NOT_APPLICABLE, "reason": not_applicable[ex.id]} if ex.id in not_applicable \
+                else dict(result_of(ex.id))
+            turns.append({"turn": loc["turn"], "field": loc["field"], **entry})
+            j += 1
+        yield annotate(rec, record_meta(turns, method))
+    if j != len(examples):
+        raise DataError(f"the file changed while it was read: {len(examples) - j} turns left without their record",
+                        file=scan.path)
 
 
 def write_annotated(path, records: list[dict], container: str | None = None) -> None:
@@ -269,21 +293,29 @@ RESULT_FIELDS = ("category", "p_correct_greedy", "n_greedy", "n_greedy_correct",
 
 
 def _load_for_run(stage: str, data, run: Path, format, turns, on_error, rejects, group_by, max_answer_tokens,
-                  exemplars, log):
+                  exemplars, log, stream: bool = False):
     """What ``categorize_sft`` and ``estimate_sft`` both start with: the SFT records read (malformed ones to
     the rejects file, the run's default when none is given), their turns as examples, those whose answer is
     too long set apart, and the exemplar pool (``exemplars`` or the examples themselves).
-    Returns ``(dataset, examples, not_applicable, todo, pool)``."""
-    from knowcat.loaders.sft import load_sft
+    Returns ``(dataset, examples, not_applicable, todo, pool)``; with ``stream`` the dataset is an
+    :class:`~knowcat.loaders.sft.SFTScan` (the records are not kept, only their turns)."""
+    from knowcat.loaders.sft import load_sft, scan_sft
 
-    ds = load_sft(data, format=format, turns=turns, on_error=on_error)
+    if stream:
+        ds = scan_sft(data, format=format, turns=turns, on_error=on_error, group_by=group_by)
+        examples, n_records = ds.examples, ds.n_records
+        na = {ex.id: why for ex in examples if (why := answer_too_long(ex.answers, max_answer_tokens))}
+    else:
+        ds = load_sft(data, format=format, turns=turns, on_error=on_error)
+        n_records = len(ds.records)
     if ds.rejects or rejects:
         rp = Path(rejects) if rejects else RunDir(run).load_rejects
         write_rejects(rp, ds.rejects)
         log(f"{stage}: {len(ds.rejects)} malformed records skipped -> {rp}")
-    examples, na = prepare(ds, group_by, max_answer_tokens)
+    if not stream:
+        examples, na = prepare(ds, group_by, max_answer_tokens)
     todo = [e for e in examples if e.id not in na]
-    log(f"{stage}: {len(ds.records)} {ds.format} records from {data}: {len(examples)} turns, "
+    log(f"{stage}: {n_records} {ds.format} records from {data}: {len(examples)} turns, "
         f"{len(na)} not applicable (answer over {max_answer_tokens} words)")
     pool = load_sft(exemplars, turns="all").examples(group_by) if exemplars is not None else todo
     return ds, examples, na, todo, pool
@@ -303,8 +335,9 @@ def categorize_sft(model_name: str, data, run_dir, cfg, *, format: str | None = 
     recorded in ``categorize/command.json`` once it finishes, for the report's rerun command.
     Returns that path.
     """
-    from knowcat.runs import run_categorize
+    from knowcat.runs import check_chat_template, run_categorize
 
+    check_chat_template(model_name, cfg)  # before the rejects file is written
     run = Path(run_dir)
     ds, examples, na, todo, pool = _load_for_run("categorize", data, run, format, turns, on_error, rejects, group_by,
                                                  max_answer_tokens, exemplars, log)
@@ -351,19 +384,27 @@ def estimate_sft(model, data, run_dir, cfg=None, slick_cfg=None, *, tokenizer=No
         model, tokenizer = load_model(str(model), device=device, dtype=dtype)
     elif tokenizer is None:
         raise ValueError("estimate_sft: a loaded model needs its tokenizer")
+    from knowcat.estimate import _renderer
+
+    _renderer(tokenizer, cfg)  # a tokenizer without a chat template is refused before anything is written
     if labels is not None and not isinstance(labels, dict):
         labels = read_labels(labels)
     ds, examples, na, todo, pool = _load_for_run("estimate", data, run, format, turns, on_error, rejects, group_by,
-                                                 max_answer_tokens, exemplars, log)
+                                                 max_answer_tokens, exemplars, log, stream=True)
     res = estimate(model, tokenizer, todo, pool, cfg, slick_cfg, labels=labels, run_dir=run,
                    model_name=model_name or getattr(model, "name_or_path", "model"), log=log, progress=progress,
                    shard_size=shard_size, run_slick=run_slick)
-    results = {i: {"category": c, "method": m, "probs": dict(zip(CATEGORIES, map(float, p)))}
-               for i, c, m, p in zip(res.ids, res.categories, res.method, res.probs)}
+    row = {i: k for k, i in enumerate(res.ids)}
+
+    def result_of(i):
+        k = row[i]
+        return {"category": res.categories[k], "method": res.method[k],
+                "probs": dict(zip(CATEGORIES, map(float, res.probs[k])))}
+
     dest = Path(out) if out else RunDir(run).estimated_sft(ds.container)
-    write_annotated(dest, annotate_records(ds, examples, results, None, na), None if dest.suffix else "hf")
+    n = write_sft_stream(dest, annotated_stream(ds, examples, result_of, None, na), None if dest.suffix else "hf")
     write_estimate(run, todo, res)
-    log(f"estimate: wrote {dest} ({len(ds.records)} records in their own format, categories under '{META_KEY}')")
+    log(f"estimate: wrote {dest} ({n} records in their own format, categories under '{META_KEY}')")
     return dest, res
 
 

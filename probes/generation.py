@@ -419,7 +419,7 @@ def _decode_chunk(model, prefix_kvs: list, suffixes: list[list[int]], branches: 
     if order != list(range(R)):
         gen, kept = _decode_chunk(model, [prefix_kvs[i] for i in order], [suffixes[i] for i in order],
                                   [branches[i] for i in order], pad_id, stop, max_new_tokens, temperature, top_k,
-                                  [states[i] for i in order], [keep[i] for i in order] if keep else None)
+                                  [states[i] for i in order], [keep[i] for i in order] if keep else None, fed=fed)
         out_gen: list = [None] * R
         for j, i in enumerate(order):
             out_gen[i] = gen[j]

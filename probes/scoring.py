@@ -21,9 +21,11 @@ tokens are those past the longest common token prefix of ``shared + prefix`` and
 text, the shared tokens those of the longest common token prefix of ``shared`` and the whole
 text (never reaching the last prefix token), so scores are those of the text the model would see.
 
-Rows are left-padded (the continuation sits at the end of every row), so only the last
-``max continuation + 1`` positions need logits; position ids are derived from the attention
-mask so padding does not shift positions.
+A row feeds its tokens up to the one before the last: the last token is only ever a target
+(no position after it is scored, and the hidden state is taken at the last prefix token), so
+feeding it would cost a token and change nothing. Rows are left-padded (the continuation sits
+at the end of every row), so only the last ``max continuation`` positions need logits; position
+ids are derived from the attention mask so padding does not shift positions.
 """
 
 from __future__ import annotations
@@ -67,9 +69,14 @@ class ScoreStats:
     forward_tokens: int = 0  # tokens computed, padding excluded: shared prefixes once each, then every row's own
     shared_tokens: int = 0  # of which, shared prefixes
     padded_tokens: int = 0  # positions computed including padding (rows only)
-    whole_tokens: int = 0  # what encoding every request's whole text would have cost
+    whole_tokens: int = 0  # what encoding every request's whole text would have cost (all but its last token)
     per_key: dict = field(default_factory=dict)  # request key -> its own tokens + its share of its shared prefix
-    per_key_whole: dict = field(default_factory=dict)  # request key -> its whole text's tokens
+    per_key_whole: dict = field(default_factory=dict)  # request key -> its whole text's tokens fed (all but the last)
+
+
+def fed_len(ids: Sequence[int]) -> int:
+    """Tokens a row of ``ids`` feeds: all but the last, which is only a target."""
+    return len(ids) - 1
 
 
 def split_tokens(tokenizer, requests: Sequence[ScoreRequest]) -> list[tuple[list[int], int]]:
@@ -78,16 +85,24 @@ def split_tokens(tokenizer, requests: Sequence[ScoreRequest]) -> list[tuple[list
     return [(ids, n) for ids, n, _ in _split(tokenizer, requests)]
 
 
-def _split(tokenizer, requests: Sequence[ScoreRequest]) -> list[tuple[list[int], int, int]]:
-    """(whole text's ids, where the continuation starts, how many leading tokens are shared)."""
+def _split(tokenizer, requests: Sequence[ScoreRequest], chunk: int = 512) -> list[tuple[list[int], int, int]]:
+    """(whole text's ids, where the continuation starts, how many leading tokens are shared). Texts are
+    tokenized ``chunk`` requests at a time: memory holds the prefixes' ids of one chunk only."""
     from probes.generation import _common_prefix_len
 
     def enc(texts):
         texts = sorted(set(texts))
         return dict(zip(texts, tokenizer(texts, add_special_tokens=True)["input_ids"])) if texts else {}
 
-    pre = enc(r.shared + r.prefix for r in requests)
     shared = enc(r.shared for r in requests if r.shared)
+    out = []
+    for c in range(0, len(requests), chunk):
+        out += _split_chunk(tokenizer, requests[c:c + chunk], shared, enc, _common_prefix_len)
+    return out
+
+
+def _split_chunk(tokenizer, requests, shared, enc, _common_prefix_len) -> list[tuple[list[int], int, int]]:
+    pre = enc(r.shared + r.prefix for r in requests)
     full = tokenizer([r.shared + r.prefix + r.continuation for r in requests], add_special_tokens=True)["input_ids"]
     out = []
     for r, ids in zip(requests, full):
@@ -101,7 +116,7 @@ def _split(tokenizer, requests: Sequence[ScoreRequest]) -> list[tuple[list[int],
             sp = shared[r.shared]
             ns = len(sp) if ids[:len(sp)] == sp else _common_prefix_len(sp, ids)
             ns = min(ns, n - 1)  # the row computes at least the position that predicts the continuation
-        out.append((list(ids), n, ns))
+        out.append((ids, n, ns))
     return out
 
 
@@ -134,27 +149,30 @@ def _capture_blocks(model, layers: Sequence[int], store: dict):
 def _score_batch(model, rows: list[tuple[list[int], int]], pad_id: int, layers: Sequence[int],
                  cache=None, cache_len: int = 0) -> list[Score]:
     """Score rows (``(ids, continuation start)``, ids without the ``cache_len`` tokens already in
-    ``cache``, a KV cache broadcast to the batch, or None)."""
+    ``cache``, a KV cache broadcast to the batch, or None). Each row feeds ``ids[:-1]``
+    (:func:`fed_len`): position ``t`` predicts token ``t + 1``, so the last ``c`` positions fed
+    predict the ``c`` continuation tokens, and the first of them is the last prefix token."""
     from probes.generation import cache_kwargs
 
     dev = model.device
-    T = max(len(ids) for ids, _ in rows)
+    T = max(fed_len(ids) for ids, _ in rows)
     C = max(len(ids) - n for ids, n in rows)
     ids_t = torch.full((len(rows), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
     for r, (ids, _) in enumerate(rows):
-        ids_t[r, T - len(ids):] = torch.tensor(ids)
-        mask[r, T - len(ids):] = 1
+        m = fed_len(ids)
+        ids_t[r, T - m:] = torch.tensor(ids[:m])
+        mask[r, T - m:] = 1
     ids_t, mask = ids_t.to(dev), mask.to(dev)
     pos = (cache_len + mask.cumsum(-1) - 1).clamp(min=cache_len)
-    kwargs = {"logits_to_keep": C + 1} if _takes_logits_to_keep(model) else {}
+    kwargs = {"logits_to_keep": C} if _takes_logits_to_keep(model) else {}
     if cache is not None:
         mask = torch.cat([torch.ones((len(rows), cache_len), dtype=torch.long, device=dev), mask], dim=1)
         kwargs.update(use_cache=True, **cache_kwargs(model, cache))
     store: dict[int, torch.Tensor] = {}
     with _capture_blocks(model, layers, store):
         logits = model(input_ids=ids_t, attention_mask=mask, position_ids=pos, **kwargs).logits
-    logits = logits[:, -(C + 1):-1].float()  # position t predicts token t + 1: the last C targets
+    logits = logits[:, -C:].float()  # position t predicts token t + 1: the last C targets
     logp = torch.log_softmax(logits, dim=-1)
     out = []
     for r, (ids, n) in enumerate(rows):
@@ -167,7 +185,8 @@ def _score_batch(model, rows: list[tuple[list[int], int]], pad_id: int, layers: 
         first[tgt[0]] = -float("inf")
         margin = gold - first.max().item()
         greedy = bool((lg.argmax(-1) == tgt).all())
-        hidden = {i: store[i][r, -c - 1].float().cpu().numpy() for i in layers}
+        # the last prefix token's state, copied: a view would keep the whole batch's block output alive
+        hidden = {i: store[i][r, -c].float().cpu().numpy().copy() for i in layers}
         out.append(Score(lp.cpu().tolist(), float(margin), greedy, hidden))
     return out
 
@@ -233,8 +252,8 @@ def score(model, tokenizer, requests: Iterable[ScoreRequest], layers: Sequence[i
             for k, s in zip(chunk, scores):
                 results[requests[k].key] = s
             if stats is not None:
-                stats.forward_tokens += sum(len(rows[k][0]) for k in chunk)
-                stats.padded_tokens += len(rows[chunk[-1]][0]) * len(chunk)
+                stats.forward_tokens += sum(fed_len(rows[k][0]) for k in chunk)
+                stats.padded_tokens += fed_len(rows[chunk[-1]][0]) * len(chunk)
             if progress is not None:
                 progress(len(chunk))
             i = j
@@ -243,7 +262,7 @@ def score(model, tokenizer, requests: Iterable[ScoreRequest], layers: Sequence[i
             stats.shared_tokens += encoder.encoded_tokens if encoder else 0
             share = (encoder.encoded_tokens if encoder else 0) / len(members)
             for k in members:
-                stats.per_key[requests[k].key] = len(rows[k][0]) + share
-                stats.whole_tokens += len(split[k][0])
-                stats.per_key_whole[requests[k].key] = len(split[k][0])
+                stats.per_key[requests[k].key] = fed_len(rows[k][0]) + share
+                stats.whole_tokens += fed_len(split[k][0])
+                stats.per_key_whole[requests[k].key] = fed_len(split[k][0])
     return results

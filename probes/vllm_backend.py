@@ -14,6 +14,10 @@ transformers engine, so :func:`knowcat.slick.categorize` runs on it unchanged.
 - One round (the caller's: for SliCK, one prompt index) is one submission; ``prepare``
   is asked before each (:func:`probes.engine.run_rounds`), so lazy categorization keeps
   an example whose answers are already correct from getting samples.
+- :attr:`VLLMEngine.forward_tokens` counts the tokens it asked vLLM for: each submitted prompt's tokens
+  (``RequestOutput.prompt_token_ids``; a sampling request's ``n`` samples share one prompt) and every
+  token generated (``CompletionOutput.token_ids``). vLLM's prefix cache may compute fewer prompt
+  tokens than that (the few-shot prefixes); the count is what was asked, not a measurement of vLLM.
 - Scoring (teacher-forced log-probabilities, hidden states) is not offered: vLLM does not
   expose hidden states, and its prompt log-probabilities are not wired in; use the
   transformers engine for :meth:`score`.
@@ -71,6 +75,7 @@ class VLLMEngine:
                 llm = LLM(**kw)
         self.llm = llm
         self.name = model
+        self.forward_tokens = 0  # prompt tokens submitted and tokens generated (see the module's docstring)
 
     @property
     def device(self):
@@ -108,6 +113,8 @@ class VLLMEngine:
         outs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
         gens = [Generation(None, []) for _ in todo]
         for (i, kind), out in zip(owners, outs):
+            self.forward_tokens += len(getattr(out, "prompt_token_ids", None) or ()) + sum(
+                len(o.token_ids or ()) for o in out.outputs)
             texts = [_clean(o.text, stop) for o in out.outputs]
             if kind == "greedy":
                 gens[i].greedy = texts[0]

@@ -8,7 +8,7 @@ with ``TypeError: EngineArgs.__init__() got an unexpected keyword argument ...``
 ``data_parallel_size > 1`` in one process is refused with vLLM's ``ValueError`` (since
 vLLM 0.11.1, PR #27282: offline data parallelism needs one process per rank, or the
 ``external_launcher`` backend under torchrun). ``LLM.generate(prompts, sampling_params, *, use_tqdm=...)``
-returning one ``RequestOutput`` per prompt, in order, whose ``outputs`` are
+returning one ``RequestOutput`` per prompt, in order, with its ``prompt_token_ids``, whose ``outputs`` are
 ``CompletionOutput(index, text, token_ids, finish_reason)``; ``SamplingParams(n,
 temperature, top_k, max_tokens, stop, seed)`` with vLLM's meanings: temperature 0 is
 greedy, ``top_k`` -1 or 0 is off, generation ends at ``max_tokens``, end-of-sequence
@@ -62,6 +62,7 @@ class CompletionOutput:
 class RequestOutput:
     prompt: str
     outputs: list[CompletionOutput] = field(default_factory=list)
+    prompt_token_ids: list[int] | None = None
 
 
 class LLM:
@@ -132,4 +133,4 @@ class LLM:
             for s in sp.stop or []:
                 text = text.split(s, 1)[0]
             outs.append(CompletionOutput(i, text, gen, reason))
-        return RequestOutput(prompt, outs)
+        return RequestOutput(prompt, outs, ids[0].tolist())

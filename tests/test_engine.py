@@ -78,4 +78,22 @@ def test_transformers_engine_counts_the_tokens_it_feeds(tiny_model_dir):
     before = eng.forward_tokens
     eng.score([ScoreRequest("s", suf, " Oren Vale", shared=pre), ScoreRequest("t", suf, " Dorn", shared=pre)])
     whole = [len(tok(pre + suf + c)["input_ids"]) for c in (" Oren Vale", " Dorn")]
-    assert eng.forward_tokens - before == sum(whole) - len(tok(pre)["input_ids"])
+    assert eng.forward_tokens - before == sum(w - 1 for w in whole) - len(tok(pre)["input_ids"])  # no last tokens
+
+
+def test_forward_tokens_count_a_round_that_mixes_kept_states_and_new_prompts(tiny_model_dir):
+    """A round whose requests partly continue from a kept prompt state and partly need their prefill (lazy
+    SliCK's sample rounds) counts every token it feeds: the same as computing those requests in rounds of
+    their own."""
+    from probes.loading import load_model
+
+    model, tok = load_model(str(tiny_model_dir), device="cpu")
+    pre = "Q: Where was Kel Mar born?\nA: Vorma Rusk\n"
+    x = PromptRequest("x", pre, "Q: Who founded Tessa Lind?\nA:", True, (), keep_state=True)
+    xs = PromptRequest("xs", pre, "Q: Who founded Tessa Lind?\nA:", False, (3, 4, 5))
+    y = PromptRequest("y", pre, "Q: What is the capital of Dorn?\nA:", True, ())
+    mixed, apart = open_engine("transformers", (model, tok)), open_engine("transformers", (model, tok))
+    got = mixed.generate([[x], [xs, y]], max_new_tokens=6)
+    want = apart.generate([[x], [xs], [y]], max_new_tokens=6)
+    assert {k: (g.greedy, g.samples) for k, g in got.items()} == {k: (g.greedy, g.samples) for k, g in want.items()}
+    assert mixed.forward_tokens == apart.forward_tokens > 0

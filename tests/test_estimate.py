@@ -51,9 +51,10 @@ def test_features_one_pass_per_prompt(tiny):
     assert f.scalars[0, f.names.index("logprob_1")] == pytest.approx(s.logprob, abs=1e-4)
     # forward tokens, measured: each few-shot prefix is fed once and shared by the questions asked under it
     ps = prompts_of(todo, pool, 2, 2, 0)
-    assert f.whole_tokens[0] == sum(len(tok(p + q + " Town 6")["input_ids"]) for p, q in ps[todo[0].id])
+    # (every text but its last token, which is only a target)
+    assert f.whole_tokens[0] == sum(len(tok(p + q + " Town 6")["input_ids"]) - 1 for p, q in ps[todo[0].id])
     prefixes = {p for e in todo for p, _ in ps[e.id]}
-    want = sum(len(tok(p + q + " " + e.answers[0])["input_ids"]) for e in todo for p, q in ps[e.id]) \
+    want = sum(len(tok(p + q + " " + e.answers[0])["input_ids"]) - 1 for e in todo for p, q in ps[e.id]) \
         - sum(len(tok(p)["input_ids"]) * (sum(pp == p for e in todo for pp, _ in ps[e.id]) - 1) for p in prefixes)
     assert f.tokens.sum() == pytest.approx(want) and f.tokens.sum() < f.whole_tokens.sum()
     no_h = features(model, tok, todo, pool, EstimateConfig(n_prompts=1, k=2, layer=-1))
@@ -171,11 +172,14 @@ def test_feature_shards_resume_to_the_same_features(tiny, tmp_path):
     todo = [e for e in exs if e.split == "train"]
     cfg = EstimateConfig(k=2)
     whole = features(model, tok, todo, pool, cfg)
+    from knowcat.rundir import RunDir
+
+    shards = RunDir(tmp_path).estimate_feature_shards
     with pytest.raises(KeyboardInterrupt):
-        sharded_features(model, tok, todo, pool, cfg, tmp_path / "f", shard_size=3, stop_after_shards=2)
-    assert len(list((tmp_path / "f").glob("*.npz"))) == 2
+        sharded_features(model, tok, todo, pool, cfg, shards, shard_size=3, stop_after_shards=2)
+    assert sorted(p.name for p in shards.dir.glob("*.npz")) == ["00000.npz", "00001.npz"]
     calls = []
-    resumed = sharded_features(model, tok, todo, pool, cfg, tmp_path / "f", shard_size=3, progress=calls.append)
+    resumed = sharded_features(model, tok, todo, pool, cfg, shards, shard_size=3, progress=calls.append)
     assert resumed.ids == whole.ids and resumed.names == whole.names
     assert np.allclose(resumed.scalars, whole.scalars, atol=1e-4) and np.allclose(resumed.hidden, whole.hidden, atol=1e-4)
     assert (resumed.whole_tokens == whole.whole_tokens).all() and sum(calls) == len(todo)
@@ -185,9 +189,17 @@ def test_feature_shards_resume_to_the_same_features(tiny, tmp_path):
     assert isinstance(resumed.hidden, HiddenShards) and resumed.hidden.shape == whole.hidden.shape
     assert np.allclose(resumed.hidden.take([5, 0, 3]), whole.hidden[[5, 0, 3]], atol=1e-4)
     assert [s for s, _ in resumed.hidden.chunks()] == list(range(0, len(todo), 3))
-    # other settings do not reuse the shards
-    other = sharded_features(model, tok, todo, pool, EstimateConfig(k=2, layer=-1), tmp_path / "f", shard_size=3)
-    assert other.hidden is None
+    # a finished run computes nothing more (every shard's file exists: the one resume rule)
+    again = sharded_features(model, tok, todo, pool, cfg, shards, shard_size=3, stop_after_shards=0)
+    assert np.array_equal(again.scalars, resumed.scalars)
+    # other settings, or other examples, do not reuse the shards: they are removed first
+    with pytest.raises(KeyboardInterrupt):
+        sharded_features(model, tok, todo, pool, EstimateConfig(k=2, layer=-1), shards, shard_size=3,
+                         stop_after_shards=1)
+    assert len(list(shards.dir.glob("*.npz"))) == 1
+    other = sharded_features(model, tok, todo[1:], pool, cfg, shards, shard_size=3)
+    assert other.ids == [e.id for e in todo[1:]]
+    assert np.allclose(other.scalars, features(model, tok, todo[1:], pool, cfg).scalars, atol=1e-4)
 
 
 def test_judge_asks_the_model_once_per_pair(tiny):
@@ -241,12 +253,42 @@ def test_slick_cost_counts(tiny):
     n_a = len(tok(" Town 1", add_special_tokens=False)["input_ids"])
     rows = {ex.id: {"greedy_answers": ["Town 1"], "sampled_answers": [["Town 1", "Town 1"]]}}
     c = slick_forward_tokens(tok, [ex], pool, rows, scfg)[ex.id]
-    assert c["naive"] == whole + 3 * n_a and c["nodes"] == whole + n_a
+    # lazy mode decodes the greedy answer in a round of its own, the samples together; exact mode all together
+    assert c["naive"] == whole + 3 * n_a and c["nodes"] == whole + 2 * n_a
+    exact = SliCKConfig(n_prompts=1, k=2, n_samples=2, exact=True)
+    assert slick_forward_tokens(tok, [ex], pool, rows, exact)[ex.id]["nodes"] == whole + n_a
     n_pre = len(tok(pre)["input_ids"])
     c4 = slick_forward_tokens(tok, [ex], pool, rows, scfg, per_relation={ex.relation: 4})[ex.id]
-    assert c4["shared"] == pytest.approx(whole - n_pre + n_pre / 4 + n_a)
+    assert c4["shared"] == pytest.approx(whole - n_pre + n_pre / 4 + 2 * n_a)
     rows[ex.id]["sampled_answers"] = [[]]  # lazy: no samples asked
     assert slick_forward_tokens(tok, [ex], pool, rows, scfg)[ex.id]["naive"] == whole + n_a
+    rows[ex.id]["greedy_answers"] = [""]  # an empty answer: its first token was the stop, nothing fed back
+    assert slick_forward_tokens(tok, [ex], pool, rows, scfg)[ex.id]["naive"] == whole
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exact", [True, False])
+def test_slick_cost_count_follows_what_the_engine_fed(quick_model, quick_split, exact):
+    """On a trained model (whose answers re-tokenize as generated), the count from the recorded answers
+    is what the engine fed: within 2% in exact mode; in lazy mode at most that much over (the engine may
+    have computed samples past the first correct one, which lazy mode does not record)."""
+    from dataclasses import asdict
+
+    from knowcat.estimate import slick_forward_tokens
+    from knowcat.slick import categorize
+    from tests.conftest import first_per_relation
+
+    model, tok = quick_model
+    _, train, dev = quick_split
+    todo = first_per_relation(train, 4)
+    scfg = SliCKConfig(n_prompts=3, k=2, n_samples=6, max_new_tokens=12, keep_answers=True, exact=exact)
+    eng = open_engine("transformers", (model, tok))
+    rows = {r.id: asdict(r) for r in categorize(eng, todo, dev, scfg)}
+    counted = sum(c["shared"] for c in slick_forward_tokens(tok, todo, dev, rows, scfg).values())
+    measured = eng.forward_tokens
+    assert counted <= 1.02 * measured
+    if exact:
+        assert counted >= 0.98 * measured
 
 
 CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
@@ -337,3 +379,41 @@ def test_sft_filter_run_writes_splits_estimates_filters_and_reports(tiny, tmp_pa
                                                    + "\n" for e in train))
     html = build_report(run).read_text()
     assert 'id="filtering"' in html and "SliCK \\ estimate" in html and f"Kept {len(kept)}" in html
+
+
+def test_estimate_sft_resumes_after_a_kill(tiny, tmp_path, monkeypatch):
+    """Killed while computing features, a rerun computes only the shards left and writes what an
+    uninterrupted run writes; the records are written back from the file (not held), in their own format."""
+    import knowcat.estimate as est
+    from knowcat.loaders.sft import META_KEY, strip_meta
+    from knowcat.sft import estimate_sft
+
+    model, tok, _ = tiny
+    recs = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"Where was person {i} born?"},
+                                         {"role": "assistant", "content": f"Town {i}"}], "g": f"g{i % 2}"}
+            for i in range(20)]
+    src = tmp_path / "chat.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    labels = {f"r{i}": {"category": CATEGORIES[i % 4]} for i in range(20)}
+    kw = dict(tokenizer=tok, group_by="g", labels=labels, shard_size=6, log=lambda *a: None, progress=False,
+              cfg=EstimateConfig(k=2, calibrate=8, folds=2))
+    want_path, want = estimate_sft(model, src, tmp_path / "whole", **kw)
+    real, calls = est.features, []
+
+    def dies_on_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(est, "features", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        estimate_sft(model, src, tmp_path / "run", **kw)
+    assert not (tmp_path / "run" / "estimated_sft.jsonl").exists()
+    calls.clear()
+    got_path, got = estimate_sft(model, src, tmp_path / "run", **kw)
+    assert len(calls) == 2  # 4 shards of 6: the 2 finished before the kill are reused
+    assert got.categories == want.categories and np.allclose(got.probs, want.probs, atol=1e-6)
+    out = [json.loads(x) for x in open(got_path)]
+    assert [strip_meta(r) for r in out] == recs and out == [json.loads(x) for x in open(want_path)]
+    assert {r[META_KEY]["method"] for r in out} == {"slick", "estimate"}

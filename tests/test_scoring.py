@@ -98,15 +98,60 @@ def test_shared_prefix_is_encoded_once_and_scores_are_unchanged(kind, tiny_token
         assert a.first_token_margin == pytest.approx(b.first_token_margin, abs=1e-4)
         assert a.greedy_match == b.greedy_match
         assert a.hidden[-1] == pytest.approx(b.hidden[-1], abs=1e-4)
-    # the shared text is fed once; each row feeds only its own tokens; the counts add up
+    # the shared text is fed once; each row feeds only its own tokens, all but the last; the counts add up
     n_shared = len(tok(SHARED)["input_ids"])
-    lens = [len(ids) for ids, _ in split_tokens(tok, whole)]
+    lens = [len(ids) - 1 for ids, _ in split_tokens(tok, whole)]
     assert st.shared_tokens == n_shared and st.whole_tokens == sum(lens) == st_whole.forward_tokens
     assert st.forward_tokens == sum(lens) - n_shared * (len(REQS) - 1)
     assert sum(st.per_key.values()) == pytest.approx(st.forward_tokens)
     assert st.per_key["alone"] == lens[-1]
     assert st.per_key["a"] == pytest.approx(lens[0] - n_shared + n_shared / len(REQS))
-    # without reuse the same requests feed every whole text
+    # without reuse the same requests feed every whole text but its last token
     st_off = ScoreStats()
     off = score(model, tok, reqs, stats=st_off, prefix_reuse=False)
     assert st_off.forward_tokens == sum(lens) and off["a"].logprob == pytest.approx(got["a"].logprob, abs=1e-4)
+
+
+def _count_fed(model):
+    """A forward pre-hook counting the tokens fed to ``model`` (attention mask ones of the new positions)."""
+    fed = [0]
+
+    def hook(mod, args, kwargs):
+        ids = kwargs["input_ids"]
+        mask = kwargs.get("attention_mask")
+        fed[0] += int(mask[:, -ids.shape[1]:].sum()) if mask is not None else ids.numel()
+
+    return fed, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("reuse", [False, True])
+def test_the_last_token_is_not_fed_and_scores_are_those_of_the_whole_text(kind, reuse, tiny_tokenizer):
+    """Each request feeds one token fewer than its whole text (its last token is only a target), the
+    count the stats give is what the model was fed, and the scores equal those of the whole text fed."""
+    from probes.scoring import ScoreStats
+
+    tok = tiny_tokenizer
+    model = _tiny(kind, len(tok))
+    model.config.pad_token_id = tok.pad_token_id
+    reqs = [ScoreRequest(r.key, r.prefix, r.continuation, shared=SHARED) for r in REQS]
+    whole = [ids for ids, _ in split_tokens(tok, [ScoreRequest(r.key, r.shared + r.prefix, r.continuation)
+                                                  for r in reqs])]
+    fed, handle = _count_fed(model)
+    st = ScoreStats()
+    try:
+        got = score(model, tok, reqs, layers=(-1,), stats=st, prefix_reuse=reuse)
+    finally:
+        handle.remove()
+    assert fed[0] == st.forward_tokens
+    n_shared = len(tok(SHARED)["input_ids"]) if reuse else 0
+    assert st.forward_tokens == sum(len(ids) - 1 for ids in whole) - n_shared * (len(reqs) - 1)
+    assert st.per_key_whole == {r.key: len(ids) - 1 for r, ids in zip(reqs, whole)}
+    for r, (ids, n) in zip(reqs, split_tokens(tok, reqs)):
+        lps, margin, greedy, h = _alone(model, ids, n, -1)  # the whole text, its last token fed too
+        assert got[r.key].token_logprobs == pytest.approx(lps, abs=1e-4)
+        assert got[r.key].first_token_margin == pytest.approx(margin, abs=1e-4)
+        assert got[r.key].greedy_match == greedy
+        assert got[r.key].hidden[-1] == pytest.approx(h, abs=1e-4)
+        # its own memory: a view into the batch's block output would keep the whole batch's states alive
+        assert got[r.key].hidden[-1].flags.owndata

@@ -369,3 +369,67 @@ def test_relabel_writes_the_abstention_in_each_formats_own_field(fmt, tmp_path):
         assert [t.question for t in again.turns][:1] == [t.question for t in before.turns][:1]
         assert [t["original_answer"] for t in new[META_KEY]["turns"]] == \
             [orig[t.field] if fmt == "qa" else t.answers[0] for t in before.turns]
+
+
+@pytest.mark.parametrize("container", ["jsonl", "json", "parquet"])
+def test_scan_streams_the_same_turns_and_annotations_as_load(container, tmp_path):
+    """scan_sft (records not kept) gives load_sft's examples, rejects and format; the records written back
+    from the stream equal annotate_records' output, malformed records set aside, multi-turn records whole."""
+    from knowcat.loaders.sft import scan_sft, write_sft_stream
+    from knowcat.sft import annotated_stream
+
+    bad = BAD["roles out of order"][0]
+    recs = [MESSAGES[0], bad, MESSAGES[1], MESSAGES[2], dict(MESSAGES[1], id="m2")]  # a repeated id too
+    if container == "parquet":
+        recs = [MESSAGES[1], MESSAGES[2], dict(MESSAGES[1], id="m2")]
+    src = _write(tmp_path / f"d.{container}", recs)
+    ds = load_sft(src, turns="all", on_error="skip")
+    scan = scan_sft(src, turns="all", on_error="skip", group_by="source")
+    assert scan.format == ds.format and scan.n_records == len(ds.records) and scan.rejects == ds.rejects
+    want_ex = ds.examples("source")
+    assert [(e.id, e.relation, e.question, e.answers, e.metadata) for e in scan.examples] == \
+        [(e.id, e.relation, e.question, e.answers, e.metadata) for e in want_ex]
+    res = _fake_results(want_ex)
+    na = {want_ex[-1].id: "answer over 1 words"}
+    want = annotate_records(ds, want_ex, {k: v for k, v in res.items() if k not in na}, "estimate", na)
+    got = list(annotated_stream(scan, scan.examples, res.__getitem__, "estimate", na))
+    assert got == want
+    out = tmp_path / f"out.{container}"
+    assert write_sft_stream(out, iter(got)) == len(want)
+    if container != "parquet":  # (Parquet gives the turns one schema: absent keys come back as None)
+        assert [rr.value for rr in iter_raw(out)] == want
+
+
+def test_streamed_write_leaves_no_partial_file(tmp_path):
+    from knowcat.loaders.sft import write_sft_stream
+
+    def records():
+        yield {"a": 1}
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_sft_stream(tmp_path / "out.jsonl", records())
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("data", ["qa", "chat"])
+@pytest.mark.parametrize("command", ["categorize", "estimate"])
+def test_cli_chat_template_without_one_writes_nothing(data, command, tmp_path, tiny_model_dir, capsys):
+    """--chat-template with a tokenizer that has none: exit 2, one line naming the problem, no run folder
+    (nor a rejects file: the malformed record in the chat file would otherwise be set aside first)."""
+    from knowcat.cli import main
+
+    if data == "qa":
+        recs = [{"id": f"q{i}", "relation": "P1", "question": f"Where was {i} born?", "answers": [f"Town {i}"],
+                 "split": "dev" if i < 4 else "train"} for i in range(8)]
+    else:
+        recs = [{"messages": [{"role": "user", "content": f"Where was {i} born?"},
+                              {"role": "assistant", "content": f"Town {i}"}]} for i in range(8)]
+        recs.append({"messages": [{"role": "user", "content": "Hi"}]})
+    src = _write(tmp_path / "data.jsonl", recs)
+    capsys.readouterr()
+    rc = main([command, "--model", str(tiny_model_dir), str(src), "--out", str(tmp_path / "run"), "--k", "2",
+               "--chat-template", "--on-error", "skip", "--no-progress", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and not (tmp_path / "run").exists()
+    assert len(err.splitlines()) == 1 and "chat template" in err and "Traceback" not in err

@@ -153,3 +153,32 @@ def test_cli_vllm_data_parallel(vllm, quick_demo, tmp_path, monkeypatch, capsys)
     assert "needs 3 GPUs; 2 visible" in capsys.readouterr().err
     assert main(common[:-4] + ["--backend", "ray", "--data-parallel-size", "2", "--out", str(tmp_path / "r")]) == 2
     assert "--ray-workers" in capsys.readouterr().err
+
+
+def test_vllm_engine_counts_the_tokens_it_asked_for(vllm, tiny_model_dir):
+    """Every submitted prompt's tokens (greedy and sampling requests each) and every generated token."""
+    from transformers import AutoTokenizer
+
+    from probes.generation import PromptRequest
+    from probes.vllm_backend import VLLMEngine
+
+    engine = VLLMEngine(str(tiny_model_dir), seed=0)
+    seen = []
+    real = engine.llm.generate
+
+    def spy(prompts, params, **kw):
+        outs = real(prompts, params, **kw)
+        seen.extend(outs)
+        return outs
+
+    engine.llm.generate = spy
+    pre = "Q: Where was Kel Mar born?\nA: Vorma Rusk\n"
+    reqs = [PromptRequest("a", pre, "Q: Who founded Tessa Lind?\nA:", True, (1, 2, 3)),
+            PromptRequest("b", pre, "Q: What is the capital of Dorn?\nA:", True, ())]
+    assert engine.forward_tokens == 0
+    engine.generate([reqs], max_new_tokens=5)
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    prompts = [len(tok(r.prefix + r.suffix)["input_ids"]) for r in reqs]
+    generated = sum(len(o.token_ids) for out in seen for o in out.outputs)
+    assert len(seen) == 3 and generated > 0  # a's greedy and samples are two requests, b's greedy one
+    assert engine.forward_tokens == 2 * prompts[0] + prompts[1] + generated

@@ -29,7 +29,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from knowcat.errors import DataError
 from knowcat.examples import QAExample
@@ -316,50 +316,62 @@ class SFTDataset:
     def examples(self, group_by: str | None = None) -> list[QAExample]:
         """One :class:`QAExample` per turn; ``relation`` is the ``group_by`` field's value (``"default"``
         without it), ``metadata["sft"]`` locates the turn (record position and turn index). The id is the
-        record's ``id`` field when it has one (``<id>#turn<i>`` when several turns are asked), else a
+        record's ``id`` field when it has one (``<id>#turn<i>`` when several are asked), else a
         content id; repeated ids get ``-2``, ``-3`` ...."""
+        make = TurnExamples(group_by, self.path)
+        return [ex for pos, r in enumerate(self.records) for ex in make(pos, r)]
+
+
+class TurnExamples:
+    """The examples of each record's turns, record after record (what :meth:`SFTDataset.examples` and
+    :func:`scan_sft` give): ids made unique over the records seen so far."""
+
+    def __init__(self, group_by: str | None, path=None):
+        self.group_by, self.path, self.seen = group_by, path, {}
+
+    def __call__(self, pos: int, r: SFTRecord) -> list[QAExample]:
         from knowcat.examples import content_id
 
-        out, seen = [], {}
-        for pos, r in enumerate(self.records):
-            rel = "default"
-            if group_by is not None:
-                v = r.record.get(group_by)
-                if v is None or isinstance(v, (dict, list)):
-                    raise DataError(f"--group-by: expected a scalar value, got {type(v).__name__}",
-                                    file=self.path, record=r.number, field=group_by)
-                rel = str(v)
-            rid = r.record.get("id")
-            rid = str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) and str(rid).strip() else None
-            for t in r.turns:
-                if rid is not None:  # the record's own id (per turn when several are asked)
-                    base = rid if len(r.turns) == 1 else f"{rid}#turn{t.index}"
-                else:
-                    base = content_id(rel, t.question, t.answers)
-                n = seen.get(base, 0) + 1
-                seen[base] = n
-                out.append(QAExample(id=base if n == 1 else f"{base}-{n}", relation=rel, question=t.question,
-                                     answers=list(t.answers), metadata={"sft": {"record": pos, "turn": t.index,
-                                                                               "field": t.field}}))
+        rel = "default"
+        if self.group_by is not None:
+            v = r.record.get(self.group_by)
+            if v is None or isinstance(v, (dict, list)):
+                raise DataError(f"--group-by: expected a scalar value, got {type(v).__name__}",
+                                file=self.path, record=r.number, field=self.group_by)
+            rel = str(v)
+        rid = r.record.get("id")
+        rid = str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) and str(rid).strip() else None
+        out = []
+        for t in r.turns:
+            if rid is not None:  # the record's own id (per turn when several are asked)
+                base = rid if len(r.turns) == 1 else f"{rid}#turn{t.index}"
+            else:
+                base = content_id(rel, t.question, t.answers)
+            n = self.seen.get(base, 0) + 1
+            self.seen[base] = n
+            out.append(QAExample(id=base if n == 1 else f"{base}-{n}", relation=rel, question=t.question,
+                                 answers=list(t.answers), metadata={"sft": {"record": pos, "turn": t.index,
+                                                                           "field": t.field}}))
         return out
 
 
-def load_sft(path, format: str | None = None, turns: str = "last", on_error: str = "raise") -> SFTDataset:
-    """Read an SFT file (or saved HF dataset). ``format``: one of :data:`SFT_FORMATS` (default: detected
-    from the first record that names one). Bad records raise, or with ``on_error="skip"`` go to
-    ``SFTDataset.rejects`` with their reason."""
+def iter_sft(path, format: str | None = None, turns: str = "last", on_error: str = "raise",
+             rejects: list | None = None, info: dict | None = None) -> Iterator[SFTRecord]:
+    """The records of an SFT file that parse, one at a time, in file order (:func:`load_sft` without holding
+    them). The format is the one forced, else the first record's that names one (``info["format"]``, once
+    known). Bad records raise, or with ``on_error="skip"`` are appended to ``rejects`` with their reason."""
     from knowcat.loaders.rejects import raw_text
 
     if on_error not in ("raise", "skip"):
         raise ValueError("on_error must be 'raise' or 'skip'")
     path = Path(path)
     fmt = normalize_format(format)
-    records, rejects = [], []
 
     def reject(e: DataError, raw):
         if on_error == "raise":
             raise e
-        rejects.append({"record": e.record, "field": e.field, "reason": e.reason, "raw": raw_text(raw)})
+        if rejects is not None:
+            rejects.append({"record": e.record, "field": e.field, "reason": e.reason, "raw": raw_text(raw)})
 
     for rr in iter_raw(path):
         if rr.error is not None:
@@ -372,13 +384,68 @@ def load_sft(path, format: str | None = None, turns: str = "last", on_error: str
                 raise DataError(f"cannot tell the SFT format from the fields {keys}; expected messages, "
                                 f"prompt+completion, conversations, instruction+output or question+answers "
                                 f"(or force one with --format)", file=path, record=rr.record)
+        if info is not None:
+            info["format"] = fmt
         try:
-            records.append(parse_record(rr.value, fmt, turns, file=path, number=rr.record))
+            rec = parse_record(rr.value, fmt, turns, file=path, number=rr.record)
         except DataError as e:
             reject(e, rr.raw)
+            continue
+        yield rec
     if fmt is None:
         raise DataError("no records", file=path)
-    return SFTDataset(path, fmt, container_of(path), records, rejects)
+    if info is not None:
+        info["format"] = fmt
+
+
+def load_sft(path, format: str | None = None, turns: str = "last", on_error: str = "raise") -> SFTDataset:
+    """Read an SFT file (or saved HF dataset). ``format``: one of :data:`SFT_FORMATS` (default: detected
+    from the first record that names one). Bad records raise, or with ``on_error="skip"`` go to
+    ``SFTDataset.rejects`` with their reason."""
+    path = Path(path)
+    rejects: list[dict] = []
+    info: dict = {}
+    records = list(iter_sft(path, format, turns, on_error, rejects, info))
+    return SFTDataset(path, info["format"], container_of(path), records, rejects)
+
+
+@dataclass
+class SFTScan:
+    """An SFT file read for its turns, records not kept (:func:`scan_sft`): enough to ask every turn and,
+    with :func:`write_annotated_stream`, to write the records back annotated."""
+
+    path: Path
+    format: str
+    container: str
+    n_records: int  # records that parsed
+    examples: list[QAExample]  # one per asked turn, in record order (``metadata["sft"]["record"]``: position)
+    rejects: list[dict]
+    turns: str = "last"
+    rejected: frozenset = frozenset()  # record numbers of the rejects
+
+
+def scan_sft(path, format: str | None = None, turns: str = "last", on_error: str = "raise",
+             group_by: str | None = None) -> SFTScan:
+    """The turns of an SFT file as examples, streamed: each record is parsed, turned into its examples
+    and let go, so memory holds the examples, not the records."""
+    path = Path(path)
+    rejects: list[dict] = []
+    info: dict = {}
+    make = TurnExamples(group_by, path)
+    examples, n = [], 0
+    for r in iter_sft(path, format, turns, on_error, rejects, info):
+        examples += make(n, r)
+        n += 1
+    return SFTScan(path, info["format"], container_of(path), n, examples, rejects, turns,
+                   frozenset(r["record"] for r in rejects))
+
+
+def scanned_records(scan: SFTScan) -> Iterator[dict]:
+    """The records :func:`scan_sft` kept (those that parsed), read again from its file, in order: record
+    ``i`` is the one whose turns are the examples with ``metadata["sft"]["record"] == i``."""
+    for rr in iter_raw(scan.path):
+        if rr.error is None and rr.record not in scan.rejected:
+            yield rr.value
 
 
 # --- writing back ----------------------------------------------------------------------------
@@ -424,6 +491,33 @@ def write_sft(path, records: list[dict], container: str | None = None) -> None:
         tmp.replace(path)
     else:
         raise ValueError(f"unknown container {kind!r}; expected one of {CONTAINERS}")
+
+
+def write_sft_stream(path, records: Iterable[dict], container: str | None = None) -> int:
+    """:func:`write_sft` from an iterable: JSONL is written record by record to a temporary file, then
+    renamed (memory holds one record); the other containers are collected first. Returns the count."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    kind = container or ("hf" if not path.suffix else container_of(path))
+    if kind != "jsonl":
+        records = list(records)
+        write_sft(path, records, container)
+        return len(records)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    n = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+                n += 1
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return n
 
 
 def set_answer(rec: dict, fmt: str, turn_field: str, text: str) -> dict:
