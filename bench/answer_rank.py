@@ -27,10 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv=None):
-    from knowcat.surrogate import SurrogateConfig, _end_token, _load_examples, _prompts
+    from knowcat.surrogate import SurrogateConfig, _load_examples, _prompts
     from linear_models.lstsq import svd_solve
     from probes.jacobians import answer_jacobian, answer_system, final_norm
     from probes.loading import load_model
+    from probes.surrogate_inputs import answer_end_token
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--run", required=True)
@@ -44,7 +45,7 @@ def main(argv=None):
     model, tok = load_model(args.model, device="cpu", dtype="float32")
     model.requires_grad_(False)
     norm = final_norm(model)
-    end = _end_token(tok)
+    end = answer_end_token(tok)
     out, done = [], 0
     for e in todo:
         if done >= args.n:

@@ -114,14 +114,14 @@ def _count(rows, key):
 
 def products(model, tok, todo, prompts, cfg) -> dict:
     """Seconds per batch of p = k + oversample Jacobian products, per example, by each mode."""
-    from knowcat.surrogate import _end_token
     from probes.jacobians import answer_operators, answer_system
+    from probes.surrogate_inputs import answer_end_token
 
     p = cfg.matrix_free_k + cfg.matrix_free_oversample
     tot = {"jvp": 0.0, "double_backward": 0.0, "vjp": 0.0}
     g = torch.Generator().manual_seed(0)
     for e in todo:
-        sysm = answer_system(model, tok, prompts[e.id], e.answers[0], _end_token(tok))
+        sysm = answer_system(model, tok, prompts[e.id], e.answers[0], answer_end_token(tok))
         V = torch.randn(sysm.x_gen.numel(), p, generator=g).to(model.device)
         for mode in ("jvp", "double_backward"):
             mv, rmv = answer_operators(model, sysm, mode=mode)

@@ -182,7 +182,8 @@ def _categorize_sft(args, fmt, cfg):
     categorize_sft(args.model, args.data, args.out, cfg, format=fmt, turns=args.turns, group_by=args.group_by,
                    max_answer_tokens=args.max_answer_tokens, exemplars=args.exemplars, on_error=args.on_error,
                    rejects=args.rejects, shard_size=args.shard_size, device=args.device, dtype=args.dtype,
-                   batch_size=args.batch_size, progress=not args.no_progress)
+                   batch_size=args.batch_size, progress=not args.no_progress,
+                   command=_given_options(args, _CATEGORIZE_OPTIONS))
 
 
 def cmd_categorize(args):
@@ -778,7 +779,15 @@ def validate_args(args) -> None:
         raise UsageError("--match judge needs --judge-model M (a model asked whether an answer agrees with the reference)")
     fmt = getattr(args, "format", None)
     if fmt is not None and fmt.lower() not in _FORMATS:
-        raise UsageError(f"unknown --format {fmt!r}; choose one of {', '.join(_FORMATS)}")
+        from knowcat.loaders.sft import SFT_FORMATS, is_chat_format, normalize_format
+
+        try:  # a chat format (messages, prompt_completion, sharegpt, alpaca) or an alias of one
+            chat = is_chat_format(normalize_format(fmt))
+        except ValueError:
+            chat = False
+        if not chat:
+            raise UsageError(f"unknown --format {fmt!r}; choose one of "
+                             f"{', '.join(_FORMATS + tuple(f for f in SFT_FORMATS if is_chat_format(f)))}")
     if getattr(args, "field", None):
         _field_map(args)
     if getattr(args, "rejects", None) and getattr(args, "on_error", "skip") != "skip" and args.command != "filter":

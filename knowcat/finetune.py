@@ -126,21 +126,24 @@ class _ListDataset(torch.utils.data.Dataset):
 
 def answer_prompts(model, tokenizer, prompts: dict, template: str, max_new_tokens: int = 24,
                    batch_size: int | None = None) -> dict:
-    """Greedy answers ``{key: answer}`` to ``{key: prompt}``; prompts share the template's
-    text before ``{question}``, so its tokens are encoded once."""
-    from probes.generation import PromptRequest, generate_greedy
+    """Greedy answers ``{key: answer}`` to ``{key: prompt}``, asked through the engine interface
+    (:func:`probes.engine.open_engine` on the model being trained, one round); prompts share the
+    template's text before ``{question}``, so its tokens are encoded once."""
+    from probes.engine import open_engine
+    from probes.generation import PromptRequest
 
     head = template.split("{question}")[0]
     reqs = [PromptRequest(k, head, p[len(head):]) if p.startswith(head) else PromptRequest(k, "", p)
             for k, p in prompts.items()]
+    engine = open_engine("transformers", (model, tokenizer), batch_size=batch_size)
     was_training = model.training
     model.eval()
     try:
-        out = generate_greedy(model, tokenizer, reqs, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        out = engine.generate([reqs], max_new_tokens=max_new_tokens, stop="\n")
     finally:
         if was_training:
             model.train()
-    return {k: (v or "").strip() for k, v in out.items()}
+    return {k: (g.greedy or "").strip() for k, g in out.items()}
 
 
 def score_answers(items: list[dict], answers: dict, cfg: FinetuneConfig, ood_relations: set[str]) -> dict:

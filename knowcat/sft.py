@@ -323,13 +323,17 @@ def _load_for_run(stage: str, data, run: Path, format, turns, on_error, rejects,
 
 def categorize_sft(model_name: str, data, run_dir, cfg, *, format: str | None = None, turns: str = "last",
                    group_by: str | None = None, max_answer_tokens: int | None = 32, exemplars=None,
-                   on_error: str = "raise", rejects=None, out=None, log=print, **run_options) -> Path:
+                   on_error: str = "raise", rejects=None, out=None, command: dict | None = None, log=print,
+                   **run_options) -> Path:
     """SliCK categories of an SFT dataset's turns, written back into its records.
 
     Exemplars come from ``exemplars`` (another SFT file) or from the dataset itself (never a
     question as its own exemplar; with ``group_by`` from the same group). The categorization
     itself is :func:`knowcat.runs.run_categorize` (resumable, in ``run_dir``); the annotated
-    records go to ``out`` (default ``run_dir/categorized_sft.<input's type>``). Returns that path.
+    records go to ``out`` (default ``run_dir/categorized_sft.<input's type>``). ``command``: the
+    options the run was asked with beyond its identity (the data options: format, turns, ...),
+    recorded in ``categorize/command.json`` once it finishes, for the report's rerun command.
+    Returns that path.
     """
     from knowcat.runs import check_chat_template, run_categorize
 
@@ -339,7 +343,9 @@ def categorize_sft(model_name: str, data, run_dir, cfg, *, format: str | None = 
                                                  max_answer_tokens, exemplars, log)
     results = {}
     if todo:
-        run_categorize(model_name, todo, pool, run, cfg, data_source=str(data), log=log, **run_options)
+        summary = run_categorize(model_name, todo, pool, run, cfg, data_source=str(data), log=log, **run_options)
+        if command and summary:
+            RunDir(run).write_categorize_command(command)
         for r in RunDir(run).read_categorized(missing_ok=False):
             results[r["id"]] = {k: r[k] for k in RESULT_FIELDS if k in r}
     records = annotate_records(ds, examples, results, "slick", na)

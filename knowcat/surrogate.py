@@ -94,22 +94,6 @@ def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "float64": torch.float64}[name]
 
 
-def _free_bytes(device=None) -> int:
-    """Free memory where the Jacobian would live: the CUDA device's when it is one, else the host's."""
-    import os
-
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if device.type == "cuda":
-        try:
-            return int(torch.cuda.mem_get_info(device)[0])
-        except (RuntimeError, AssertionError):
-            pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 4 << 30
-
-
 def dense_fits(n: int, d: int, itemsize: int, budget_bytes: float) -> bool:
     """Whether the dense path of (a) fits the budget: J (n x n), A = [0; J] ((n + d) x n), its SVD
     factors and the augmented matrix [A|b], at most 6 n (n + d) values of ``itemsize`` bytes."""
@@ -156,7 +140,7 @@ def run_surrogates(run_dir, model_name: str, cfg: SurrogateConfig = SurrogateCon
                    device: str = "auto", log=print, progress: bool = True) -> dict:
     from linear_models.hypothesis import format_verdict
 
-    from probes.loading import load_model
+    from probes.surrogate_inputs import load_frozen
 
     for s in cfg.surrogates:
         if s not in SURROGATES:
@@ -171,8 +155,7 @@ def run_surrogates(run_dir, model_name: str, cfg: SurrogateConfig = SurrogateCon
     out.mkdir(parents=True, exist_ok=True)
     todo, cats, pool, protocol = _load_examples(run, cfg, data)
     prompts = _prompts(todo, pool, protocol, cfg.prompt_index)
-    model, tok = load_model(model_name, device=device, dtype="float32")
-    model.requires_grad_(False)
+    model, tok = load_frozen(model_name, device=device)
     sd.write_config({"model": model_name, "config": asdict(cfg), "n": len(todo)})
     t = time.time()
     baseline = baseline_scores(model, tok, todo, prompts)
@@ -196,10 +179,12 @@ def run_surrogates(run_dir, model_name: str, cfg: SurrogateConfig = SurrogateCon
 
 def baseline_scores(model, tok, todo, prompts) -> dict:
     """The trivial baseline per example: the gold answer's log-probability and its first-token margin
-    under the same prompt the systems are built under (teacher-forced, :func:`probes.scoring.score`)."""
-    from probes.scoring import ScoreRequest, score
+    under the same prompt the systems are built under (teacher-forced, the engine's ``score``)."""
+    from probes.engine import open_engine
+    from probes.scoring import ScoreRequest
 
-    got = score(model, tok, [ScoreRequest(e.id, prompts[e.id], " " + e.answers[0]) for e in todo])
+    engine = open_engine("transformers", (model, tok))
+    got = engine.score([ScoreRequest(e.id, prompts[e.id], " " + e.answers[0]) for e in todo])
     return {k: {"logprob": s.logprob, "first_token_margin": s.first_token_margin, "greedy_match": s.greedy_match}
             for k, s in got.items()}
 
@@ -299,11 +284,6 @@ def _bar(total, desc, progress):
     return tqdm(total=total, desc=desc, unit="ex", disable=not progress)
 
 
-def _end_token(tok) -> int:
-    ids = tok("\n", add_special_tokens=False)["input_ids"]
-    return ids[-1] if ids else tok.eos_token_id
-
-
 def stratified_sample(todo, cats: dict, per_category: int, seed: int) -> list:
     """At most ``per_category`` examples of each category, drawn with ``seed``, in input order."""
     if not per_category:
@@ -325,19 +305,19 @@ def _answer_jacobian(model, tok, todo, prompts, cats, cfg, out, log, progress) -
     from linear_models.lstsq import Tolerance, no_tf32, sweep_classes
     from linear_models.surrogates import reachable_classes, solve_answer_system
     from probes.jacobians import answer_jacobian, answer_system, prenorm_margin_targets
+    from probes.surrogate_inputs import answer_end_token, free_memory_bytes
 
     dt = _dtype(cfg.dtype)
     tol = Tolerance(cfg.rtol, cfg.atol)
     if cfg.matrix_free_products not in ("jvp", "double_backward"):
         raise ValueError(f"matrix_free_products must be jvp or double_backward, not {cfg.matrix_free_products!r}")
-    end = _end_token(tok)
+    end = answer_end_token(tok)
     n_all = len(todo)
     todo = stratified_sample(todo, cats, cfg.answer_jacobian_per_category, cfg.seed)
     if len(todo) < n_all:
         log(f"answer_jacobian: a stratified sample of {len(todo)} of {n_all} examples "
             f"(at most {cfg.answer_jacobian_per_category} per category; --answer-jacobian-per-category 0 for all)")
-    device = model.get_output_embeddings().weight.device
-    budget = (cfg.memory_budget_mb * 2 ** 20) if cfg.memory_budget_mb else _free_bytes(device) / 8
+    budget = (cfg.memory_budget_mb * 2 ** 20) if cfg.memory_budget_mb else free_memory_bytes(model) / 8
     itemsize = torch.finfo(dt).bits // 8
     shards = SurrogatesDir(out).shards("answer_jacobian")
     relevant = ("split", "prompt_index", "margin", "rtol", "atol", "rtol_sweep", "dtype", "memory_budget_mb",
@@ -419,31 +399,18 @@ def _matrix_free_features(model, sysm, b: torch.Tensor, cfg: SurrogateConfig, to
 
 
 def _subject_states(model, tok, todo, prompts, cfg):
-    from probes.jacobians import decoder_layers, layer_and_readout_states, subject_position
+    from probes.surrogate_inputs import subject_states
 
-    n_layers = len(decoder_layers(model))
-    # the middle block, and never the last one (its output at the subject position cannot reach the
-    # last position's readout: no block is left to move it)
-    layer = cfg.layer if cfg.layer is not None else max(0, min(n_layers // 2, n_layers - 2))
-    pos = [subject_position(tok, prompts[e.id], e.subject) for e in todo]
-    S, Z = layer_and_readout_states(model, tok, [prompts[e.id] for e in todo], pos, layer)
-    first = []
-    for e in todo:
-        p = prompts[e.id]
-        p_ids = tok(p, add_special_tokens=True)["input_ids"]
-        full = tok(p + " " + e.answers[0], add_special_tokens=True)["input_ids"]
-        first.append(full[len(p_ids)] if len(full) > len(p_ids) else tok(" " + e.answers[0],
-                                                                          add_special_tokens=False)["input_ids"][0])
-    return S, Z, first, pos, layer
+    return subject_states(model, tok, [prompts[e.id] for e in todo], [e.subject for e in todo],
+                          [e.answers[0] for e in todo], cfg.layer)
 
 
 def _relation_map(model, tok, todo, prompts, cats, cfg, out, log, progress) -> list[dict]:
     from linear_models.lstsq import Tolerance
     from linear_models.surrogates import relation_map_classes, relation_map_reachable, ridge_loo
 
-    S, _, first, _, layer = _subject_states(model, tok, todo, prompts, cfg)
-    W_U = model.get_output_embeddings().weight.detach()
-    Y = W_U[torch.tensor(first, device=W_U.device)]
+    st = _subject_states(model, tok, todo, prompts, cfg)
+    S, Y, layer = st.S, st.Y, st.layer
     tol, dt = Tolerance(cfg.rtol, cfg.atol), _dtype(cfg.dtype)
     rows = []
     rels = sorted({e.relation for e in todo})
@@ -474,7 +441,8 @@ def _relation_jacobian(model, tok, todo, prompts, cats, cfg, out, log, progress)
     from probes.jacobians import layer_jacobian, prenorm_margin_targets
 
     dt = _dtype(cfg.dtype)
-    S, Z, first, pos, layer = _subject_states(model, tok, todo, prompts, cfg)
+    st = _subject_states(model, tok, todo, prompts, cfg)
+    S, Z, first, pos, layer = st.S, st.Z, st.first, st.positions, st.layer
     rows = []
     rels = sorted({e.relation for e in todo})
     bar = _bar(len(rels), "surrogate relation_jacobian (relations)", progress)
@@ -509,10 +477,11 @@ def _weight_update(model, tok, todo, prompts, cats, cfg, out, log, progress) -> 
     from linear_models.lstsq import Tolerance, no_tf32
     from linear_models.surrogates import weight_update_system
     from probes.jacobians import down_projection_basis, margin_gradients_batch
+    from probes.surrogate_inputs import answer_end_token
 
     dt = _dtype(cfg.dtype)
     tol = Tolerance(cfg.rtol, cfg.atol)
-    end = _end_token(tok)
+    end = answer_end_token(tok)
     k = cfg.weight_update_rank
     U, V = down_projection_basis(model, k)
     rng = np.random.default_rng(cfg.seed)

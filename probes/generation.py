@@ -20,7 +20,6 @@ prompt.
 
 from __future__ import annotations
 
-import copy
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -158,36 +157,12 @@ class KVStore:
         return len(self._items)
 
 
-class PrefixEncoder:
-    """Encodes token prefixes once and hands out batch-broadcast copies of their caches."""
-
-    def __init__(self, model, max_entries: int = 64):
-        self.model = model
-        self.max_entries = max_entries
-        self._caches: dict[tuple[int, ...], object] = {}
-        self.encoded_tokens = 0
-
-    @torch.inference_mode()
-    def get(self, ids: tuple[int, ...], batch: int):
-        cache = self._caches.get(ids)
-        if cache is None:
-            if len(self._caches) >= self.max_entries:
-                self._caches.pop(next(iter(self._caches)))
-            dev = self.model.device
-            x = torch.tensor([ids], device=dev)
-            out = self.model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=True)
-            cache = output_cache(out)
-            self._caches[ids] = cache
-            self.encoded_tokens += len(ids)
-        c = copy.deepcopy(cache)
-        c.reorder_cache(torch.zeros(batch, dtype=torch.long, device=self.model.device))
-        return c
-
-
 class PrefixCache(KVStore):
-    """Keys and values of encoded token prefixes (:class:`KVStore`). Each prefix is encoded alone
-    (batch 1, no padding), once; ``get`` returns one ``(keys, values)`` pair per layer, each
-    ``[1, heads, len(ids), head_dim]``."""
+    """Keys and values of encoded token prefixes (:class:`KVStore`), the one prefix cache of generation
+    and scoring. Each prefix is encoded alone (batch 1, no padding), once; ``get`` returns one
+    ``(keys, values)`` pair per layer, each ``[1, heads, len(ids), head_dim]`` (the batched decoder lays
+    them into its buffers), ``batch_cache`` a transformers ``Cache`` holding the prefix for a batch of
+    rows that share it (teacher-forced scoring)."""
 
     def __init__(self, model, max_entries: int = 256, max_bytes: int = 2 << 30):
         super().__init__(model, max_entries, max_bytes)
@@ -203,6 +178,19 @@ class PrefixCache(KVStore):
             self.encoded_tokens += len(ids)
             self.put(ids, kv)
         return kv
+
+    @torch.inference_mode()
+    def batch_cache(self, ids: tuple[int, ...], batch: int, sync: bool = True) -> Cache:
+        """A transformers ``Cache`` whose ``batch`` rows all hold prefix ``ids`` (one broadcast copy per
+        layer; a forward pass appends its positions to it)."""
+        layers, window = [], _sliding_window(self.model)
+        for k, v in self.get(ids, sync=sync):
+            K = torch.empty((batch,) + tuple(k.shape[1:]), dtype=k.dtype, device=k.device)
+            V = torch.empty((batch,) + tuple(v.shape[1:]), dtype=v.dtype, device=v.device)
+            K.copy_(k.expand_as(K))
+            V.copy_(v.expand_as(V))
+            layers.append(_BufferLayer(K, V, k.shape[-2], window))
+        return Cache(layers=layers)
 
 
 class PromptStates(KVStore):
@@ -230,19 +218,25 @@ def _layer_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     layers = getattr(cache, "layers", None)
     if layers is None or not all(whole(l) for l in layers):
         kinds = sorted({type(l).__name__ for l in layers or ()}) or [type(cache).__name__]
-        raise NotImplementedError(f"batched generation needs full-attention KV caches (or sliding windows longer "
+        raise NotImplementedError(f"shared-prefix KV caches need full-attention layers (or sliding windows longer "
                                   f"than the prompt); this model's are {kinds}")
     return [(l.keys, l.values) for l in layers]
+
+
+def _sliding_window(model) -> int | None:
+    """The model's sliding attention window, or None where it attends to every position."""
+    cfg = getattr(model, "config", None)
+    window = getattr(cfg, "sliding_window", None) if cfg is not None else None
+    uses = getattr(cfg, "use_sliding_window", True) and (
+        "sliding_attention" in (getattr(cfg, "layer_types", None) or ["sliding_attention"]))
+    return window if window and uses else None
 
 
 def _check_window(model, positions: int) -> None:
     """Refuse a decode longer than the model's sliding attention window: the buffers attend to every
     position, which equals sliding-window attention only inside the window."""
-    cfg = getattr(model, "config", None)
-    window = getattr(cfg, "sliding_window", None) if cfg is not None else None
-    uses = getattr(cfg, "use_sliding_window", True) and (
-        "sliding_attention" in (getattr(cfg, "layer_types", None) or ["sliding_attention"]))
-    if window and uses and positions > window:
+    window = _sliding_window(model)
+    if window and positions > window:
         raise NotImplementedError(f"prompt and answer ({positions} positions) exceed the model's sliding attention "
                                   f"window ({window}): batched generation attends to every position")
 
@@ -255,9 +249,10 @@ class _BufferLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int, window: int | None = None):
         super().__init__()
         self.keys, self.values, self.n = keys, values, length
+        self.window = window  # a sliding attention window the positions must stay within (None: no limit)
         self.row0 = 0  # the first row a forward pass computes
         self.device = keys.device
         self.is_initialized = True
@@ -268,6 +263,12 @@ class _BufferLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         r0, q = self.row0, key_states.shape[-2]
         r1 = r0 + key_states.shape[0]
+        if self.n + q > self.keys.shape[-2]:  # more positions than allocated: grow to exactly what is needed
+            if self.window and self.n + q > self.window:
+                raise NotImplementedError(f"prompt and answer ({self.n + q} positions) exceed the model's sliding "
+                                          f"attention window ({self.window}): the prefix cache attends to every position")
+            self.keys, self.values = (torch.cat([t[:, :, :self.n], t.new_empty(t.shape[:2] + (q,) + t.shape[3:])],
+                                                dim=-2) for t in (self.keys, self.values))
         self.keys[r0:r1, :, self.n:self.n + q] = key_states
         self.values[r0:r1, :, self.n:self.n + q] = value_states
         self.n += q
@@ -301,9 +302,8 @@ def _copy_rows(dst: torch.Tensor, dst_rows, src: torch.Tensor, src_rows, n: int)
 
 class _Buffers:
     """The decode's state for every row: its KV cache (a transformers ``Cache`` of :class:`_BufferLayer`),
-    its attention mask and its next position. Rows are copied only when a branch splits off
-    (:meth:`fork`) or when enough rows have finished that computing them costs more than
-    compacting the rest (:meth:`compact`)."""
+    its attention mask and its next position. Rows are copied only when a branch splits off or a
+    live row moves into a finished one's place (:meth:`fork`)."""
 
     def __init__(self, prefix_kvs: list, suffix_lens: list[int], row_capacity: int, positions: int, device):
         R = len(prefix_kvs)
@@ -358,24 +358,6 @@ class _Buffers:
         d, s_ = torch.as_tensor(dst, device=self.attn.device), torch.as_tensor(src, device=self.attn.device)
         self.attn[d, :n] = self.attn[s_, :n]
         self.next_pos[d] = self.next_pos[s_]
-
-    def compact(self, keep: np.ndarray, row_capacity: int) -> None:
-        """Keep rows ``keep`` only, in that order, in buffers of ``row_capacity`` rows."""
-        n, m = self.n, len(keep)
-        self.rows_cap = max(row_capacity, m)
-        for layer in self.cache.layers:
-            for name in ("keys", "values"):
-                old = getattr(layer, name)
-                new = torch.empty((self.rows_cap,) + tuple(old.shape[1:]), dtype=old.dtype, device=old.device)
-                _copy_rows(new, np.arange(m), old, keep, n)
-                setattr(layer, name, new)
-        k = torch.as_tensor(keep, device=self.attn.device)
-        attn = torch.zeros((self.rows_cap, self.pos_cap), dtype=self.attn.dtype, device=self.attn.device)
-        attn[:m, :n] = self.attn[k, :n]
-        self.attn = attn
-        pos = torch.zeros(self.rows_cap, dtype=self.next_pos.dtype, device=self.next_pos.device)
-        pos[:m] = self.next_pos[k]
-        self.next_pos = pos
 
 
 def _length_groups(lengths: list[int], min_tokens: int = 256, waste: float = 0.15) -> list[tuple[int, int]]:
@@ -484,61 +466,74 @@ def _decode_chunk(model, prefix_kvs: list, suffixes: list[list[int]], branches: 
     # computed once however many branches stand on it (at T = 0.5 most samples share their
     # first tokens with each other and with the greedy answer). When a node's branches draw
     # different tokens, one keeps the row and each other token gets a new row, a copy.
-    # Finished rows stay in the batch (their results unread) until a quarter of it has finished.
+    # A finished row's place is taken by a live node at once (a copy of that row only).
     slot = owner.copy()  # branch -> row
     live = np.arange(n_branches)
-    rows = R  # rows the forward computes (live nodes and finished ones not compacted yet)
+    rows = R  # rows the forward computes
     generated = np.zeros((n_branches, max_new_tokens), dtype=np.int64)
     length = np.zeros(n_branches, dtype=np.int64)
+    V = int(logits.shape[-1])
     stop_ids = stop.cpu().numpy()
+    is_stop = np.zeros(max(V, int(stop_ids.max()) + 1 if len(stop_ids) else 0), dtype=bool)
+    is_stop[stop_ids] = True
     any_greedy, any_sampled = bool(is_greedy.any()), not bool(is_greedy.all())
+    ckw = cache_kwargs(model, buf.cache)
     for step in range(max_new_tokens):
         slots = slot[live]
         tok = np.empty(len(live), dtype=np.int64)
         g = is_greedy[live]
-        if any_greedy and g.any():
-            tok[g] = logits.argmax(dim=-1).cpu().numpy()[slots[g]]
-        if any_sampled and not g.all():
-            sn = slots[~g]
-            uniq, inv = np.unique(sn, return_inverse=True)
+        n_greedy = int(g.sum()) if any_greedy else 0
+        if n_greedy:
+            gs = slots[g] if n_greedy < len(live) else slots
+            if 2 * n_greedy < logits.shape[0]:  # few greedy rows: the argmax of theirs only
+                tok[g] = logits[torch.from_numpy(gs).to(dev)].argmax(dim=-1).cpu().numpy()
+            else:
+                tok[g] = logits.argmax(dim=-1).cpu().numpy()[gs]
+        if any_sampled and n_greedy < len(live):
+            sampled = ~g if n_greedy else slice(None)
+            uniq, inv = np.unique(slots[sampled], return_inverse=True)
             idx, cdf = topk_cdf(logits[torch.from_numpy(uniq).to(dev)], temperature, top_k)
-            u = torch.from_numpy(uniforms(streams[live[~g]], step)).to(cdf.device)
-            inv_t = torch.from_numpy(inv).to(cdf.device)
+            u = torch.from_numpy(uniforms(streams[live[sampled]], step)).to(cdf.device)
+            inv_t = torch.from_numpy(inv.reshape(-1)).to(cdf.device)
             pick = torch.searchsorted(cdf[inv_t], u[:, None]).clamp(max=idx.shape[1] - 1)
-            tok[~g] = idx[inv_t].gather(1, pick).squeeze(1).cpu().numpy()
+            tok[sampled] = idx[inv_t].gather(1, pick).squeeze(1).cpu().numpy()
         generated[live, step] = tok
         length[live] = step + 1
         if step == max_new_tokens - 1:
             break
-        keep = ~np.isin(tok, stop_ids)
+        keep = ~is_stop[tok]
         live, tok, slots = live[keep], tok[keep], slots[keep]
         if len(live) == 0:
             break
-        keys, inv = np.unique(np.stack([slots, tok], axis=1), axis=0, return_inverse=True)
+        # the nodes of the next step: distinct (row, token) pairs, ordered by row, then token
+        ukey, inv = np.unique(slots * V + tok, return_inverse=True)
         inv = inv.reshape(-1)
-        new_row = np.r_[True, keys[1:, 0] != keys[:-1, 0]] if len(keys) > 1 else np.ones(1, dtype=bool)
-        n_new = int((~new_row).sum())
-        if 4 * (rows + n_new - len(keys)) > rows + n_new or rows + n_new > buf.rows_cap:
-            # compact: the nodes take rows 0 .. len(keys) - 1 (one copy for the splits too)
-            buf.compact(keys[:, 0], len(live))
-            row_of_key = np.arange(len(keys))
-            rows = len(keys)
-        else:
-            row_of_key = keys[:, 0].copy()
-            if n_new:
-                row_of_key[~new_row] = rows + np.arange(n_new)
-                buf.fork(row_of_key[~new_row], keys[~new_row, 0])
-                rows += n_new
+        key_row, key_tok = ukey // V, ukey % V
+        new_row = np.r_[True, key_row[1:] != key_row[:-1]]
+        n_keys = len(ukey)
+        # the nodes take rows 0 .. n_keys - 1: a row that is still a node's below n_keys stays where it
+        # is; the other nodes (rows above n_keys, and the new branches of split nodes) are copied into
+        # the rows left free (finished, or above n_keys), so no finished row is ever computed again
+        row_of_key = np.full(n_keys, -1, dtype=np.int64)
+        stay = new_row & (key_row < n_keys)
+        row_of_key[stay] = key_row[stay]
+        free = np.ones(n_keys, dtype=bool)
+        free[key_row[stay]] = False
+        moved = np.flatnonzero(~stay)
+        if len(moved):
+            row_of_key[moved] = np.flatnonzero(free)
+            buf.fork(row_of_key[moved], key_row[moved])
+        rows = n_keys
         slot[live] = row_of_key[inv]
         step_ids = np.full(rows, pad_id, dtype=np.int64)
-        step_ids[row_of_key] = keys[:, 1]
+        step_ids[row_of_key] = key_tok
         n = buf.n
         buf.attn[:rows, n] = 1
         out = model(input_ids=torch.from_numpy(step_ids).to(dev)[:, None], attention_mask=buf.attn[:rows, :n + 1],
-                    position_ids=buf.next_pos[:rows, None], use_cache=True, **cache_kwargs(model, buf.cache))
+                    position_ids=buf.next_pos[:rows, None], use_cache=True, **ckw)
         buf.next_pos[:rows] += 1
         if fed is not None:
-            fed[0] += len(keys)
+            fed[0] += n_keys
         logits = out.logits[:, -1, :]
     per_request: list[list[list[int]]] = [[] for _ in range(R)]
     for b, r in enumerate(owner.tolist()):

@@ -61,6 +61,20 @@ def topk_cdf(logits: torch.Tensor, temperature: float, top_k: int) -> tuple[torc
     x = logits.float()
     V = x.shape[-1]
     k = min(top_k, V) if top_k and top_k > 0 else V
+    if k < V:
+        # the common case, in one topk: no logit equals its neighbour among the k + 1 largest of any row,
+        # so there is no tie at the k-th logit and none among the kept tokens, and topk's order (descending)
+        # is already the canonical one; the same result as the general path below, in a fraction of its work
+        vals, idx = torch.topk(x, k + 1, dim=-1)
+        if not bool((vals[:, 1:] == vals[:, :-1]).any()):
+            cdf = torch.softmax(vals[:, :k].double() / temperature, dim=-1).cumsum(dim=-1)
+            cdf[:, -1] = 1.0
+            return idx[:, :k], cdf
+    return _topk_cdf_general(x, temperature, k)
+
+
+def _topk_cdf_general(x: torch.Tensor, temperature: float, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`topk_cdf` whatever the ties (``x`` float logits, ``k`` at most the vocabulary)."""
     vals, idx = torch.topk(x, k, dim=-1)
     kth = vals[:, -1:]
     n_kept = (x >= kth).sum(dim=-1, keepdim=True)

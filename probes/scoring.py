@@ -211,7 +211,7 @@ def score(model, tokenizer, requests: Iterable[ScoreRequest], layers: Sequence[i
     Requests sharing a ``shared`` text share its KV cache (``prefix_reuse=False`` encodes every
     whole text instead, for comparisons); ``stats`` accumulates the tokens fed.
     """
-    from probes.generation import PrefixEncoder, _is_oom, default_batch_size
+    from probes.generation import PrefixCache, _is_oom, default_batch_size
 
     requests = list(requests)
     if not requests:
@@ -227,7 +227,7 @@ def score(model, tokenizer, requests: Iterable[ScoreRequest], layers: Sequence[i
         P = len(shared)
         rows = {k: (split[k][0][P:], split[k][1] - P) for k in members}
         order = sorted(members, key=lambda k: len(rows[k][0]))
-        encoder = PrefixEncoder(model, max_entries=1) if P else None
+        encoder = PrefixCache(model, max_entries=1) if P else None
         max_rows = default_batch_size(model, P + len(rows[order[-1]][0])) if P else None
         i = 0
         while i < len(order):
@@ -237,7 +237,7 @@ def score(model, tokenizer, requests: Iterable[ScoreRequest], layers: Sequence[i
                 j += 1
             chunk = order[i:j]
             try:
-                cache = encoder.get(shared, len(chunk)) if P else None
+                cache = encoder.batch_cache(shared, len(chunk)) if P else None
                 scores = _score_batch(model, [rows[k] for k in chunk], pad_id, tuple(layers), cache, P)
             except (torch.OutOfMemoryError, RuntimeError) as err:
                 if not _is_oom(err) or j - i == 1:

@@ -204,21 +204,20 @@ def test_prefix_cache_is_bounded_and_follows_the_weights(tiny_model_dir):
 
 
 def test_indexed_row_copies_give_the_same_answers(quick_demo, quick_model, monkeypatch):
-    """The accelerator path (one indexed copy for prefix fill, forks and compaction) gives the answers
-    of the CPU path (a copy per row), run here on the CPU. (T = 1.5: answers long and varied enough
-    that rows split and finish at different steps.)"""
+    """The accelerator path (one indexed copy for prefix fill and row copies) gives the answers of the CPU
+    path (a copy per row), run here on the CPU. (T = 1.5: answers long and varied enough that rows split
+    and finish at different steps, so live rows move into finished rows' places.)"""
     import probes.generation as G
 
     model, tok = quick_model
     run, _ = quick_demo
     reqs = _quick_requests(run, n_prompts=2, streams=6, limit=20)
-    calls = {"fork": 0, "compact": 0}
-    for name in calls:
-        real = getattr(G._Buffers, name)
-        monkeypatch.setattr(G._Buffers, name, lambda self, *a, _r=real, _n=name: (
-            calls.__setitem__(_n, calls[_n] + 1), _r(self, *a))[1])
+    moves = []
+    real = G._Buffers.fork
+    monkeypatch.setattr(G._Buffers, "fork", lambda self, dst, src: (moves.append((dst.copy(), src.copy())),
+                                                                     real(self, dst, src))[1])
     rows = G.generate(model, tok, reqs, max_new_tokens=10, batch_size=96, temperature=1.5)
-    assert calls["fork"] and calls["compact"]  # both row operations ran
+    assert any((s > d).any() for d, s in moves) and any((s < d).any() for d, s in moves)  # moves down and splits
     monkeypatch.setattr(G, "ROW_COPY_DEVICES", frozenset())
     indexed = G.generate(model, tok, reqs, max_new_tokens=10, batch_size=96, temperature=1.5)
     assert {k: (g.greedy, g.samples) for k, g in rows.items()} == {k: (g.greedy, g.samples) for k, g in indexed.items()}

@@ -67,3 +67,23 @@ def test_tie_order_is_canonical_and_draws_are_row_wise():
     ties = torch.zeros(1, 50)
     both = sample_top_k(torch.cat([logits[:1], ties]), u[:2], 0.5, 10)
     assert both[0] == whole[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_path_equals_the_general_path(dtype):
+    """Rows without ties take one topk; rows with ties the general path: the ids and cdf are exactly those of
+    the general path either way (so a batch's draws do not depend on which path it took)."""
+    from probes.sampling import _topk_cdf_general
+
+    g = torch.Generator().manual_seed(3)
+    for scale in (3.0, 0.05):  # 0.05 in bfloat16: ties among the largest logits in most rows
+        logits = (torch.randn(64, 300, generator=g) * scale).to(dtype)
+        for k in (1, 5, 40):
+            idx, cdf = topk_cdf(logits, 0.5, k)
+            gi, gc = _topk_cdf_general(logits.float(), 0.5, k)
+            assert torch.equal(idx, gi) and torch.equal(cdf, gc)
+            for r in range(0, 64, 7):  # a row alone (fast path when it has no tie) gives its batch's row
+                ri, rc = topk_cdf(logits[r:r + 1], 0.5, k)
+                w = ri.shape[1]
+                assert torch.equal(ri, gi[r:r + 1, :w]) and torch.equal(rc, gc[r:r + 1, :w])
+                assert torch.all(gc[r, w:] == 1.0)

@@ -260,6 +260,49 @@ def test_cli_categorize_sft_end_to_end(tmp_path, tiny_tokenizer):
     assert len(rej) == 1 and rej[0]["reason"].startswith("no assistant turn") and rej[0]["record"] == 10
 
 
+def test_cli_categorize_sft_rerun_command_repeats_the_data_options(tmp_path, tiny_model_dir, capsys):
+    """knowcat categorize on chat data records the data options it was given (--format, --turns,
+    --max-answer-tokens, --group-by, --on-error) beside the run's identity, so the report's rerun command
+    repeats the same run: same identity, every shard reused (none rewritten), the same annotated records."""
+    import shlex
+
+    from knowcat.cli import main
+    from knowcat.rundir import RunDir
+    from reports.build import _rerun_command
+
+    recs = [{"messages": [{"role": "user", "content": f"Where was person {i} born?"},
+                          {"role": "assistant", "content": f"Town {i}"},
+                          {"role": "user", "content": f"And who founded firm {i}?"},
+                          {"role": "assistant", "content": f"Founder {i} of the old guild"}],
+             "source": "ab"[i % 2]} for i in range(6)]
+    recs.append({"messages": [{"role": "user", "content": "Hi"}]})  # malformed: skipped
+    src = _write(tmp_path / "my chat.jsonl", recs)
+    run = tmp_path / "my run"
+    given = ["--format", "messages", "--turns", "all", "--max-answer-tokens", "4", "--group-by", "source",
+             "--on-error", "skip"]
+    rc = main(["categorize", "--model", str(tiny_model_dir), str(src), "--out", str(run), "--n-prompts", "2",
+               "--k", "1", "--n-samples", "1", "--max-new-tokens", "3", "--match", "f1", "--shard-size", "4",
+               "--device", "cpu", "--no-progress", *given])
+    assert rc == 0
+    rd = RunDir(run)
+    config, command = rd.read_categorize_config(), rd.read_categorize_command()
+    assert command == {"format": "messages", "turns": "all", "max_answer_tokens": 4, "group_by": "source",
+                       "on_error": "skip", "device": "cpu"}
+    shards = sorted(rd.shards_dir.glob("*.jsonl"))
+    assert len(shards) == 2 and config["n_examples"] == 6  # 12 turns, the long answers not applicable
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in shards}
+    annotated = (run / "categorized_sft.jsonl").read_bytes()
+    cmd = _rerun_command(run, None, config, command)
+    for flag in given:
+        assert shlex.quote(flag) in cmd, flag
+    capsys.readouterr()
+    assert main(shlex.split(cmd)[1:]) == 0
+    assert "2/2 shards already finished" in capsys.readouterr().out
+    assert rd.read_categorize_config() == config and rd.read_categorize_command() == command
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(rd.shards_dir.glob("*.jsonl"))} == before
+    assert (run / "categorized_sft.jsonl").read_bytes() == annotated
+
+
 def test_world_split_as_chat_and_alpaca(tmp_path):
     from knowcat.examples import QAExample, write_jsonl
     from knowcat.sft import write_split_as_sft
