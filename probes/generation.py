@@ -159,7 +159,8 @@ class KVStore:
 
 class PrefixCache(KVStore):
     """Keys and values of encoded token prefixes (:class:`KVStore`), the one prefix cache of generation
-    and scoring. Each prefix is encoded alone (batch 1, no padding), once; ``get`` returns one
+    and scoring. Each prefix is encoded once, without padding (``get_many`` encodes the prefixes of one length
+    together); ``get`` returns one
     ``(keys, values)`` pair per layer, each ``[1, heads, len(ids), head_dim]`` (the batched decoder lays
     them into its buffers), ``batch_cache`` a transformers ``Cache`` holding the prefix for a batch of
     rows that share it (teacher-forced scoring)."""
@@ -178,6 +179,26 @@ class PrefixCache(KVStore):
             self.encoded_tokens += len(ids)
             self.put(ids, kv)
         return kv
+
+    @torch.inference_mode()
+    def get_many(self, prefixes: Sequence[tuple[int, ...]], sync: bool = True) -> list:
+        """``[get(ids) for ids in prefixes]``, the prefixes not held yet encoded together: one forward pass
+        per length (rows of one length need no padding), not one per prefix."""
+        if sync:
+            self.sync()
+        found = {ids: super(PrefixCache, self).get(ids, sync=False) for ids in set(prefixes)}
+        by_len: dict[int, list] = {}
+        for ids in sorted(ids for ids, kv in found.items() if kv is None):
+            by_len.setdefault(len(ids), []).append(ids)
+        for group in by_len.values():
+            x = torch.tensor(group, device=self.model.device)
+            out = self.model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=True)
+            kv = _layer_kv(output_cache(out))
+            for i, ids in enumerate(group):
+                found[ids] = [(k[i:i + 1].clone(), v[i:i + 1].clone()) for k, v in kv]
+                self.encoded_tokens += len(ids)
+                self.put(ids, found[ids])
+        return [found[ids] for ids in prefixes]
 
     @torch.inference_mode()
     def batch_cache(self, ids: tuple[int, ...], batch: int, sync: bool = True) -> Cache:
@@ -658,7 +679,7 @@ class RoundGenerator:
             try:
                 self.prefixes.sync()
                 self.states.sync()
-                kvs = [self.prefixes.get(pre, sync=False) for _, pre, _ in chunk]
+                kvs = self.prefixes.get_many([pre for _, pre, _ in chunk], sync=False)
                 keys = [(pre, tuple(suf)) for _, pre, suf in chunk]
                 states = [self.states.get(k, pop=True, sync=False) for k in keys]
                 keep = [r.keep_state for r, _, _ in chunk]
