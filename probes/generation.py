@@ -8,8 +8,11 @@ share a batch: each prefix's keys and values are left-padded to the longest,
 each row keeps its own positions and attention mask, so a batch is filled
 whatever the mix of prefixes. The keys and values live in buffers allocated once
 per batch and written in place (:class:`_BufferLayer`, a transformers cache
-layer); a row is copied only when its answers split into different tokens. Rows
-stop at their first newline (or eos) and leave the batch as they finish.
+layer); a row is copied only when its answers split into different tokens, or
+when a live row takes the place of a finished one. Rows stop at their first
+newline (or eos) and leave the batch at once. The same :class:`PrefixCache`
+serves teacher-forced scoring (:mod:`probes.scoring`), as a batch-broadcast
+transformers cache.
 
 The shared part is taken from the tokenization of the *whole* prompt, never
 from tokenizing the pieces apart: a row whose tokens do not start with the
@@ -568,16 +571,19 @@ def decode_answer(tokenizer, ids: list[int], stop: str = "\n") -> str:
     return text.split(stop, 1)[0].strip()
 
 
-def group_requests(tokenizer, requests: Iterable[PromptRequest]):
+def group_requests(tokenizer, requests: Iterable[PromptRequest], memo: dict | None = None):
     """Tokenize each whole prompt and group rows by their shared token prefix.
 
-    Returns ``{prefix_ids: [(request, suffix_ids), ...]}``.
+    Returns ``{prefix_ids: [(request, suffix_ids), ...]}``. ``memo`` (text -> token ids) keeps the
+    tokenizations between calls (later rounds ask the same prompts again).
     """
     requests = list(requests)
-    prefix_ids: dict[str, list[int]] = {}
-    for p in {r.prefix for r in requests}:
-        prefix_ids[p] = tokenizer(p, add_special_tokens=True)["input_ids"]
-    full = tokenizer([r.prefix + r.suffix for r in requests], add_special_tokens=True)["input_ids"]
+    memo = {} if memo is None else memo
+    todo = sorted(({r.prefix for r in requests} | {r.prefix + r.suffix for r in requests}) - memo.keys())
+    if todo:
+        memo.update(zip(todo, tokenizer(todo, add_special_tokens=True)["input_ids"]))
+    prefix_ids = {r.prefix: memo[r.prefix] for r in requests}
+    full = [memo[r.prefix + r.suffix] for r in requests]
     groups: dict[tuple[int, ...], list] = {}
     for r, ids in zip(requests, full):
         pre = prefix_ids[r.prefix]
@@ -651,6 +657,7 @@ class RoundGenerator:
         self.states = states if states is not None else PromptStates(model)
         self._enc0 = self.prefixes.encoded_tokens
         self._fed = [0]
+        self._tokens: dict[str, list[int]] = {}  # prompt text -> token ids, for every round of this generator
 
     @property
     def forward_tokens(self) -> int:
@@ -662,7 +669,8 @@ class RoundGenerator:
         if not self.prefix_reuse:  # for benchmarks: every row prefills its whole prompt
             requests = [PromptRequest(r.key, "", r.prefix + r.suffix, r.greedy, r.streams, r.keep_state)
                         for r in requests]
-        items = [(req, pre, suf) for pre, group in group_requests(tokenizer, requests).items() for req, suf in group]
+        items = [(req, pre, suf) for pre, group in group_requests(tokenizer, requests, self._tokens).items()
+                 for req, suf in group]
         items.sort(key=lambda it: (len(it[2]), len(it[1])))  # batch by length: little padding
         results: dict[Hashable, Generation] = {}
         i = 0

@@ -256,3 +256,25 @@ def test_prefixes_of_one_length_are_encoded_together(tiny_model_dir, monkeypatch
             assert k.shape == k0.shape and torch.allclose(k, k0, atol=1e-5) and torch.allclose(v, v0, atol=1e-5)
     assert got[0] is got[4] and got[1] is cache.get((1, 8))
     assert cache.get_many(asked) and len(widths) == 2  # everything held now: no forward pass
+
+
+def test_tokenizations_are_kept_between_rounds(tiny_tokenizer):
+    """``group_requests`` with a memo gives the groups of tokenizing afresh, and a later round of the same
+    prompts tokenizes nothing again."""
+    from probes.generation import group_requests
+
+    calls = []
+
+    class Counting:
+        def __call__(self, texts, **kw):
+            calls.append(list(texts) if isinstance(texts, list) else [texts])
+            return tiny_tokenizer(texts, **kw)
+
+    reqs = [PromptRequest(i, "Q: Where was Kel", s) for i, s in enumerate([" Mar born?\nA:", "ma born?\nA:"])]
+    reqs.append(PromptRequest(2, "", "Q: Who founded Tessa Lind?\nA:"))
+    fresh = group_requests(tiny_tokenizer, reqs)
+    memo: dict = {}
+    assert group_requests(Counting(), reqs, memo) == fresh and calls
+    n = len(calls)
+    assert group_requests(Counting(), reqs[1:], memo) == group_requests(tiny_tokenizer, reqs[1:])
+    assert len(calls) == n  # every text was held
