@@ -62,12 +62,15 @@ class ForwardMeter:
             self.seconds[kind] += time.perf_counter() - t
             self.calls[kind] += 1
             self.tokens[kind] += 0 if ids is None else ids.numel()
+            if kind == "decode":
+                self.decode_rows.append(ids.shape[0])
             return out
 
         model.forward = forward
 
     def reset(self) -> None:
         self.seconds, self.calls, self.tokens = Counter(), Counter(), Counter()
+        self.decode_rows: list[int] = []  # rows of each decode call (how full the batches are)
 
 
 def matmul_params(model) -> int:
@@ -153,8 +156,8 @@ def lm_eval_run(model, tok, examples, prompts, cfg, batch_size):
 
 
 def profile_knowcat(model, tok, examples, pool, cfg, batch_size, rows: int = 25) -> dict:
-    """Where the time of one lazy categorization goes: torch operators by self time, and Python
-    functions by own time (cProfile), both printed; the top entries returned."""
+    """Where the time of one categorization (``cfg``: lazy or exact) goes: torch operators by self time,
+    and Python functions by own time (cProfile), both printed; the top entries returned."""
     import cProfile
     import io
     import pstats
@@ -197,7 +200,7 @@ def main(argv=None):
                    help="where the model runs (auto: cuda if available, else cpu)")
     p.add_argument("--skip-lm-eval", action="store_true")
     p.add_argument("--profile", action="store_true",
-                   help="also profile one knowcat lazy run (torch.profiler operators and cProfile functions)")
+                   help="also profile one knowcat lazy and one exact run (torch.profiler operators and cProfile functions)")
     p.add_argument("--out", default=None, help="write the JSON here too")
     args = p.parse_args(argv)
     if args.n is not None:
@@ -257,11 +260,14 @@ def main(argv=None):
                 "forward_calls": dict(meter.calls), "forward_tokens": dict(meter.tokens),
                 "share_of_peak": flops / dt / peak,
                 "forward_share_of_peak": flops / fwd_s / peak if fwd_s else None,
+                "decode_rows_mean": float(np.mean(meter.decode_rows)) if meter.decode_rows else None,
+                "decode_calls_under_8_rows": int(sum(r < 8 for r in meter.decode_rows)),
             }
             o = out[name]
             print(f"[{len(examples)} questions] {name}: {dt:.1f} s ({len(examples) / dt:.2f} ex/s): prefill "
                   f"{o['prefill_s']:.1f} s, decode {o['decode_s']:.1f} s, overhead {o['overhead_s']:.1f} s; "
-                  f"{tokens} forward tokens in {sum(meter.calls.values())} calls; "
+                  f"{tokens} forward tokens in {sum(meter.calls.values())} calls; decode calls of fewer than 8 rows "
+                  f"{o['decode_calls_under_8_rows']} of {meter.calls['decode']}; "
                   f"{o['share_of_peak']:.1%} of matmul peak overall", flush=True)
             return value
 
@@ -298,7 +304,9 @@ def main(argv=None):
         rng = np.random.default_rng(0)
         nq = args.questions[0]
         examples = [train[i] for i in sorted(rng.choice(len(train), min(nq, len(train)), replace=False))]
-        res["profile_knowcat_lazy"] = profile_knowcat(model, tok, examples, pool, cfg, args.batch_size)
+        for name, c in (("lazy", cfg), ("exact", exact_cfg)):
+            print(f"profile of knowcat {name} on {len(examples)} questions", flush=True)
+            res[f"profile_knowcat_{name}"] = profile_knowcat(model, tok, examples, pool, c, args.batch_size)
 
     print(json.dumps(res, indent=2))
     if args.out:

@@ -125,9 +125,10 @@ class _State:
 def _count_samples(st: _State, answers, cfg: SliCKConfig) -> None:
     """The sample counts, in canonical order (prompt by prompt, sample by sample); lazy mode stops at
     the first correct sample and forgets the samples computed past it."""
+    verdict: dict[str, bool] = {}  # samples repeat: each distinct answer is matched once
     for j in sorted(st.samples):
         for i, a in enumerate(st.samples[j]):
-            ok = is_correct(a, answers, cfg.match)
+            ok = verdict[a] if a in verdict else verdict.setdefault(a, is_correct(a, answers, cfg.match))
             st.n_sampled += 1
             st.n_sampled_correct += ok
             if ok and not cfg.exact:
@@ -172,7 +173,7 @@ def categorize(engine, examples: list[QAExample], exemplar_pool: list[QAExample]
             st.n_greedy_correct += is_correct(g.greedy, answers, cfg.match)
         if req.streams:
             st.samples[j] = list(g.samples)
-            st.sample_hit = st.sample_hit or any(is_correct(a, answers, cfg.match) for a in g.samples)
+            st.sample_hit = st.sample_hit or any(is_correct(a, answers, cfg.match) for a in set(g.samples))
 
     def sample_request(ex, j):
         return PromptRequest(("s", ex.id, j), *prompts[ex.id][j], False,

@@ -8,8 +8,11 @@ share a batch: each prefix's keys and values are left-padded to the longest,
 each row keeps its own positions and attention mask, so a batch is filled
 whatever the mix of prefixes. The keys and values live in buffers allocated once
 per batch and written in place (:class:`_BufferLayer`, a transformers cache
-layer); a row is copied only when its answers split into different tokens. Rows
-stop at their first newline (or eos) and leave the batch as they finish.
+layer); a row is copied only when its answers split into different tokens, or
+when a live row takes the place of a finished one. Rows stop at their first
+newline (or eos) and leave the batch at once. The same :class:`PrefixCache`
+serves teacher-forced scoring (:mod:`probes.scoring`), as a batch-broadcast
+transformers cache.
 
 The shared part is taken from the tokenization of the *whole* prompt, never
 from tokenizing the pieces apart: a row whose tokens do not start with the
@@ -159,7 +162,8 @@ class KVStore:
 
 class PrefixCache(KVStore):
     """Keys and values of encoded token prefixes (:class:`KVStore`), the one prefix cache of generation
-    and scoring. Each prefix is encoded alone (batch 1, no padding), once; ``get`` returns one
+    and scoring. Each prefix is encoded once, without padding (``get_many`` encodes the prefixes of one length
+    together); ``get`` returns one
     ``(keys, values)`` pair per layer, each ``[1, heads, len(ids), head_dim]`` (the batched decoder lays
     them into its buffers), ``batch_cache`` a transformers ``Cache`` holding the prefix for a batch of
     rows that share it (teacher-forced scoring)."""
@@ -178,6 +182,26 @@ class PrefixCache(KVStore):
             self.encoded_tokens += len(ids)
             self.put(ids, kv)
         return kv
+
+    @torch.inference_mode()
+    def get_many(self, prefixes: Sequence[tuple[int, ...]], sync: bool = True) -> list:
+        """``[get(ids) for ids in prefixes]``, the prefixes not held yet encoded together: one forward pass
+        per length (rows of one length need no padding), not one per prefix."""
+        if sync:
+            self.sync()
+        found = {ids: super(PrefixCache, self).get(ids, sync=False) for ids in set(prefixes)}
+        by_len: dict[int, list] = {}
+        for ids in sorted(ids for ids, kv in found.items() if kv is None):
+            by_len.setdefault(len(ids), []).append(ids)
+        for group in by_len.values():
+            x = torch.tensor(group, device=self.model.device)
+            out = self.model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=True)
+            kv = _layer_kv(output_cache(out))
+            for i, ids in enumerate(group):
+                found[ids] = [(k[i:i + 1].clone(), v[i:i + 1].clone()) for k, v in kv]
+                self.encoded_tokens += len(ids)
+                self.put(ids, found[ids])
+        return [found[ids] for ids in prefixes]
 
     @torch.inference_mode()
     def batch_cache(self, ids: tuple[int, ...], batch: int, sync: bool = True) -> Cache:
@@ -547,16 +571,19 @@ def decode_answer(tokenizer, ids: list[int], stop: str = "\n") -> str:
     return text.split(stop, 1)[0].strip()
 
 
-def group_requests(tokenizer, requests: Iterable[PromptRequest]):
+def group_requests(tokenizer, requests: Iterable[PromptRequest], memo: dict | None = None):
     """Tokenize each whole prompt and group rows by their shared token prefix.
 
-    Returns ``{prefix_ids: [(request, suffix_ids), ...]}``.
+    Returns ``{prefix_ids: [(request, suffix_ids), ...]}``. ``memo`` (text -> token ids) keeps the
+    tokenizations between calls (later rounds ask the same prompts again).
     """
     requests = list(requests)
-    prefix_ids: dict[str, list[int]] = {}
-    for p in {r.prefix for r in requests}:
-        prefix_ids[p] = tokenizer(p, add_special_tokens=True)["input_ids"]
-    full = tokenizer([r.prefix + r.suffix for r in requests], add_special_tokens=True)["input_ids"]
+    memo = {} if memo is None else memo
+    todo = sorted(({r.prefix for r in requests} | {r.prefix + r.suffix for r in requests}) - memo.keys())
+    if todo:
+        memo.update(zip(todo, tokenizer(todo, add_special_tokens=True)["input_ids"]))
+    prefix_ids = {r.prefix: memo[r.prefix] for r in requests}
+    full = [memo[r.prefix + r.suffix] for r in requests]
     groups: dict[tuple[int, ...], list] = {}
     for r, ids in zip(requests, full):
         pre = prefix_ids[r.prefix]
@@ -630,6 +657,7 @@ class RoundGenerator:
         self.states = states if states is not None else PromptStates(model)
         self._enc0 = self.prefixes.encoded_tokens
         self._fed = [0]
+        self._tokens: dict[str, list[int]] = {}  # prompt text -> token ids, for every round of this generator
 
     @property
     def forward_tokens(self) -> int:
@@ -641,7 +669,8 @@ class RoundGenerator:
         if not self.prefix_reuse:  # for benchmarks: every row prefills its whole prompt
             requests = [PromptRequest(r.key, "", r.prefix + r.suffix, r.greedy, r.streams, r.keep_state)
                         for r in requests]
-        items = [(req, pre, suf) for pre, group in group_requests(tokenizer, requests).items() for req, suf in group]
+        items = [(req, pre, suf) for pre, group in group_requests(tokenizer, requests, self._tokens).items()
+                 for req, suf in group]
         items.sort(key=lambda it: (len(it[2]), len(it[1])))  # batch by length: little padding
         results: dict[Hashable, Generation] = {}
         i = 0
@@ -658,7 +687,7 @@ class RoundGenerator:
             try:
                 self.prefixes.sync()
                 self.states.sync()
-                kvs = [self.prefixes.get(pre, sync=False) for _, pre, _ in chunk]
+                kvs = self.prefixes.get_many([pre for _, pre, _ in chunk], sync=False)
                 keys = [(pre, tuple(suf)) for _, pre, suf in chunk]
                 states = [self.states.get(k, pop=True, sync=False) for k in keys]
                 keep = [r.keep_state for r, _, _ in chunk]

@@ -221,3 +221,60 @@ def test_indexed_row_copies_give_the_same_answers(quick_demo, quick_model, monke
     monkeypatch.setattr(G, "ROW_COPY_DEVICES", frozenset())
     indexed = G.generate(model, tok, reqs, max_new_tokens=10, batch_size=96, temperature=1.5)
     assert {k: (g.greedy, g.samples) for k, g in rows.items()} == {k: (g.greedy, g.samples) for k, g in indexed.items()}
+
+
+def test_prefixes_of_one_length_are_encoded_together(tiny_model_dir, monkeypatch):
+    """``PrefixCache.get_many``: one forward pass per length among the prefixes not held yet, none for held
+    ones; each prefix's keys and values are those of encoding it alone; duplicates and order are kept."""
+    import functools
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from probes.generation import PrefixCache
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    alone = PrefixCache(model)
+    want = {ids: alone.get(ids) for ids in [(1, 5, 9), (1, 6, 7), (1, 8), (1, 5, 9, 4)]}
+    cache = PrefixCache(model)
+    cache.get((1, 8))
+    widths = []
+    real = model.forward
+
+    @functools.wraps(real)
+    def forward(*a, **k):
+        widths.append(tuple(k["input_ids"].shape))
+        return real(*a, **k)
+
+    monkeypatch.setattr(model, "forward", forward)
+    asked = [(1, 5, 9), (1, 8), (1, 6, 7), (1, 5, 9, 4), (1, 5, 9)]
+    got = cache.get_many(asked)
+    assert sorted(widths) == [(1, 4), (2, 3)]  # (1, 8) was held; the two of length 3 in one pass
+    assert cache.encoded_tokens == 2 + 3 + 3 + 4
+    for ids, kv in zip(asked, got):
+        for (k, v), (k0, v0) in zip(kv, want[ids]):
+            assert k.shape == k0.shape and torch.allclose(k, k0, atol=1e-5) and torch.allclose(v, v0, atol=1e-5)
+    assert got[0] is got[4] and got[1] is cache.get((1, 8))
+    assert cache.get_many(asked) and len(widths) == 2  # everything held now: no forward pass
+
+
+def test_tokenizations_are_kept_between_rounds(tiny_tokenizer):
+    """``group_requests`` with a memo gives the groups of tokenizing afresh, and a later round of the same
+    prompts tokenizes nothing again."""
+    from probes.generation import group_requests
+
+    calls = []
+
+    class Counting:
+        def __call__(self, texts, **kw):
+            calls.append(list(texts) if isinstance(texts, list) else [texts])
+            return tiny_tokenizer(texts, **kw)
+
+    reqs = [PromptRequest(i, "Q: Where was Kel", s) for i, s in enumerate([" Mar born?\nA:", "ma born?\nA:"])]
+    reqs.append(PromptRequest(2, "", "Q: Who founded Tessa Lind?\nA:"))
+    fresh = group_requests(tiny_tokenizer, reqs)
+    memo: dict = {}
+    assert group_requests(Counting(), reqs, memo) == fresh and calls
+    n = len(calls)
+    assert group_requests(Counting(), reqs[1:], memo) == group_requests(tiny_tokenizer, reqs[1:])
+    assert len(calls) == n  # every text was held
