@@ -204,8 +204,8 @@ def test_prefix_cache_is_bounded_and_follows_the_weights(tiny_model_dir):
 
 
 def test_indexed_row_copies_give_the_same_answers(quick_demo, quick_model, monkeypatch):
-    """The accelerator path (one indexed copy for prefix fill and row copies) gives the answers of the CPU
-    path (a copy per row), run here on the CPU. (T = 1.5: answers long and varied enough that rows split
+    """The accelerator path (one indexed copy for prefix fill and row copies) and the CPU's paths (a copy per
+    row on one thread, a gather and an indexed copy on several) give the same answers, run here on the CPU. (T = 1.5: answers long and varied enough that rows split
     and finish at different steps, so live rows move into finished rows' places.)"""
     import probes.generation as G
 
@@ -216,8 +216,12 @@ def test_indexed_row_copies_give_the_same_answers(quick_demo, quick_model, monke
     real = G._Buffers.fork
     monkeypatch.setattr(G._Buffers, "fork", lambda self, dst, src: (moves.append((dst.copy(), src.copy())),
                                                                      real(self, dst, src))[1])
+    monkeypatch.setattr(G, "_threads", lambda: 1)  # one copy per row
     rows = G.generate(model, tok, reqs, max_new_tokens=10, batch_size=96, temperature=1.5)
+    monkeypatch.setattr(G, "_threads", lambda: 2)  # a gather and an indexed copy
+    gathered = G.generate(model, tok, reqs, max_new_tokens=10, batch_size=96, temperature=1.5)
     assert any((s > d).any() for d, s in moves) and any((s < d).any() for d, s in moves)  # moves down and splits
+    assert {k: (g.greedy, g.samples) for k, g in rows.items()} == {k: (g.greedy, g.samples) for k, g in gathered.items()}
     monkeypatch.setattr(G, "ROW_COPY_DEVICES", frozenset())
     indexed = G.generate(model, tok, reqs, max_new_tokens=10, batch_size=96, temperature=1.5)
     assert {k: (g.greedy, g.samples) for k, g in rows.items()} == {k: (g.greedy, g.samples) for k, g in indexed.items()}
@@ -278,3 +282,25 @@ def test_tokenizations_are_kept_between_rounds(tiny_tokenizer):
     n = len(calls)
     assert group_requests(Counting(), reqs[1:], memo) == group_requests(tiny_tokenizer, reqs[1:])
     assert len(calls) == n  # every text was held
+
+
+def test_row_copies_are_exact_on_every_path(monkeypatch):
+    """``_copy_rows`` copies the first ``n`` positions of the given rows and nothing else, row by row, by a
+    gather and an indexed copy, or by advanced indexing."""
+    import numpy as np
+    import torch
+
+    import probes.generation as G
+
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(12, 2, 9, 3, generator=g)
+    dst_rows, src_rows = np.array([0, 5, 7]), np.array([9, 11, 2])
+    want = src.clone()
+    for d, s_ in zip(dst_rows, src_rows):
+        want[d, :, :6] = src[s_, :, :6]
+    for threads, devices in ((1, {"cpu"}), (2, {"cpu"}), (1, set())):
+        monkeypatch.setattr(G, "_threads", lambda t=threads: t)
+        monkeypatch.setattr(G, "ROW_COPY_DEVICES", frozenset(devices))
+        got = src.clone()
+        G._copy_rows(got, dst_rows, got, src_rows, 6)
+        assert torch.equal(got, want), (threads, devices)
