@@ -209,10 +209,10 @@ def score(model, tokenizer, requests: Iterable[ScoreRequest], layers: Sequence[i
     last's, before any final norm); ``max_batch_tokens`` bounds padded row tokens per forward
     pass (``None``: 16,384 on an accelerator, 4,096 on a CPU; halved on out-of-memory).
     Requests sharing a ``shared`` text share its KV cache (``prefix_reuse=False`` encodes every
-    whole text instead, for comparisons); ``stats`` accumulates the tokens fed.
+    whole text instead, for comparisons; a model whose cache cannot be shared, such as a sliding window
+    shorter than the text, gets every whole text scored, said once through ``log``); ``stats``
+    accumulates the tokens fed.
     """
-    from probes.generation import PrefixCache, _is_oom, default_batch_size
-
     requests = list(requests)
     if not requests:
         return {}
@@ -223,46 +223,76 @@ def score(model, tokenizer, requests: Iterable[ScoreRequest], layers: Sequence[i
         groups.setdefault(tuple(ids[:ns]) if prefix_reuse else (), []).append(k)
     budget = max_batch_tokens or (16384 if model.device.type == "cuda" else 4096)
     results: dict[Hashable, Score] = {}
+    reported: set[int] = set()
+    share = True
     for shared, members in groups.items():
-        P = len(shared)
-        rows = {k: (split[k][0][P:], split[k][1] - P) for k in members}
-        order = sorted(members, key=lambda k: len(rows[k][0]))
-        encoder = PrefixCache(model, max_entries=1) if P else None
-        max_rows = default_batch_size(model, P + len(rows[order[-1]][0])) if P else None
-        i = 0
-        while i < len(order):
-            j = i + 1
-            while j < len(order) and len(rows[order[j]][0]) * (j + 1 - i) <= budget and (
-                    max_rows is None or j + 1 - i <= max_rows):
-                j += 1
-            chunk = order[i:j]
-            try:
-                cache = encoder.batch_cache(shared, len(chunk)) if P else None
-                scores = _score_batch(model, [rows[k] for k in chunk], pad_id, tuple(layers), cache, P)
-            except (torch.OutOfMemoryError, RuntimeError) as err:
-                if not _is_oom(err) or j - i == 1:
-                    raise
-                budget = max(1, budget // 2)
-                max_rows = None if max_rows is None else max(1, (j - i) // 2)
-                if model.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if log:
-                    log(f"out of memory: scoring batches now at most {budget} tokens")
-                continue
-            for k, s in zip(chunk, scores):
-                results[requests[k].key] = s
-            if stats is not None:
-                stats.forward_tokens += sum(fed_len(rows[k][0]) for k in chunk)
-                stats.padded_tokens += fed_len(rows[chunk[-1]][0]) * len(chunk)
-            if progress is not None:
-                progress(len(chunk))
-            i = j
-        if stats is not None:
-            stats.forward_tokens += encoder.encoded_tokens if encoder else 0
-            stats.shared_tokens += encoder.encoded_tokens if encoder else 0
-            share = (encoder.encoded_tokens if encoder else 0) / len(members)
+        try:
+            budget = _score_group(model, requests, split, shared if share else (), members, pad_id, layers, budget,
+                                  progress, log, stats, results, reported)
+        except NotImplementedError as err:
+            # a cache that cannot be shared (a sliding window shorter than the text, another kind of cache):
+            # this group's and every later group's whole texts are scored, with the model's own attention
+            if not shared or not share:
+                raise
+            share = False
+            if log:
+                log(f"scoring whole texts, without shared prefixes: {err}")
             for k in members:
-                stats.per_key[requests[k].key] = fed_len(rows[k][0]) + share
-                stats.whole_tokens += fed_len(split[k][0])
-                stats.per_key_whole[requests[k].key] = fed_len(split[k][0])
+                results.pop(requests[k].key, None)
+            budget = _score_group(model, requests, split, (), members, pad_id, layers, budget, progress, log,
+                                  stats, results, reported)
     return results
+
+
+def _score_group(model, requests, split, shared, members, pad_id, layers, budget, progress, log, stats,
+                 results, reported: set) -> int:
+    """Score ``members`` (indices of ``requests``) after the shared token prefix ``shared`` (encoded once,
+    its KV cache broadcast to each batch; ``()``: whole texts); returns the token budget, halved on each
+    out-of-memory. Token counts reach ``stats`` only once the group is done; ``progress`` hears of each
+    request once (``reported``: those it heard of already)."""
+    from probes.generation import PrefixCache, _is_oom, default_batch_size
+
+    P = len(shared)
+    rows = {k: (split[k][0][P:], split[k][1] - P) for k in members}
+    order = sorted(members, key=lambda k: len(rows[k][0]))
+    encoder = PrefixCache(model, max_entries=1) if P else None
+    max_rows = default_batch_size(model, P + len(rows[order[-1]][0])) if P else None
+    i, fed, padded = 0, 0, 0
+    while i < len(order):
+        j = i + 1
+        while j < len(order) and len(rows[order[j]][0]) * (j + 1 - i) <= budget and (
+                max_rows is None or j + 1 - i <= max_rows):
+            j += 1
+        chunk = order[i:j]
+        try:
+            cache = encoder.batch_cache(shared, len(chunk)) if P else None
+            scores = _score_batch(model, [rows[k] for k in chunk], pad_id, tuple(layers), cache, P)
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            if not _is_oom(err) or j - i == 1:
+                raise
+            budget = max(1, budget // 2)
+            max_rows = None if max_rows is None else max(1, (j - i) // 2)
+            if model.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if log:
+                log(f"out of memory: scoring batches now at most {budget} tokens")
+            continue
+        for k, s in zip(chunk, scores):
+            results[requests[k].key] = s
+        fed += sum(fed_len(rows[k][0]) for k in chunk)
+        padded += fed_len(rows[chunk[-1]][0]) * len(chunk)
+        if progress is not None:
+            progress(sum(k not in reported for k in chunk))
+        reported.update(chunk)
+        i = j
+    if stats is not None:
+        stats.forward_tokens += fed
+        stats.padded_tokens += padded
+        stats.forward_tokens += encoder.encoded_tokens if encoder else 0
+        stats.shared_tokens += encoder.encoded_tokens if encoder else 0
+        share = (encoder.encoded_tokens if encoder else 0) / len(members)
+        for k in members:
+            stats.per_key[requests[k].key] = fed_len(rows[k][0]) + share
+            stats.whole_tokens += fed_len(split[k][0])
+            stats.per_key_whole[requests[k].key] = fed_len(split[k][0])
+    return budget

@@ -155,3 +155,29 @@ def test_the_last_token_is_not_fed_and_scores_are_those_of_the_whole_text(kind, 
         assert got[r.key].hidden[-1] == pytest.approx(h, abs=1e-4)
         # its own memory: a view into the batch's block output would keep the whole batch's states alive
         assert got[r.key].hidden[-1].flags.owndata
+
+
+def test_a_sliding_window_shorter_than_the_text_scores_whole_texts(tiny_tokenizer):
+    """A Mistral-style model whose sliding window is shorter than shared prefix + question cannot attend
+    through a shared prefix cache (the buffers attend to every position); its requests are scored from
+    whole texts with the model's own sliding-window attention, and said once, instead of failing."""
+    tok = tiny_tokenizer
+    n_shared = len(tok(SHARED)["input_ids"])
+    model = _tiny(f"mistral_window_{n_shared}", len(tok))
+    model.config.pad_token_id = tok.pad_token_id
+    reqs = [ScoreRequest(r.key, r.prefix, r.continuation, shared=SHARED) for r in REQS]
+    whole = [ScoreRequest(r.key, r.shared + r.prefix, r.continuation) for r in reqs]
+    said, seen = [], []
+    got = score(model, tok, reqs, layers=(-1,), log=said.append, progress=seen.append)
+    want = score(model, tok, whole, layers=(-1,), prefix_reuse=False)
+    assert len(said) == 1 and "sliding" in said[0]
+    assert sum(seen) == len(reqs)
+    for r in reqs:
+        assert got[r.key].token_logprobs == pytest.approx(want[r.key].token_logprobs, abs=1e-4)
+        assert got[r.key].hidden[-1] == pytest.approx(want[r.key].hidden[-1], abs=1e-4)
+    # the window matters: the whole texts are longer than it, so full attention would score them otherwise
+    full = _tiny("mistral", len(tok))
+    full.load_state_dict(model.state_dict())
+    full.config.pad_token_id = tok.pad_token_id
+    other = score(full, tok, whole, prefix_reuse=False)
+    assert any(abs(other[r.key].logprob - want[r.key].logprob) > 1e-3 for r in reqs)
