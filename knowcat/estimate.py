@@ -113,9 +113,9 @@ def hidden_rows(H, rows) -> np.ndarray | None:
 
 
 def middle_layer(model) -> int:
-    from probes.jacobians import decoder_layers
+    from probes.scoring import middle_block
 
-    return len(decoder_layers(model)) // 2
+    return middle_block(model)
 
 
 def prompts_of(examples: list[QAExample], pool: list[QAExample], n_prompts: int, k: int, seed: int,
@@ -141,7 +141,8 @@ def features(model, tokenizer, examples: list[QAExample], pool: list[QAExample],
              progress=None, log=None) -> Features:
     """The estimator's features: one teacher-forced pass per (example, prompt), nothing sampled; each
     few-shot prefix is encoded once and its KV cache shared by every question asked under it."""
-    from probes.scoring import ScoreRequest, ScoreStats, score
+    from probes.engine import open_engine
+    from probes.scoring import ScoreRequest, ScoreStats
 
     layer = None if cfg.layer == -1 else (middle_layer(model) if cfg.layer is None else cfg.layer)
     render = _renderer(tokenizer, cfg)
@@ -150,8 +151,8 @@ def features(model, tokenizer, examples: list[QAExample], pool: list[QAExample],
     reqs = [ScoreRequest((ex.id, j), suf, sep + ex.answers[0], shared=pre)
             for ex in examples for j, (pre, suf) in enumerate(prompts[ex.id])]
     stats = ScoreStats()
-    scores = score(model, tokenizer, reqs, layers=() if layer is None else (layer,), progress=progress, log=log,
-                   stats=stats)
+    engine = open_engine("transformers", (model, tokenizer), log=log)
+    scores = engine.score(reqs, layers=() if layer is None else (layer,), progress=progress, stats=stats)
     del reqs
     P = cfg.n_prompts
     names = [f"{f}_{j}" for j in range(P) for f in ("logprob", "logprob_per_token", "margin", "greedy_match")]

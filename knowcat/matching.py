@@ -80,7 +80,10 @@ class Judge:
     and an empty one does not, without asking; verdicts are cached per (answer, reference)."""
 
     def __init__(self, model, tokenizer, prompt: str = JUDGE_PROMPT):
+        from probes.engine import open_engine
+
         self.model, self.tokenizer, self.prompt = model, tokenizer, prompt
+        self.engine = open_engine("transformers", (model, tokenizer))
         self.cache: dict[tuple[str, str], bool] = {}
         self.asked = 0
 
@@ -92,10 +95,10 @@ class Judge:
             return True
         key = (prediction.strip(), reference.strip())
         if key not in self.cache:
-            from probes.scoring import ScoreRequest, score
+            from probes.scoring import ScoreRequest
 
             text = self.prompt.format(reference=key[1], prediction=key[0])
-            s = score(self.model, self.tokenizer, [ScoreRequest("yes", text, " Yes"), ScoreRequest("no", text, " No")])
+            s = self.engine.score([ScoreRequest("yes", text, " Yes"), ScoreRequest("no", text, " No")])
             self.cache[key] = s["yes"].logprob > s["no"].logprob
             self.asked += 1
         return self.cache[key]

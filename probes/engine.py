@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Callable, Hashable, Iterable, Protocol, Sequence, runtime_checkable
 
 from probes.generation import Generation, PromptRequest
-from probes.scoring import Score, ScoreRequest
+from probes.scoring import Score, ScoreRequest, ScoreStats
 
 ENGINES = ("transformers", "vllm")
 
@@ -50,7 +50,9 @@ class Engine(Protocol):
                  on_result: OnResult | None = None, progress: Progress | None = None
                  ) -> dict[Hashable, Generation]: ...
 
-    def score(self, requests: Iterable[ScoreRequest], layers: Sequence[int] = ()) -> dict[Hashable, Score]: ...
+    def score(self, requests: Iterable[ScoreRequest], layers: Sequence[int] = (), *, progress: Progress | None = None,
+              stats: ScoreStats | None = None) -> dict[Hashable, Score]: ...
+    # ``progress`` counts scored requests; ``stats`` accumulates the tokens fed (per request too)
 
 
 def run_rounds(generate_round: Callable[[list[PromptRequest], Progress | None], dict[Hashable, Generation]],
@@ -130,15 +132,16 @@ class TransformersEngine:
         finally:
             self.forward_tokens += gen.forward_tokens
 
-    def score(self, requests, layers=()):
+    def score(self, requests, layers=(), *, progress=None, stats=None):
         from probes.scoring import ScoreStats, score
 
-        stats = ScoreStats()
+        stats = stats if stats is not None else ScoreStats()
+        before = stats.forward_tokens
         try:
             return score(self.model, self.tokenizer, requests, layers=layers, log=self.log, stats=stats,
-                         prefix_reuse=self.prefix_reuse)
+                         prefix_reuse=self.prefix_reuse, progress=progress)
         finally:
-            self.forward_tokens += stats.forward_tokens
+            self.forward_tokens += stats.forward_tokens - before
 
 
 def open_engine(kind: str, model, **options) -> Engine:

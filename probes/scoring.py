@@ -191,6 +191,13 @@ def _score_batch(model, rows: list[tuple[list[int], int]], pad_id: int, layers: 
     return out
 
 
+def middle_block(model) -> int:
+    """The index of the model's middle transformer block (the hidden state a linear probe reads)."""
+    from probes.jacobians import decoder_layers
+
+    return len(decoder_layers(model)) // 2
+
+
 def _takes_logits_to_keep(model) -> bool:
     import inspect
 

@@ -124,7 +124,7 @@ class VLLMEngine:
             progress(len(todo))
         return {req.key: g for req, g in zip(todo, gens)}
 
-    def score(self, requests, layers=()):
+    def score(self, requests, layers=(), *, progress=None, stats=None):
         raise NotImplementedError("the vLLM engine does not score continuations (no hidden states in vLLM); "
                                   "open the transformers engine for scoring")
 

@@ -82,6 +82,26 @@ def test_only_probes_generates_outside_the_engine():
     assert not {k: v for k, v in bad.items() if v}, bad
 
 
+def _imports_score(text: str) -> list[str]:
+    """``score`` imported from probes.scoring, or called by its module path."""
+    found = []
+    for m in re.finditer(r"from\s+probes\.scoring\s+import\s+(\([^)]*\)|[^\n]*)", text):
+        names = {n.split(" as ")[0].strip() for n in m.group(1).strip("()").replace("\\\n", " ").split(",")}
+        found += sorted(names & {"score"})
+    found += re.findall(r"\bprobes\.scoring\.(score)\(", text)
+    return found
+
+
+def test_only_probes_scores_outside_the_engine():
+    """Outside probes/, a model scores continuations through the engine (its ``score``), never through
+    probes.scoring.score on a model and tokenizer."""
+    assert _imports_score("from probes.scoring import ScoreRequest, score\n") == ["score"]
+    assert _imports_score("from probes.scoring import (\n    ScoreRequest,\n    score,\n)\n") == ["score"]
+    assert _imports_score("from probes.scoring import ScoreRequest, ScoreStats, split_tokens\n") == []
+    bad = {name: _imports_score(text) for name, text in sources() if not name.startswith("probes/")}
+    assert not {k: v for k, v in bad.items() if v}, bad
+
+
 # what reads a model or runs its tokenizer: in probes/ (the surrogates' inputs are probes/surrogate_inputs.py)
 MODEL_FACING = {"calls the tokenizer": r"\b(tok|tokenizer)\(", "reads the output embedding": r"\.get_output_embeddings\b",
                 "reads the input embedding": r"\.get_input_embeddings\b", "reads the unembedding": r"\bW_U\b",
