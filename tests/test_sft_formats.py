@@ -400,15 +400,94 @@ def test_scan_streams_the_same_turns_and_annotations_as_load(container, tmp_path
         assert [rr.value for rr in iter_raw(out)] == want
 
 
-def test_streamed_write_leaves_no_partial_file(tmp_path):
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet"])
+def test_streamed_write_leaves_no_partial_file(suffix, tmp_path):
     from knowcat.loaders.sft import write_sft_stream
 
     def records():
-        yield {"a": 1}
+        for i in range(5):
+            yield {"a": i}
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        write_sft_stream(tmp_path / "out.jsonl", records())
+        write_sft_stream(tmp_path / f"out{suffix}", records(), batch_size=2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _annotated_chat(n, tmp_path):
+    """``n`` chat records annotated as estimate writes them (turns, categories, probabilities)."""
+    recs = [dict(MESSAGES[i % 3], id=f"r{i}") for i in range(n)]
+    ds = load_sft(_write(tmp_path / "src.jsonl", recs))
+    (tmp_path / "src.jsonl").unlink()
+    examples, _ = prepare(ds)
+    return annotate_records(ds, examples, _fake_results(examples), "estimate")
+
+
+@pytest.mark.parametrize("records", [[], [{"q": "é\nx", "n": [1, {"a": None}]}], "chat"])
+def test_streamed_json_array_is_byte_identical_to_json_dumps(records, tmp_path):
+    from knowcat.loaders.sft import write_sft_stream
+
+    recs = _annotated_chat(7, tmp_path) if records == "chat" else records
+    out = tmp_path / "out.json"
+    assert write_sft_stream(out, iter(recs)) == len(recs)
+    assert out.read_bytes() == (json.dumps(recs, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
+    assert json.load(open(out, encoding="utf-8")) == recs
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_streamed_parquet_equals_the_in_memory_table(tmp_path):
+    """Records of one shape, written 3 rows at a time: the same table pyarrow builds from all of them in
+    memory (schema included), in several row groups."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from knowcat.loaders.sft import write_sft_stream
+
+    recs = _annotated_chat(10, tmp_path)
+    out = tmp_path / "out.parquet"
+    assert write_sft_stream(out, iter(recs), batch_size=3) == 10
+    got = pq.read_table(out)
+    want = pa.Table.from_pylist(recs)
+    assert got.schema.equals(want.schema) and got.equals(want)
+    assert pq.ParquetFile(out).metadata.num_row_groups == 4
+    assert [rr.value for rr in iter_raw(out)] == [rr.value for rr in iter_raw(_write(tmp_path / "m.parquet", recs))]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.parquet", "out.parquet"]
+
+
+def test_streamed_parquet_with_records_of_changing_shape(tmp_path):
+    """Later batches add a nested field, a top-level field, turn an int column into floats and fill a
+    column that was all null: the file holds the schema inferred over all records, every value kept."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from knowcat.loaders.sft import write_sft_stream
+
+    recs = [{"id": "a", "score": 1, "note": None, "meta": {"turns": [{"c": "HK"}]}},
+            {"id": "b", "score": 2, "note": None, "meta": {"turns": [{"c": "UK"}]}},
+            {"id": "c", "score": 2.5, "note": "x", "meta": {"turns": [{"c": "MK", "p": 0.5}], "m": "est"}},
+            {"id": "d", "score": 3, "note": None, "meta": {"turns": []}, "extra": [1, 2]},
+            {"id": "e", "score": 4, "note": "y", "meta": {"turns": [{"c": "WK"}]}}]
+    out = tmp_path / "out.parquet"
+    assert write_sft_stream(out, iter(recs), batch_size=2) == 5
+    got = pq.read_table(out)
+    names = ["id", "score", "note", "meta", "extra"]
+    want = pa.table({k: pa.array([r.get(k) for r in recs]) for k in names})  # inferred over all at once
+    assert got.schema.equals(want.schema) and got.equals(want)
+    assert got.schema.field("score").type == pa.float64()
+    back = got.to_pylist()
+    assert [b["extra"] for b in back] == [None, None, None, [1, 2], None]
+    assert back[2]["meta"] == {"turns": [{"c": "MK", "p": 0.5}], "m": "est"}
+    assert back[0]["meta"] == {"turns": [{"c": "HK", "p": None}], "m": None}
+    assert write_sft(tmp_path / "m.parquet", recs) is None and pq.read_table(tmp_path / "m.parquet").equals(want)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.parquet", "out.parquet"]
+
+
+def test_streamed_parquet_refuses_records_of_clashing_types(tmp_path):
+    from knowcat.loaders.sft import write_sft_stream
+
+    recs = [{"id": "a", "n": 1}, {"id": "b", "n": 2}, {"id": "c", "n": "three"}]
+    with pytest.raises(DataError, match=r"out.parquet.*records 2-2 do not fit"):
+        write_sft_stream(tmp_path / "out.parquet", iter(recs), batch_size=2)
     assert list(tmp_path.iterdir()) == []
 
 

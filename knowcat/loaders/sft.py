@@ -461,22 +461,19 @@ def strip_meta(rec: dict) -> dict:
     return {k: v for k, v in rec.items() if k != META_KEY}
 
 
+PARQUET_BATCH = 1024  # rows per Parquet row group when records are streamed
+
+
 def write_sft(path, records: list[dict], container: str | None = None) -> None:
-    """Write records atomically as JSONL, JSON, Parquet (by suffix) or a saved HF dataset (a folder)."""
+    """Write records atomically as JSONL, JSON, Parquet (by suffix) or a saved HF dataset (a folder).
+    JSON and Parquet go through the streamed writers of :func:`write_sft_stream`, so both give the
+    same file."""
     path = Path(path)
     kind = container or ("hf" if not path.suffix else container_of(path))
     if kind == "jsonl":
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    elif kind == "json":
-        atomic_write_text(path, json.dumps(records, ensure_ascii=False, indent=1) + "\n")
-    elif kind == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        pq.write_table(pa.Table.from_pylist(records), tmp)
-        tmp.replace(path)
+    elif kind in ("json", "parquet"):
+        write_sft_stream(path, iter(records), kind)
     elif kind == "hf":
         import shutil
 
@@ -493,31 +490,150 @@ def write_sft(path, records: list[dict], container: str | None = None) -> None:
         raise ValueError(f"unknown container {kind!r}; expected one of {CONTAINERS}")
 
 
-def write_sft_stream(path, records: Iterable[dict], container: str | None = None) -> int:
-    """:func:`write_sft` from an iterable: JSONL is written record by record to a temporary file, then
-    renamed (memory holds one record); the other containers are collected first. Returns the count."""
+def _atomic_text_stream(path: Path, write) -> int:
+    """Run ``write(f)`` on a temporary file beside ``path``, renamed to ``path`` when it returns; on any
+    error or interrupt the temporary file is removed and ``path`` is left as it was."""
     import os
     import tempfile
 
-    path = Path(path)
-    kind = container or ("hf" if not path.suffix else container_of(path))
-    if kind != "jsonl":
-        records = list(records)
-        write_sft(path, records, container)
-        return len(records)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    n = 0
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-                n += 1
+            n = write(f)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return n
+
+
+def _write_jsonl(f, records) -> int:
+    n = 0
+    for r in records:
+        f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        n += 1
+    return n
+
+
+def _write_json_array(f, records) -> int:
+    """The bytes of ``json.dumps(list(records), ensure_ascii=False, indent=1) + "\\n"``, one record at a
+    time (JSON escapes newlines inside strings, so indenting each line of a record is exact)."""
+    n = 0
+    f.write("[")
+    for r in records:
+        f.write(",\n" if n else "\n")
+        f.write("\n".join(" " + line for line in json.dumps(r, ensure_ascii=False, indent=1).split("\n")))
+        n += 1
+    f.write("\n]\n" if n else "]\n")
+    return n
+
+
+def _batches(records, size: int):
+    batch = []
+    for r in records:
+        batch.append(r)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _arrow_batch(batch: list[dict], schema=None, path=None):
+    """A pyarrow table of ``batch``: with ``schema``, in that schema; without, columns in the order the
+    records first name them and each column's type inferred from its values."""
+    import pyarrow as pa
+
+    try:
+        if schema is not None:
+            return pa.Table.from_pylist(batch, schema=schema)
+        names = list(dict.fromkeys(k for r in batch for k in r))
+        return pa.table({k: pa.array([r.get(k) for r in batch]) for k in names})
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise DataError(f"records do not fit one Parquet schema: {e}", file=path) from None
+
+
+def _write_parquet_stream(path: Path, records, batch_size: int = PARQUET_BATCH) -> int:
+    """Parquet from an iterable, ``batch_size`` records in memory at a time. Each batch's schema is
+    inferred and unified with the ones before (permissively: int and float give float, a null column
+    takes the other's type, structs gain the fields later records add). While a batch fits the schema
+    of the file being written it is appended as a row group; a batch that needs a wider schema starts a
+    new segment, and at the end the segments are rewritten once, batch by batch, into the unified
+    schema. Written to a temporary folder beside ``path`` and renamed at the end."""
+    import os
+    import shutil
+    import tempfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    writer = None
+    try:
+        segments: list[str] = []
+        seg_schema = unified = None
+        n = 0
+        for batch in _batches(records, batch_size):
+            t = _arrow_batch(batch, path=path)
+            n += len(batch)
+            if writer is not None:
+                try:
+                    unified = pa.unify_schemas([unified, t.schema], promote_options="permissive")
+                    fits = pa.unify_schemas([seg_schema, t.schema], promote_options="permissive")
+                except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+                    raise DataError(f"records {n - len(batch)}-{n - 1} do not fit the schema of the "
+                                    f"records before them: {e}", file=path) from None
+                if fits.equals(seg_schema):
+                    if not t.schema.equals(seg_schema):
+                        t = _arrow_batch(batch, seg_schema, path)
+                else:
+                    writer.close()
+                    writer = None
+            if writer is None:
+                seg_schema = t.schema
+                unified = seg_schema if unified is None else unified
+                segments.append(os.path.join(tmpdir, f"{len(segments)}.parquet"))
+                writer = pq.ParquetWriter(segments[-1], seg_schema)
+            writer.write_table(t)
+        if writer is not None:
+            writer.close()
+            writer = None
+        final = os.path.join(tmpdir, "out.parquet")
+        if not segments:
+            pq.write_table(pa.table({}), final)
+        elif len(segments) == 1:
+            final = segments[0]
+        else:
+            with pq.ParquetWriter(final, unified) as w:
+                for seg in segments:
+                    for b in pq.ParquetFile(seg).iter_batches(batch_size=batch_size):
+                        w.write_table(pa.Table.from_pylist(b.to_pylist(), schema=unified))
+        os.replace(final, path)
+    finally:
+        if writer is not None:
+            writer.close()
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return n
+
+
+def write_sft_stream(path, records: Iterable[dict], container: str | None = None,
+                     batch_size: int = PARQUET_BATCH) -> int:
+    """:func:`write_sft` from an iterable, atomically. JSONL and JSON arrays are written record by record
+    to a temporary file, then renamed (memory holds one record); Parquet ``batch_size`` records at a time
+    (:func:`_write_parquet_stream`); a saved HF dataset is still collected first. Returns the count."""
+    path = Path(path)
+    kind = container or ("hf" if not path.suffix else container_of(path))
+    if kind == "jsonl":
+        return _atomic_text_stream(path, lambda f: _write_jsonl(f, records))
+    if kind == "json":
+        return _atomic_text_stream(path, lambda f: _write_json_array(f, records))
+    if kind == "parquet":
+        return _write_parquet_stream(path, records, batch_size)
+    records = list(records)
+    write_sft(path, records, container)
+    return len(records)
 
 
 def set_answer(rec: dict, fmt: str, turn_field: str, text: str) -> dict:
