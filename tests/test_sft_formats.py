@@ -400,7 +400,7 @@ def test_scan_streams_the_same_turns_and_annotations_as_load(container, tmp_path
         assert [rr.value for rr in iter_raw(out)] == want
 
 
-@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet", ""])
 def test_streamed_write_leaves_no_partial_file(suffix, tmp_path):
     from knowcat.loaders.sft import write_sft_stream
 
@@ -480,6 +480,29 @@ def test_streamed_parquet_with_records_of_changing_shape(tmp_path):
     assert back[0]["meta"] == {"turns": [{"c": "HK", "p": None}], "m": None}
     assert write_sft(tmp_path / "m.parquet", recs) is None and pq.read_table(tmp_path / "m.parquet").equals(want)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.parquet", "out.parquet"]
+
+
+@pytest.mark.parametrize("records", ["chat", "changing"])
+def test_streamed_hf_dataset_equals_the_in_memory_one(records, tmp_path):
+    """A saved dataset written 3 records at a time loads back with the features and rows of
+    ``Dataset.from_list`` on all of them (records of changing shape: every top-level key, as Parquet)."""
+    import datasets
+
+    from knowcat.loaders.sft import write_sft_stream
+
+    recs = {"chat": lambda: _annotated_chat(10, tmp_path),
+            "changing": lambda: [{"id": "a", "n": 1, "m": {"t": [{"c": "x"}]}},
+                                 {"id": "b", "n": 2, "m": {"t": [{"c": "y"}]}},
+                                 {"id": "c", "n": 2.5, "m": {"t": [{"c": "z", "p": 0.1}]}, "e": [1]},
+                                 {"id": "d", "n": 3, "m": {"t": []}}]}[records]()
+    out = tmp_path / "out"
+    assert write_sft_stream(out, iter(recs), batch_size=3) == len(recs)
+    got = datasets.load_from_disk(str(out))
+    full = [{k: r.get(k) for k in dict.fromkeys(k for r in recs for k in r)} for r in recs]
+    want = datasets.Dataset.from_list(full)
+    assert got.features == want.features and list(got) == list(want)
+    assert [rr.value for rr in iter_raw(out)] == list(want)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_streamed_parquet_refuses_records_of_clashing_types(tmp_path):

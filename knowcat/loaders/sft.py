@@ -466,26 +466,14 @@ PARQUET_BATCH = 1024  # rows per Parquet row group when records are streamed
 
 def write_sft(path, records: list[dict], container: str | None = None) -> None:
     """Write records atomically as JSONL, JSON, Parquet (by suffix) or a saved HF dataset (a folder).
-    JSON and Parquet go through the streamed writers of :func:`write_sft_stream`, so both give the
-    same file."""
+    JSON, Parquet and HF datasets go through the streamed writers of :func:`write_sft_stream`, so both
+    give the same output."""
     path = Path(path)
     kind = container or ("hf" if not path.suffix else container_of(path))
     if kind == "jsonl":
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    elif kind in ("json", "parquet"):
+    elif kind in ("json", "parquet", "hf"):
         write_sft_stream(path, iter(records), kind)
-    elif kind == "hf":
-        import shutil
-
-        import datasets
-
-        tmp = path.with_name(f".{path.name}.tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        datasets.Dataset.from_list(records).save_to_disk(str(tmp))
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.replace(path)
     else:
         raise ValueError(f"unknown container {kind!r}; expected one of {CONTAINERS}")
 
@@ -621,8 +609,9 @@ def _write_parquet_stream(path: Path, records, batch_size: int = PARQUET_BATCH) 
 def write_sft_stream(path, records: Iterable[dict], container: str | None = None,
                      batch_size: int = PARQUET_BATCH) -> int:
     """:func:`write_sft` from an iterable, atomically. JSONL and JSON arrays are written record by record
-    to a temporary file, then renamed (memory holds one record); Parquet ``batch_size`` records at a time
-    (:func:`_write_parquet_stream`); a saved HF dataset is still collected first. Returns the count."""
+    to a temporary file, then renamed (memory holds one record); Parquet and saved HF datasets
+    ``batch_size`` records at a time (:func:`_write_parquet_stream`, :func:`_write_hf_stream`).
+    Returns the count."""
     path = Path(path)
     kind = container or ("hf" if not path.suffix else container_of(path))
     if kind == "jsonl":
@@ -631,9 +620,45 @@ def write_sft_stream(path, records: Iterable[dict], container: str | None = None
         return _atomic_text_stream(path, lambda f: _write_json_array(f, records))
     if kind == "parquet":
         return _write_parquet_stream(path, records, batch_size)
-    records = list(records)
-    write_sft(path, records, container)
-    return len(records)
+    if kind == "hf":
+        return _write_hf_stream(path, records, batch_size)
+    raise ValueError(f"unknown container {kind!r}; expected one of {CONTAINERS}")
+
+
+def _write_hf_stream(path: Path, records, batch_size: int = PARQUET_BATCH) -> int:
+    """A folder saved by ``datasets.Dataset.save_to_disk`` from an iterable, with bounded memory: the
+    records go through :func:`_write_parquet_stream` (one schema for all), are copied batch by batch into
+    an Arrow file that ``datasets`` memory-maps, and that dataset is saved to a temporary folder renamed
+    to ``path``."""
+    import shutil
+    import tempfile
+
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        n = _write_parquet_stream(work / "rows.parquet", records, batch_size)
+        if n:
+            pf = pq.ParquetFile(work / "rows.parquet")
+            with pa.OSFile(str(work / "rows.arrow"), "wb") as sink, \
+                    pa.ipc.new_stream(sink, pf.schema_arrow) as w:
+                for b in pf.iter_batches(batch_size=batch_size):
+                    w.write_batch(b)
+            ds = datasets.Dataset.from_file(str(work / "rows.arrow"))
+        else:
+            ds = datasets.Dataset.from_list([])
+        (work / "rows.parquet").unlink()
+        ds.save_to_disk(str(work / "saved"))
+        del ds
+        if path.exists():
+            shutil.rmtree(path)
+        (work / "saved").replace(path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return n
 
 
 def set_answer(rec: dict, fmt: str, turn_field: str, text: str) -> dict:
