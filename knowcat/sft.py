@@ -340,7 +340,7 @@ def categorize_sft(model_name: str, data, run_dir, cfg, *, format: str | None = 
     check_chat_template(model_name, cfg)  # before the rejects file is written
     run = Path(run_dir)
     ds, examples, na, todo, pool = _load_for_run("categorize", data, run, format, turns, on_error, rejects, group_by,
-                                                 max_answer_tokens, exemplars, log)
+                                                 max_answer_tokens, exemplars, log, stream=True)
     results = {}
     if todo:
         summary = run_categorize(model_name, todo, pool, run, cfg, data_source=str(data), log=log, **run_options)
@@ -348,11 +348,15 @@ def categorize_sft(model_name: str, data, run_dir, cfg, *, format: str | None = 
             RunDir(run).write_categorize_command(command)
         for r in RunDir(run).read_categorized(missing_ok=False):
             results[r["id"]] = {k: r[k] for k in RESULT_FIELDS if k in r}
-    records = annotate_records(ds, examples, results, "slick", na)
-    kind = ds.container
-    dest = Path(out) if out else RunDir(run).categorized_sft(kind)
-    write_sft(dest, records, None if dest.suffix else "hf")
-    log(f"categorize: wrote {dest} ({len(records)} records in their own format, categories under '{META_KEY}')")
+
+    def result_of(i):
+        if i not in results:
+            raise KeyError(f"no result for example {i} in {RunDir(run).root}")
+        return results[i]
+
+    dest = Path(out) if out else RunDir(run).categorized_sft(ds.container)
+    n = write_sft_stream(dest, annotated_stream(ds, examples, result_of, "slick", na), None if dest.suffix else "hf")
+    log(f"categorize: wrote {dest} ({n} records in their own format, categories under '{META_KEY}')")
     return dest
 
 

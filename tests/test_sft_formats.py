@@ -268,6 +268,7 @@ def test_cli_categorize_sft_rerun_command_repeats_the_data_options(tmp_path, tin
 
     from knowcat.cli import main
     from knowcat.rundir import RunDir
+    from knowcat.sft import RESULT_FIELDS
     from reports.build import _rerun_command
 
     recs = [{"messages": [{"role": "user", "content": f"Where was person {i} born?"},
@@ -280,11 +281,30 @@ def test_cli_categorize_sft_rerun_command_repeats_the_data_options(tmp_path, tin
     run = tmp_path / "my run"
     given = ["--format", "messages", "--turns", "all", "--max-answer-tokens", "4", "--group-by", "source",
              "--on-error", "skip"]
-    rc = main(["categorize", "--model", str(tiny_model_dir), str(src), "--out", str(run), "--n-prompts", "2",
-               "--k", "1", "--n-samples", "1", "--max-new-tokens", "3", "--match", "f1", "--shard-size", "4",
-               "--device", "cpu", "--no-progress", *given])
+
+    def whole_file_read(*a, **k):
+        raise AssertionError("categorize loaded every record")
+
+    import knowcat.loaders.sft as loaders_sft
+
+    real_load_sft = loaders_sft.load_sft
+    loaders_sft.load_sft = whole_file_read  # the records are streamed, as estimate does
+    try:
+        rc = main(["categorize", "--model", str(tiny_model_dir), str(src), "--out", str(run), "--n-prompts", "2",
+                   "--k", "1", "--n-samples", "1", "--max-new-tokens", "3", "--match", "f1", "--shard-size", "4",
+                   "--device", "cpu", "--no-progress", *given])
+    finally:
+        loaders_sft.load_sft = real_load_sft
     assert rc == 0
     rd = RunDir(run)
+    # the streamed output is the in-memory one: every record loaded, its turns prepared and annotated at once
+    ds = load_sft(src, format="messages", turns="all", on_error="skip")
+    examples, na = prepare(ds, "source", 4)
+    results = {r["id"]: {k: r[k] for k in RESULT_FIELDS if k in r} for r in rd.read_categorized()}
+    want = annotate_records(ds, examples, results, "slick", na)
+    assert [json.loads(x) for x in open(run / "categorized_sft.jsonl")] == want
+    assert (run / "categorized_sft.jsonl").read_text() == "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                                   for r in want)
     config, command = rd.read_categorize_config(), rd.read_categorize_command()
     assert command == {"format": "messages", "turns": "all", "max_answer_tokens": 4, "group_by": "source",
                        "on_error": "skip", "device": "cpu"}
