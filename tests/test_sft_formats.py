@@ -525,6 +525,26 @@ def test_streamed_hf_dataset_equals_the_in_memory_one(records, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_parquet_is_read_in_batches_with_its_json_columns_decoded(tmp_path):
+    """iter_parquet reads a few rows at a time: the rows of the whole table, columns that knowcat stored as
+    JSON text decoded, across row groups and batches."""
+    import pyarrow.parquet as pq
+
+    from knowcat.filtering import write_records
+    from knowcat.loaders.readers import iter_parquet
+    from knowcat.loaders.sft import write_sft_stream
+
+    recs = [{"id": f"r{i}", "m": {"t": [{"c": str(i)}]}, "n": i} for i in range(7)]
+    out = tmp_path / "s.parquet"
+    write_sft_stream(out, iter(recs), batch_size=3)
+    got = list(iter_parquet(out, batch_size=2))
+    assert [rr.record for rr in got] == list(range(7)) and [rr.value for rr in got] == pq.read_table(out).to_pylist()
+    mixed = [{"id": "a", "x": 1, "d": {"k": 1}}, {"id": "b", "x": "two", "d": {"j": [1]}}, {"id": "c", "x": None,
+                                                                                        "d": None}]
+    write_records(tmp_path / "m.parquet", mixed)
+    assert [rr.value for rr in iter_parquet(tmp_path / "m.parquet", batch_size=2)] == mixed
+
+
 def test_streamed_parquet_refuses_records_of_clashing_types(tmp_path):
     from knowcat.loaders.sft import write_sft_stream
 

@@ -244,17 +244,28 @@ def parquet_rows(path: Path) -> list[dict]:
     return rows
 
 
-def iter_parquet(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[RawRecord]:
-    """Parquet through pyarrow; lists stay lists."""
+def iter_parquet(path: Path, max_line_bytes: int = MAX_LINE_BYTES, batch_size: int = 1024) -> Iterator[RawRecord]:
+    """Parquet through pyarrow, ``batch_size`` rows in memory at a time; lists stay lists, columns
+    stored as JSON text (see :func:`parquet_rows`) are decoded back."""
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
+    n = 0
     try:
-        rows = parquet_rows(path)
+        pf = pq.ParquetFile(path)
+        meta = pf.schema_arrow.metadata or {}
+        cols = json.loads(meta[JSON_COLUMNS_KEY]) if JSON_COLUMNS_KEY in meta else []
+        for batch in pf.iter_batches(batch_size=batch_size):
+            rows = batch.to_pylist()
+            for col in cols:
+                for r in rows:
+                    if r.get(col) is not None:
+                        r[col] = json.loads(r[col])
+            for rec in rows:
+                yield RawRecord(n, value=rec, raw=rec)
+                n += 1
     except (pa.ArrowException, OSError, ValueError) as e:
         yield RawRecord(None, error=DataError(f"unreadable Parquet file: {e}", file=path))
-        return
-    for n, rec in enumerate(rows):
-        yield RawRecord(n, value=rec, raw=rec)
 
 
 READERS = {"jsonl": iter_jsonl, "json": iter_json, "csv": iter_csv, "parquet": iter_parquet}
