@@ -545,13 +545,29 @@ def test_parquet_is_read_in_batches_with_its_json_columns_decoded(tmp_path):
     assert [rr.value for rr in iter_parquet(tmp_path / "m.parquet", batch_size=2)] == mixed
 
 
-def test_streamed_parquet_refuses_records_of_clashing_types(tmp_path):
+@pytest.mark.parametrize("batch_size", [2, 10])
+def test_streamed_parquet_stores_fields_of_clashing_types_as_json(batch_size, tmp_path):
+    """A field with a number in some records and text in others (at top level or nested), in a later batch
+    or in the first: Parquet keeps that column as JSON text, named in the schema's metadata, and the
+    records read back are the records written; a saved dataset refuses it, naming the file and field."""
+    import pyarrow.parquet as pq
+
+    from knowcat.loaders.readers import JSON_COLUMNS_KEY
     from knowcat.loaders.sft import write_sft_stream
 
-    recs = [{"id": "a", "n": 1}, {"id": "b", "n": 2}, {"id": "c", "n": "three"}]
-    with pytest.raises(DataError, match=r"out.parquet.*records 2-2 do not fit"):
-        write_sft_stream(tmp_path / "out.parquet", iter(recs), batch_size=2)
-    assert list(tmp_path.iterdir()) == []
+    recs = [{"id": "a", "n": 1, "m": {"p": 1}, "s": "x"}, {"id": "b", "n": 2, "m": {"p": 2}, "s": "y"},
+            {"id": "c", "n": "three", "m": {"p": "x"}, "s": "z"}, {"id": "d", "n": 4, "m": {"p": 0.5}, "s": None}]
+    out = tmp_path / "out.parquet"
+    assert write_sft_stream(out, iter(recs), batch_size=batch_size) == 4
+    assert json.loads(pq.read_schema(out).metadata[JSON_COLUMNS_KEY]) == ["m", "n"]
+    assert pq.read_schema(out).field("s").type == "string"
+    assert [rr.value for rr in iter_raw(out)] == recs
+    write_sft(tmp_path / "m.parquet", recs)
+    assert [rr.value for rr in iter_raw(tmp_path / "m.parquet")] == recs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.parquet", "out.parquet"]
+    with pytest.raises(DataError, match=r"out_hf.*field\(s\) 'n'"):
+        write_sft_stream(tmp_path / "out_hf", iter(recs), batch_size=batch_size)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.parquet", "out.parquet"]
 
 
 @pytest.mark.parametrize("data", ["qa", "chat"])

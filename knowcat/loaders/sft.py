@@ -528,27 +528,54 @@ def _batches(records, size: int):
         yield batch
 
 
-def _arrow_batch(batch: list[dict], schema=None, path=None):
-    """A pyarrow table of ``batch``: with ``schema``, in that schema; without, columns in the order the
-    records first name them and each column's type inferred from its values."""
+def _json_text(values) -> list:
+    return [None if v is None else json.dumps(v, ensure_ascii=False) for v in values]
+
+
+def _arrow_batch(batch: list[dict], names, json_cols, schema=None):
+    """A pyarrow table of ``batch``, columns ``names`` (absent keys are null): the ``json_cols`` as JSON
+    text, the others with their type inferred from their values (or ``schema``'s). Columns whose values
+    share no Arrow type are returned as ``(None, [their names])``."""
     import pyarrow as pa
 
-    try:
-        if schema is not None:
-            return pa.Table.from_pylist(batch, schema=schema)
-        names = list(dict.fromkeys(k for r in batch for k in r))
-        return pa.table({k: pa.array([r.get(k) for r in batch]) for k in names})
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-        raise DataError(f"records do not fit one Parquet schema: {e}", file=path) from None
+    arrays, clash = {}, []
+    for k in names:
+        col = [r.get(k) for r in batch]
+        if k in json_cols:
+            arrays[k] = pa.array(_json_text(col), type=pa.string())
+            continue
+        try:
+            arrays[k] = pa.array(col, type=None if schema is None else schema.field(k).type)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+            clash.append(k)
+    return (None, clash) if clash else (pa.table(arrays) if arrays else pa.table({}), [])
 
 
-def _write_parquet_stream(path: Path, records, batch_size: int = PARQUET_BATCH) -> int:
-    """Parquet from an iterable, ``batch_size`` records in memory at a time. Each batch's schema is
-    inferred and unified with the ones before (permissively: int and float give float, a null column
-    takes the other's type, structs gain the fields later records add). While a batch fits the schema
-    of the file being written it is appended as a row group; a batch that needs a wider schema starts a
-    new segment, and at the end the segments are rewritten once, batch by batch, into the unified
-    schema. Written to a temporary folder beside ``path`` and renamed at the end."""
+def _clashing_fields(a, b) -> list[str]:
+    import pyarrow as pa
+
+    out = []
+    for f in b:
+        if a.get_field_index(f.name) >= 0:
+            try:
+                pa.unify_schemas([pa.schema([a.field(f.name)]), pa.schema([f])], promote_options="permissive")
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                out.append(f.name)
+    return out
+
+
+def _write_parquet_stream(path: Path, records, batch_size: int = PARQUET_BATCH, json_fallback: bool = True) -> int:
+    """Parquet from an iterable, ``batch_size`` records in memory at a time. Columns are every record's
+    top-level keys in the order they first appear. Each batch's schema is inferred and unified with the
+    ones before (permissively: int and float give float, a null column takes the other's type, structs
+    gain the fields later records add). While a batch fits the schema of the file being written it is
+    appended as a row group; a batch that needs a wider schema starts a new segment, and at the end the
+    segments are rewritten once, batch by batch, into the unified schema. A column whose values share no
+    Arrow type (a number in one record, text in another) is stored as JSON text and named in the
+    schema's metadata, as :func:`knowcat.filtering.write_records` does, so the readers give it back
+    (values written before the clash as Parquet gave them: absent nested keys as null); without
+    ``json_fallback`` it is a :class:`DataError`. Written to a temporary folder beside ``path`` and
+    renamed at the end."""
     import os
     import shutil
     import tempfile
@@ -556,35 +583,56 @@ def _write_parquet_stream(path: Path, records, batch_size: int = PARQUET_BATCH) 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from knowcat.loaders.readers import JSON_COLUMNS_KEY
+
+    def refuse(cols, first, last):
+        raise DataError(f"records {first}-{last} do not fit the type of the records before them in field(s) "
+                        f"{', '.join(map(repr, cols))} (Parquet and saved datasets hold one type per field)",
+                        file=path)
+
+    def with_meta(schema, cols):
+        return schema.with_metadata({JSON_COLUMNS_KEY: json.dumps(sorted(cols))}) if cols else schema
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmpdir = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     writer = None
     try:
-        segments: list[str] = []
+        segments: list[tuple[str, set]] = []  # (file, its JSON columns)
+        names: dict = {}
+        json_cols: set = set()
         seg_schema = unified = None
         n = 0
         for batch in _batches(records, batch_size):
-            t = _arrow_batch(batch, path=path)
-            n += len(batch)
+            first, n = n, n + len(batch)
+            for r in batch:
+                names.update(dict.fromkeys(r))
+            t, clash = _arrow_batch(batch, names, json_cols)
+            if not clash and unified is not None:
+                clash = _clashing_fields(unified, t.schema)
+            if clash:
+                if not json_fallback:
+                    refuse(clash, first, n - 1)
+                json_cols.update(clash)
+                t, _ = _arrow_batch(batch, names, json_cols)
+                if unified is not None:
+                    unified = pa.schema([pa.field(f.name, pa.string()) if f.name in json_cols else f
+                                         for f in unified])
+            unified = t.schema if unified is None else \
+                pa.unify_schemas([unified, t.schema], promote_options="permissive")
             if writer is not None:
-                try:
-                    unified = pa.unify_schemas([unified, t.schema], promote_options="permissive")
-                    fits = pa.unify_schemas([seg_schema, t.schema], promote_options="permissive")
-                except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-                    raise DataError(f"records {n - len(batch)}-{n - 1} do not fit the schema of the "
-                                    f"records before them: {e}", file=path) from None
-                if fits.equals(seg_schema):
+                fits = pa.unify_schemas([seg_schema, t.schema], promote_options="permissive") \
+                    if not _clashing_fields(seg_schema, t.schema) else None
+                if fits is not None and fits.equals(seg_schema) and json_cols == segments[-1][1]:
                     if not t.schema.equals(seg_schema):
-                        t = _arrow_batch(batch, seg_schema, path)
+                        t, _ = _arrow_batch(batch, seg_schema.names, json_cols, seg_schema)
                 else:
                     writer.close()
                     writer = None
             if writer is None:
-                seg_schema = t.schema
-                unified = seg_schema if unified is None else unified
-                segments.append(os.path.join(tmpdir, f"{len(segments)}.parquet"))
-                writer = pq.ParquetWriter(segments[-1], seg_schema)
-            writer.write_table(t)
+                seg_schema = with_meta(t.schema, json_cols)
+                segments.append((os.path.join(tmpdir, f"{len(segments)}.parquet"), set(json_cols)))
+                writer = pq.ParquetWriter(segments[-1][0], seg_schema)
+            writer.write_table(t.replace_schema_metadata(seg_schema.metadata))
         if writer is not None:
             writer.close()
             writer = None
@@ -592,12 +640,17 @@ def _write_parquet_stream(path: Path, records, batch_size: int = PARQUET_BATCH) 
         if not segments:
             pq.write_table(pa.table({}), final)
         elif len(segments) == 1:
-            final = segments[0]
+            final = segments[0][0]
         else:
+            unified = with_meta(unified, json_cols)
             with pq.ParquetWriter(final, unified) as w:
-                for seg in segments:
+                for seg, seg_json in segments:
                     for b in pq.ParquetFile(seg).iter_batches(batch_size=batch_size):
-                        w.write_table(pa.Table.from_pylist(b.to_pylist(), schema=unified))
+                        rows = b.to_pylist()
+                        for col in json_cols - seg_json:
+                            for r in rows:
+                                r[col] = None if r.get(col) is None else json.dumps(r[col], ensure_ascii=False)
+                        w.write_table(pa.Table.from_pylist(rows, schema=unified))
         os.replace(final, path)
     finally:
         if writer is not None:
@@ -640,7 +693,7 @@ def _write_hf_stream(path: Path, records, batch_size: int = PARQUET_BATCH) -> in
     path.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        n = _write_parquet_stream(work / "rows.parquet", records, batch_size)
+        n = _write_parquet_stream(work / "rows.parquet", records, batch_size, json_fallback=False)
         if n:
             pf = pq.ParquetFile(work / "rows.parquet")
             with pa.OSFile(str(work / "rows.arrow"), "wb") as sink, \
