@@ -228,61 +228,46 @@ def format_stats(s: dict) -> str:
 def filter_sft_file(src, out, cfg, rejects_path=None, stats_path=None, log=print) -> dict:
     """Filter an annotated SFT file: kept records to ``out`` (same format as the input unless ``out``'s
     suffix says otherwise), rejects (``{"record", "reason", "method", "data"}``) and stats beside it.
-    JSONL to JSONL streams (memory bounded by one record; both files written to temporary names and
-    renamed at the end); other containers are read whole. Returns ``{"kept", "rejects", "stats"}``
-    (the kept and rejected records only when not streamed: counts otherwise)."""
+    Streams from every container to every container: records read one at a time (a JSON array is parsed
+    whole), kept records written by :func:`~knowcat.loaders.sft.write_sft_stream`, rejects line by line;
+    both files written to temporary names and renamed at the end. Returns ``{"kept", "rejects",
+    "stats"}`` (counts of kept and rejected records, and the stats)."""
     src, out = Path(src), Path(out)
     stem = out.stem if out.suffix else out.name
     rp = Path(rejects_path) if rejects_path else out.with_name(stem + ".rejects.jsonl")
     sp = Path(stats_path) if stats_path else out.with_name(stem + ".stats.json")
-    if container_of(src) == "jsonl" and out.suffix.lower() in (".jsonl", ".ndjson"):
-        res = _stream_jsonl(src, out, rp, cfg)
-    else:
-        records, numbers = [], []
-        for rr in iter_raw(src):
-            if rr.error is not None:
-                raise rr.error
-            records.append(rr.value)
-            numbers.append(rr.record)
-        res = filter_sft_records(records, cfg, source=str(src), numbers=numbers)
-        write_sft(out, res["kept"], container=None if out.suffix else "hf")
-        write_rejects(rp, res["rejects"])
+    container_of(src)  # an unknown input type is refused before anything is written
+    res = _stream_filter(src, out, rp, cfg)
     atomic_write_json(sp, res["stats"])
     log(format_stats(res["stats"]))
     log(f"filter: wrote {out} ({res['stats']['kept']} records), {rp} ({res['stats']['rejected']} rejects) and {sp}")
     return res
 
 
-def _stream_jsonl(src: Path, out: Path, rp: Path, cfg) -> dict:
+def _stream_filter(src: Path, out: Path, rp: Path, cfg) -> dict:
     import os
     import tempfile
 
     f = SFTFilter(cfg, str(src))
-    tmps = []
+    rp.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{rp.name}.", suffix=".tmp", dir=rp.parent)
     try:
-        handles = []
-        for dest in (out, rp):
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-            tmps.append(tmp)
-            handles.append(os.fdopen(fd, "w", encoding="utf-8"))
-        kept_f, rej_f = handles
-        with kept_f, rej_f:
-            for rr in iter_raw(src):
-                if rr.error is not None:
-                    raise rr.error
-                k, r = f(rr.record, rr.value)
-                if k is not None:
-                    kept_f.write(json.dumps(k, ensure_ascii=False) + "\n")
-                else:
-                    rej_f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
-        os.replace(tmps[0], out)
-        os.replace(tmps[1], rp)
-    except BaseException:
-        for t in tmps:
-            if os.path.exists(t):
-                os.unlink(t)
-        raise
+        with os.fdopen(fd, "w", encoding="utf-8") as rej_f:
+            def kept():
+                for rr in iter_raw(src):
+                    if rr.error is not None:
+                        raise rr.error
+                    k, r = f(rr.record, rr.value)
+                    if k is not None:
+                        yield k
+                    else:
+                        rej_f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
+
+            write_sft_stream(out, kept(), None if out.suffix else "hf")
+        os.replace(tmp, rp)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return {"kept": f.kept, "rejects": f.rejected, "stats": f.stats()}
 
 

@@ -364,6 +364,39 @@ def test_streamed_filter_leaves_no_partial_file_and_refuses_cap(tmp_path, capsys
     assert "cap-per-relation" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("container", ["jsonl", "json", "parquet", "hf"])
+def test_filter_streams_every_container_to_the_in_memory_output(container, tmp_path):
+    """filter on JSON, Parquet and saved datasets streams as JSONL does (counts returned, not the records)
+    and writes what filtering the loaded records and writing them at once gives (bytes for JSON and JSONL,
+    table / features and rows for Parquet and datasets), relabelled and rejected records included."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    from knowcat.sft import filter_sft_file, filter_sft_records
+
+    recs = _annotated_chat(9, tmp_path)
+    name = lambda stem: tmp_path / (stem + ("" if container == "hf" else "." + container))  # noqa: E731
+    src = _write(name("cat"), recs)
+    cfg = FilterConfig(drop=("Unknown",), relabel=("WeaklyKnown",), abstention="IDK")
+    res = filter_sft_file(src, name("kept"), cfg, log=lambda *a: None)
+    assert (res["kept"], res["rejects"]) == (res["stats"]["kept"], res["stats"]["rejected"])
+    assert res["stats"]["relabeled"] > 0 and 0 < res["rejects"] < 9
+    raw = list(iter_raw(src))
+    mem = filter_sft_records([rr.value for rr in raw], cfg, source=str(src), numbers=[rr.record for rr in raw])
+    write_sft(name("mem"), mem["kept"])
+    assert mem["stats"] == res["stats"]
+    assert [json.loads(x) for x in open(tmp_path / "kept.rejects.jsonl")] == json.loads(json.dumps(mem["rejects"]))
+    got, want = name("kept"), name("mem")
+    if container in ("jsonl", "json"):
+        assert got.read_bytes() == want.read_bytes()
+    elif container == "parquet":
+        assert pq.read_table(got).equals(pq.read_table(want))
+    else:
+        a, b = datasets.load_from_disk(str(got)), datasets.load_from_disk(str(want))
+        assert a.features == b.features and list(a) == list(b)
+    assert not list(tmp_path.glob(".*"))
+
+
 def test_cli_match_judge_needs_a_judge_model(tmp_path, capsys):
     from knowcat.cli import main
 
