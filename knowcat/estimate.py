@@ -112,12 +112,6 @@ def hidden_rows(H, rows) -> np.ndarray | None:
     return H.take(rows) if isinstance(H, HiddenShards) else H[rows]
 
 
-def middle_layer(model) -> int:
-    from probes.scoring import middle_block
-
-    return middle_block(model)
-
-
 def prompts_of(examples: list[QAExample], pool: list[QAExample], n_prompts: int, k: int, seed: int,
                exemplar_split: str = "dev", render=None) -> dict[str, list[tuple[str, str]]]:
     """SliCK's prompts (the same exemplar sets, in the same order) of each example, first ``n_prompts``
@@ -142,9 +136,9 @@ def features(model, tokenizer, examples: list[QAExample], pool: list[QAExample],
     """The estimator's features: one teacher-forced pass per (example, prompt), nothing sampled; each
     few-shot prefix is encoded once and its KV cache shared by every question asked under it."""
     from probes.engine import open_engine
-    from probes.scoring import ScoreRequest, ScoreStats
+    from probes.scoring import ScoreRequest, ScoreStats, middle_block
 
-    layer = None if cfg.layer == -1 else (middle_layer(model) if cfg.layer is None else cfg.layer)
+    layer = None if cfg.layer == -1 else (middle_block(model) if cfg.layer is None else cfg.layer)
     render = _renderer(tokenizer, cfg)
     prompts = prompts_of(examples, pool, cfg.n_prompts, cfg.k, cfg.seed, cfg.exemplar_split, render=render)
     sep = answer_sep(render)

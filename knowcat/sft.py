@@ -39,12 +39,12 @@ def prepare(ds: SFTDataset, group_by: str | None = None, max_answer_tokens: int 
             ) -> tuple[list[QAExample], dict[str, str]]:
     """(every turn as an example, ``{id: reason}`` of the turns that are not applicable)."""
     examples = ds.examples(group_by)
-    na = {}
-    for ex in examples:
-        why = answer_too_long(ex.answers, max_answer_tokens)
-        if why:
-            na[ex.id] = why
-    return examples, na
+    return examples, not_applicable(examples, max_answer_tokens)
+
+
+def not_applicable(examples: list[QAExample], max_answer_tokens: int | None) -> dict[str, str]:
+    """``{id: reason}`` of the examples whose reference answer is too long to match."""
+    return {ex.id: why for ex in examples if (why := answer_too_long(ex.answers, max_answer_tokens))}
 
 
 def record_category(turn_categories: list[str]) -> str:
@@ -107,10 +107,6 @@ def annotated_stream(scan, examples: list[QAExample], result_of, method: str | N
     if j != len(examples):
         raise DataError(f"the file changed while it was read: {len(examples) - j} turns left without their record",
                         file=scan.path)
-
-
-def write_annotated(path, records: list[dict], container: str | None = None) -> None:
-    write_sft(path, records, container)
 
 
 # --- filtering ---------------------------------------------------------------------------------
@@ -278,29 +274,23 @@ RESULT_FIELDS = ("category", "p_correct_greedy", "n_greedy", "n_greedy_correct",
 
 
 def _load_for_run(stage: str, data, run: Path, format, turns, on_error, rejects, group_by, max_answer_tokens,
-                  exemplars, log, stream: bool = False):
-    """What ``categorize_sft`` and ``estimate_sft`` both start with: the SFT records read (malformed ones to
-    the rejects file, the run's default when none is given), their turns as examples, those whose answer is
-    too long set apart, and the exemplar pool (``exemplars`` or the examples themselves).
-    Returns ``(dataset, examples, not_applicable, todo, pool)``; with ``stream`` the dataset is an
-    :class:`~knowcat.loaders.sft.SFTScan` (the records are not kept, only their turns)."""
+                  exemplars, log):
+    """What ``categorize_sft`` and ``estimate_sft`` both start with: the SFT file scanned for its turns
+    (:func:`~knowcat.loaders.sft.scan_sft`: the records are not kept), malformed records to the rejects file
+    (the run's default when none is given), the turns as examples, those whose answer is too long set
+    apart, and the exemplar pool (``exemplars`` or the examples themselves).
+    Returns ``(scan, examples, not_applicable, todo, pool)``."""
     from knowcat.loaders.sft import load_sft, scan_sft
 
-    if stream:
-        ds = scan_sft(data, format=format, turns=turns, on_error=on_error, group_by=group_by)
-        examples, n_records = ds.examples, ds.n_records
-        na = {ex.id: why for ex in examples if (why := answer_too_long(ex.answers, max_answer_tokens))}
-    else:
-        ds = load_sft(data, format=format, turns=turns, on_error=on_error)
-        n_records = len(ds.records)
+    ds = scan_sft(data, format=format, turns=turns, on_error=on_error, group_by=group_by)
+    examples = ds.examples
+    na = not_applicable(examples, max_answer_tokens)
     if ds.rejects or rejects:
         rp = Path(rejects) if rejects else RunDir(run).load_rejects
         write_rejects(rp, ds.rejects)
         log(f"{stage}: {len(ds.rejects)} malformed records skipped -> {rp}")
-    if not stream:
-        examples, na = prepare(ds, group_by, max_answer_tokens)
     todo = [e for e in examples if e.id not in na]
-    log(f"{stage}: {n_records} {ds.format} records from {data}: {len(examples)} turns, "
+    log(f"{stage}: {ds.n_records} {ds.format} records from {data}: {len(examples)} turns, "
         f"{len(na)} not applicable (answer over {max_answer_tokens} words)")
     pool = load_sft(exemplars, turns="all").examples(group_by) if exemplars is not None else todo
     return ds, examples, na, todo, pool
@@ -325,7 +315,7 @@ def categorize_sft(model_name: str, data, run_dir, cfg, *, format: str | None = 
     check_chat_template(model_name, cfg)  # before the rejects file is written
     run = Path(run_dir)
     ds, examples, na, todo, pool = _load_for_run("categorize", data, run, format, turns, on_error, rejects, group_by,
-                                                 max_answer_tokens, exemplars, log, stream=True)
+                                                 max_answer_tokens, exemplars, log)
     results = {}
     if todo:
         summary = run_categorize(model_name, todo, pool, run, cfg, data_source=str(data), log=log, **run_options)
@@ -379,7 +369,7 @@ def estimate_sft(model, data, run_dir, cfg=None, slick_cfg=None, *, tokenizer=No
     if labels is not None and not isinstance(labels, dict):
         labels = read_labels(labels)
     ds, examples, na, todo, pool = _load_for_run("estimate", data, run, format, turns, on_error, rejects, group_by,
-                                                 max_answer_tokens, exemplars, log, stream=True)
+                                                 max_answer_tokens, exemplars, log)
     res = estimate(model, tokenizer, todo, pool, cfg, slick_cfg, labels=labels, run_dir=run,
                    model_name=model_name or getattr(model, "name_or_path", "model"), log=log, progress=progress,
                    shard_size=shard_size, run_slick=run_slick)

@@ -174,14 +174,7 @@ class PrefixCache(KVStore):
 
     @torch.inference_mode()
     def get(self, ids: tuple[int, ...], sync: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        kv = super().get(ids, sync=sync)
-        if kv is None:
-            x = torch.tensor([ids], device=self.model.device)
-            out = self.model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=True)
-            kv = _layer_kv(output_cache(out))
-            self.encoded_tokens += len(ids)
-            self.put(ids, kv)
-        return kv
+        return self.get_many([ids], sync=sync)[0]
 
     @torch.inference_mode()
     def get_many(self, prefixes: Sequence[tuple[int, ...]], sync: bool = True) -> list:

@@ -88,21 +88,23 @@ def split_tokens(tokenizer, requests: Sequence[ScoreRequest]) -> list[tuple[list
 def _split(tokenizer, requests: Sequence[ScoreRequest], chunk: int = 512) -> list[tuple[list[int], int, int]]:
     """(whole text's ids, where the continuation starts, how many leading tokens are shared). Texts are
     tokenized ``chunk`` requests at a time: memory holds the prefixes' ids of one chunk only."""
-    from probes.generation import _common_prefix_len
-
-    def enc(texts):
-        texts = sorted(set(texts))
-        return dict(zip(texts, tokenizer(texts, add_special_tokens=True)["input_ids"])) if texts else {}
-
-    shared = enc(r.shared for r in requests if r.shared)
+    shared = _encode(tokenizer, (r.shared for r in requests if r.shared))
     out = []
     for c in range(0, len(requests), chunk):
-        out += _split_chunk(tokenizer, requests[c:c + chunk], shared, enc, _common_prefix_len)
+        out += _split_chunk(tokenizer, requests[c:c + chunk], shared)
     return out
 
 
-def _split_chunk(tokenizer, requests, shared, enc, _common_prefix_len) -> list[tuple[list[int], int, int]]:
-    pre = enc(r.shared + r.prefix for r in requests)
+def _encode(tokenizer, texts) -> dict[str, list[int]]:
+    """``{text: token ids}`` of the distinct ``texts``, tokenized in one call."""
+    texts = sorted(set(texts))
+    return dict(zip(texts, tokenizer(texts, add_special_tokens=True)["input_ids"])) if texts else {}
+
+
+def _split_chunk(tokenizer, requests, shared: dict[str, list[int]]) -> list[tuple[list[int], int, int]]:
+    from probes.generation import _common_prefix_len
+
+    pre = _encode(tokenizer, (r.shared + r.prefix for r in requests))
     full = tokenizer([r.shared + r.prefix + r.continuation for r in requests], add_special_tokens=True)["input_ids"]
     out = []
     for r, ids in zip(requests, full):

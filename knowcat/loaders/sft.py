@@ -412,7 +412,7 @@ def load_sft(path, format: str | None = None, turns: str = "last", on_error: str
 @dataclass
 class SFTScan:
     """An SFT file read for its turns, records not kept (:func:`scan_sft`): enough to ask every turn and,
-    with :func:`write_annotated_stream`, to write the records back annotated."""
+    with :func:`knowcat.sft.annotated_stream` and :func:`write_sft_stream`, to write the records back annotated."""
 
     path: Path
     format: str
