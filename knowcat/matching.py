@@ -131,6 +131,39 @@ def is_correct(prediction: str, answers: Iterable[str], mode: str = "exact") -> 
     return any(g and f" {g} " in padded for g in golds)
 
 
+_WORD = re.compile(r"\w*", re.UNICODE)
+
+
+def may_still_match(partial: str, answers: Iterable[str], mode: str = "exact") -> bool:
+    """Whether some continuation of ``partial`` (the first characters of an answer still being
+    generated) can make it correct under ``mode``; False only when none can, so an answer
+    abandoned on False would have been judged wrong whatever followed. Only ``exact`` ever
+    answers False: a ``contains`` match, an F1 over the threshold or a judge's yes can come
+    from any continuation.
+
+    For ``exact``: the words before the last white space are final (normalization is local to a
+    word: lowercasing and dropping punctuation act on characters, the articles are whole words),
+    so they must begin a normalized alias; the word being written must begin the alias's next word,
+    unless it may still become an article (dropped) or holds characters that split words by
+    themselves (then nothing is decided)."""
+    if mode != "exact":
+        return True
+    cut = len(partial)
+    while cut and not partial[cut - 1].isspace():
+        cut -= 1
+    done, last = normalize(partial[:cut]).split(), partial[cut:].lower()
+    last = "".join(ch for ch in last if ch not in _PUNCT)
+    for g in answers:
+        words = normalize(g).split()
+        if words[:len(done)] != done:
+            continue
+        if not last or not _WORD.fullmatch(last) or any(a.startswith(last) for a in ("a", "an", "the")):
+            return True
+        if len(words) > len(done) and words[len(done)].startswith(last):
+            return True
+    return False
+
+
 def answer_tokens(answer: str) -> int:
     """Length of an answer in SQuAD tokens (normalized words)."""
     return len(normalize(answer).split())

@@ -24,16 +24,21 @@ one, whatever the rounds computed past it, so the counts do not depend on the
 batch size either: an example with a correct greedy answer has none, a
 WeaklyKnown one counts up to its first correct sample, an Unknown one all of
 them. P_Correct(T>0) is reported only where it was fully measured (Unknown: 0)
-and is ``None`` elsewhere; the counts are always given.
+and is ``None`` elsewhere; the counts are always given. With ``exact`` matching, a
+lazy sample is also abandoned as soon as its first words can no longer match any
+answer (:func:`knowcat.matching.may_still_match`): it is counted, wrong, and its
+answer is kept as ``None`` (null). Most samples of an Unknown example leave after
+their first token or two instead of decoding a whole wrong answer.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Callable
 
 from knowcat.examples import QAExample
-from knowcat.matching import MATCH_MODES, is_correct
+from knowcat.matching import MATCH_MODES, is_correct, may_still_match
 from knowcat.prompts import FewShotConfig, exemplar_sets, prompt_for
 
 from linear_models.names import CATEGORIES, KNOWN  # noqa: F401  (defined once, there)
@@ -86,7 +91,7 @@ class SliCKResult:
     match_mode: str
     mode: str  # "lazy" or "exact"
     greedy_answers: list[str] | None = None
-    sampled_answers: list[list[str]] | None = None  # per prompt
+    sampled_answers: list[list[str | None]] | None = None  # per prompt (None: abandoned, lazy mode)
 
     def fields(self) -> dict:
         d = asdict(self)
@@ -128,7 +133,8 @@ def _count_samples(st: _State, answers, cfg: SliCKConfig) -> None:
     verdict: dict[str, bool] = {}  # samples repeat: each distinct answer is matched once
     for j in sorted(st.samples):
         for i, a in enumerate(st.samples[j]):
-            ok = verdict[a] if a in verdict else verdict.setdefault(a, is_correct(a, answers, cfg.match))
+            # None: a sample abandoned once it could no longer match (lazy mode), wrong whatever followed
+            ok = a is not None and (verdict[a] if a in verdict else verdict.setdefault(a, is_correct(a, answers, cfg.match)))
             st.n_sampled += 1
             st.n_sampled_correct += ok
             if ok and not cfg.exact:
@@ -173,11 +179,17 @@ def categorize(engine, examples: list[QAExample], exemplar_pool: list[QAExample]
             st.n_greedy_correct += is_correct(g.greedy, answers, cfg.match)
         if req.streams:
             st.samples[j] = list(g.samples)
-            st.sample_hit = st.sample_hit or any(is_correct(a, answers, cfg.match) for a in set(g.samples))
+            st.sample_hit = st.sample_hit or any(is_correct(a, answers, cfg.match) for a in set(g.samples) - {None})
 
     def sample_request(ex, j):
+        # lazy mode only needs to know whether a sample is correct: one that can no longer match
+        # (its first words already differ from every answer) is abandoned
+        hopeless = None
+        if not cfg.exact and cfg.match == "exact":
+            hopeless = partial(_hopeless, answers=tuple(ex.answers), mode=cfg.match)
         return PromptRequest(("s", ex.id, j), *prompts[ex.id][j], False,
-                             tuple(stream_seed(cfg.seed, ex.id, j, s) for s in range(cfg.n_samples)))
+                             tuple(stream_seed(cfg.seed, ex.id, j, s) for s in range(cfg.n_samples)),
+                             abandon=hopeless)
 
     if cfg.exact or cfg.n_samples == 0:
         # one round: every greedy answer and every sample (greedy and samples of a prompt share a prefill)
@@ -211,6 +223,10 @@ def categorize(engine, examples: list[QAExample], exemplar_pool: list[QAExample]
             sampled_answers=[st.samples.get(j, []) for j in range(cfg.n_prompts)] if cfg.keep_answers else None,
         ))
     return results
+
+
+def _hopeless(text: str, answers: tuple[str, ...], mode: str) -> bool:
+    return not may_still_match(text, answers, mode)
 
 
 # rows a sample round aims at when the engine does not say how many rows it decodes together

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Hashable, Iterable, Sequence
 
 import numpy as np
@@ -40,7 +40,10 @@ from probes.sampling import topk_cdf, uniforms
 class PromptRequest:
     """One prompt: its greedy answer (``greedy``) and one sampled answer per stream seed.
     ``keep_state``: a later request of the same prompt will follow (an engine may keep the state
-    after the prompt for it, so that request skips its prefill)."""
+    after the prompt for it, so that request skips its prefill). ``abandon``: a test of a sample's
+    text so far (its first tokens decoded); an engine may stop a sample as soon as it is true and
+    return ``None`` for it (the caller decided it cannot matter whatever follows); the greedy
+    answer is always completed."""
 
     key: Hashable
     prefix: str
@@ -48,12 +51,13 @@ class PromptRequest:
     greedy: bool = True
     streams: tuple[int, ...] = ()
     keep_state: bool = False
+    abandon: Callable[[str], bool] | None = None
 
 
 @dataclass
 class Generation:
     greedy: str | None = None
-    samples: list[str] = field(default_factory=list)
+    samples: list[str | None] = field(default_factory=list)  # None: a sample abandoned (PromptRequest.abandon)
 
 
 def _forward_params(model) -> frozenset:
@@ -387,6 +391,12 @@ class _Buffers:
         self.next_pos[d] = self.next_pos[s_]
 
 
+def _abandoned(test, text: str) -> bool:
+    """``test(text)``, except while the text ends in an incomplete character (bytes of a
+    character not all generated yet decode to U+FFFD): its last character is not known."""
+    return "\ufffd" not in text and bool(test(text))
+
+
 def _length_groups(lengths: list[int], min_tokens: int = 256, waste: float = 0.15) -> list[tuple[int, int]]:
     """Consecutive row ranges to prefill together: a range grows while its padding stays within
     ``waste`` of its tokens, or while it holds fewer than ``min_tokens`` (a small forward pass
@@ -408,7 +418,7 @@ def _length_groups(lengths: list[int], min_tokens: int = 256, waste: float = 0.1
 def _decode_chunk(model, prefix_kvs: list, suffixes: list[list[int]], branches: list[list[int]],
                   pad_id: int, stop: torch.Tensor, max_new_tokens: int, temperature: float,
                   top_k: int, states: list | None = None, keep: list[bool] | None = None,
-                  fed: list[int] | None = None):
+                  fed: list[int] | None = None, abandon: list | None = None, decode=None):
     """Continue ``prefix + suffix`` of each request along its branches.
 
     ``prefix_kvs[i]``: request ``i``'s prefix keys and values (:class:`PrefixCache`); requests
@@ -419,7 +429,9 @@ def _decode_chunk(model, prefix_kvs: list, suffixes: list[list[int]], branches: 
     decodes from the shared state until it emits a stop token. Returns the generated ids per
     request and branch, and ``{i: state}`` for the requests ``i`` with ``keep[i]``; ``fed[0]``
     (if given) grows by the tokens fed to the model (the suffixes prefilled, without padding, then one
-    per decoded node and step).
+    per decoded node and step). ``abandon[i]`` (with ``decode``, token ids -> text): request ``i``'s
+    test of a sample's text so far (:attr:`PromptRequest.abandon`); a sample it rejects stops at
+    once and comes back as ``None``.
     """
     R = len(suffixes)
     states = states or [None] * R
@@ -428,7 +440,8 @@ def _decode_chunk(model, prefix_kvs: list, suffixes: list[list[int]], branches: 
     if order != list(range(R)):
         gen, kept = _decode_chunk(model, [prefix_kvs[i] for i in order], [suffixes[i] for i in order],
                                   [branches[i] for i in order], pad_id, stop, max_new_tokens, temperature, top_k,
-                                  [states[i] for i in order], [keep[i] for i in order] if keep else None, fed=fed)
+                                  [states[i] for i in order], [keep[i] for i in order] if keep else None, fed=fed,
+                                  abandon=[abandon[i] for i in order] if abandon else None, decode=decode)
         out_gen: list = [None] * R
         for j, i in enumerate(order):
             out_gen[i] = gen[j]
@@ -504,6 +517,11 @@ def _decode_chunk(model, prefix_kvs: list, suffixes: list[list[int]], branches: 
     is_stop = np.zeros(max(V, int(stop_ids.max()) + 1 if len(stop_ids) else 0), dtype=bool)
     is_stop[stop_ids] = True
     any_greedy, any_sampled = bool(is_greedy.any()), not bool(is_greedy.all())
+    # the sampled branches whose request may abandon them (a test of their text so far)
+    tests = abandon if abandon and decode is not None else [None] * R
+    testable = ~is_greedy & np.array([tests[r] is not None for r in owner.tolist()], dtype=bool)
+    any_testable = bool(testable.any())
+    dropped = np.zeros(n_branches, dtype=bool)
     ckw = cache_kwargs(model, buf.cache)
     for step in range(max_new_tokens):
         slots = slot[live]
@@ -529,6 +547,18 @@ def _decode_chunk(model, prefix_kvs: list, suffixes: list[list[int]], branches: 
         if step == max_new_tokens - 1:
             break
         keep = ~is_stop[tok]
+        if any_testable:
+            cand = keep & testable[live]
+            if cand.any():
+                # branches on one node share their tokens: each node's text is tested once
+                _, first, inv_c = np.unique(slots[cand] * V + tok[cand], return_index=True, return_inverse=True)
+                branch = live[cand]
+                verdict = np.array([_abandoned(tests[owner[b]], decode(generated[b, :step + 1].tolist()))
+                                    for b in branch[first]], dtype=bool)
+                gone = branch[verdict[inv_c.reshape(-1)]]
+                if len(gone):
+                    dropped[gone] = True
+                    keep &= ~dropped[live]
         live, tok, slots = live[keep], tok[keep], slots[keep]
         if len(live) == 0:
             break
@@ -564,7 +594,7 @@ def _decode_chunk(model, prefix_kvs: list, suffixes: list[list[int]], branches: 
         logits = out.logits[:, -1, :]
     per_request: list[list[list[int]]] = [[] for _ in range(R)]
     for b, r in enumerate(owner.tolist()):
-        per_request[r].append(generated[b, :length[b]].tolist())
+        per_request[r].append(None if dropped[b] else generated[b, :length[b]].tolist())
     return per_request, kept
 
 
@@ -661,6 +691,10 @@ class RoundGenerator:
         self._enc0 = self.prefixes.encoded_tokens
         self._fed = [0]
         self._tokens: dict[str, list[int]] = {}  # prompt text -> token ids, for every round of this generator
+        # a sample's text so far, for PromptRequest.abandon: only where decoding more tokens never changes
+        # the text already decoded (no clean-up of spaces before punctuation, which rewrites it)
+        self._decode = None if getattr(tokenizer, "clean_up_tokenization_spaces", False) else \
+            (lambda ids: tokenizer.decode(ids, skip_special_tokens=True).split(stop, 1)[0])
 
     @property
     def forward_tokens(self) -> int:
@@ -670,8 +704,7 @@ class RoundGenerator:
                  ) -> dict[Hashable, Generation]:
         model, tokenizer = self.model, self.tokenizer
         if not self.prefix_reuse:  # for benchmarks: every row prefills its whole prompt
-            requests = [PromptRequest(r.key, "", r.prefix + r.suffix, r.greedy, r.streams, r.keep_state)
-                        for r in requests]
+            requests = [replace(r, prefix="", suffix=r.prefix + r.suffix) for r in requests]
         items = [(req, pre, suf) for pre, group in group_requests(tokenizer, requests, self._tokens).items()
                  for req, suf in group]
         items.sort(key=lambda it: (len(it[2]), len(it[1])))  # batch by length: little padding
@@ -694,9 +727,10 @@ class RoundGenerator:
                 keys = [(pre, tuple(suf)) for _, pre, suf in chunk]
                 states = [self.states.get(k, pop=True, sync=False) for k in keys]
                 keep = [r.keep_state for r, _, _ in chunk]
+                tests = [r.abandon for r, _, _ in chunk] if self._decode is not None else None
                 gen, kept = _decode_chunk(model, kvs, [s for _, _, s in chunk], branches, self.pad_id,
                                           self.stop_t, self.max_new_tokens, self.temperature, self.top_k,
-                                          states, keep, fed=self._fed)
+                                          states, keep, fed=self._fed, abandon=tests, decode=self._decode)
                 for j, st in kept.items():
                     self.states.put(keys[j], st)
             except (torch.OutOfMemoryError, RuntimeError) as err:
@@ -709,7 +743,7 @@ class RoundGenerator:
                     self.log(f"out of memory: batch size now {self.rows_per_batch} rows")
                 continue
             for (req, _, _), outs in zip(chunk, gen):
-                texts = [decode_answer(tokenizer, g, self.stop) for g in outs]
+                texts = [None if g is None else decode_answer(tokenizer, g, self.stop) for g in outs]
                 results[req.key] = Generation(texts[0] if req.greedy else None, texts[int(req.greedy):])
             i += len(chunk)
             if progress is not None:

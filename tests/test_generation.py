@@ -304,3 +304,46 @@ def test_row_copies_are_exact_on_every_path(monkeypatch):
         got = src.clone()
         G._copy_rows(got, dst_rows, got, src_rows, 6)
         assert torch.equal(got, want), (threads, devices)
+
+
+def test_abandoned_samples_stop_and_the_rest_are_unchanged(quick_demo, quick_model):
+    """``PromptRequest.abandon``: a sample stops at the first step its text makes the test true and
+    comes back as None; every other sample and every greedy answer is what it is without the test;
+    the test sees each sample's text so far, growing one token at a time."""
+    from dataclasses import replace
+
+    from probes.generation import generate
+
+    model, tok = quick_model
+    run, _ = quick_demo
+    reqs = _quick_requests(run, streams=6, limit=10)
+    plain = generate(model, tok, reqs, max_new_tokens=10)
+    seen: list[str] = []
+
+    def longer_than_four(text):  # abandons every sample whose text grows past 4 characters
+        seen.append(text)
+        return len(text.strip()) > 4
+
+    tested = generate(model, tok, [replace(r, abandon=longer_than_four) for r in reqs], max_new_tokens=10)
+    dropped = kept = 0
+    for k, g in plain.items():
+        assert tested[k].greedy == g.greedy
+        for a, b in zip(tested[k].samples, g.samples, strict=True):
+            if a is None:
+                dropped += 1
+                assert len(b) > 4
+            else:
+                kept += 1
+                assert a == b and len(a) <= 4
+    assert dropped and kept, (dropped, kept)
+    assert seen and all("\n" not in t for t in seen)
+    # a test that abandons nothing changes nothing
+    never = generate(model, tok, [replace(r, abandon=lambda t: False) for r in reqs], max_new_tokens=10)
+    assert {k: (g.greedy, g.samples) for k, g in never.items()} == {k: (g.greedy, g.samples) for k, g in plain.items()}
+
+
+def test_a_character_still_incomplete_is_never_tested():
+    from probes.generation import _abandoned
+
+    assert _abandoned(lambda t: True, "Par") and not _abandoned(lambda t: True, "Par\ufffd")
+    assert not _abandoned(lambda t: False, "Par")

@@ -113,6 +113,7 @@ def test_lazy_and_exact_give_identical_categories(quick_model, quick_split, monk
     assert {r.category for r in lazy} >= {"Unknown", "WeaklyKnown"}
     assert {r.category for r in lazy} & {"HighlyKnown", "MaybeKnown"}
     gold = {e.id: e.answers for e in exs}
+    abandoned = completed = 0
     for lz, ex in zip(lazy, exact):
         assert ex.n_sampled == SMALL.n_prompts * SMALL.n_samples and ex.p_correct_sampled is not None
         assert lz.greedy_answers == ex.greedy_answers and lz.p_correct_greedy == ex.p_correct_greedy
@@ -120,17 +121,26 @@ def test_lazy_and_exact_give_identical_categories(quick_model, quick_split, monk
         hits = [i for i, a in enumerate(flat) if is_correct(a, gold[ex.id])]
         if lz.category in ("HighlyKnown", "MaybeKnown"):  # decided by the greedy answers: no sample asked
             assert lz.n_sampled == 0 and lz.p_correct_sampled is None
-        elif lz.category == "WeaklyKnown":  # counted up to its first correct sample, in canonical order
-            assert (lz.n_sampled, lz.n_sampled_correct) == (hits[0] + 1, 1)
-            assert [a for s in lz.sampled_answers for a in s] == flat[:hits[0] + 1]
         else:
-            assert lz.n_sampled == ex.n_sampled and lz.p_correct_sampled == 0.0 and not hits
-            assert lz.sampled_answers == ex.sampled_answers
-    # lazy asked fewer answers, in rounds whose batches stay full: fewer forward calls. (Its forward
-    # tokens are not fewer on this world, where almost every question needs all its samples, and
-    # the greedy answers and the samples of a prompt are decoded apart)
+            if lz.category == "WeaklyKnown":  # counted up to its first correct sample, in canonical order
+                assert (lz.n_sampled, lz.n_sampled_correct) == (hits[0] + 1, 1)
+                flat = flat[:hits[0] + 1]
+            else:
+                assert lz.n_sampled == ex.n_sampled and lz.p_correct_sampled == 0.0 and not hits
+            # a lazy sample is the exact one, or abandoned (None) where the exact one is wrong
+            lz_flat = [a for s in lz.sampled_answers for a in s]
+            assert len(lz_flat) == len(flat)
+            for a, b in zip(lz_flat, flat):
+                assert a == b or (a is None and not is_correct(b, gold[ex.id])), (a, b)
+            abandoned += sum(a is None for a in lz_flat)
+            completed += sum(a is not None for a in lz_flat)
+    # not vacuous: samples were abandoned, and others (correct, or wrong only at their end) completed
+    assert abandoned and completed, (abandoned, completed)
+    # lazy asked fewer answers, in rounds whose batches stay full, and abandoned hopeless samples:
+    # fewer rows, forward calls and tokens
     assert lazy_work["rows"] < exact_work["rows"], (lazy_work, exact_work)
     assert lazy_work["forward_calls"] < exact_work["forward_calls"], (lazy_work, exact_work)
+    assert lazy_work["forward_tokens"] < exact_work["forward_tokens"], (lazy_work, exact_work)
     assert lazy_work["rounds"] > 2 and exact_work["rounds"] == 1
 
 
