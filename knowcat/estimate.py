@@ -264,14 +264,15 @@ def slick_forward_tokens(tokenizer, examples: list[QAExample], pool: list[QAExam
     the relation's examples (``per_relation``: their counts; default those in ``examples``), which is
     how knowcat runs SliCK. Generated tokens are those of re-tokenizing ``" " + answer`` (at most
     ``max_new_tokens - 1`` fed back). Lazy mode records the samples up to the first correct one, and
-    may have computed more (a round can ask several prompts' samples of an example): the count is a
-    lower bound of what the engine fed."""
+    may have computed more (a round can ask several prompts' samples of an example), and a sample it
+    abandoned (recorded as None) fed its first tokens, counted as none: the count is a lower bound of
+    what the engine fed."""
     render = _renderer(tokenizer, scfg)
     prompts = prompts_of(examples, pool, scfg.n_prompts, scfg.k, scfg.seed, scfg.exemplar_split, render=render)
     cap = scfg.max_new_tokens - 1
     sep = answer_sep(render)
 
-    def ids(a: str) -> tuple:
+    def ids(a: str | None) -> tuple:  # an abandoned sample (None) fed at most its first tokens: counted as none
         return tuple(tokenizer(sep + a, add_special_tokens=False)["input_ids"][:cap]) if a else ()
 
     def distinct(answers) -> int:  # the distinct token prefixes of answers decoded together: one fed token each
@@ -337,7 +338,8 @@ def _slick_on_sample(model, tokenizer, model_name, cal_ex, pool, slick_cfg, run_
     rows = {r["id"]: r for r in cal.read_categorized(missing_ok=False)}
     measured = None
     if fresh and getattr(engine, "forward_tokens", 0):
-        measured = {"forward_tokens": int(engine.forward_tokens), "examples": len(cal_ex)}
+        measured = {"forward_tokens": int(engine.forward_tokens), "prefix_tokens": int(engine.prefix_tokens),
+                    "examples": len(cal_ex)}
         atomic_write_json(record, measured)
     elif record.exists():
         measured = json.loads(record.read_text(encoding="utf-8"))
@@ -452,6 +454,13 @@ def _cost(tokenizer, examples, pool, cal_ex, slick_rows, slick_cfg, cfg, feats, 
                     slick_measured_examples=measured["examples"], ratio_measured=m / est)
         parts.append(f"lazy SliCK {m:.0f} measured on the {measured['examples']} calibration examples "
                      f"({m / est:.1f}x)")
+        if "prefix_tokens" in measured:
+            # like for like: SliCK's few-shot prefixes spread over every example, as the estimator's are
+            own = (measured["forward_tokens"] - measured["prefix_tokens"]) / measured["examples"]
+            m2 = own + measured["prefix_tokens"] / len(examples)
+            cost.update(slick_lazy_tokens_per_example_measured_shared=m2, ratio_measured_shared=m2 / est)
+            parts.append(f"{m2:.0f} with its few-shot prefixes (encoded once each) spread over all {len(examples)} "
+                         f"examples ({m2 / est:.1f}x)")
     if all(len(slick_rows[e.id].get("greedy_answers") or ()) == slick_cfg.n_prompts
            and len(slick_rows[e.id].get("sampled_answers") or ()) == slick_cfg.n_prompts for e in cal_ex):
         per_rel: dict[str, int] = {}

@@ -86,7 +86,9 @@ def run_rounds(generate_round: Callable[[list[PromptRequest], Progress | None], 
 class TransformersEngine:
     """Today's engine: a transformers causal LM, shared-prefix KV caches (:mod:`probes.generation`)
     and batched teacher-forced scoring (:mod:`probes.scoring`). :attr:`forward_tokens` counts the
-    tokens it has fed to the model (padding excluded), over every ``generate`` and ``score`` call."""
+    tokens it has fed to the model (padding excluded), over every ``generate`` and ``score`` call;
+    :attr:`prefix_tokens`, of those, the shared prefixes' (each encoded once, whatever the number
+    of prompts that share it)."""
 
     def __init__(self, model, tokenizer, name: str | None = None, batch_size: int | None = None, log=None,
                  prefix_reuse: bool = True):
@@ -95,7 +97,7 @@ class TransformersEngine:
         self.batch_size = batch_size
         self.log = log
         self.prefix_reuse = prefix_reuse
-        self.forward_tokens = 0
+        self.forward_tokens = self.prefix_tokens = 0
         # prefix KV caches and prompt states, shared by every call (probes.generation.PrefixCache, PromptStates)
         self._prefixes = self._states = None
 
@@ -131,17 +133,19 @@ class TransformersEngine:
             return run_rounds(gen, rounds, prepare, on_result, progress)
         finally:
             self.forward_tokens += gen.forward_tokens
+            self.prefix_tokens += gen.prefix_tokens
 
     def score(self, requests, layers=(), *, progress=None, stats=None):
         from probes.scoring import ScoreStats, score
 
         stats = stats if stats is not None else ScoreStats()
-        before = stats.forward_tokens
+        before, shared = stats.forward_tokens, stats.shared_tokens
         try:
             return score(self.model, self.tokenizer, requests, layers=layers, log=self.log, stats=stats,
                          prefix_reuse=self.prefix_reuse, progress=progress)
         finally:
             self.forward_tokens += stats.forward_tokens - before
+            self.prefix_tokens += stats.shared_tokens - shared
 
 
 def open_engine(kind: str, model, **options) -> Engine:

@@ -698,7 +698,12 @@ class RoundGenerator:
 
     @property
     def forward_tokens(self) -> int:
-        return self.prefixes.encoded_tokens - self._enc0 + self._fed[0]
+        return self.prefix_tokens + self._fed[0]
+
+    @property
+    def prefix_tokens(self) -> int:
+        """Of :attr:`forward_tokens`, the shared prefixes' (each encoded once)."""
+        return self.prefixes.encoded_tokens - self._enc0
 
     def __call__(self, requests: list[PromptRequest], progress: Callable[[int], object] | None = None
                  ) -> dict[Hashable, Generation]:

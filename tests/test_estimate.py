@@ -96,6 +96,14 @@ def test_estimate_runs_slick_on_the_sample_and_labels_each_row(tiny, tmp_path):
     assert cost["slick_lazy_tokens_total_measured"] > cost["estimate_tokens_per_example"] * 10
     assert cost["ratio_measured"] == pytest.approx(cost["slick_lazy_tokens_per_example_measured"]
                                                    / cost["estimate_tokens_per_example"])
+    # like for like: SliCK's prefixes spread over all 20 examples instead of the 10 it ran on (cheaper)
+    assert cost["slick_lazy_tokens_per_example_measured_shared"] < cost["slick_lazy_tokens_per_example_measured"]
+    from knowcat.rundir import RunDir
+
+    measured = json.loads(RunDir(tmp_path).estimate_slick_tokens.read_text())
+    assert 0 < measured["prefix_tokens"] < measured["forward_tokens"]
+    own = (measured["forward_tokens"] - measured["prefix_tokens"]) / 10
+    assert cost["slick_lazy_tokens_per_example_measured_shared"] == pytest.approx(own + measured["prefix_tokens"] / 20)
     again = estimate(model, tok, todo, pool, EstimateConfig(k=2, calibrate=0.5, folds=2), scfg, run_dir=tmp_path,
                      log=lambda *a: None, progress=False)
     assert again.summary["cost"]["slick_lazy_tokens_total_measured"] == cost["slick_lazy_tokens_total_measured"]
