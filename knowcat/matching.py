@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
+from functools import lru_cache
 from typing import Iterable
 
 F1_THRESHOLD = 0.5
@@ -148,13 +149,21 @@ def may_still_match(partial: str, answers: Iterable[str], mode: str = "exact") -
     themselves (then nothing is decided)."""
     if mode != "exact":
         return True
+    return _may_still_match(partial, tuple(answers))
+
+
+@lru_cache(maxsize=4096)
+def _alias_words(answers: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
+    return tuple(tuple(normalize(g).split()) for g in answers)
+
+
+def _may_still_match(partial: str, answers: tuple[str, ...]) -> bool:
     cut = len(partial)
     while cut and not partial[cut - 1].isspace():
         cut -= 1
-    done, last = normalize(partial[:cut]).split(), partial[cut:].lower()
+    done, last = tuple(normalize(partial[:cut]).split()), partial[cut:].lower()
     last = "".join(ch for ch in last if ch not in _PUNCT)
-    for g in answers:
-        words = normalize(g).split()
+    for words in _alias_words(answers):
         if words[:len(done)] != done:
             continue
         if not last or not _WORD.fullmatch(last) or any(a.startswith(last) for a in ("a", "an", "the")):

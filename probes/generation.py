@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Callable, Hashable, Iterable, Sequence
 
@@ -33,6 +34,7 @@ import torch
 
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from probes.cascade import active as cascade_active, supported as cascade_supported
 from probes.sampling import topk_cdf, uniforms
 
 
@@ -334,51 +336,72 @@ def _copy_rows(dst: torch.Tensor, dst_rows, src: torch.Tensor, src_rows, n: int)
 class _Buffers:
     """The decode's state for every row: its KV cache (a transformers ``Cache`` of :class:`_BufferLayer`),
     its attention mask and its next position. Rows are copied only when a branch splits off or a
-    live row moves into a finished one's place (:meth:`fork`)."""
+    live row moves into a finished one's place (:meth:`fork`).
 
-    def __init__(self, prefix_kvs: list, suffix_lens: list[int], row_capacity: int, positions: int, device):
+    With ``shared`` (:mod:`probes.cascade`), the prefixes are kept once each (:attr:`shared`) and a
+    row's buffers hold only its own positions; otherwise each row holds a copy of its prefix,
+    left-padded to the longest. :attr:`base` is where the rows' own positions start in the buffers."""
+
+    def __init__(self, prefix_kvs: list, suffix_lens: list[int], row_capacity: int, positions: int, device,
+                 shared: bool = False):
         R = len(prefix_kvs)
         first = prefix_kvs[0]
         plens = [kv[0][0].shape[-2] for kv in prefix_kvs]
         P = self.P = max(plens)
+        base = self.base = 0 if shared else P
         S = max(suffix_lens)
-        self.rows_cap, self.pos_cap = max(row_capacity, R), P + S + positions
+        self.rows_cap, self.pos_cap = max(row_capacity, R), base + S + positions
+        self.shared = None
+        if shared:
+            from probes.cascade import SharedPrefix
+
+            self.shared = SharedPrefix(prefix_kvs, self.rows_cap, device)
         layers = []
+        # the rows of each prefix, copied in one indexed copy per prefix (a broadcast view, not a
+        # tensor per row: 2.1x faster than one copy per row with two threads, 1.3x with one, on the
+        # demo model's caches); left padding zeroed the same way (masked, but finite)
+        by_prefix: dict[int, list[int]] = {}
+        for r, kv in enumerate(prefix_kvs):
+            by_prefix.setdefault(id(kv), []).append(r)
+        groups = [] if shared else [(prefix_kvs[rows[0]], torch.tensor(rows, device=device))
+                                    for rows in by_prefix.values()]
         for li, (k0, v0) in enumerate(first):
             K = torch.empty((self.rows_cap, k0.shape[1], self.pos_cap, k0.shape[-1]), dtype=k0.dtype, device=device)
             V = torch.empty((self.rows_cap, v0.shape[1], self.pos_cap, v0.shape[-1]), dtype=v0.dtype, device=device)
-            if torch.device(device).type in ROW_COPY_DEVICES:
-                for r, kv in enumerate(prefix_kvs):
-                    k, v = kv[li]
-                    L = k.shape[-2]
-                    if L < P:  # left padding (masked, but finite)
-                        K[r, :, :P - L].zero_()
-                        V[r, :, :P - L].zero_()
-                    K[r, :, P - L:P].copy_(k[0])
-                    V[r, :, P - L:P].copy_(v[0])
-            else:
-                K[:R, :, :P].zero_()
-                V[:R, :, :P].zero_()
-                by_prefix: dict[int, list[int]] = {}
-                for r, kv in enumerate(prefix_kvs):
-                    by_prefix.setdefault(id(kv), []).append(r)
-                for rows in by_prefix.values():
-                    k, v = prefix_kvs[rows[0]][li]
-                    L = k.shape[-2]
-                    idx = torch.tensor(rows, device=device)
-                    K[idx, :, P - L:P] = k
-                    V[idx, :, P - L:P] = v
-            layers.append(_BufferLayer(K, V, P))
+            for kv, idx in groups:
+                k, v = kv[li]
+                L, n = k.shape[-2], len(idx)
+                for dst, src in ((K, k), (V, v)):
+                    if L < P:
+                        dst[:, :, :P - L].index_copy_(0, idx, src.new_zeros(()).expand(n, src.shape[1], P - L,
+                                                                                        src.shape[-1]))
+                    dst[:, :, P - L:P].index_copy_(0, idx, src.expand(n, -1, -1, -1))
+            layers.append(_BufferLayer(K, V, base))
         self.cache = Cache(layers=layers)
         self.attn = torch.zeros((self.rows_cap, self.pos_cap), dtype=torch.long, device=device)
-        for r, L in enumerate(plens):
-            self.attn[r, P - L:P] = 1
         self.plens = torch.tensor(plens, device=device)
+        if not shared:
+            self.attn[:R, :P] = torch.arange(P, device=device) >= (P - self.plens)[:, None]  # right-aligned at P
         self.next_pos = torch.zeros(self.rows_cap, dtype=torch.long, device=device)
 
     @property
     def n(self) -> int:
         return self.cache.layers[0].n
+
+    def mask(self, lo: int, hi: int, n: int, q: int = 1):
+        """The attention mask of rows ``lo:hi`` whose ``q`` new positions end at ``n``: the 2D
+        padding mask (transformers adds causality), or with :attr:`shared` the 4D boolean mask of
+        the rows' own positions, causal, that cascade attention takes (its prefix part is
+        :attr:`shared`'s)."""
+        attn = self.attn[lo:hi, :n]
+        if self.shared is None:
+            return attn
+        self.shared.select(lo, hi)
+        m = attn.bool()[:, None, None, :].expand(-1, 1, q, -1)
+        if q > 1:
+            qpos = torch.arange(n - q, n, device=attn.device)[:, None]
+            m = m & (torch.arange(n, device=attn.device)[None, :] <= qpos)
+        return m
 
     def fork(self, dst: np.ndarray, src: np.ndarray) -> None:
         """Rows ``dst`` become copies of rows ``src`` (new branches of their nodes)."""
@@ -389,6 +412,8 @@ class _Buffers:
         d, s_ = torch.as_tensor(dst, device=self.attn.device), torch.as_tensor(src, device=self.attn.device)
         self.attn[d, :n] = self.attn[s_, :n]
         self.next_pos[d] = self.next_pos[s_]
+        if self.shared is not None:
+            self.shared.row_group[dst] = self.shared.row_group[src]
 
 
 def _abandoned(test, text: str) -> bool:
@@ -418,7 +443,8 @@ def _length_groups(lengths: list[int], min_tokens: int = 256, waste: float = 0.1
 def _decode_chunk(model, prefix_kvs: list, suffixes: list[list[int]], branches: list[list[int]],
                   pad_id: int, stop: torch.Tensor, max_new_tokens: int, temperature: float,
                   top_k: int, states: list | None = None, keep: list[bool] | None = None,
-                  fed: list[int] | None = None, abandon: list | None = None, decode=None):
+                  fed: list[int] | None = None, abandon: list | None = None, decode=None,
+                  shared_prefix: bool | None = None):
     """Continue ``prefix + suffix`` of each request along its branches.
 
     ``prefix_kvs[i]``: request ``i``'s prefix keys and values (:class:`PrefixCache`); requests
@@ -441,7 +467,8 @@ def _decode_chunk(model, prefix_kvs: list, suffixes: list[list[int]], branches: 
         gen, kept = _decode_chunk(model, [prefix_kvs[i] for i in order], [suffixes[i] for i in order],
                                   [branches[i] for i in order], pad_id, stop, max_new_tokens, temperature, top_k,
                                   [states[i] for i in order], [keep[i] for i in order] if keep else None, fed=fed,
-                                  abandon=[abandon[i] for i in order] if abandon else None, decode=decode)
+                                  abandon=[abandon[i] for i in order] if abandon else None, decode=decode,
+                                  shared_prefix=shared_prefix)
         out_gen: list = [None] * R
         for j, i in enumerate(order):
             out_gen[i] = gen[j]
@@ -452,150 +479,154 @@ def _decode_chunk(model, prefix_kvs: list, suffixes: list[list[int]], branches: 
     streams = np.array([0 if b == -1 else b for br in branches for b in br], dtype=np.uint64)
     is_greedy = np.array([b == -1 for br in branches for b in br])
     n_branches = len(owner)
-    buf = _Buffers(prefix_kvs, [len(s) for s in suffixes], n_branches, max_new_tokens, dev)
-    _check_window(model, buf.pos_cap)
-    P = buf.P
+    if shared_prefix is None:
+        shared_prefix = cascade_supported(model)
+    buf = _Buffers(prefix_kvs, [len(s) for s in suffixes], n_branches, max_new_tokens, dev, shared=shared_prefix)
+    shared = buf.shared
+    with (cascade_active(model, shared) if shared is not None else nullcontext()):
+        _check_window(model, buf.pos_cap)
+        P = buf.base  # where the rows' own positions start in the buffers
 
-    ids = torch.full((R, S), pad_id, dtype=torch.long)
-    smask = torch.zeros((R, S), dtype=torch.long)
-    for r, s in enumerate(suffixes):
-        ids[r, S - len(s):] = torch.tensor(s)
-        smask[r, S - len(s):] = 1
-    ids, smask = ids.to(dev), smask.to(dev)
-    buf.attn[:R, P:P + S] = smask
-    pos = buf.plens[:, None] + (smask.cumsum(1) - 1).clamp(min=0)
-    b = sum(st is None for st in states)
-    logits = []
-    # the prefill in groups of similar suffix lengths (little padding), each right-aligned at P + S
-    for lo, hi in _length_groups([len(s) for s in suffixes[:b]]):
-        w = max(len(s) for s in suffixes[lo:hi])
+        ids = torch.full((R, S), pad_id, dtype=torch.long)
+        smask = torch.zeros((R, S), dtype=torch.long)
+        for r, s in enumerate(suffixes):
+            ids[r, S - len(s):] = torch.tensor(s)
+            smask[r, S - len(s):] = 1
+        ids, smask = ids.to(dev), smask.to(dev)
+        buf.attn[:R, P:P + S] = smask
+        pos = buf.plens[:, None] + (smask.cumsum(1) - 1).clamp(min=0)
+        b = sum(st is None for st in states)
+        logits = []
+        # the prefill in groups of similar suffix lengths (little padding), each right-aligned at P + S
+        for lo, hi in _length_groups([len(s) for s in suffixes[:b]]):
+            w = max(len(s) for s in suffixes[lo:hi])
+            for layer in buf.cache.layers:
+                layer.keys[lo:hi, :, P:P + S - w].zero_()  # padding left of the group's window (masked, but finite)
+                layer.values[lo:hi, :, P:P + S - w].zero_()
+                layer.n, layer.row0 = P + S - w, lo
+            out = model(input_ids=ids[lo:hi, S - w:], attention_mask=buf.mask(lo, hi, P + S, w),
+                        position_ids=pos[lo:hi, S - w:], use_cache=True, **cache_kwargs(model, buf.cache),
+                        **_last_logits_only(model))
+            logits.append(out.logits[:, -1, :])
         for layer in buf.cache.layers:
-            layer.keys[lo:hi, :, P:P + S - w].zero_()  # padding left of the group's window (masked, but finite)
-            layer.values[lo:hi, :, P:P + S - w].zero_()
-            layer.n, layer.row0 = P + S - w, lo
-        out = model(input_ids=ids[lo:hi, S - w:], attention_mask=buf.attn[lo:hi, :P + S],
-                    position_ids=pos[lo:hi, S - w:], use_cache=True, **cache_kwargs(model, buf.cache),
-                    **_last_logits_only(model))
-        logits.append(out.logits[:, -1, :])
-    for layer in buf.cache.layers:
-        layer.n, layer.row0 = P + S, 0
-    if b < R:
-        for li, layer in enumerate(buf.cache.layers):
-            layer.keys[b:R, :, P:P + S].zero_()  # the suffixes' padding (masked, but finite)
-            layer.values[b:R, :, P:P + S].zero_()
-            for r in range(b, R):
-                k, v = states[r][0][li]
-                layer.keys[r, :, P + S - k.shape[-2]:P + S] = k[0]
-                layer.values[r, :, P + S - v.shape[-2]:P + S] = v[0]
-        stored = torch.stack([states[r][1] for r in range(b, R)]).to(dev)
-        logits.append(stored.to(logits[0].dtype) if logits else stored)
-    logits = torch.cat(logits) if len(logits) > 1 else logits[0]
-    buf.next_pos[:R] = pos[:, -1] + 1
-    if fed is not None:
-        fed[0] += sum(len(s) for s in suffixes[:b])
-    kept = {}
-    for r in range(b):
-        if keep and keep[r]:
-            s_len = len(suffixes[r])
-            kept[r] = ([(layer.keys[r:r + 1, :, P + S - s_len:P + S].clone(),
-                         layer.values[r:r + 1, :, P + S - s_len:P + S].clone()) for layer in buf.cache.layers],
-                       logits[r].clone())
-
-    # Decoding runs over *nodes*: distinct (request, tokens generated so far), one buffer row
-    # each. Branches whose continuations coincide share a node, so a node's forward pass is
-    # computed once however many branches stand on it (at T = 0.5 most samples share their
-    # first tokens with each other and with the greedy answer). When a node's branches draw
-    # different tokens, one keeps the row and each other token gets a new row, a copy.
-    # A finished row's place is taken by a live node at once (a copy of that row only).
-    slot = owner.copy()  # branch -> row
-    live = np.arange(n_branches)
-    rows = R  # rows the forward computes
-    generated = np.zeros((n_branches, max_new_tokens), dtype=np.int64)
-    length = np.zeros(n_branches, dtype=np.int64)
-    V = int(logits.shape[-1])
-    stop_ids = stop.cpu().numpy()
-    is_stop = np.zeros(max(V, int(stop_ids.max()) + 1 if len(stop_ids) else 0), dtype=bool)
-    is_stop[stop_ids] = True
-    any_greedy, any_sampled = bool(is_greedy.any()), not bool(is_greedy.all())
-    # the sampled branches whose request may abandon them (a test of their text so far)
-    tests = abandon if abandon and decode is not None else [None] * R
-    testable = ~is_greedy & np.array([tests[r] is not None for r in owner.tolist()], dtype=bool)
-    any_testable = bool(testable.any())
-    dropped = np.zeros(n_branches, dtype=bool)
-    ckw = cache_kwargs(model, buf.cache)
-    for step in range(max_new_tokens):
-        slots = slot[live]
-        tok = np.empty(len(live), dtype=np.int64)
-        g = is_greedy[live]
-        n_greedy = int(g.sum()) if any_greedy else 0
-        if n_greedy:
-            gs = slots[g] if n_greedy < len(live) else slots
-            if 2 * n_greedy < logits.shape[0]:  # few greedy rows: the argmax of theirs only
-                tok[g] = logits[torch.from_numpy(gs).to(dev)].argmax(dim=-1).cpu().numpy()
-            else:
-                tok[g] = logits.argmax(dim=-1).cpu().numpy()[gs]
-        if any_sampled and n_greedy < len(live):
-            sampled = ~g if n_greedy else slice(None)
-            uniq, inv = np.unique(slots[sampled], return_inverse=True)
-            idx, cdf = topk_cdf(logits[torch.from_numpy(uniq).to(dev)], temperature, top_k)
-            u = torch.from_numpy(uniforms(streams[live[sampled]], step)).to(cdf.device)
-            inv_t = torch.from_numpy(inv.reshape(-1)).to(cdf.device)
-            pick = torch.searchsorted(cdf[inv_t], u[:, None]).clamp(max=idx.shape[1] - 1)
-            tok[sampled] = idx[inv_t].gather(1, pick).squeeze(1).cpu().numpy()
-        generated[live, step] = tok
-        length[live] = step + 1
-        if step == max_new_tokens - 1:
-            break
-        keep = ~is_stop[tok]
-        if any_testable:
-            cand = keep & testable[live]
-            if cand.any():
-                # branches on one node share their tokens: each node's text is tested once
-                _, first, inv_c = np.unique(slots[cand] * V + tok[cand], return_index=True, return_inverse=True)
-                branch = live[cand]
-                verdict = np.array([_abandoned(tests[owner[b]], decode(generated[b, :step + 1].tolist()))
-                                    for b in branch[first]], dtype=bool)
-                gone = branch[verdict[inv_c.reshape(-1)]]
-                if len(gone):
-                    dropped[gone] = True
-                    keep &= ~dropped[live]
-        live, tok, slots = live[keep], tok[keep], slots[keep]
-        if len(live) == 0:
-            break
-        # the nodes of the next step: distinct (row, token) pairs, ordered by row, then token
-        ukey, inv = np.unique(slots * V + tok, return_inverse=True)
-        inv = inv.reshape(-1)
-        key_row, key_tok = ukey // V, ukey % V
-        new_row = np.r_[True, key_row[1:] != key_row[:-1]]
-        n_keys = len(ukey)
-        # the nodes take rows 0 .. n_keys - 1: a row that is still a node's below n_keys stays where it
-        # is; the other nodes (rows above n_keys, and the new branches of split nodes) are copied into
-        # the rows left free (finished, or above n_keys), so no finished row is ever computed again
-        row_of_key = np.full(n_keys, -1, dtype=np.int64)
-        stay = new_row & (key_row < n_keys)
-        row_of_key[stay] = key_row[stay]
-        free = np.ones(n_keys, dtype=bool)
-        free[key_row[stay]] = False
-        moved = np.flatnonzero(~stay)
-        if len(moved):
-            row_of_key[moved] = np.flatnonzero(free)
-            buf.fork(row_of_key[moved], key_row[moved])
-        rows = n_keys
-        slot[live] = row_of_key[inv]
-        step_ids = np.full(rows, pad_id, dtype=np.int64)
-        step_ids[row_of_key] = key_tok
-        n = buf.n
-        buf.attn[:rows, n] = 1
-        out = model(input_ids=torch.from_numpy(step_ids).to(dev)[:, None], attention_mask=buf.attn[:rows, :n + 1],
-                    position_ids=buf.next_pos[:rows, None], use_cache=True, **ckw)
-        buf.next_pos[:rows] += 1
+            layer.n, layer.row0 = P + S, 0
+        if b < R:
+            for li, layer in enumerate(buf.cache.layers):
+                layer.keys[b:R, :, P:P + S].zero_()  # the suffixes' padding (masked, but finite)
+                layer.values[b:R, :, P:P + S].zero_()
+                for r in range(b, R):
+                    k, v = states[r][0][li]
+                    layer.keys[r, :, P + S - k.shape[-2]:P + S] = k[0]
+                    layer.values[r, :, P + S - v.shape[-2]:P + S] = v[0]
+            stored = torch.stack([states[r][1] for r in range(b, R)]).to(dev)
+            logits.append(stored.to(logits[0].dtype) if logits else stored)
+        logits = torch.cat(logits) if len(logits) > 1 else logits[0]
+        buf.next_pos[:R] = pos[:, -1] + 1
         if fed is not None:
-            fed[0] += n_keys
-        logits = out.logits[:, -1, :]
-    per_request: list[list[list[int]]] = [[] for _ in range(R)]
-    for b, r in enumerate(owner.tolist()):
-        per_request[r].append(None if dropped[b] else generated[b, :length[b]].tolist())
-    return per_request, kept
+            fed[0] += sum(len(s) for s in suffixes[:b])
+        kept = {}
+        for r in range(b):
+            if keep and keep[r]:
+                s_len = len(suffixes[r])
+                kept[r] = ([(layer.keys[r:r + 1, :, P + S - s_len:P + S].clone(),
+                             layer.values[r:r + 1, :, P + S - s_len:P + S].clone()) for layer in buf.cache.layers],
+                           logits[r].clone())
+
+        # Decoding runs over *nodes*: distinct (request, tokens generated so far), one buffer row
+        # each. Branches whose continuations coincide share a node, so a node's forward pass is
+        # computed once however many branches stand on it (at T = 0.5 most samples share their
+        # first tokens with each other and with the greedy answer). When a node's branches draw
+        # different tokens, one keeps the row and each other token gets a new row, a copy.
+        # A finished row's place is taken by a live node at once (a copy of that row only).
+        slot = owner.copy()  # branch -> row
+        live = np.arange(n_branches)
+        rows = R  # rows the forward computes
+        generated = np.zeros((n_branches, max_new_tokens), dtype=np.int64)
+        length = np.zeros(n_branches, dtype=np.int64)
+        V = int(logits.shape[-1])
+        stop_ids = stop.cpu().numpy()
+        is_stop = np.zeros(max(V, int(stop_ids.max()) + 1 if len(stop_ids) else 0), dtype=bool)
+        is_stop[stop_ids] = True
+        any_greedy, any_sampled = bool(is_greedy.any()), not bool(is_greedy.all())
+        # the sampled branches whose request may abandon them (a test of their text so far)
+        tests = abandon if abandon and decode is not None else [None] * R
+        testable = ~is_greedy & np.array([tests[r] is not None for r in owner.tolist()], dtype=bool)
+        any_testable = bool(testable.any())
+        dropped = np.zeros(n_branches, dtype=bool)
+        ckw = cache_kwargs(model, buf.cache)
+        for step in range(max_new_tokens):
+            slots = slot[live]
+            tok = np.empty(len(live), dtype=np.int64)
+            g = is_greedy[live]
+            n_greedy = int(g.sum()) if any_greedy else 0
+            if n_greedy:
+                gs = slots[g] if n_greedy < len(live) else slots
+                if 2 * n_greedy < logits.shape[0]:  # few greedy rows: the argmax of theirs only
+                    tok[g] = logits[torch.from_numpy(gs).to(dev)].argmax(dim=-1).cpu().numpy()
+                else:
+                    tok[g] = logits.argmax(dim=-1).cpu().numpy()[gs]
+            if any_sampled and n_greedy < len(live):
+                sampled = ~g if n_greedy else slice(None)
+                uniq, inv = np.unique(slots[sampled], return_inverse=True)
+                idx, cdf = topk_cdf(logits[torch.from_numpy(uniq).to(dev)], temperature, top_k)
+                u = torch.from_numpy(uniforms(streams[live[sampled]], step)).to(cdf.device)
+                inv_t = torch.from_numpy(inv.reshape(-1)).to(cdf.device)
+                pick = torch.searchsorted(cdf[inv_t], u[:, None]).clamp(max=idx.shape[1] - 1)
+                tok[sampled] = idx[inv_t].gather(1, pick).squeeze(1).cpu().numpy()
+            generated[live, step] = tok
+            length[live] = step + 1
+            if step == max_new_tokens - 1:
+                break
+            keep = ~is_stop[tok]
+            if any_testable:
+                cand = keep & testable[live]
+                if cand.any():
+                    # branches on one node share their tokens: each node's text is tested once
+                    _, first, inv_c = np.unique(slots[cand] * V + tok[cand], return_index=True, return_inverse=True)
+                    branch = live[cand]
+                    verdict = np.array([_abandoned(tests[owner[b]], decode(generated[b, :step + 1].tolist()))
+                                        for b in branch[first]], dtype=bool)
+                    gone = branch[verdict[inv_c.reshape(-1)]]
+                    if len(gone):
+                        dropped[gone] = True
+                        keep &= ~dropped[live]
+            live, tok, slots = live[keep], tok[keep], slots[keep]
+            if len(live) == 0:
+                break
+            # the nodes of the next step: distinct (row, token) pairs, ordered by row, then token
+            ukey, inv = np.unique(slots * V + tok, return_inverse=True)
+            inv = inv.reshape(-1)
+            key_row, key_tok = ukey // V, ukey % V
+            new_row = np.r_[True, key_row[1:] != key_row[:-1]]
+            n_keys = len(ukey)
+            # the nodes take rows 0 .. n_keys - 1: a row that is still a node's below n_keys stays where it
+            # is; the other nodes (rows above n_keys, and the new branches of split nodes) are copied into
+            # the rows left free (finished, or above n_keys), so no finished row is ever computed again
+            row_of_key = np.full(n_keys, -1, dtype=np.int64)
+            stay = new_row & (key_row < n_keys)
+            row_of_key[stay] = key_row[stay]
+            free = np.ones(n_keys, dtype=bool)
+            free[key_row[stay]] = False
+            moved = np.flatnonzero(~stay)
+            if len(moved):
+                row_of_key[moved] = np.flatnonzero(free)
+                buf.fork(row_of_key[moved], key_row[moved])
+            rows = n_keys
+            slot[live] = row_of_key[inv]
+            step_ids = np.full(rows, pad_id, dtype=np.int64)
+            step_ids[row_of_key] = key_tok
+            n = buf.n
+            buf.attn[:rows, n] = 1
+            out = model(input_ids=torch.from_numpy(step_ids).to(dev)[:, None], attention_mask=buf.mask(0, rows, n + 1),
+                        position_ids=buf.next_pos[:rows, None], use_cache=True, **ckw)
+            buf.next_pos[:rows] += 1
+            if fed is not None:
+                fed[0] += n_keys
+            logits = out.logits[:, -1, :]
+        per_request: list[list[list[int]]] = [[] for _ in range(R)]
+        for b, r in enumerate(owner.tolist()):
+            per_request[r].append(None if dropped[b] else generated[b, :length[b]].tolist())
+        return per_request, kept
 
 
 def decode_answer(tokenizer, ids: list[int], stop: str = "\n") -> str:

@@ -1,0 +1,157 @@
+"""Cascade attention: the rows of a batch that share a few-shot prefix attend to one copy of its keys
+and values, instead of each row holding its own copy.
+
+A SliCK batch holds hundreds of rows (answers and samples) of a few dozen prefixes. With one copy of
+the prefix per row, filling a batch copies the prefix into every row, every forward pass reads every
+row's copy, and every new branch copies its row's whole cache. Here each row's cache holds only its
+own positions (its prompt's suffix and its answer); the attention of a query is the softmax over the
+union of its row's keys and its prefix's keys, computed in two parts that share one normalization:
+
+- the row part: the row's queries against the row's keys (suffix and answer, causal, padding masked);
+- the prefix part: the queries of all rows of a prefix, gathered into one matrix, against the
+  prefix's keys (one matrix product per prefix, all prefixes at once in a padded batch).
+
+The result equals ordinary attention over ``prefix + row`` up to float rounding (the sums are
+ordered differently). It applies to models whose attention is plain scaled dot-product attention
+behind transformers' attention interface, without a sliding window, logit soft-capping or attention
+sinks (:func:`supported`); other models keep one copy of the prefix per row
+(:mod:`probes.generation`).
+"""
+
+from __future__ import annotations
+
+import contextvars
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+NAME = "knowcat_cascade"
+# model types whose attention modules call transformers' attention interface with plain scaled
+# dot-product semantics (queries and keys already rotated, a scale, nothing else)
+MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "phi3", "granite", "smollm3"})
+
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("knowcat_cascade", default=None)
+
+
+def supported(model) -> bool:
+    """Whether the model's attention can be computed as a cascade (see the module's docstring)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "model_type", None) not in MODEL_TYPES:
+        return False
+    if not getattr(model, "_supports_attention_backend", False):
+        return False
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        return False
+    if any(getattr(cfg, name, None) for name in ("attn_logit_softcapping", "layer_types_sliding")):
+        return False
+    impl = getattr(cfg, "_attn_implementation", None)
+    return impl in ("sdpa", "eager", NAME)
+
+
+class SharedPrefix:
+    """The prefixes of one batch, each stored once per layer (padded to the longest:
+    ``keys[l]``: ``[G, heads, L, head_dim]``, ``valid``: ``[G, L]``), and which prefix each row
+    attends to (:attr:`row_group`, kept by the caller as rows move and split)."""
+
+    def __init__(self, prefix_kvs: list, rows_cap: int, device):
+        index: dict[int, int] = {}
+        firsts = []
+        groups = np.zeros(max(rows_cap, len(prefix_kvs)), dtype=np.int64)
+        for r, kv in enumerate(prefix_kvs):
+            g = index.setdefault(id(kv), len(index))
+            if g == len(firsts):
+                firsts.append(kv)
+            groups[r] = g
+        self.row_group = groups
+        self.G = len(firsts)
+        lens = [kv[0][0].shape[-2] for kv in firsts]
+        L = max(lens)
+        self.valid = torch.arange(L, device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
+        self.keys, self.values = [], []
+        for li in range(len(firsts[0])):
+            k0 = firsts[0][li][0]
+            K = k0.new_zeros((self.G, k0.shape[1], L, k0.shape[-1]), device=device)
+            V = K.clone()
+            for g, kv in enumerate(firsts):
+                k, v = kv[li]
+                K[g, :, :k.shape[-2]] = k[0]
+                V[g, :, :v.shape[-2]] = v[0]
+            self.keys.append(K)
+            self.values.append(V)
+        self._rows = None
+
+    def select(self, lo: int, hi: int) -> None:
+        """The rows ``lo:hi`` are the batch of the next forward pass: where each row's queries go
+        in its prefix's block (the rows of a prefix side by side, ``m`` slots per prefix)."""
+        g = self.row_group[lo:hi]
+        counts = np.bincount(g, minlength=self.G)
+        order = np.argsort(g, kind="stable")
+        start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        pos = np.empty(len(g), dtype=np.int64)
+        pos[order] = np.arange(len(g)) - start[g[order]]
+        m = int(counts.max())
+        dev = self.valid.device
+        self._rows = (torch.from_numpy(g * m + pos).to(dev), m)
+
+
+def cascade_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers' attention interface, registered as :data:`NAME`: ``query`` ``[B, Hq, T, d]``,
+    ``key``/``value`` the rows' own positions ``[B, H, n, d]``, ``attention_mask`` a boolean
+    ``[B, 1, T, n]`` over them (True: attend); the prefix comes from the active :class:`SharedPrefix`.
+    Returns ``([B, T, Hq, d], None)``."""
+    shared = _ACTIVE.get()
+    if shared is None:
+        raise RuntimeError("cascade attention outside probes.cascade.active()")
+    fi, m = shared._rows
+    li = module.layer_idx
+    KP, VP = shared.keys[li], shared.values[li]
+    B, Hq, T, d = query.shape
+    H = key.shape[1]
+    rep = Hq // H
+    scale = scaling if scaling is not None else d ** -0.5
+    q = query.reshape(B, H, rep * T, d)  # the queries of a key head's query heads, one after another
+    G, L = KP.shape[0], KP.shape[-2]
+    mask = attention_mask if rep == 1 else attention_mask.repeat(1, 1, rep, 1)
+    neg = torch.finfo(torch.float32).min
+    # the row part
+    sr = torch.matmul(q, key.transpose(-1, -2)).float().mul_(scale).masked_fill_(~mask, neg)
+    # the prefix part: each prefix's rows side by side, one product per prefix
+    qg = q.new_zeros((G * m, H, rep * T, d)).index_copy_(0, fi, q)
+    qg = qg.view(G, m, H, rep * T, d).transpose(1, 2).reshape(G, H, m * rep * T, d)
+    sp = torch.matmul(qg, KP.transpose(-1, -2)).float().mul_(scale)
+    sp = sp.masked_fill_(~shared.valid[:, None, None, :], neg)
+    sp = sp.view(G, H, m, rep * T, L).transpose(1, 2).reshape(G * m, H, rep * T, L).index_select(0, fi)
+    top = torch.maximum(sr.amax(-1, keepdim=True), sp.amax(-1, keepdim=True))
+    er, ep = (sr - top).exp_(), (sp - top).exp_()
+    den = er.sum(-1, keepdim=True) + ep.sum(-1, keepdim=True)
+    out = torch.matmul(er.to(value.dtype), value)
+    epg = ep.new_zeros((G * m, H, rep * T, L)).index_copy_(0, fi, ep)
+    epg = epg.view(G, m, H, rep * T, L).transpose(1, 2).reshape(G, H, m * rep * T, L)
+    op = torch.matmul(epg.to(VP.dtype), VP).view(G, H, m, rep * T, d).transpose(1, 2)
+    out = out + op.reshape(G * m, H, rep * T, d).index_select(0, fi)
+    out = (out.float() / den).to(query.dtype)
+    return out.view(B, H, rep, T, d).reshape(B, Hq, T, d).transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, cascade_attention)
+
+
+_register()
+
+
+@contextmanager
+def active(model, shared: SharedPrefix):
+    """The model computes its attention as a cascade over ``shared`` inside the block (its own
+    attention implementation is restored after)."""
+    before = model.config._attn_implementation
+    token = _ACTIVE.set(shared)
+    model.set_attn_implementation(NAME)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
+        _ACTIVE.reset(token)
