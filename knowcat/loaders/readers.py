@@ -7,6 +7,7 @@ JSON lists, CSV data rows and Parquet rows. Undecodable bytes are read with
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
 import re
@@ -84,82 +85,178 @@ def iter_jsonl(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[Raw
             yield RawRecord(lineno, value=value, raw=line)
 
 
-def _position(text: str, pos: int) -> tuple[int, int]:
-    line = text.count("\n", 0, pos) + 1
-    return line, pos - (text.rfind("\n", 0, pos) + 1) + 1
+JSON_CHUNK = 1 << 20  # bytes read at a time from a JSON list
+_LOOKAHEAD = 16  # characters past an element's end (or a parse error) before it is taken as final
 
 
-def _scan_array(text: str, path: Path) -> Iterator[RawRecord]:
-    """Parse a JSON list element by element, to name the record where it breaks."""
-    dec = json.JSONDecoder()
-    i = _WS.match(text, 0).end()
-    i = _WS.match(text, i + 1).end()  # past '['
-    n = 0
-    if text.startswith("]", i):
-        i += 1
-    else:
+class _JsonText:
+    """The text of a UTF-8 file read a chunk at a time (BOM dropped, bad bytes kept as surrogates, as
+    :func:`_decode` does), holding only the part from the cursor ``i`` on; positions in error messages
+    are the whole file's line and column."""
+
+    def __init__(self, f):
+        self.f = f
+        self.dec = codecs.getincrementaldecoder("utf-8")("surrogateescape")
+        self.buf = ""
+        self.i = 0
+        self.eof = False
+        self.started = False
+        self.lines = 0  # newlines before buf
+        self.col = 0  # characters between the last newline before buf and buf
+        self.tail = ""  # the last SNIPPET characters before buf
+
+    def read(self, size: int | None = None) -> bool:
+        """Drop the text before the cursor and append the next chunk; False once the file is read."""
+        if self.eof:
+            return False
+        cut, buf = self.i, self.buf
+        if cut:
+            self.lines += buf.count("\n", 0, cut)
+            k = buf.rfind("\n", 0, cut)
+            self.col = cut - k - 1 if k >= 0 else self.col + cut
+            self.tail = (self.tail + buf[max(0, cut - SNIPPET):cut])[-SNIPPET:]
+        data = self.f.read(size or JSON_CHUNK)
+        self.eof = not data
+        text = self.dec.decode(data, final=self.eof)
+        if text and not self.started:
+            self.started = True
+            if text.startswith("\ufeff"):
+                text = text[1:]
+        self.buf = buf[cut:] + text if cut else buf + text
+        self.i = 0
+        return True
+
+    def skip_ws(self) -> None:
+        """Move the cursor past white space, reading on as needed."""
+        while True:
+            self.i = _WS.match(self.buf, self.i).end()
+            if self.i < len(self.buf) or not self.read():
+                return
+
+    def ahead(self, k: int) -> str:
+        """The ``k`` characters from the cursor (fewer at the end of the file)."""
+        while len(self.buf) < self.i + k and self.read():
+            pass
+        return self.buf[self.i:self.i + k]
+
+    def decode(self, decoder: json.JSONDecoder):
+        """The JSON value at the cursor and its text's length, the buffer grown (doubling) while it
+        may be incomplete; the cursor is left at the value's start."""
+        size = JSON_CHUNK
         while True:
             try:
-                obj, end = dec.raw_decode(text, i)
+                obj, end = decoder.raw_decode(self.buf, self.i)
             except json.JSONDecodeError as e:
-                yield _array_error(text, path, n, e.pos, e.msg)
-                return
-            except RecursionError:
-                yield _array_error(text, path, n, i, "the record nests too deeply to read")
-                return
-            yield RawRecord(n, value=obj, raw=obj)
-            n += 1
-            i = _WS.match(text, end).end()
-            if text.startswith(",", i):
-                i = _WS.match(text, i + 1).end()
-            elif text.startswith("]", i):
-                i += 1
-                break
-            else:
-                yield _array_error(text, path, n, i, "expected ',' or ']' after the record")
-                return
-    i = _WS.match(text, i).end()
-    if i < len(text):
-        yield _array_error(text, path, None, i, "extra data after the list")
+                # an error at the buffer's end, or a string not closed yet, may be text not read yet
+                if (e.pos >= len(self.buf) - _LOOKAHEAD or e.msg.startswith("Unterminated string")) and self.read(size):
+                    size *= 2
+                    continue
+                raise
+            # a number may go on past the buffer's end (``12`` of ``12.5``)
+            if end > len(self.buf) - _LOOKAHEAD and self.read(size):
+                size *= 2
+                continue
+            return obj, end - self.i
+
+    def position(self, pos: int) -> tuple[int, int]:
+        line = self.lines + self.buf.count("\n", 0, pos) + 1
+        k = self.buf.rfind("\n", 0, pos)
+        return line, pos - k if k >= 0 else self.col + pos + 1
+
+    def error(self, path: Path, n, pos: int, msg: str) -> RawRecord:
+        """A malformed-JSON error at ``pos`` of the buffer (the record ``n`` and those after it unread)."""
+        line, col = self.position(pos)
+        before = (self.tail + self.buf[max(0, pos - SNIPPET):pos])[-SNIPPET:]
+        self.i = pos
+        after = self.ahead(SNIPPET)
+        tail = "" if n is None else f"; records from {n} on are unreadable"
+        return RawRecord(n, raw=before + after, error=DataError(
+            f"malformed JSON at line {line}, column {col}: {msg}{tail}", file=path, record=n))
 
 
-def _array_error(text: str, path: Path, n, pos: int, msg: str) -> RawRecord:
-    line, col = _position(text, pos)
-    tail = "" if n is None else f"; records from {n} on are unreadable"
-    return RawRecord(n, raw=text[max(0, pos - SNIPPET): pos + SNIPPET], error=DataError(
-        f"malformed JSON at line {line}, column {col}: {msg}{tail}", file=path, record=n))
+_STRICT = json.JSONDecoder(parse_constant=lambda name: _no_constant(name))
+# finds where a value that _STRICT refused ends (it converts no number, accepts NaN)
+_SKIP = json.JSONDecoder(parse_int=lambda s: None, parse_float=lambda s: None, parse_constant=lambda s: None)
 
 
 def iter_json(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[RawRecord]:
-    """A JSON file holding a list of records (a ``.json`` file in JSON Lines form is read as such)."""
-    data = Path(path).read_bytes()
-    text, _ = _decode(data)
-    i = _WS.match(text, 0).end()
-    if text.startswith("{", i):
+    """A JSON file holding a list of records, streamed: the file is read :data:`JSON_CHUNK` bytes at a
+    time and each record yielded once parsed, so memory holds one record and a chunk, not the file (a
+    ``.json`` file in JSON Lines form is read as such).
+
+    A record with NaN or Infinity, or whose text is over ``max_line_bytes`` characters, is a bad record;
+    where the list itself is malformed, the error names the line, column and record, and the records
+    before it are yielded.
+    """
+    with open(path, "rb") as f:
+        t = _JsonText(f)
+        t.skip_ws()
+        first = t.ahead(1)
+        if first == "{":
+            jsonl = True
+        elif first != "[":
+            what = "an empty file" if not first else f"{t.ahead(20)!r}..."
+            yield RawRecord(None, error=DataError(f"expected a JSON list of records, found {what}", file=path))
+            return
+        else:
+            jsonl = False
+            yield from _json_list(t, path, max_line_bytes)
+    if jsonl:
         yield from iter_jsonl(path, max_line_bytes)
-        return
-    if not text.startswith("[", i):
-        what = "an empty file" if i >= len(text) else f"{text[i:i + 20]!r}..."
-        yield RawRecord(None, error=DataError(f"expected a JSON list of records, found {what}", file=path))
-        return
-    try:
-        records = loads(text)
-    except json.JSONDecodeError:
-        yield from _scan_array(text, path)
-        return
-    except ValueError as e:  # NaN / Infinity
-        yield RawRecord(None, error=DataError(str(e), file=path))
-        return
-    except RecursionError:
-        yield RawRecord(None, error=DataError("the JSON nests too deeply to read", file=path))
-        return
-    for n, obj in enumerate(records):
-        size = len(json.dumps(obj, ensure_ascii=False))
-        if size > max_line_bytes:
-            yield RawRecord(n, raw=None, error=DataError(
-                f"record is {size} characters, over max_line_bytes={max_line_bytes}", file=path, record=n))
-            continue
-        yield RawRecord(n, value=obj, raw=obj)
+
+
+def _json_list(t: _JsonText, path: Path, max_line_bytes: int) -> Iterator[RawRecord]:
+    t.i += 1  # past '['
+    t.skip_ws()
+    n = 0
+    if t.ahead(1) == "]":
+        t.i += 1
+    else:
+        while True:
+            try:
+                obj, size = t.decode(_STRICT)
+            except json.JSONDecodeError as e:
+                yield t.error(path, n, e.pos, e.msg)
+                return
+            except RecursionError:
+                yield t.error(path, n, t.i, "the record nests too deeply to read")
+                return
+            except ValueError as e:  # NaN, Infinity, an integer too long to convert: a bad record, the list goes on
+                try:
+                    _, size = t.decode(_SKIP)
+                except json.JSONDecodeError as e2:
+                    yield t.error(path, n, e2.pos, e2.msg)
+                    return
+                except RecursionError:
+                    yield t.error(path, n, t.i, "the record nests too deeply to read")
+                    return
+                start = t.i
+                yield RawRecord(n, raw=t.buf[start:start + size], error=DataError(str(e), file=path, record=n))
+                obj = None
+            else:
+                start = t.i
+                if size > max_line_bytes:
+                    yield RawRecord(n, raw=None, error=DataError(
+                        f"record is {size} characters, over max_line_bytes={max_line_bytes}", file=path, record=n))
+                else:
+                    yield RawRecord(n, value=obj, raw=obj)
+            del obj
+            n += 1
+            t.i = start + size
+            t.skip_ws()
+            c = t.ahead(1)
+            if c == ",":
+                t.i += 1
+                t.skip_ws()
+            elif c == "]":
+                t.i += 1
+                break
+            else:
+                yield t.error(path, n, t.i, "expected ',' or ']' after the record")
+                return
+    t.skip_ws()
+    if t.i < len(t.buf):
+        yield t.error(path, None, t.i, "extra data after the list")
 
 
 def _no_constant(name: str):
