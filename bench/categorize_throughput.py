@@ -14,7 +14,8 @@ and a matmul benchmark of the machine's peak. Every forward pass of the model is
 timed and counted: a pass that computes more than one token per row is *prefill*
 (prompts, prefixes), one token per row is *decode*; the rest of a method's time is
 *overhead* (Python, tokenization, sampling, cache copies between passes). FLOPs are
-2 x (parameters of the linear layers) x forward tokens (padding included); the share
+2 x (parameters of the linear layers but the LM head) x forward tokens (padding included)
++ 2 x (LM head parameters) x positions whose logits were computed; the share
 of peak is given over the method's whole time and over its time in forward passes.
 
     python bench/categorize_throughput.py --run runs/demo --questions 100 400 [--device auto|cpu|cuda]
@@ -62,6 +63,8 @@ class ForwardMeter:
             self.seconds[kind] += time.perf_counter() - t
             self.calls[kind] += 1
             self.tokens[kind] += 0 if ids is None else ids.numel()
+            logits = getattr(out, "logits", None)
+            self.head_positions[kind] += 0 if logits is None else logits.shape[0] * logits.shape[1]
             if kind == "decode":
                 self.decode_rows.append(ids.shape[0])
             return out
@@ -69,7 +72,7 @@ class ForwardMeter:
         model.forward = forward
 
     def reset(self) -> None:
-        self.seconds, self.calls, self.tokens = Counter(), Counter(), Counter()
+        self.seconds, self.calls, self.tokens, self.head_positions = Counter(), Counter(), Counter(), Counter()
         self.decode_rows: list[int] = []  # rows of each decode call (how full the batches are)
 
 
@@ -222,6 +225,7 @@ def main(argv=None):
         raise SystemExit("--device cuda: no CUDA device is available")
     model, tok = load_model(f"{args.run}/model", device=device, dtype="float32")
     n_mm = matmul_params(model)
+    n_head = model.get_output_embeddings().weight.numel()
     cfg = SliCKConfig(keep_answers=True, n_prompts=args.n_prompts, n_samples=args.n_samples)
     exact_cfg = SliCKConfig(**{**cfg.__dict__, "exact": True})
     sets = exemplar_sets(pool, cfg.fewshot)
@@ -252,7 +256,8 @@ def main(argv=None):
             dt = time.perf_counter() - t
             tokens = sum(meter.tokens.values())
             fwd_s = sum(meter.seconds.values())
-            flops = 2 * n_mm * tokens
+            # the LM head only where logits were computed (a prefill asks for the last position's only)
+            flops = 2 * (n_mm - n_head) * tokens + 2 * n_head * sum(meter.head_positions.values())
             out[name] = {
                 "seconds": dt, "examples_per_s": len(examples) / dt,
                 "prefill_s": meter.seconds["prefill"], "decode_s": meter.seconds["decode"],
