@@ -11,6 +11,10 @@ union of its row's keys and its prefix's keys, computed in two parts that share 
 - the prefix part: the queries of all rows of a prefix, gathered into one matrix, against the
   prefix's keys (one matrix product per prefix, all prefixes at once in a padded batch).
 
+That is for decoding (one query per row, at every step). A prefill (a batch's suffixes, once per
+batch) gathers each row's prefix in front of its own keys for one fused attention call instead: its
+many queries per row would make the padded prefix blocks large.
+
 The result equals ordinary attention over ``prefix + row`` up to float rounding (the sums are
 ordered differently). It applies to models whose attention is plain scaled dot-product attention
 behind transformers' attention interface, without a sliding window, logit soft-capping or attention
@@ -92,7 +96,15 @@ class SharedPrefix:
         pos[order] = np.arange(len(g)) - start[g[order]]
         m = int(counts.max())
         dev = self.valid.device
-        self._rows = (torch.from_numpy(g * m + pos).to(dev), m)
+        self._rows = (torch.from_numpy(g * m + pos).to(dev), m, g)
+        self._members = None  # the rows of each prefix in the batch (a prefill's, made on first use)
+
+    def members(self) -> list[tuple[int, torch.Tensor]]:
+        if self._members is None:
+            g = self._rows[2]
+            dev = self.valid.device
+            self._members = [(int(x), torch.from_numpy(np.flatnonzero(g == x)).to(dev)) for x in np.unique(g)]
+        return self._members
 
 
 def cascade_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
@@ -103,13 +115,32 @@ def cascade_attention(module, query, key, value, attention_mask, dropout: float 
     shared = _ACTIVE.get()
     if shared is None:
         raise RuntimeError("cascade attention outside probes.cascade.active()")
-    fi, m = shared._rows
+    fi, m, _ = shared._rows
     li = module.layer_idx
     KP, VP = shared.keys[li], shared.values[li]
     B, Hq, T, d = query.shape
     H = key.shape[1]
     rep = Hq // H
     scale = scaling if scaling is not None else d ** -0.5
+    if T > 1:
+        # a prefill (many queries per row, once per batch): each row's prefix gathered in front of its
+        # own keys and one fused attention call is cheaper than the prefix blocks, whose padded
+        # score tensors grow with the queries
+        L, n = KP.shape[-2], key.shape[-2]
+        keys = key.new_empty((B, H, L + n, d))
+        values = value.new_empty((B, H, L + n, d))
+        allowed = attention_mask.new_empty((B, 1, T, L + n))
+        for g, rows in shared.members():  # one broadcast copy per prefix (an indexed gather is 10x slower)
+            c = len(rows)
+            keys[:, :, :L].index_copy_(0, rows, KP[g:g + 1].expand(c, -1, -1, -1))
+            values[:, :, :L].index_copy_(0, rows, VP[g:g + 1].expand(c, -1, -1, -1))
+            allowed[:, :, :, :L].index_copy_(0, rows, shared.valid[g].expand(c, 1, T, L))
+        keys[:, :, L:] = key
+        values[:, :, L:] = value
+        allowed[:, :, :, L:] = attention_mask
+        out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=allowed, scale=scale,
+                                                               enable_gqa=rep > 1)
+        return out.transpose(1, 2).contiguous(), None
     q = query.reshape(B, H, rep * T, d)  # the queries of a key head's query heads, one after another
     G, L = KP.shape[0], KP.shape[-2]
     mask = attention_mask if rep == 1 else attention_mask.repeat(1, 1, rep, 1)
