@@ -189,9 +189,9 @@ def test_nan_and_infinity_are_bad_records_the_list_goes_on(tmp_path, chunk):
     assert [rr.raw for rr in iter_json(path) if rr.error] == ['{"a": [NaN]}', '{"b": -Infinity, "c": "x"}']
 
 
-def test_deep_nesting_is_an_error_not_a_crash(tmp_path, chunk):
-    if chunk == 1:
-        pytest.skip("a 200,000-character record read a byte at a time proves nothing more")
+@pytest.mark.parametrize("size", [7, 1 << 20])  # (a 200,000-character record read a byte at a time proves nothing more)
+def test_deep_nesting_is_an_error_not_a_crash(tmp_path, monkeypatch, size):
+    monkeypatch.setattr(readers, "JSON_CHUNK", size)
     path = tmp_path / "d.json"
     path.write_text('[{"a": 1}, ' + "[" * 100000 + "]" * 100000 + ', {"b": 2}]', encoding="utf-8")
     assert read(path) == [(0, None, {"a": 1}), (1, "malformed JSON at line 1, column 12: the record nests too deeply "
