@@ -347,3 +347,22 @@ def test_a_character_still_incomplete_is_never_tested():
 
     assert _abandoned(lambda t: True, "Par") and not _abandoned(lambda t: True, "Par\ufffd")
     assert not _abandoned(lambda t: False, "Par")
+
+
+def test_no_sample_is_abandoned_where_decoding_rewrites_earlier_text(quick_demo, quick_model, monkeypatch):
+    """A tokenizer that cleans up spaces before punctuation rewrites text already decoded ("do n't" becomes
+    "don't"): there, a sample's first words are not final, so no test of them is ever asked."""
+    from dataclasses import replace
+
+    from probes.generation import generate
+
+    model, tok = quick_model
+    run, _ = quick_demo
+    reqs = _quick_requests(run, streams=4, limit=3)
+    asked = []
+    monkeypatch.setattr(tok, "clean_up_tokenization_spaces", True, raising=False)
+    out = generate(model, tok, [replace(r, abandon=lambda t: asked.append(t) or True) for r in reqs], max_new_tokens=6)
+    assert not asked and all(s is not None for g in out.values() for s in g.samples)
+    monkeypatch.setattr(tok, "clean_up_tokenization_spaces", False, raising=False)
+    out = generate(model, tok, [replace(r, abandon=lambda t: asked.append(t) or True) for r in reqs], max_new_tokens=6)
+    assert asked and all(s is None for g in out.values() for s in g.samples)
