@@ -47,7 +47,9 @@ def supported(model) -> bool:
         return False
     if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
         return False
-    if any(getattr(cfg, name, None) for name in ("attn_logit_softcapping", "layer_types_sliding")):
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or ())):
+        return False
+    if getattr(cfg, "attn_logit_softcapping", None):
         return False
     impl = getattr(cfg, "_attn_implementation", None)
     return impl in ("sdpa", "eager", NAME)

@@ -109,6 +109,12 @@ def test_which_models_take_the_cascade(quick_model):
     assert cascade.supported(_tiny("llama", len(tok))) and cascade.supported(_tiny("qwen2", len(tok)))
     assert not cascade.supported(_tiny("gpt2", len(tok)))  # its own attention (no shared interface semantics)
     assert not cascade.supported(_tiny("mistral_window_4096", len(tok)))  # a sliding window
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    windowed = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            use_sliding_window=True, sliding_window=64, max_window_layers=1))
+    assert not cascade.supported(windowed)  # some layers slide
 
 
 def test_the_models_attention_is_restored_after_an_error(quick_model, monkeypatch):
