@@ -162,13 +162,15 @@ def _may_still_match(partial: str, answers: tuple[str, ...]) -> bool:
     while cut and not partial[cut - 1].isspace():
         cut -= 1
     done, last = tuple(normalize(partial[:cut]).split()), partial[cut:].lower()
-    last = "".join(ch for ch in last if ch not in _PUNCT)
+    # a word not finished yet: lowercasing turns a capital sigma at its end into a final sigma, which
+    # becomes an ordinary one once more letters follow
+    last = "".join(ch for ch in last if ch not in _PUNCT).replace("ς", "σ")
     for words in _alias_words(answers):
         if words[:len(done)] != done:
             continue
         if not last or not _WORD.fullmatch(last) or any(a.startswith(last) for a in ("a", "an", "the")):
             return True
-        if len(words) > len(done) and words[len(done)].startswith(last):
+        if len(words) > len(done) and words[len(done)].replace("ς", "σ").startswith(last):
             return True
     return False
 

@@ -117,6 +117,8 @@ def cascade_attention(module, query, key, value, attention_mask, dropout: float 
     shared = _ACTIVE.get()
     if shared is None:
         raise RuntimeError("cascade attention outside probes.cascade.active()")
+    if kwargs.get("sliding_window") or kwargs.get("softcap"):
+        raise NotImplementedError("cascade attention has no sliding window or logit soft-capping")
     fi, m, _ = shared._rows
     li = module.layer_idx
     KP, VP = shared.keys[li], shared.values[li]
@@ -143,27 +145,31 @@ def cascade_attention(module, query, key, value, attention_mask, dropout: float 
         out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=allowed, scale=scale,
                                                                enable_gqa=rep > 1)
         return out.transpose(1, 2).contiguous(), None
-    q = query.reshape(B, H, rep * T, d)  # the queries of a key head's query heads, one after another
+    # in float32 throughout (a no-op for a float32 model): half-precision scores and weights would
+    # round far more than fused attention does, which keeps its scores in float32
+    f32 = torch.float32
+    q = query.reshape(B, H, rep * T, d).to(f32)  # the queries of a key head's query heads, one after another
+    key, value, KP, VP = key.to(f32), value.to(f32), KP.to(f32), VP.to(f32)
     G, L = KP.shape[0], KP.shape[-2]
     mask = attention_mask if rep == 1 else attention_mask.repeat(1, 1, rep, 1)
     neg = torch.finfo(torch.float32).min
     # the row part
-    sr = torch.matmul(q, key.transpose(-1, -2)).float().mul_(scale).masked_fill_(~mask, neg)
+    sr = torch.matmul(q, key.transpose(-1, -2)).mul_(scale).masked_fill_(~mask, neg)
     # the prefix part: each prefix's rows side by side, one product per prefix
     qg = q.new_zeros((G * m, H, rep * T, d)).index_copy_(0, fi, q)
     qg = qg.view(G, m, H, rep * T, d).transpose(1, 2).reshape(G, H, m * rep * T, d)
-    sp = torch.matmul(qg, KP.transpose(-1, -2)).float().mul_(scale)
+    sp = torch.matmul(qg, KP.transpose(-1, -2)).mul_(scale)
     sp = sp.masked_fill_(~shared.valid[:, None, None, :], neg)
     sp = sp.view(G, H, m, rep * T, L).transpose(1, 2).reshape(G * m, H, rep * T, L).index_select(0, fi)
     top = torch.maximum(sr.amax(-1, keepdim=True), sp.amax(-1, keepdim=True))
     er, ep = (sr - top).exp_(), (sp - top).exp_()
     den = er.sum(-1, keepdim=True) + ep.sum(-1, keepdim=True)
-    out = torch.matmul(er.to(value.dtype), value)
+    out = torch.matmul(er, value)
     epg = ep.new_zeros((G * m, H, rep * T, L)).index_copy_(0, fi, ep)
     epg = epg.view(G, m, H, rep * T, L).transpose(1, 2).reshape(G, H, m * rep * T, L)
-    op = torch.matmul(epg.to(VP.dtype), VP).view(G, H, m, rep * T, d).transpose(1, 2)
+    op = torch.matmul(epg, VP).view(G, H, m, rep * T, d).transpose(1, 2)
     out = out + op.reshape(G * m, H, rep * T, d).index_select(0, fi)
-    out = (out.float() / den).to(query.dtype)
+    out = (out / den).to(query.dtype)
     return out.view(B, H, rep, T, d).reshape(B, Hq, T, d).transpose(1, 2).contiguous(), None
 
 

@@ -194,7 +194,8 @@ class PrefixCache(KVStore):
             by_len.setdefault(len(ids), []).append(ids)
         for group in by_len.values():
             x = torch.tensor(group, device=self.model.device)
-            out = self.model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=True)
+            out = self.model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=True,
+                             **_last_logits_only(self.model))  # only the keys and values are kept
             kv = _layer_kv(output_cache(out))
             for i, ids in enumerate(group):
                 found[ids] = [(k[i:i + 1].clone(), v[i:i + 1].clone()) for k, v in kv]

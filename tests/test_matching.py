@@ -25,6 +25,9 @@ from knowcat.matching import is_correct, may_still_match
     ("Lon", ["Paris", "London"], True),  # any alias
     ("U.S", ["US"], True),
     ("a–", ["b"], True),  # a character that splits words by itself: nothing decided
+    ("ΑΣ", ["Ασια"], True),  # "ΑΣ".lower() ends in a final sigma; "ΑΣΙΑ".lower() has an ordinary one
+    ("ΟΔΥΣ", ["Οδυσσεας"], True),
+    ("ΑΣΤ", ["Ασια"], False),
 ])
 def test_exact_prefixes(partial, answers, expected):
     assert may_still_match(partial, answers) is expected
@@ -38,8 +41,8 @@ def test_other_modes_never_abandon(mode):
 def test_never_abandons_an_answer_that_would_be_correct():
     """Every prefix of every random answer: a False is only ever given to an answer judged wrong."""
     rng = random.Random(7)
-    alphabet = list("abtheno ") + ["-", ".", "'", "–", "é", "1", "A", "T", "\t"]
-    words = ["a", "an", "the", "then", "there", "ant", "new", "york", "the-end", "a–b", "théo", "1a"]
+    alphabet = list("abtheno ") + ["-", ".", "'", "–", "é", "1", "A", "T", "\t", "Σ", "σ", "ς", "ι", "İ"]
+    words = ["a", "an", "the", "then", "there", "ant", "new", "york", "the-end", "a–b", "théo", "1a", "ασια", "σις"]
     abandoned = correct = 0
     for _ in range(20000):
         gold = " ".join(rng.choice(words) for _ in range(rng.randint(1, 3)))
