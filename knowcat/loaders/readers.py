@@ -205,6 +205,17 @@ def iter_json(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[RawR
         yield from iter_jsonl(path, max_line_bytes)
 
 
+def _decode_record(t: _JsonText, decoder, path: Path, n: int):
+    """``((value, size), None)``, or ``((None, 0), error)`` where the list is malformed at record ``n``
+    (the error ends it). A ``ValueError`` other than malformed JSON (NaN with :data:`_STRICT`) propagates."""
+    try:
+        return t.decode(decoder), None
+    except json.JSONDecodeError as e:
+        return (None, 0), t.error(path, n, e.pos, e.msg)
+    except RecursionError:
+        return (None, 0), t.error(path, n, t.i, "the record nests too deeply to read")
+
+
 def _json_list(t: _JsonText, path: Path, max_line_bytes: int) -> Iterator[RawRecord]:
     t.i += 1  # past '['
     t.skip_ws()
@@ -214,32 +225,22 @@ def _json_list(t: _JsonText, path: Path, max_line_bytes: int) -> Iterator[RawRec
     else:
         while True:
             try:
-                obj, size = t.decode(_STRICT)
-            except json.JSONDecodeError as e:
-                yield t.error(path, n, e.pos, e.msg)
-                return
-            except RecursionError:
-                yield t.error(path, n, t.i, "the record nests too deeply to read")
-                return
+                (obj, size), end = _decode_record(t, _STRICT, path, n)
+                bad = None
             except ValueError as e:  # NaN, Infinity, an integer too long to convert: a bad record, the list goes on
-                try:
-                    _, size = t.decode(_SKIP)
-                except json.JSONDecodeError as e2:
-                    yield t.error(path, n, e2.pos, e2.msg)
-                    return
-                except RecursionError:
-                    yield t.error(path, n, t.i, "the record nests too deeply to read")
-                    return
-                start = t.i
-                yield RawRecord(n, raw=t.buf[start:start + size], error=DataError(str(e), file=path, record=n))
-                obj = None
+                (obj, size), end = _decode_record(t, _SKIP, path, n)
+                obj, bad = None, e
+            if end is not None:  # the list is malformed here: the error ends it
+                yield end
+                return
+            start = t.i
+            if bad is not None:
+                yield RawRecord(n, raw=t.buf[start:start + size], error=DataError(str(bad), file=path, record=n))
+            elif size > max_line_bytes:
+                yield RawRecord(n, raw=None, error=DataError(
+                    f"record is {size} characters, over max_line_bytes={max_line_bytes}", file=path, record=n))
             else:
-                start = t.i
-                if size > max_line_bytes:
-                    yield RawRecord(n, raw=None, error=DataError(
-                        f"record is {size} characters, over max_line_bytes={max_line_bytes}", file=path, record=n))
-                else:
-                    yield RawRecord(n, value=obj, raw=obj)
+                yield RawRecord(n, value=obj, raw=obj)
             del obj
             n += 1
             t.i = start + size
