@@ -100,6 +100,20 @@ class SharedPrefix:
         dev = self.valid.device
         self._rows = (torch.from_numpy(g * m + pos).to(dev), m, g)
         self._members = None  # the rows of each prefix in the batch (a prefill's, made on first use)
+        self._allowed = None  # a prefill's mask over prefix and own positions (the same for every layer)
+
+    def prefill_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The selected rows' mask over their prefix's positions then their own (``attention_mask``,
+        ``[B, 1, T, n]``), made once per forward pass."""
+        if self._allowed is None:
+            B, _, T, n = attention_mask.shape
+            L = self.valid.shape[-1]
+            allowed = attention_mask.new_empty((B, 1, T, L + n))
+            for g, rows in self.members():
+                allowed[:, :, :, :L].index_copy_(0, rows, self.valid[g].expand(len(rows), 1, T, L))
+            allowed[:, :, :, L:] = attention_mask
+            self._allowed = allowed
+        return self._allowed
 
     def members(self) -> list[tuple[int, torch.Tensor]]:
         if self._members is None:
@@ -133,15 +147,13 @@ def cascade_attention(module, query, key, value, attention_mask, dropout: float 
         L, n = KP.shape[-2], key.shape[-2]
         keys = key.new_empty((B, H, L + n, d))
         values = value.new_empty((B, H, L + n, d))
-        allowed = attention_mask.new_empty((B, 1, T, L + n))
         for g, rows in shared.members():  # one broadcast copy per prefix (an indexed gather is 10x slower)
             c = len(rows)
             keys[:, :, :L].index_copy_(0, rows, KP[g:g + 1].expand(c, -1, -1, -1))
             values[:, :, :L].index_copy_(0, rows, VP[g:g + 1].expand(c, -1, -1, -1))
-            allowed[:, :, :, :L].index_copy_(0, rows, shared.valid[g].expand(c, 1, T, L))
         keys[:, :, L:] = key
         values[:, :, L:] = value
-        allowed[:, :, :, L:] = attention_mask
+        allowed = shared.prefill_mask(attention_mask)
         out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=allowed, scale=scale,
                                                                enable_gqa=rep > 1)
         return out.transpose(1, 2).contiguous(), None
