@@ -134,7 +134,12 @@ def _count_samples(st: _State, answers, cfg: SliCKConfig) -> None:
     for j in sorted(st.samples):
         for i, a in enumerate(st.samples[j]):
             # None: a sample abandoned once it could no longer match (lazy mode), wrong whatever followed
-            ok = a is not None and (verdict[a] if a in verdict else verdict.setdefault(a, is_correct(a, answers, cfg.match)))
+            if a is None:
+                ok = False
+            elif a not in verdict:
+                ok = verdict[a] = is_correct(a, answers, cfg.match)
+            else:
+                ok = verdict[a]
             st.n_sampled += 1
             st.n_sampled_correct += ok
             if ok and not cfg.exact:

@@ -92,7 +92,11 @@ def test_generation_is_the_same_with_one_copy_of_each_prefix(kind, quick_demo, q
 
     selected = []
     real_select = SharedPrefix.select
-    monkeypatch.setattr(SharedPrefix, "select", lambda self, lo, hi: (selected.append(hi - lo), real_select(self, lo, hi))[1])
+    def counting_select(self, lo, hi):
+        selected.append(hi - lo)
+        real_select(self, lo, hi)
+
+    monkeypatch.setattr(SharedPrefix, "select", counting_select)
     before = model.config._attn_implementation
     assert cascade.supported(model)
     shared = generate(model, tok, reqs, max_new_tokens=8, batch_size=40)
@@ -101,7 +105,8 @@ def test_generation_is_the_same_with_one_copy_of_each_prefix(kind, quick_demo, q
     n = len(selected)
     copied = generate(model, tok, reqs, max_new_tokens=8, batch_size=40)
     assert len(selected) == n  # the copy-per-row layout never used the cascade
-    assert {k: (g.greedy, g.samples) for k, g in shared.items()} == {k: (g.greedy, g.samples) for k, g in copied.items()}
+    answers = {k: (g.greedy, g.samples) for k, g in shared.items()}
+    assert answers == {k: (g.greedy, g.samples) for k, g in copied.items()}
 
 
 def test_which_models_take_the_cascade(quick_model):

@@ -42,7 +42,8 @@ def test_never_abandons_an_answer_that_would_be_correct():
     """Every prefix of every random answer: a False is only ever given to an answer judged wrong."""
     rng = random.Random(7)
     alphabet = list("abtheno ") + ["-", ".", "'", "–", "é", "1", "A", "T", "\t", "Σ", "σ", "ς", "ι", "İ"]
-    words = ["a", "an", "the", "then", "there", "ant", "new", "york", "the-end", "a–b", "théo", "1a", "ασια", "σις"]
+    words = ["a", "an", "the", "then", "there", "ant", "new", "york", "the-end", "a–b", "théo", "1a",
+             "ασια", "σις"]
     abandoned = correct = 0
     for _ in range(20000):
         gold = " ".join(rng.choice(words) for _ in range(rng.randint(1, 3)))
