@@ -12,8 +12,8 @@ union of its row's keys and its prefix's keys, computed in two parts that share 
   prefix's keys (one matrix product per prefix, all prefixes at once in a padded batch).
 
 That is for decoding (one query per row, at every step). A prefill (a batch's suffixes, once per
-batch) gathers each row's prefix in front of its own keys for one fused attention call instead: its
-many queries per row would make the padded prefix blocks large.
+batch) has many queries per row, which would make the padded prefix blocks large: its prefix part
+is computed prefix by prefix instead, each unpadded.
 
 The result equals ordinary attention over ``prefix + row`` up to float rounding (the sums are
 ordered differently). It applies to models whose attention is plain scaled dot-product attention
@@ -71,7 +71,7 @@ class SharedPrefix:
             groups[r] = g
         self.row_group = groups
         self.G = len(firsts)
-        lens = [kv[0][0].shape[-2] for kv in firsts]
+        lens = self.lens = [kv[0][0].shape[-2] for kv in firsts]
         L = max(lens)
         self.valid = torch.arange(L, device=device)[None, :] < torch.tensor(lens, device=device)[:, None]
         self.keys, self.values = [], []
@@ -100,20 +100,6 @@ class SharedPrefix:
         dev = self.valid.device
         self._rows = (torch.from_numpy(g * m + pos).to(dev), m, g)
         self._members = None  # the rows of each prefix in the batch (a prefill's, made on first use)
-        self._allowed = None  # a prefill's mask over prefix and own positions (the same for every layer)
-
-    def prefill_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The selected rows' mask over their prefix's positions then their own (``attention_mask``,
-        ``[B, 1, T, n]``), made once per forward pass."""
-        if self._allowed is None:
-            B, _, T, n = attention_mask.shape
-            L = self.valid.shape[-1]
-            allowed = attention_mask.new_empty((B, 1, T, L + n))
-            for g, rows in self.members():
-                allowed[:, :, :, :L].index_copy_(0, rows, self.valid[g].expand(len(rows), 1, T, L))
-            allowed[:, :, :, L:] = attention_mask
-            self._allowed = allowed
-        return self._allowed
 
     def members(self) -> list[tuple[int, torch.Tensor]]:
         if self._members is None:
@@ -141,22 +127,7 @@ def cascade_attention(module, query, key, value, attention_mask, dropout: float 
     rep = Hq // H
     scale = scaling if scaling is not None else d ** -0.5
     if T > 1:
-        # a prefill (many queries per row, once per batch): each row's prefix gathered in front of its
-        # own keys and one fused attention call is cheaper than the prefix blocks, whose padded
-        # score tensors grow with the queries
-        L, n = KP.shape[-2], key.shape[-2]
-        keys = key.new_empty((B, H, L + n, d))
-        values = value.new_empty((B, H, L + n, d))
-        for g, rows in shared.members():  # one broadcast copy per prefix (an indexed gather is 10x slower)
-            c = len(rows)
-            keys[:, :, :L].index_copy_(0, rows, KP[g:g + 1].expand(c, -1, -1, -1))
-            values[:, :, :L].index_copy_(0, rows, VP[g:g + 1].expand(c, -1, -1, -1))
-        keys[:, :, L:] = key
-        values[:, :, L:] = value
-        allowed = shared.prefill_mask(attention_mask)
-        out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=allowed, scale=scale,
-                                                               enable_gqa=rep > 1)
-        return out.transpose(1, 2).contiguous(), None
+        return _prefill(shared, KP, VP, query, key, value, attention_mask, scale, rep), None
     # in float32 throughout (a no-op for a float32 model): half-precision scores and weights would
     # round far more than fused attention does, which keeps its scores in float32
     f32 = torch.float32
@@ -183,6 +154,41 @@ def cascade_attention(module, query, key, value, attention_mask, dropout: float 
     out = out + op.reshape(G * m, H, rep * T, d).index_select(0, fi)
     out = (out / den).to(query.dtype)
     return out.view(B, H, rep, T, d).reshape(B, Hq, T, d).transpose(1, 2).contiguous(), None
+
+
+def _prefill(shared: SharedPrefix, KP, VP, query, key, value, attention_mask, scale: float, rep: int):
+    """A prefill's attention (many queries per row, once per batch), in the same two parts as a
+    decode step: the row part for every row at once, the prefix part prefix by prefix (the queries of
+    its rows as one matrix against its keys, unpadded: a prefill's many queries per row would make
+    the padded prefix blocks of a decode step large, and gathering each row's prefix in front of its
+    own keys copies the prefix into every row, at every layer)."""
+    B, Hq, T, d = query.shape
+    H = key.shape[1]
+    rT = rep * T
+    f32 = torch.float32
+    q = query.reshape(B, H, rT, d).to(f32)
+    key, value = key.to(f32), value.to(f32)
+    mask = attention_mask if rep == 1 else attention_mask.repeat(1, 1, rep, 1)
+    # the row part (a query whose own keys are all padding gets weight 0 here: its prefix's maximum is finite)
+    sr = torch.matmul(q, key.transpose(-1, -2)).mul_(scale).masked_fill_(~mask, torch.finfo(f32).min)
+    top = sr.amax(-1, keepdim=True)
+    mp, sp = torch.empty_like(top), torch.empty_like(top)  # the prefix part's maximum and sum of weights
+    op = q.new_empty((B, H, rT, d))  # and its weighted values (relative to its maximum)
+    for g, rows in shared.members():
+        c, L = len(rows), shared.lens[g]
+        qg = q.index_select(0, rows).transpose(0, 1).reshape(H, c * rT, d)
+        s = torch.matmul(qg, KP[g, :, :L].to(f32).transpose(-1, -2)).mul_(scale)
+        m = s.amax(-1, keepdim=True)
+        e = s.sub_(m).exp_()
+        mp.index_copy_(0, rows, m.view(H, c, rT, 1).transpose(0, 1))
+        sp.index_copy_(0, rows, e.sum(-1, keepdim=True).view(H, c, rT, 1).transpose(0, 1))
+        op.index_copy_(0, rows, torch.matmul(e, VP[g, :, :L].to(f32)).view(H, c, rT, d).transpose(0, 1))
+    top = torch.maximum(top, mp)
+    er = sr.sub_(top).exp_()
+    wp = mp.sub_(top).exp_()
+    den = er.sum(-1, keepdim=True).add_(sp.mul_(wp))
+    out = torch.matmul(er, value).add_(op.mul_(wp)).div_(den).to(query.dtype)
+    return out.view(B, H, rep, T, d).reshape(B, Hq, T, d).transpose(1, 2).contiguous()
 
 
 def _register() -> None:
