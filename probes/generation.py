@@ -746,6 +746,10 @@ class RoundGenerator:
                  for req, suf in group]
         items.sort(key=lambda it: (len(it[2]), len(it[1])))  # batch by length: little padding
         results: dict[Hashable, Generation] = {}
+        n = len(items)
+        items, first = self._first_tokens(items)
+        if progress is not None and len(items) < n:
+            progress(n - len(items))  # requests whose every sample ended at its first token
         i = 0
         while i < len(items):
             chunk, rows = [], 0
@@ -785,7 +789,67 @@ class RoundGenerator:
             i += len(chunk)
             if progress is not None:
                 progress(len(chunk))
+        for key, (streams, done) in first.items():
+            rest = iter(results[key].samples if key in results else ())
+            results[key] = Generation(None, [
+                (None if done[s] is None else decode_answer(tokenizer, done[s], self.stop)) if s in done else next(rest)
+                for s in streams])
         return results
+
+    def _first_tokens(self, items: list) -> tuple[list, dict]:
+        """Draw the first token of every sample of a request whose state after the prompt is kept
+        (:class:`PromptStates`: its logits are known without a forward pass) and whose samples may be
+        abandoned, before any batch is formed: a sample that stops at its first token, or that its
+        request abandons there, needs no row. Returns the items left to decode (such requests keep
+        only their other samples; a request with none left is dropped) and, per request drawn,
+        ``(its streams, {stream: ids generated, or None where abandoned})`` for those resolved.
+        So batches are filled with the samples that go on (in lazy SliCK most are abandoned at
+        their first token), not with rows that would leave the batch at once."""
+        if self._decode is None or self.max_new_tokens < 2:  # (one token: a sample is never abandoned)
+            return items, {}
+        self.states.sync()
+        todo = []
+        for j, (req, pre, suf) in enumerate(items):
+            if req.streams and not req.greedy and req.abandon is not None:
+                st = self.states.get((pre, tuple(suf)), sync=False)
+                if st is not None:
+                    todo.append((j, st[1]))
+        if not todo:
+            return items, {}
+        dev = todo[0][1].device
+        counts = np.array([len(items[j][0].streams) for j, _ in todo])
+        streams = np.array([s for j, _ in todo for s in items[j][0].streams], dtype=np.uint64)
+        row = torch.from_numpy(np.repeat(np.arange(len(todo)), counts)).to(dev)
+        idx, cdf = topk_cdf(torch.stack([lg for _, lg in todo]), self.temperature, self.top_k)
+        u = torch.from_numpy(uniforms(streams, 0)).to(cdf.device)
+        pick = torch.searchsorted(cdf[row], u[:, None]).clamp(max=idx.shape[1] - 1)
+        toks = idx[row].gather(1, pick).squeeze(1).cpu().numpy()
+        stops = set(self.stop_t.tolist())
+        first, drop, keep_items = {}, set(), {}
+        at = 0
+        for (j, _), c in zip(todo, counts):
+            req, pre, suf = items[j]
+            done, left, verdicts = {}, [], {}
+            for s, t in zip(req.streams, toks[at:at + c].tolist()):
+                if t in stops:
+                    done[s] = [t]
+                    continue
+                if t not in verdicts:
+                    verdicts[t] = _abandoned(req.abandon, self._decode([t]))
+                if verdicts[t]:
+                    done[s] = None
+                else:
+                    left.append(s)
+            at += c
+            if not done:
+                continue
+            first[req.key] = (req.streams, done)
+            if left:
+                keep_items[j] = (replace(req, streams=tuple(left)), pre, suf)
+            else:
+                drop.add(j)
+                self.states.get((pre, tuple(suf)), pop=True, sync=False)  # no batch will take it
+        return [keep_items.get(j, it) for j, it in enumerate(items) if j not in drop], first
 
 
 def generate(model, tokenizer, requests: Iterable[PromptRequest], max_new_tokens: int = 32,

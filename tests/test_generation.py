@@ -366,3 +366,45 @@ def test_no_sample_is_abandoned_where_decoding_rewrites_earlier_text(quick_demo,
     monkeypatch.setattr(tok, "clean_up_tokenization_spaces", False, raising=False)
     out = generate(model, tok, [replace(r, abandon=lambda t: asked.append(t) or True) for r in reqs], max_new_tokens=6)
     assert asked and all(s is None for g in out.values() for s in g.samples)
+
+
+def test_first_tokens_drawn_before_batching_change_no_sample(quick_demo, quick_model, monkeypatch):
+    """A sampled request whose prompt state is kept has its samples' first tokens drawn before any batch
+    is formed (``RoundGenerator._first_tokens``): those abandoned or stopped there take no row. Every
+    sample is what the batched decode gives it without that step, the requests whose samples all
+    ended there still come back (and count as progress), and fewer rows are decoded."""
+    from dataclasses import replace
+
+    from probes.generation import RoundGenerator
+
+    model, tok = quick_model
+    run, _ = quick_demo
+    reqs = _quick_requests(run, streams=8, limit=12)
+    greedy = [replace(r, streams=(), keep_state=True) for r in reqs]
+
+    def odd_start(text):  # abandons a sample whose first character's code is odd, from its first token
+        t = text.strip()
+        return bool(t) and ord(t[0]) % 2 == 1
+
+    # and half the requests abandon every sample at its first token
+    sampled = [replace(r, key=("s",) + r.key, greedy=False, abandon=odd_start if i % 2 else (lambda t: True))
+               for i, r in enumerate(reqs)]
+
+    def run_two_rounds(prepass: bool):
+        gen = RoundGenerator(model, tok, max_new_tokens=10, batch_size=64)
+        if not prepass:
+            monkeypatch.setattr(gen, "_first_tokens", lambda items: (items, {}))
+        gen(greedy)
+        fed, calls = gen._fed[0], []
+        done = gen(sampled, progress=calls.append)
+        return done, gen._fed[0] - fed, sum(calls)
+
+    with_first, fed_with, progress_with = run_two_rounds(True)
+    without, fed_without, progress_without = run_two_rounds(False)
+    assert {k: (g.greedy, g.samples) for k, g in with_first.items()} == \
+        {k: (g.greedy, g.samples) for k, g in without.items()}
+    assert progress_with == progress_without == len(sampled)
+    samples = [s for g in with_first.values() for s in g.samples]
+    assert None in samples and any(s is not None for s in samples)  # not vacuous: both outcomes
+    assert any(all(s is None for s in g.samples) for g in with_first.values())  # requests resolved whole
+    assert fed_with == fed_without  # the same nodes decoded: a sample ended at its first token costs no forward
