@@ -422,10 +422,18 @@ def _abandoned(test, text: str) -> bool:
     return "\ufffd" not in text and bool(test(text))
 
 
-def _length_groups(lengths: list[int], min_tokens: int = 256, waste: float = 0.15) -> list[tuple[int, int]]:
+# the most tokens (padding included) a prefill computes in one forward pass, per device type: on a
+# CPU, a pass's activations that outgrow its caches cost more than another pass (the demo model's
+# suffix prefill, 400 questions: 512 rows of 12-19 tokens per pass 1.7-1.8 s, at most 2,048 tokens
+# 1.3-1.5 s); an accelerator takes the whole batch
+PREFILL_TOKENS = {"cpu": 2048}
+
+
+def _length_groups(lengths: list[int], min_tokens: int = 256, waste: float = 0.15,
+                   max_tokens: int | None = None) -> list[tuple[int, int]]:
     """Consecutive row ranges to prefill together: a range grows while its padding stays within
-    ``waste`` of its tokens, or while it holds fewer than ``min_tokens`` (a small forward pass
-    costs its latency more than its padding)."""
+    ``waste`` of its tokens and its padded tokens within ``max_tokens``, or while it holds fewer
+    than ``min_tokens`` (a small forward pass costs its latency more than its padding)."""
     groups, lo = [], 0
     for i in range(1, len(lengths) + 1):
         if i == len(lengths):
@@ -433,7 +441,8 @@ def _length_groups(lengths: list[int], min_tokens: int = 256, waste: float = 0.1
             break
         rows = lengths[lo:i + 1]
         real, padded = sum(rows), max(rows) * len(rows)
-        if padded > (1 + waste) * real and sum(lengths[lo:i]) >= min_tokens:
+        full = padded > (1 + waste) * real or (max_tokens is not None and padded > max_tokens)
+        if full and sum(lengths[lo:i]) >= min_tokens:
             groups.append((lo, i))
             lo = i
     return groups
@@ -498,7 +507,7 @@ def _decode_chunk(model, prefix_kvs: list, suffixes: list[list[int]], branches: 
         b = sum(st is None for st in states)
         logits = []
         # the prefill in groups of similar suffix lengths (little padding), each right-aligned at base + S
-        for lo, hi in _length_groups([len(s) for s in suffixes[:b]]):
+        for lo, hi in _length_groups([len(s) for s in suffixes[:b]], max_tokens=PREFILL_TOKENS.get(dev.type)):
             w = max(len(s) for s in suffixes[lo:hi])
             for layer in buf.cache.layers:
                 # padding left of the group's window (masked, but finite)

@@ -408,3 +408,23 @@ def test_first_tokens_drawn_before_batching_change_no_sample(quick_demo, quick_m
     assert None in samples and any(s is not None for s in samples)  # not vacuous: both outcomes
     assert any(all(s is None for s in g.samples) for g in with_first.values())  # requests resolved whole
     assert fed_with == fed_without  # the same nodes decoded: a sample ended at its first token costs no forward
+
+
+def test_prefill_groups_cover_every_row_within_their_token_bound():
+    """``_length_groups``: consecutive ranges covering every row once; with ``max_tokens``, no range's
+    padded tokens exceed it unless the range is a single row or still under ``min_tokens``."""
+    import random
+
+    from probes.generation import _length_groups
+
+    rnd = random.Random(0)
+    lengths = sorted(rnd.randint(5, 30) for _ in range(700))
+    for cap in (None, 2048, 300):
+        groups = _length_groups(lengths, max_tokens=cap)
+        assert groups[0][0] == 0 and groups[-1][1] == len(lengths)
+        assert all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
+        for lo, hi in groups:
+            padded = max(lengths[lo:hi]) * (hi - lo)
+            if cap is not None and hi - lo > 1:
+                assert padded <= cap or sum(lengths[lo:hi - 1]) < 256, (lo, hi, padded)
+    assert len(_length_groups(lengths, max_tokens=2048)) > len(_length_groups(lengths))
