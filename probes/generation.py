@@ -753,7 +753,11 @@ class RoundGenerator:
             requests = [replace(r, prefix="", suffix=r.prefix + r.suffix) for r in requests]
         items = [(req, pre, suf) for pre, group in group_requests(tokenizer, requests, self._tokens).items()
                  for req, suf in group]
-        items.sort(key=lambda it: (len(it[2]), len(it[1])))  # batch by length: little padding
+        # batches by prefix, each sorted by suffix length (little padding in its prefill): a decode step's
+        # prefix part then has few prefixes, with as many rows each (cascade attention pads them to the
+        # most rows of one prefix; the demo model's 512-row decode steps took 17 instead of 21 ms, 400
+        # questions), and the copy layout's prefixes have similar lengths
+        items.sort(key=lambda it: (len(it[1]), it[1], len(it[2])))
         results: dict[Hashable, Generation] = {}
         n = len(items)
         items, first = self._first_tokens(items)
@@ -769,6 +773,7 @@ class RoundGenerator:
                     break
                 chunk.append(items[i + len(chunk)])
                 rows += n
+            chunk.sort(key=lambda it: len(it[2]))
             branches = [([-1] if r.greedy else []) + list(r.streams) for r, _, _ in chunk]
             try:
                 self.prefixes.sync()
