@@ -16,7 +16,8 @@ timed and counted: a pass that computes more than one token per row is *prefill*
 *overhead* (Python, tokenization, sampling, cache copies between passes). FLOPs are
 2 x (parameters of the linear layers but the LM head) x forward tokens (padding included)
 + 2 x (LM head parameters) x positions whose logits were computed; the share
-of peak is given over the method's whole time and over its time in forward passes.
+of peak is given over the method's whole time and over its time in forward passes, beside what the
+model's own forward reaches without a KV cache on prefill-like and decode-like shapes (an upper bound).
 
     python bench/categorize_throughput.py --run runs/demo --questions 100 400 [--device auto|cpu|cuda]
         [--methods knowcat_lazy knowcat_exact plain_generate lm_eval] [--profile] [--out FILE]
@@ -95,6 +96,30 @@ def matmul_peak(seconds: float = 3.0, n: int = 2048, device="cpu") -> float:
         k += 1
         _sync(device)
     return 2 * n ** 3 * k / (time.perf_counter() - t)
+
+
+@torch.inference_mode()
+def forward_ceiling(model, flops_of, peak, shapes=((64, 16), (256, 16), (512, 16), (256, 1), (512, 1), (2048, 1)),
+                    seconds: float = 0.5) -> dict:
+    """The share of the matmul peak the model's own forward reaches without a KV cache (random token
+    ids, ``rows x tokens``, the last position's logits): what a method's passes could reach at best
+    on shapes like its prefills (16 tokens a row) and decode steps (1, without the context a decode
+    step attends to, so an upper bound)."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    out = {}
+    for rows, tokens in shapes:
+        ids = torch.randint(0, vocab, (rows, tokens), device=model.device)
+        kw = {"logits_to_keep": 1} if tokens > 1 else {}
+        model(input_ids=ids, use_cache=False, **kw)
+        _sync(model.device)
+        t, k = time.perf_counter(), 0
+        while time.perf_counter() - t < seconds:
+            model(input_ids=ids, use_cache=False, **kw)
+            k += 1
+        _sync(model.device)
+        dt = (time.perf_counter() - t) / k
+        out[f"{rows}x{tokens}"] = flops_of(rows * tokens, rows) / dt / peak
+    return out
 
 
 def plain_loop(model, tok, examples, prompts, cfg):
@@ -236,6 +261,8 @@ def main(argv=None):
         res["gpu"] = torch.cuda.get_device_name(device)
     peak = matmul_peak(device=model.device)
     res["matmul_peak_gflops"] = peak / 1e9
+    res["forward_ceiling_share_of_peak"] = forward_ceiling(
+        model, lambda tokens, heads: 2 * (n_mm - n_head) * tokens + 2 * n_head * heads, peak)
     meter = ForwardMeter(model)
 
     # untimed warm-up, so the first timed method does not pay for thread pools, allocator and kernel selection
@@ -322,7 +349,8 @@ def main(argv=None):
         for name in METHODS:
             o = out.get(name, {})
             if "examples_per_s" in o:
-                parts.append(f"{name} {o['examples_per_s']:.2f} ex/s ({o['share_of_peak']:.0%} of peak; "
+                parts.append(f"{name} {o['examples_per_s']:.2f} ex/s ({o['share_of_peak']:.0%} of peak overall, "
+                             f"{o['forward_share_of_peak']:.0%} in forward passes; "
                              f"prefill/decode/overhead {o['prefill_s']:.1f}/{o['decode_s']:.1f}/{o['overhead_s']:.1f} s)")
         extra = []
         if "lazy_over_exact" in out:
@@ -333,8 +361,10 @@ def main(argv=None):
                 extra.append(f"lazy vs {other} {out[f'lazy_speedup_vs_{other}']:.1f}x")
         if "agreement_plain" in out:
             extra.append(f"greedy identical to plain: {out['agreement_plain']['greedy_identical']:.1%}")
-        print(f"SUMMARY {nq} questions on {res['device']} (matmul peak {peak / 1e9:.0f} GFLOP/s): "
-              + "; ".join(parts + extra))
+        ceil = res["forward_ceiling_share_of_peak"]
+        best = max(ceil, key=ceil.get)
+        print(f"SUMMARY {nq} questions on {res['device']} (matmul peak {peak / 1e9:.0f} GFLOP/s; the model's own "
+              f"forward without a cache at best {ceil[best]:.0%}, {best}): " + "; ".join(parts + extra))
 
 
 def _agreement(k_greedy, k_cats, o_greedy, o_cats):

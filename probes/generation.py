@@ -424,8 +424,9 @@ def _abandoned(test, text: str) -> bool:
 
 # the most tokens (padding included) a prefill computes in one forward pass, per device type: on a
 # CPU, a pass's activations that outgrow its caches cost more than another pass (the demo model's
-# suffix prefill, 400 questions: 512 rows of 12-19 tokens per pass 1.7-1.8 s, at most 2,048 tokens
-# 1.3-1.5 s); an accelerator takes the whole batch
+# suffix prefills, 400 questions, three runs each: whole batches of 512 rows 1.56-1.67 s, passes of at
+# most 2,048 tokens 1.30-1.37 s; of 1,024, 1.43-1.44 s; of 512, 1.46-1.61 s); an accelerator takes
+# the whole batch
 PREFILL_TOKENS = {"cpu": 2048}
 
 
