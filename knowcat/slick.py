@@ -158,7 +158,7 @@ def categorize(engine, examples: list[QAExample], exemplar_pool: list[QAExample]
     or the samples of an example under one prompt; with ``n_samples=0``: prompts).
     """
     from probes.generation import PromptRequest
-    from probes.sampling import stream_seed
+    from probes.sampling import stream_seeds
 
     sets = exemplar_sets(exemplar_pool, cfg.fewshot)
     missing = sorted({e.relation for e in examples} - set(sets))
@@ -193,7 +193,7 @@ def categorize(engine, examples: list[QAExample], exemplar_pool: list[QAExample]
         if not cfg.exact and cfg.match == "exact":
             hopeless = partial(_hopeless, answers=tuple(ex.answers), mode=cfg.match)
         return PromptRequest(("s", ex.id, j), *prompts[ex.id][j], False,
-                             tuple(stream_seed(cfg.seed, ex.id, j, s) for s in range(cfg.n_samples)),
+                             stream_seeds(cfg.seed, ex.id, j, cfg.n_samples),
                              abandon=hopeless)
 
     if cfg.exact or cfg.n_samples == 0:

@@ -37,6 +37,21 @@ def stream_seed(seed: int, example_id: str, prompt_index: int, sample_index: int
     return x
 
 
+def stream_seeds(seed: int, example_id: str, prompt_index: int, n: int) -> tuple[int, ...]:
+    """``stream_seed(seed, example_id, prompt_index, i)`` for ``i`` in ``range(n)``, the last mixing
+    step vectorized."""
+    h = int.from_bytes(hashlib.blake2b(str(example_id).encode("utf-8"), digest_size=8).digest(), "little")
+    x = _splitmix64_int(seed & _MASK)
+    for part in (h, prompt_index):
+        x = _splitmix64_int(x ^ (part & _MASK))
+    with np.errstate(over="ignore"):
+        z = (np.uint64(x) ^ np.arange(n, dtype=np.uint64)) + np.uint64(_GOLDEN)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return tuple(z.tolist())
+
+
 def uniforms(streams: np.ndarray, step: int) -> np.ndarray:
     """One uniform in [0, 1) per stream for decoding step ``step`` (vectorized splitmix64)."""
     with np.errstate(over="ignore"):

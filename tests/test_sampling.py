@@ -87,3 +87,12 @@ def test_fast_path_equals_the_general_path(dtype):
                 w = ri.shape[1]
                 assert torch.equal(ri, gi[r:r + 1, :w]) and torch.equal(rc, gc[r:r + 1, :w])
                 assert torch.all(gc[r, w:] == 1.0)
+
+
+def test_stream_seeds_are_the_stream_seeds_one_by_one():
+    """``stream_seeds`` (the last mixing step vectorized) gives each sample exactly ``stream_seed``'s
+    stream, including seeds and ids whose values use all 64 bits."""
+    from probes.sampling import stream_seeds
+
+    for seed, ex_id, j, n in ((0, "q1", 0, 16), (2**64 - 1, "Q\u00e9 2", 9, 5), (12345, "", 3, 0), (7, "x", 2**40, 33)):
+        assert stream_seeds(seed, ex_id, j, n) == tuple(stream_seed(seed, ex_id, j, i) for i in range(n))
