@@ -776,6 +776,7 @@ class RoundGenerator:
                 rows += n
             chunk.sort(key=lambda it: len(it[2]))
             branches = [([-1] if r.greedy else []) + list(r.streams) for r, _, _ in chunk]
+            keys, states = [], []
             try:
                 self.prefixes.sync()
                 self.states.sync()
@@ -792,6 +793,9 @@ class RoundGenerator:
             except (torch.OutOfMemoryError, RuntimeError) as err:
                 if not _is_oom(err) or self.rows_per_batch <= 1:
                     raise
+                for k, st in zip(keys, states):  # taken by this batch: the retry decodes from them again
+                    if st is not None:
+                        self.states.put(k, st)
                 self.rows_per_batch = max(1, self.rows_per_batch // 2)
                 if model.device.type == "cuda":
                     torch.cuda.empty_cache()

@@ -428,3 +428,44 @@ def test_prefill_groups_cover_every_row_within_their_token_bound():
             if cap is not None and hi - lo > 1:
                 assert padded <= cap or sum(lengths[lo:hi - 1]) < 256, (lo, hi, padded)
     assert len(_length_groups(lengths, max_tokens=2048)) > len(_length_groups(lengths))
+
+
+def test_out_of_memory_retry_keeps_the_prompt_states_it_took(quick_demo, quick_model, monkeypatch):
+    """A batch that runs out of memory had already taken its requests' kept prompt states
+    (:class:`PromptStates`); the retry with fewer rows decodes from those states again instead of
+    prefilling those prompts: the same samples and the same tokens fed as without the error."""
+    from dataclasses import replace
+
+    import torch
+
+    import probes.generation as G
+
+    model, tok = quick_model
+    run, _ = quick_demo
+    reqs = _quick_requests(run, streams=4, limit=12)
+    greedy = [replace(r, streams=(), keep_state=True) for r in reqs]
+    sampled = [replace(r, key=("s",) + r.key, greedy=False) for r in reqs]  # no abandon: every state goes to a batch
+    real = G._decode_chunk
+
+    def sample_round(fail: bool):
+        calls = []
+
+        def flaky(*a, **k):
+            calls.append(1)
+            if fail and len(calls) == 2:  # the sample round's first batch
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return real(*a, **k)
+
+        monkeypatch.setattr(G, "_decode_chunk", flaky)
+        gen = G.RoundGenerator(model, tok, max_new_tokens=8, batch_size=256)
+        gen(greedy)
+        assert len(calls) == 1 and len(gen.states) == len(reqs)
+        fed = gen._fed[0]
+        out = gen(sampled)
+        return {k: (g.greedy, g.samples) for k, g in out.items()}, gen._fed[0] - fed, gen.rows_per_batch
+
+    want, fed_want, _ = sample_round(False)
+    got, fed_got, rows = sample_round(True)
+    assert rows == 128  # the error was met and the batch halved
+    assert got == want
+    assert fed_got == fed_want  # no prompt prefilled again
