@@ -167,3 +167,33 @@ def test_half_precision_rounds_no_more_than_fused_attention(dtype):
     fused = fused.transpose(1, 2)
     err, err_fused = (out.double() - ref).abs().max(), (fused.double() - ref).abs().max()
     assert err <= 2 * err_fused, (err, err_fused)
+
+
+@pytest.mark.parametrize("rep", [1, 4])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_prefill_of_a_row_range_equals_attention_over_prefix_and_row(rep, dtype, tol):
+    """A prefill pass computes rows ``lo:hi`` of the batch (:meth:`SharedPrefix.select`): each row attends to
+    its own prefix (prefixes of different lengths, a row's index counted from ``lo``), including a row whose
+    own positions are all padding and queries that come before a row's first own position."""
+    g = torch.Generator().manual_seed(rep)
+    H, d, n, T = 2, 8, 7, 4
+    lens = [5, 9, 1, 12]
+    prefixes = [(torch.randn(1, H, L, d, generator=g), torch.randn(1, H, L, d, generator=g)) for L in lens]
+    groups = [2, 0, 0, 1, 3, 2, 0, 3, 1]
+    lo, hi = 2, 8
+    B = hi - lo
+    shared = SharedPrefix([[(k.to(dtype), v.to(dtype))] for k, v in (prefixes[x] for x in groups)], len(groups), "cpu")
+    q = 3 * torch.randn(B, H * rep, T, d, generator=g)
+    k_rows, v_rows = torch.randn(B, H, n, d, generator=g), torch.randn(B, H, n, d, generator=g)
+    pad = torch.tensor([1, 0, 7, 0, 5, 6])  # 7: no own position; 5, 6: the first queries see none of their own
+    mask = (torch.arange(n)[None, :] >= pad[:, None])[:, None, None, :] \
+        & (torch.arange(n)[None, :] <= torch.arange(n - T, n)[:, None])
+    shared.select(lo, hi)
+    token = cascade._ACTIVE.set(shared)
+    try:
+        out, _ = cascade_attention(_Module(), q.to(dtype), k_rows.to(dtype), v_rows.to(dtype), mask, scaling=d ** -0.5)
+    finally:
+        cascade._ACTIVE.reset(token)
+    ref = _reference(q, prefixes, groups[lo:hi], k_rows, v_rows, mask, d ** -0.5)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert (out.double() - ref).abs().max() < tol
