@@ -35,7 +35,7 @@ from knowcat.prompts import FewShotConfig, answer_sep, exemplar_sets, prompt_for
 from knowcat.rundir import RunDir
 from knowcat.slick import CATEGORIES, SliCKConfig
 
-POOL_CAP = 5000  # few-shot exemplars kept per relation (group): see bounded_pool
+POOL_CAP = 1000  # few-shot exemplars kept per relation (group) where the examples are streamed: see bounded_pool
 
 
 @dataclass(frozen=True)
@@ -507,12 +507,12 @@ def _slick_on_sample(model, tokenizer, model_name, cal_ex, pool, slick_cfg, run_
 def estimate(model, tokenizer, examples, pool, cfg: EstimateConfig = EstimateConfig(),
              slick_cfg: SliCKConfig = SliCKConfig(keep_answers=True), labels=None,
              run_dir=None, model_name: str = "model", log=print, progress: bool = True,
-             shard_size: int = 4096, run_slick: bool = False, pool_cap: int = POOL_CAP) -> EstimateResult:
+             shard_size: int = 4096, run_slick: bool = False, pool_cap: int | None = None) -> EstimateResult:
     """Categories and probabilities of every example (see the module's docstring).
 
     ``examples``: a list, or any sized re-iterable (:class:`knowcat.loaders.sft.StreamedExamples`: a
-    file's examples, read again on each pass). ``pool``: the few-shot exemplars, at most ``pool_cap``
-    per relation kept (:func:`bounded_pool`: all of them when no relation has more).
+    file's examples, read again on each pass). ``pool``: the few-shot exemplars; with ``pool_cap``, at
+    most that many per relation are kept (:func:`bounded_pool`: all of them when no relation has more).
     ``labels``: SliCK rows already computed (``{id: {"category", "greedy_answers", ...}}``, as a
     categorized file holds them, or a :class:`LabelIndex` of that file); the calibration sample then
     takes its categories from there instead of running SliCK (unless ``run_slick``: SliCK then runs
@@ -535,7 +535,8 @@ def estimate(model, tokenizer, examples, pool, cfg: EstimateConfig = EstimateCon
     if slick_cfg.chat_template != cfg.chat_template:
         slick_cfg = replace(slick_cfg, chat_template=cfg.chat_template)
     _renderer(tokenizer, cfg)  # a tokenizer without a chat template is refused before anything is written
-    pool = bounded_pool(pool, pool_cap, cfg.seed)
+    if pool_cap is not None:
+        pool = bounded_pool(pool, pool_cap, cfg.seed)
     n = len(examples)
     bar = tqdm(total=n * cfg.n_prompts, desc="features", unit="prompt", disable=not progress)
     if run_dir is not None:
