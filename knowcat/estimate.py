@@ -19,6 +19,12 @@
 
 Every row records which method labelled it (``category_method``: ``slick`` for the calibration
 sample, ``estimate`` for the rest).
+
+Memory, with a run folder: the features and the predictions are written in shards and read back one
+at a time; what is held is the calibration sample's features, one shard, the few-shot pool and a few
+numbers per example (see :func:`estimate`). On SFT files (:func:`knowcat.sft.estimate_sft`) the examples
+are read again from the file on each pass, the pool keeps at most :data:`POOL_CAP` exemplars per group
+(:func:`bounded_pool`) and labels given as a file are indexed (:class:`LabelIndex`), not held.
 """
 
 from __future__ import annotations
