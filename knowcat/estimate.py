@@ -74,9 +74,11 @@ class Features:
     names: list[str]
     scalars: "np.ndarray | ShardColumn"  # (n, len(names))
     hidden: "np.ndarray | HiddenShards | None"  # (n, hidden size), mean over prompts
-    tokens: "np.ndarray | ShardColumn"  # forward tokens fed per example, measured: its own + its share of each shared prefix
+    tokens: "np.ndarray | ShardColumn"  # forward tokens fed per example, measured: its own + its share of each
+    # shared prefix
     layer: int | None
-    whole_tokens: "np.ndarray | ShardColumn | None" = None  # what a scorer encoding every prompt's whole text would feed
+    whole_tokens: "np.ndarray | ShardColumn | None" = None  # what a scorer encoding every prompt's whole text
+    # would feed
 
 
 class ExampleIds:
