@@ -85,23 +85,28 @@ def record_meta(turns: list[dict], method: str | None) -> dict:
     return {"category": record_category([t["category"] for t in turns]), "method": m, "turns": turns}
 
 
-def annotated_stream(scan, examples: list[QAExample], result_of, method: str | None,
-                     not_applicable: dict[str, str] | None = None):
+def annotated_stream(scan, examples, result_of, method: str | None, not_applicable=None):
     """:func:`annotate_records` record by record for an :class:`~knowcat.loaders.sft.SFTScan`: each record
     is read again from its file, annotated and handed on, so memory holds one record. ``result_of(id)``
     gives a turn's result (``{"category", ...}``), asked in record order; ``examples`` are the scan's, in
-    record order (a list, or a :class:`~knowcat.loaders.sft.StreamedExamples` read along)."""
+    record order (a list, or a :class:`~knowcat.loaders.sft.StreamedExamples` read along);
+    ``not_applicable``: ``{id: reason}``, or a function of the example giving its reason or None."""
     from knowcat.loaders.sft import scanned_records
 
     not_applicable = not_applicable or {}
+    if callable(not_applicable):
+        reason_of = not_applicable
+    else:
+        def reason_of(e):
+            return not_applicable[e.id] if e.id in not_applicable else None
     it = iter(examples)
     ex = next(it, None)
     for pos, rec in enumerate(scanned_records(scan)):
         turns = []
         while ex is not None and ex.metadata["sft"]["record"] == pos:
             loc = ex.metadata["sft"]
-            entry = {"category": NOT_APPLICABLE, "reason": not_applicable[ex.id]} if ex.id in not_applicable \
-                else dict(result_of(ex.id))
+            reason = reason_of(ex)
+            entry = dict(result_of(ex.id)) if reason is None else {"category": NOT_APPLICABLE, "reason": reason}
             turns.append({"turn": loc["turn"], "field": loc["field"], **entry})
             ex = next(it, None)
         yield annotate(rec, record_meta(turns, method))
@@ -281,22 +286,31 @@ def _load_for_run(stage: str, data, run: Path, format, turns, on_error, rejects,
     (:func:`~knowcat.loaders.sft.scan_sft`: the records are not kept), malformed records to the rejects file
     (the run's default when none is given), the turns as examples, those whose answer is too long set
     apart, and the exemplar pool (``exemplars`` or the examples themselves). With ``pool_cap`` the examples
-    are not held either (:class:`~knowcat.loaders.sft.StreamedExamples`, read again on each pass) and the
-    pool keeps at most ``pool_cap`` exemplars per group (:func:`knowcat.estimate.bounded_pool`).
+    are not held either (:class:`~knowcat.loaders.sft.StreamedExamples`, read again on each pass), nor the
+    ids not applicable (``not_applicable`` is then a function of the example giving its reason or None), and
+    the pool keeps at most ``pool_cap`` exemplars per group (:func:`knowcat.estimate.bounded_pool`).
     Returns ``(scan, examples, not_applicable, todo, pool)``."""
     from knowcat.loaders.sft import load_sft, scan_sft
 
     stream = pool_cap is not None
     ds = scan_sft(data, format=format, turns=turns, on_error=on_error, group_by=group_by, stream=stream)
     examples = ds.examples
-    na = not_applicable(examples, max_answer_tokens)
+    if stream:  # the reason asked of each example as it passes (a file of long answers would hold every id)
+        def na(ex):
+            return answer_too_long(ex.answers, max_answer_tokens) or None
+
+        todo = examples.where(lambda ex: not na(ex))
+        n_na = len(examples) - len(todo)
+    else:
+        na = not_applicable(examples, max_answer_tokens)
+        todo = [e for e in examples if e.id not in na]
+        n_na = len(na)
     if ds.rejects or rejects:
         rp = Path(rejects) if rejects else RunDir(run).load_rejects
         write_rejects(rp, ds.rejects)
         log(f"{stage}: {len(ds.rejects)} malformed records skipped -> {rp}")
-    todo = examples.without(na) if stream else [e for e in examples if e.id not in na]
     log(f"{stage}: {ds.n_records} {ds.format} records from {data}: {len(examples)} turns, "
-        f"{len(na)} not applicable (answer over {max_answer_tokens} words)")
+        f"{n_na} not applicable (answer over {max_answer_tokens} words)")
     if stream:
         from knowcat.estimate import bounded_pool
 

@@ -576,13 +576,22 @@ def test_estimate_sft_streamed_equals_estimate_on_the_examples_held(tiny, tmp_pa
 
     model, tok, _ = tiny
     src = tmp_path / "chat.jsonl"
-    _chat_file(src, 30)
+    recs = _chat_file(src, 30)
+    recs[4]["messages"][1]["content"] = "the answer is long and has many words " * 6  # not applicable: over 32 words
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
     labels = {f"r{i}": {"category": CATEGORIES[(i * 7) % 4]} for i in range(30)}
     cfg = EstimateConfig(k=2, calibrate=10, folds=2)
-    _, got = estimate_sft(model, src, tmp_path / "s", tokenizer=tok, group_by="g", labels=labels, shard_size=7,
-                          cfg=cfg, log=lambda *a: None, progress=False)
-    examples, _ = prepare(load_sft(src), group_by="g")
-    want = estimate(model, tok, examples, examples, cfg, labels=labels, run_dir=tmp_path / "w", shard_size=7,
+    out, got = estimate_sft(model, src, tmp_path / "s", tokenizer=tok, group_by="g", labels=labels, shard_size=7,
+                            cfg=cfg, log=lambda *a: None, progress=False)
+    examples, na = prepare(load_sft(src), group_by="g", max_answer_tokens=32)
+    todo = [e for e in examples if e.id not in na]
+    assert list(na) == ["r4"] and len(todo) == 29
+    want = estimate(model, tok, todo, todo, cfg, labels=labels, run_dir=tmp_path / "w", shard_size=7,
                     log=lambda *a: None, progress=False)
     assert got.ids == want.ids and got.categories == want.categories and got.method == want.method
     assert np.array_equal(got.probs, want.probs) and got.summary == want.summary
+    rows = [json.loads(x)["knowcat"] for x in open(out)]
+    assert rows[4] == {"category": "not_applicable", "method": None,
+                       "turns": [{"turn": 0, "field": "messages[1].content", "category": "not_applicable",
+                                  "reason": na["r4"]}]}
+    assert [r["category"] for r in rows[:4] + rows[5:]] == got.categories

@@ -468,19 +468,26 @@ def scan_sft(path, format: str | None = None, turns: str = "last", on_error: str
 class StreamedExamples:
     """The examples of an SFT file's turns (those :func:`scan_sft` gives, the same ids), read again from the
     file on each pass instead of held: memory holds one record and the ids that occur more than once.
-    Sized and re-iterable; ``without(ids)``: the same less some."""
+    Sized and re-iterable; ``where(keep)``: those for which ``keep(example)`` is true (counted in one pass);
+    ``without(ids)``: the same less some."""
 
     def __init__(self, path, format: str, turns: str, group_by: str | None, n: int, repeated: frozenset,
-                 exclude: frozenset = frozenset()):
+                 keep=None, total: int | None = None):
         self.path, self.format, self.turns, self.group_by = Path(path), format, turns, group_by
-        self.n, self.repeated, self.exclude = n, repeated, exclude
+        self.n, self.repeated, self.keep = n, repeated, keep
+        self.total = n if total is None else total  # every turn of the file, kept or not
 
     def __len__(self) -> int:
-        return self.n - len(self.exclude)
+        return self.n
+
+    def where(self, keep) -> "StreamedExamples":
+        both = keep if self.keep is None else (lambda ex, a=self.keep: a(ex) and keep(ex))
+        n = sum(1 for ex in self if keep(ex))
+        return StreamedExamples(self.path, self.format, self.turns, self.group_by, n, self.repeated, both, self.total)
 
     def without(self, ids) -> "StreamedExamples":
-        return StreamedExamples(self.path, self.format, self.turns, self.group_by, self.n, self.repeated,
-                                self.exclude | frozenset(ids))
+        ids = frozenset(ids)
+        return self.where(lambda ex: ex.id not in ids)
 
     def __iter__(self):
         make = TurnExamples(self.group_by, self.path, repeated=self.repeated)
@@ -489,10 +496,10 @@ class StreamedExamples:
         for pos, r in enumerate(iter_sft(self.path, self.format, self.turns, on_error="skip")):
             for ex in make(pos, r):
                 n += 1
-                if ex.id not in self.exclude:
+                if self.keep is None or self.keep(ex):
                     yield ex
-        if n != self.n:
-            raise DataError(f"the file changed while it was read: {n} turns, {self.n} when it was scanned",
+        if n != self.total:
+            raise DataError(f"the file changed while it was read: {n} turns, {self.total} when it was scanned",
                             file=self.path)
 
 
