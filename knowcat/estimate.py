@@ -349,19 +349,24 @@ def calibration_sample(examples, feats: Features, n: int, seed: int = 0) -> list
     if n >= len(examples):
         return list(range(len(examples)))
     lp = column_of(feats.scalars, feats.names.index("logprob_mean"))
-    q = np.searchsorted(np.quantile(lp, [0.2, 0.4, 0.6, 0.8]), lp, side="right")
+    key = np.searchsorted(np.quantile(lp, [0.2, 0.4, 0.6, 0.8]), lp, side="right").astype(np.int32)
+    n_all = len(lp)
+    del lp
     code: dict[str, int] = {}
-    rel = np.empty(len(lp), dtype=np.int64)
+    rel = np.empty(n_all, dtype=np.int32)
     for i, ex in enumerate(examples):
         rel[i] = code.setdefault(ex.relation, len(code))
-    rank = np.empty(len(code), dtype=np.int64)
+    rank = np.empty(len(code), dtype=np.int32)
     for r, name in enumerate(sorted(code)):
         rank[code[name]] = r
-    key = rank[rel] * 5 + q  # strata in the order of (relation, quintile)
+    key += rank[rel] * 5  # strata in the order of (relation, quintile)
     del rel
     order = np.argsort(key, kind="stable")  # each stratum's indices, in increasing order
-    _, first, sizes = np.unique(key[order], return_index=True, return_counts=True)
-    quota = sizes * n / len(lp)
+    key = key[order]
+    first = np.concatenate([[0], np.flatnonzero(key[1:] != key[:-1]) + 1])
+    del key
+    sizes = np.diff(np.append(first, n_all))
+    quota = sizes * n / n_all
     take = np.floor(quota).astype(int)
     for j in np.argsort(-(quota - take), kind="stable")[: n - take.sum()]:
         take[j] += 1

@@ -451,10 +451,11 @@ def scan_sft(path, format: str | None = None, turns: str = "last", on_error: str
         for r in iter_sft(path, format, turns, on_error, rejects, info):
             n_ex += len(make(n, r))
             n += 1
-        h, counts = np.unique(np.frombuffer(hashes, np.int64), return_counts=True)
-        del hashes
-        examples = StreamedExamples(path, info["format"], turns, group_by, n_ex,
-                                    frozenset(int(x) for x in h[counts > 1]))
+        h = np.frombuffer(hashes, np.int64)
+        h.sort()  # in place: the hashes that occur more than once are side by side
+        repeated = frozenset(int(x) for x in h[1:][h[1:] == h[:-1]])
+        del h, hashes
+        examples = StreamedExamples(path, info["format"], turns, group_by, n_ex, repeated)
     else:
         make = TurnExamples(group_by, path)
         examples, n = [], 0
