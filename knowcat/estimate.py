@@ -42,6 +42,7 @@ from knowcat.rundir import RunDir
 from knowcat.slick import CATEGORIES, SliCKConfig
 
 POOL_CAP = 1000  # few-shot exemplars kept per relation (group) where the examples are streamed: see bounded_pool
+VALIDATION_CAP = 20000  # labelled examples outside the calibration sample that validate (a seeded sample of them)
 
 
 @dataclass(frozen=True)
@@ -181,20 +182,25 @@ def bounded_pool(examples, cap: int = POOL_CAP, seed: int = 0) -> list[QAExample
     ``cap`` examples per relation. The examples kept are returned in the order they came; when no relation
     has more than ``cap``, that is every example, in order (the pool, and so every prompt, is the same as
     with all of them)."""
+    heaps: dict[str, list] = {}
+    for seq, ex in enumerate(examples):
+        _keep_smallest(heaps.setdefault(ex.relation, []), cap, seed, ex.id, seq, ex)
+    kept = sorted((it for heap in heaps.values() for it in heap), key=lambda it: it[2])
+    return [it[3] for it in kept]
+
+
+def _keep_smallest(heap: list, cap: int, seed: int, i: str, seq: int, value) -> None:
+    """Push ``(id, seq, value)`` onto ``heap``, which keeps the ``cap`` items whose seeded hash of the id (then
+    the id) is smallest: a max-heap, the largest is the one let go."""
     import hashlib
     import heapq
 
-    heaps: dict[str, list] = {}
-    for seq, ex in enumerate(examples):
-        h = int.from_bytes(hashlib.blake2b(f"{seed}\0{ex.id}".encode("utf-8"), digest_size=8).digest(), "little")
-        heap = heaps.setdefault(ex.relation, [])
-        item = (-h, _Desc(ex.id), seq, ex)  # a max-heap of (hash, id): the largest is the one let go
-        if len(heap) < cap:
-            heapq.heappush(heap, item)
-        elif item > heap[0]:
-            heapq.heapreplace(heap, item)
-    kept = sorted((it for heap in heaps.values() for it in heap), key=lambda it: it[2])
-    return [it[3] for it in kept]
+    h = int.from_bytes(hashlib.blake2b(f"{seed}\0{i}".encode("utf-8"), digest_size=8).digest(), "little")
+    item = (-h, _Desc(i), seq, value)
+    if len(heap) < cap:
+        heapq.heappush(heap, item)
+    elif item > heap[0]:
+        heapq.heapreplace(heap, item)
 
 
 class _Desc:
@@ -520,7 +526,8 @@ def _slick_on_sample(model, tokenizer, model_name, cal_ex, pool, slick_cfg, run_
 def estimate(model, tokenizer, examples, pool, cfg: EstimateConfig = EstimateConfig(),
              slick_cfg: SliCKConfig = SliCKConfig(keep_answers=True), labels=None,
              run_dir=None, model_name: str = "model", log=print, progress: bool = True,
-             shard_size: int = 4096, run_slick: bool = False, pool_cap: int | None = None) -> EstimateResult:
+             shard_size: int = 4096, run_slick: bool = False, pool_cap: int | None = None,
+             validation_cap: int = VALIDATION_CAP) -> EstimateResult:
     """Categories and probabilities of every example (see the module's docstring).
 
     ``examples``: a list, or any sized re-iterable (:class:`knowcat.loaders.sft.StreamedExamples`: a
@@ -529,15 +536,16 @@ def estimate(model, tokenizer, examples, pool, cfg: EstimateConfig = EstimateCon
     ``labels``: SliCK rows already computed (``{id: {"category", "greedy_answers", ...}}``, as a
     categorized file holds them, or a :class:`LabelIndex` of that file); the calibration sample then
     takes its categories from there instead of running SliCK (unless ``run_slick``: SliCK then runs
-    on the sample anyway, so its forward tokens are measured, and the labels validate), and every
-    other labelled example is also used for validation. Without labels, SliCK runs on the
-    calibration sample in ``run_dir/calibration`` (resumable). With ``run_dir`` the features are
-    computed in shards of ``shard_size`` examples, each written atomically to
-    ``run_dir/estimate/features`` (a rerun reuses the finished shards), and the predictions are
+    on the sample anyway, so its forward tokens are measured, and the labels validate), and the
+    other labelled examples also validate (at most ``validation_cap``: beyond it the sample of those
+    whose seeded hash of the id is smallest, the summary's ``n_labelled_rest`` says of how many).
+    Without labels, SliCK runs on the calibration sample in ``run_dir/calibration`` (resumable). With
+    ``run_dir`` the features are computed in shards of ``shard_size`` examples, each written atomically
+    to ``run_dir/estimate/features`` (a rerun reuses the finished shards), and the predictions are
     written a shard at a time to ``run_dir/estimate/predictions``: memory holds the calibration
-    sample's features, one shard, the pool and a few numbers per example (the log-probability and
-    relation of each, for the stratified sample; the labelled examples' categories and probabilities,
-    for validation), not the examples or their features.
+    sample's features, one shard, the pool, the validation sample and a few numbers per example (the
+    log-probability and relation of each, for the stratified sample), not the examples (when they are
+    streamed) or their features.
     """
     import itertools
 
@@ -586,7 +594,7 @@ def estimate(model, tokenizer, examples, pool, cfg: EstimateConfig = EstimateCon
         out.dir.mkdir(parents=True, exist_ok=True)
         for old in out.dir.glob("*.npz"):
             old.unlink()
-    parts, sizes, y_rest, p_rest = [], [], [], []
+    parts, sizes, rest, n_rest = [], [], [], 0
     it = iter(examples)
     h_chunks = chunks_of(H)
     for k, (start, s) in enumerate(chunks_of(S)):
@@ -597,13 +605,12 @@ def estimate(model, tokenizer, examples, pool, cfg: EstimateConfig = EstimateCon
             sizes.append(len(P))
         else:
             parts.append(P)
-        if labels is not None:
-            sel = []
+        if labels is not None:  # at most validation_cap of them, a seeded sample (all when fewer)
             for j, ex in enumerate(itertools.islice(it, len(P))):
                 if start + j not in cal_set and ex.id in labels:
-                    sel.append(j)
-                    y_rest.append(_code(ex.id, label_category(labels, ex.id)))
-            p_rest.append(P[sel])
+                    code = _code(ex.id, label_category(labels, ex.id))
+                    _keep_smallest(rest, validation_cap, cfg.seed, ex.id, start + j, (code, P[j].copy()))
+                    n_rest += 1
     probs = ShardColumn(out, sizes, "probs", (len(CATEGORIES),)) if out is not None else np.concatenate(parts)
     del parts
     v_cal = validate(y, fit.oof_proba, CATEGORIES, alpha=cfg.alpha, seed=cfg.seed)
@@ -618,13 +625,19 @@ def estimate(model, tokenizer, examples, pool, cfg: EstimateConfig = EstimateCon
         agree = sum(label_category(labels, i) == slick_rows[i]["category"] for i in both)
         summary["calibration_slick_vs_labels"] = {"n": len(both), "agree": agree}
         log(f"estimate: SliCK run on the calibration sample agrees with the given labels on {agree}/{len(both)}")
-    if y_rest:
-        v_rest = validate(np.array(y_rest), np.concatenate(p_rest), CATEGORIES, alpha=cfg.alpha, seed=cfg.seed)
-        log(format_validation(v_rest, "estimate: labelled examples outside the calibration sample"))
+    if rest:
+        rest.sort(key=lambda r: r[2])  # in the examples' order
+        v_rest = validate(np.array([r[3][0] for r in rest]), np.array([r[3][1] for r in rest]), CATEGORIES,
+                          alpha=cfg.alpha, seed=cfg.seed)
+        what = "labelled examples outside the calibration sample"
+        if n_rest > len(rest):
+            what = f"a sample of {len(rest)} of the {n_rest} {what}"
+            summary["n_labelled_rest"] = n_rest
+        log(format_validation(v_rest, f"estimate: {what}"))
         log(format_verdicts(v_rest))
         summary["validation_rest"] = asdict(v_rest)
         summary["verdicts_rest"] = verdicts(v_rest)
-    del y_rest, p_rest
+    del rest
     summary["cost"] = _cost(tokenizer, examples, pool, cal_ex, slick_rows, slick_cfg, cfg, feats, measured, log)
     cats = {i: slick_rows[ex.id]["category"] for i, ex in zip(cal, cal_ex)}
     return EstimateResult(examples, probs, cal, cats, summary)

@@ -595,3 +595,19 @@ def test_estimate_sft_streamed_equals_estimate_on_the_examples_held(tiny, tmp_pa
                        "turns": [{"turn": 0, "field": "messages[1].content", "category": "not_applicable",
                                   "reason": na["r4"]}]}
     assert [r["category"] for r in rows[:4] + rows[5:]] == got.categories
+
+
+def test_validation_outside_the_sample_is_capped_by_a_seeded_sample(tiny):
+    model, tok, _ = tiny
+    exs = _data(16)
+    pool = [e for e in exs if e.split == "dev"]
+    todo = [e for e in exs if e.split == "train"]
+    labels = {e.id: {"category": CATEGORIES[i % 4]} for i, e in enumerate(todo)}
+    kw = dict(labels=labels, log=lambda *a: None, progress=False)
+    cfg = EstimateConfig(k=2, calibrate=8, folds=2)
+    whole = estimate(model, tok, todo, pool, cfg, **kw)
+    assert whole.summary["validation_rest"]["n"] == 12 and "n_labelled_rest" not in whole.summary
+    assert estimate(model, tok, todo, pool, cfg, validation_cap=12, **kw).summary == whole.summary
+    capped = estimate(model, tok, todo, pool, cfg, validation_cap=5, **kw)
+    assert capped.summary["validation_rest"]["n"] == 5 and capped.summary["n_labelled_rest"] == 12
+    assert capped.categories == whole.categories  # the predictions themselves are not sampled
