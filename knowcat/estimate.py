@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -446,7 +447,7 @@ class EstimateResult:
     """What :func:`estimate` found: each example's category, the method that labelled it (``slick`` for the
     calibration sample, ``estimate`` for the rest) and its probabilities, read in order by :meth:`rows` (from
     the prediction shards on disk when the run has a folder: memory does not grow with the dataset);
-    ``ids``, ``categories``, ``method`` and ``probs`` give them whole (small data, tests)."""
+    ``ids``, ``categories``, ``method`` and ``probs`` give them whole (read once, then kept)."""
 
     def __init__(self, examples, probs, calibration: list[int], slick_categories: dict[int, str], summary: dict):
         self.examples, self._probs = examples, probs  # probs: an array or a ShardColumn (rows: the examples)
@@ -461,19 +462,19 @@ class EstimateResult:
                 cat = self.slick_categories.get(start + j)
                 yield (ex, cat, "slick", p) if cat is not None else (ex, CATEGORIES[int(p.argmax())], "estimate", p)
 
-    @property
+    @cached_property
     def ids(self) -> list[str]:
         return [e.id for e in self.examples]
 
-    @property
+    @cached_property
     def categories(self) -> list[str]:
         return [r[1] for r in self.rows()]
 
-    @property
+    @cached_property
     def method(self) -> list[str]:
         return [r[2] for r in self.rows()]
 
-    @property
+    @cached_property
     def probs(self) -> np.ndarray:
         return as_array(self._probs)
 
