@@ -98,7 +98,8 @@ def stage_estimate(src: Path, work: Path, model: str, calibrate: int) -> dict:
     from knowcat.sft import estimate_sft
 
     # synthetic SliCK labels for every record (a hash of its id; the records' ids are the examples'), in a
-    # labels file as ``knowcat estimate --labels`` takes it (indexed, not held): the calibration sample takes its own
+    # labels file as ``knowcat estimate --labels`` takes it (indexed, not held): the calibration sample takes
+    # its own
     labels = work / "labels.jsonl"
     with open(labels, "w", encoding="utf-8") as f:
         for rr in iter_raw(src):

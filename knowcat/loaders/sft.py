@@ -351,8 +351,8 @@ class TurnExamples:
             else:
                 base = content_id(rel, t.question, t.answers)
             if self.hashes is not None:
-                self.hashes.append(hash(base))
-            if self.repeated is None or hash(base) in self.repeated:
+                self.hashes.append(_base_hash(base))
+            if self.repeated is None or _base_hash(base) in self.repeated:
                 n = self.seen.get(base, 0) + 1
                 self.seen[base] = n
             else:
@@ -361,6 +361,13 @@ class TurnExamples:
                                  answers=list(t.answers), metadata={"sft": {"record": pos, "turn": t.index,
                                                                            "field": t.field}}))
         return out
+
+
+def _base_hash(base: str) -> int:
+    """A stable 64-bit hash of an id (two ids of one hash are only counted, never confused)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(base.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
 
 
 def iter_sft(path, format: str | None = None, turns: str = "last", on_error: str = "raise",
@@ -484,7 +491,8 @@ class StreamedExamples:
     def where(self, keep) -> "StreamedExamples":
         both = keep if self.keep is None else (lambda ex, a=self.keep: a(ex) and keep(ex))
         n = sum(1 for ex in self if keep(ex))
-        return StreamedExamples(self.path, self.format, self.turns, self.group_by, n, self.repeated, both, self.total)
+        return StreamedExamples(self.path, self.format, self.turns, self.group_by, n, self.repeated, both,
+                                self.total)
 
     def without(self, ids) -> "StreamedExamples":
         ids = frozenset(ids)
