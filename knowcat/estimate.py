@@ -14,15 +14,16 @@
 4. Validation, always: out-of-fold predictions on the calibration sample against SliCK
    (confusion matrix, macro-F1, AUROC of Unknown against the Known categories, and for the
    drop-Unknown rule the share of Unknown dropped and of HighlyKnown kept, with intervals);
-   when labels exist for examples outside the sample, the same on those; and the forward
-   tokens per example against lazy SliCK's.
+   when labels exist for examples outside the sample, the same on those (at most
+   :data:`VALIDATION_CAP` of them, beyond it a seeded sample); and the forward tokens per
+   example against lazy SliCK's.
 
 Every row records which method labelled it (``category_method``: ``slick`` for the calibration
 sample, ``estimate`` for the rest).
 
 Memory, with a run folder: the features and the predictions are written in shards and read back one
-at a time; what is held is the calibration sample's features, one shard, the few-shot pool and a few
-numbers per example (see :func:`estimate`). On SFT files (:func:`knowcat.sft.estimate_sft`) the examples
+at a time; what is held is the calibration sample's features, one shard, the few-shot pool, the
+validation sample and a few numbers per example (see :func:`estimate`). On SFT files (:func:`knowcat.sft.estimate_sft`) the examples
 are read again from the file on each pass, the pool keeps at most :data:`POOL_CAP` exemplars per group
 (:func:`bounded_pool`) and labels given as a file are indexed (:class:`LabelIndex`), not held.
 """
