@@ -97,9 +97,13 @@ def stage_estimate(src: Path, work: Path, model: str, calibrate: int) -> dict:
     from knowcat.rundir import RunDir
     from knowcat.sft import estimate_sft
 
-    # synthetic SliCK labels for every record (a hash of its id; the records' ids are the examples'), as a
-    # labels file would give them: the calibration sample takes its own
-    labels = {rr.value["id"]: {"category": _label(rr.value["id"])} for rr in iter_raw(src)}
+    # synthetic SliCK labels for every record (a hash of its id; the records' ids are the examples'), in a
+    # labels file as ``knowcat estimate --labels`` takes it (indexed, not held): the calibration sample takes
+    # its own
+    labels = work / "labels.jsonl"
+    with open(labels, "w", encoding="utf-8") as f:
+        for rr in iter_raw(src):
+            f.write(json.dumps({"id": rr.value["id"], "category": _label(rr.value["id"])}) + "\n")
     t0 = time.perf_counter()
     _, res = estimate_sft(model, src, work / "est", EstimateConfig(calibrate=calibrate), group_by="source",
                           labels=labels, device="auto", log=log, progress=False)

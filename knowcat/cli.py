@@ -235,7 +235,7 @@ _REQUIRED = {"categorize": ("--model", "M", "DATA", "--out", "RUN")}
 
 
 def cmd_estimate(args):
-    from knowcat.estimate import EstimateConfig, estimate, read_labels, write_estimate
+    from knowcat.estimate import EstimateConfig, LabelIndex, estimate, write_estimate
     from knowcat.rundir import RunDir
     from knowcat.runs import check_chat_template
     from knowcat.slick import SliCKConfig
@@ -248,7 +248,7 @@ def cmd_estimate(args):
         raise UsageError(f"knowcat estimate: {e}") from None
     check_chat_template(args.model, cfg)  # before anything is read or written
     _install_judge(args, scfg)
-    labels = read_labels(args.labels) if args.labels else None
+    labels = LabelIndex(args.labels) if args.labels else None  # indexed, not held
     sft_fmt = _sft_format(args)
     if sft_fmt:
         from knowcat.sft import estimate_sft

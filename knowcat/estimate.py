@@ -14,17 +14,25 @@
 4. Validation, always: out-of-fold predictions on the calibration sample against SliCK
    (confusion matrix, macro-F1, AUROC of Unknown against the Known categories, and for the
    drop-Unknown rule the share of Unknown dropped and of HighlyKnown kept, with intervals);
-   when labels exist for examples outside the sample, the same on those; and the forward
-   tokens per example against lazy SliCK's.
+   when labels exist for examples outside the sample, the same on those (at most
+   :data:`VALIDATION_CAP` of them, beyond it a seeded sample); and the forward tokens per
+   example against lazy SliCK's.
 
 Every row records which method labelled it (``category_method``: ``slick`` for the calibration
 sample, ``estimate`` for the rest).
+
+Memory, with a run folder: the features and the predictions are written in shards and read back one
+at a time; what is held is the calibration sample's features, one shard, the few-shot pool, the
+validation sample and a few numbers per example (see :func:`estimate`). On SFT files (:func:`knowcat.sft.estimate_sft`) the examples
+are read again from the file on each pass, the pool keeps at most :data:`POOL_CAP` exemplars per group
+(:func:`bounded_pool`) and labels given as a file are indexed (:class:`LabelIndex`), not held.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +42,9 @@ from knowcat.io import atomic_write_json
 from knowcat.prompts import FewShotConfig, answer_sep, exemplar_sets, prompt_for
 from knowcat.rundir import RunDir
 from knowcat.slick import CATEGORIES, SliCKConfig
+
+POOL_CAP = 1000  # few-shot exemplars kept per relation (group) where the examples are streamed: see bounded_pool
+VALIDATION_CAP = 20000  # labelled examples outside the calibration sample that validate (a seeded sample of them)
 
 
 @dataclass(frozen=True)
@@ -59,57 +70,172 @@ class EstimateConfig:
 
 @dataclass
 class Features:
-    ids: list[str]
+    """The features of every example: arrays, or (:func:`sharded_features`) :class:`ShardColumn` of the
+    shards on disk, read a shard at a time."""
+
+    ids: "list[str] | ExampleIds"
     names: list[str]
-    scalars: np.ndarray  # (n, len(names))
+    scalars: "np.ndarray | ShardColumn"  # (n, len(names))
     hidden: "np.ndarray | HiddenShards | None"  # (n, hidden size), mean over prompts
-    tokens: np.ndarray  # forward tokens fed per example, measured: its own + its share of each shared prefix
+    tokens: "np.ndarray | ShardColumn"  # forward tokens fed per example, measured: its own + its share of each
+    # shared prefix
     layer: int | None
-    whole_tokens: np.ndarray | None = None  # what a scorer encoding every prompt's whole text would feed
+    whole_tokens: "np.ndarray | ShardColumn | None" = None  # what a scorer encoding every prompt's whole text
+    # would feed
 
 
-class HiddenShards:
-    """Hidden states kept in feature shards on disk (a :class:`knowcat.rundir.Shards` of ``.npz``) and
-    read one shard at a time: memory does not grow with the dataset. ``np.asarray`` reads them all
-    (small data, tests)."""
+class ExampleIds:
+    """The ids of examples read again each time they are asked for (a file's records, streamed): iterable,
+    and equal to a list of the same ids."""
 
-    def __init__(self, shards, sizes: list[int], dim: int):
-        self.shards, self.sizes, self.dim = shards, sizes, dim
+    def __init__(self, examples):
+        self.examples = examples
+
+    def __iter__(self):
+        return (e.id for e in self.examples)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other)
+
+
+def ids_of(examples):
+    return [e.id for e in examples] if isinstance(examples, list) else ExampleIds(examples)
+
+
+def in_chunks(examples, size: int):
+    """Lists of ``size`` examples (the last shorter), read in one pass."""
+    import itertools
+
+    it = iter(examples)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+class ShardColumn:
+    """One array of the feature shards (a :class:`knowcat.rundir.Shards` of ``.npz``; its rows are the
+    examples, in order), read one shard at a time: memory does not grow with the dataset. ``np.asarray``
+    reads them all (small data, tests)."""
+
+    def __init__(self, shards, sizes: list[int], key: str, tail: tuple = ()):
+        self.shards, self.sizes, self.key, self.tail = shards, sizes, key, tuple(tail)
         self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return int(self.starts[-1]), self.dim
+    def shape(self) -> tuple:
+        return (int(self.starts[-1]),) + self.tail
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
     def _read(self, s: int) -> np.ndarray:
-        return self.shards.read_arrays(s, ["hidden"])["hidden"]
+        return self.shards.read_arrays(s, [self.key])[self.key]
 
     def chunks(self):
-        """``(first row, hidden states of that shard)`` in order."""
+        """``(first row, that shard's rows)`` in order."""
         for s, start in enumerate(self.starts[:-1]):
             yield int(start), self._read(s)
 
     def take(self, rows) -> np.ndarray:
         rows = np.asarray(rows, dtype=int)
-        out = np.zeros((len(rows), self.dim), dtype=np.float32)
         shard = np.searchsorted(self.starts, rows, side="right") - 1
+        out = None
         for s in np.unique(shard):
             sel = np.flatnonzero(shard == s)
-            out[sel] = self._read(int(s))[rows[sel] - self.starts[s]]
-        return out
+            a = self._read(int(s))
+            if out is None:
+                out = np.zeros((len(rows),) + a.shape[1:], dtype=a.dtype)
+            out[sel] = a[rows[sel] - self.starts[s]]
+        return out if out is not None else np.zeros((0,) + self.tail)
+
+    def column(self, j: int) -> np.ndarray:
+        """Column ``j`` of every row (one number per example)."""
+        return np.concatenate([a[:, j] for _, a in self.chunks()])
 
     def __array__(self, dtype=None, copy=None):
-        a = self.take(np.arange(len(self)))
+        a = np.concatenate([a for _, a in self.chunks()]) if len(self.sizes) else np.zeros((0,) + self.tail)
         return a if dtype is None else a.astype(dtype)
+
+
+class HiddenShards(ShardColumn):
+    """The hidden states of the feature shards (:class:`ShardColumn` of ``hidden``)."""
+
+    def __init__(self, shards, sizes: list[int], dim: int):
+        super().__init__(shards, sizes, "hidden", (dim,))
+        self.dim = dim
+
+
+def chunks_of(a):
+    """``(first row, rows)`` of an array (one chunk) or a :class:`ShardColumn` (a shard at a time)."""
+    if a is None:
+        return
+    if isinstance(a, ShardColumn):
+        yield from a.chunks()
+    else:
+        yield 0, a
+
+
+def bounded_pool(examples, cap: int = POOL_CAP, seed: int = 0) -> list[QAExample]:
+    """The few-shot exemplar pool drawn from ``examples`` (any iterable, read once): every example of a
+    relation (group) that has at most ``cap``, else the ``cap`` whose seeded hash of the id is smallest, a
+    sample that depends on the ids and the seed only, not on the order they come in. Memory holds at most
+    ``cap`` examples per relation. The examples kept are returned in the order they came; when no relation
+    has more than ``cap``, that is every example, in order (the pool, and so every prompt, is the same as
+    with all of them)."""
+    heaps: dict[str, list] = {}
+    for seq, ex in enumerate(examples):
+        _keep_smallest(heaps.setdefault(ex.relation, []), cap, seed, ex.id, seq, ex)
+    kept = sorted((it for heap in heaps.values() for it in heap), key=lambda it: it[2])
+    return [it[3] for it in kept]
+
+
+def _keep_smallest(heap: list, cap: int, seed: int, i: str, seq: int, value) -> None:
+    """Push ``(id, seq, value)`` onto ``heap``, which keeps the ``cap`` items whose seeded hash of the id (then
+    the id) is smallest: a max-heap, the largest is the one let go."""
+    import hashlib
+    import heapq
+
+    h = int.from_bytes(hashlib.blake2b(f"{seed}\0{i}".encode("utf-8"), digest_size=8).digest(), "little")
+    item = (-h, _Desc(i), seq, value)
+    if len(heap) < cap:
+        heapq.heappush(heap, item)
+    elif item > heap[0]:
+        heapq.heapreplace(heap, item)
+
+
+class _Desc:
+    """A string ordered backwards (the ties of :func:`bounded_pool`'s max-heap: the larger id goes)."""
+
+    __slots__ = ("s",)
+
+    def __init__(self, s: str):
+        self.s = s
+
+    def __lt__(self, other):
+        return self.s > other.s
+
+    def __gt__(self, other):
+        return self.s < other.s
+
+    def __eq__(self, other):
+        return self.s == other.s
 
 
 def hidden_rows(H, rows) -> np.ndarray | None:
     if H is None:
         return None
-    return H.take(rows) if isinstance(H, HiddenShards) else H[rows]
+    return H.take(rows) if isinstance(H, ShardColumn) else H[rows]
+
+
+def column_of(a, j: int) -> np.ndarray:
+    return a.column(j) if isinstance(a, ShardColumn) else a[:, j]
+
+
+def as_array(a) -> np.ndarray | None:
+    """An array, or a :class:`ShardColumn` read whole."""
+    return None if a is None else np.asarray(a)
 
 
 def prompts_of(examples: list[QAExample], pool: list[QAExample], n_prompts: int, k: int, seed: int,
@@ -174,31 +300,33 @@ def features(model, tokenizer, examples: list[QAExample], pool: list[QAExample],
     return Features([e.id for e in examples], names, S, H, tokens, layer, whole)
 
 
-def sharded_features(model, tokenizer, examples: list[QAExample], pool: list[QAExample], cfg: EstimateConfig,
+def sharded_features(model, tokenizer, examples, pool: list[QAExample], cfg: EstimateConfig,
                      shards, shard_size: int = 4096, progress=None, log=None, stop_after_shards=None) -> Features:
     """:func:`features` shard by shard, each written by ``shards`` (a :class:`knowcat.rundir.Shards` of
     ``.npz``, :attr:`knowcat.rundir.RunDir.estimate_feature_shards`) and read back without pickle. The
     shards' identity (the settings, the model, the shard size and every example id in order) is recorded
     first (:meth:`~knowcat.rundir.Shards.reset_unless_key`: shards of another identity are removed); then
-    a shard is finished when its file exists, so a killed run resumes. Memory holds one shard's features
-    and the scalar columns; the hidden states stay on disk (:class:`HiddenShards`). ``stop_after_shards``
-    stops early, as a kill would (for tests)."""
+    a shard is finished when its file exists, so a killed run resumes. ``examples``: a list, or any
+    sized re-iterable (a file's examples read again each time, :class:`knowcat.loaders.sft.StreamedExamples`),
+    read a shard at a time. Memory holds one shard's examples and features; every feature stays on disk
+    (:class:`ShardColumn`). ``stop_after_shards`` stops early, as a kill would (for tests)."""
     import hashlib
 
     ids_hash = hashlib.sha1()
+    n = 0
     for e in examples:
         ids_hash.update(e.id.encode("utf-8") + b"\0")
+        n += 1
     shards.reset_unless_key(json.dumps({
         "n_prompts": cfg.n_prompts, "k": cfg.k, "seed": cfg.seed, "layer": cfg.layer,
         "model": str(getattr(model, "name_or_path", "")), "exemplar_split": cfg.exemplar_split,
         "chat_template": bool(getattr(cfg, "chat_template", False)), "shard_size": shard_size,
-        "n_examples": len(examples), "ids_sha1": ids_hash.hexdigest()}, sort_keys=True))
-    names, scalars, tokens, whole, sizes = None, [], [], [], []
+        "n_examples": n, "ids_sha1": ids_hash.hexdigest()}, sort_keys=True))
+    names, sizes = None, []
     layer, dim, new = None, 0, 0
-    for i, start in enumerate(range(0, len(examples), shard_size)):
-        chunk = examples[start:start + shard_size]
+    for i, chunk in enumerate(in_chunks(examples, shard_size)):
         if shards.done(i):
-            z = shards.read_arrays(i, ["names", "scalars", "tokens", "whole_tokens", "layer", "dim"])
+            z = shards.read_arrays(i, ["names", "layer", "dim"])
             if progress:
                 progress(len(chunk) * cfg.n_prompts)
         else:
@@ -212,38 +340,48 @@ def sharded_features(model, tokenizer, examples: list[QAExample], pool: list[QAE
             del f
             new += 1
         names = names or [str(x) for x in z["names"]]
-        scalars.append(z["scalars"])
-        tokens.append(z["tokens"])
-        whole.append(z["whole_tokens"])
         layer = int(z["layer"]) if int(z["layer"]) >= 0 else None
         dim = int(z["dim"])
         sizes.append(len(chunk))
     if not sizes:
         raise ValueError("no examples")
     hidden = HiddenShards(shards, sizes, dim) if dim else None
-    return Features([e.id for e in examples], names, np.concatenate(scalars), hidden, np.concatenate(tokens), layer,
-                    np.concatenate(whole))
+    return Features(ids_of(examples), names, ShardColumn(shards, sizes, "scalars", (len(names),)), hidden,
+                    ShardColumn(shards, sizes, "tokens"), layer, ShardColumn(shards, sizes, "whole_tokens"))
 
 
-def calibration_sample(examples: list[QAExample], feats: Features, n: int, seed: int = 0) -> list[int]:
+def calibration_sample(examples, feats: Features, n: int, seed: int = 0) -> list[int]:
     """Indices of ``n`` examples, stratified by relation and quintile of the mean log-probability
-    (proportional allocation, largest remainders), each stratum drawn at random."""
+    (proportional allocation, largest remainders), each stratum drawn at random. Memory: a few numbers
+    per example (the log-probability, the stratum), the examples read once."""
     if n >= len(examples):
         return list(range(len(examples)))
-    lp = feats.scalars[:, feats.names.index("logprob_mean")]
-    q = np.searchsorted(np.quantile(lp, [0.2, 0.4, 0.6, 0.8]), lp, side="right")
-    strata: dict = {}
+    lp = column_of(feats.scalars, feats.names.index("logprob_mean"))
+    key = np.searchsorted(np.quantile(lp, [0.2, 0.4, 0.6, 0.8]), lp, side="right").astype(np.int32)
+    n_all = len(lp)
+    del lp
+    code: dict[str, int] = {}
+    rel = np.empty(n_all, dtype=np.int32)
     for i, ex in enumerate(examples):
-        strata.setdefault((ex.relation, int(q[i])), []).append(i)
-    keys = sorted(strata)
-    quota = np.array([len(strata[k]) * n / len(examples) for k in keys])
+        rel[i] = code.setdefault(ex.relation, len(code))
+    rank = np.empty(len(code), dtype=np.int32)
+    for r, name in enumerate(sorted(code)):
+        rank[code[name]] = r
+    key += rank[rel] * 5  # strata in the order of (relation, quintile)
+    del rel
+    order = np.argsort(key, kind="stable")  # each stratum's indices, in increasing order
+    key = key[order]
+    first = np.concatenate([[0], np.flatnonzero(key[1:] != key[:-1]) + 1])
+    del key
+    sizes = np.diff(np.append(first, n_all))
+    quota = sizes * n / n_all
     take = np.floor(quota).astype(int)
     for j in np.argsort(-(quota - take), kind="stable")[: n - take.sum()]:
         take[j] += 1
     rng = np.random.default_rng(seed)
     out = []
-    for k, t in zip(keys, take):
-        out += [int(x) for x in rng.choice(strata[k], size=t, replace=False)]
+    for f, m, t in zip(first, sizes, take):
+        out += [int(x) for x in rng.choice(order[f:f + m], size=t, replace=False)]
     return sorted(out)
 
 
@@ -306,18 +444,57 @@ def slick_forward_tokens(tokenizer, examples: list[QAExample], pool: list[QAExam
 
 # --- the whole estimate ------------------------------------------------------------------------
 
-@dataclass
 class EstimateResult:
-    ids: list[str]
-    categories: list[str]
-    probs: np.ndarray
-    method: list[str]
-    calibration: list[int]
-    summary: dict
+    """What :func:`estimate` found: each example's category, the method that labelled it (``slick`` for the
+    calibration sample, ``estimate`` for the rest) and its probabilities, read in order by :meth:`rows` (from
+    the prediction shards on disk when the run has a folder: memory does not grow with the dataset);
+    ``ids``, ``categories``, ``method`` and ``probs`` give them whole (read once, then kept)."""
+
+    def __init__(self, examples, probs, calibration: list[int], slick_categories: dict[int, str], summary: dict):
+        self.examples, self._probs = examples, probs  # probs: an array or a ShardColumn (rows: the examples)
+        self.calibration, self.slick_categories, self.summary = calibration, slick_categories, summary
+
+    def rows(self):
+        """``(example, category, method, probabilities)`` of every example, in order."""
+        it = iter(self.examples)
+        for start, P in chunks_of(self._probs):
+            for j, p in enumerate(P):
+                ex = next(it)
+                cat = self.slick_categories.get(start + j)
+                yield (ex, cat, "slick", p) if cat is not None else (ex, CATEGORIES[int(p.argmax())], "estimate", p)
+
+    @cached_property
+    def ids(self) -> list[str]:
+        return [e.id for e in self.examples]
+
+    @cached_property
+    def categories(self) -> list[str]:
+        return [r[1] for r in self.rows()]
+
+    @cached_property
+    def method(self) -> list[str]:
+        return [r[2] for r in self.rows()]
+
+    @cached_property
+    def probs(self) -> np.ndarray:
+        return as_array(self._probs)
 
 
-def _label_array(ids, labels):
-    return np.array([CATEGORIES.index(labels[i]) for i in ids])
+def _code(i: str, category) -> int:
+    """The index of example ``i``'s category."""
+    if category not in CATEGORIES:
+        raise ValueError(f"example {i}: unknown category {category!r}; expected one of {list(CATEGORIES)}")
+    return CATEGORIES.index(category)
+
+
+def _codes(ids, category_of) -> np.ndarray:
+    """The category index of each id (``category_of(id)``: its category's name)."""
+    return np.array([_code(i, category_of(i)) for i in ids])
+
+
+def label_category(labels, i: str):
+    """The category of example ``i`` in ``labels`` (a dict of rows, or a :class:`LabelIndex`)."""
+    return labels.category(i) if isinstance(labels, LabelIndex) else labels[i]["category"]
 
 
 def _slick_on_sample(model, tokenizer, model_name, cal_ex, pool, slick_cfg, run_dir, log, progress):
@@ -348,22 +525,32 @@ def _slick_on_sample(model, tokenizer, model_name, cal_ex, pool, slick_cfg, run_
     return rows, measured
 
 
-def estimate(model, tokenizer, examples: list[QAExample], pool: list[QAExample], cfg: EstimateConfig = EstimateConfig(),
-             slick_cfg: SliCKConfig = SliCKConfig(keep_answers=True), labels: dict[str, dict] | None = None,
+def estimate(model, tokenizer, examples, pool, cfg: EstimateConfig = EstimateConfig(),
+             slick_cfg: SliCKConfig = SliCKConfig(keep_answers=True), labels=None,
              run_dir=None, model_name: str = "model", log=print, progress: bool = True,
-             shard_size: int = 4096, run_slick: bool = False) -> EstimateResult:
+             shard_size: int = 4096, run_slick: bool = False, pool_cap: int | None = None,
+             validation_cap: int = VALIDATION_CAP) -> EstimateResult:
     """Categories and probabilities of every example (see the module's docstring).
 
+    ``examples``: a list, or any sized re-iterable (:class:`knowcat.loaders.sft.StreamedExamples`: a
+    file's examples, read again on each pass). ``pool``: the few-shot exemplars; with ``pool_cap``, at
+    most that many per relation are kept (:func:`bounded_pool`: all of them when no relation has more).
     ``labels``: SliCK rows already computed (``{id: {"category", "greedy_answers", ...}}``, as a
-    categorized file holds them); the calibration sample then takes its categories from there
-    instead of running SliCK (unless ``run_slick``: SliCK then runs on the sample anyway, so its
-    forward tokens are measured, and the labels validate), and every other labelled example is
-    also used for validation. Without labels, SliCK runs on the calibration sample in
-    ``run_dir/calibration`` (resumable). With ``run_dir`` the features are computed in shards of
-    ``shard_size`` examples, each written atomically to ``run_dir/estimate/features`` and read
-    back a shard at a time (memory does not grow with the hidden states); a rerun reuses the
-    finished shards.
+    categorized file holds them, or a :class:`LabelIndex` of that file); the calibration sample then
+    takes its categories from there instead of running SliCK (unless ``run_slick``: SliCK then runs
+    on the sample anyway, so its forward tokens are measured, and the labels validate), and the
+    other labelled examples also validate (at most ``validation_cap``: beyond it the sample of those
+    whose seeded hash of the id is smallest, the summary's ``n_labelled_rest`` says of how many).
+    Without labels, SliCK runs on the calibration sample in ``run_dir/calibration`` (resumable). With
+    ``run_dir`` the features are computed in shards of ``shard_size`` examples, each written atomically
+    to ``run_dir/estimate/features`` (a rerun reuses the finished shards), and the predictions are
+    written a shard at a time to ``run_dir/estimate/predictions``: memory holds the calibration
+    sample's features, one shard, the pool, the validation sample and a few numbers per example (the
+    log-probability and relation of each, for the stratified sample), not the examples (when they are
+    streamed) or their features.
     """
+    import itertools
+
     from tqdm.auto import tqdm
 
     from linear_models.classifiers import fit_calibrated, format_validation, format_verdicts, validate, verdicts
@@ -371,17 +558,20 @@ def estimate(model, tokenizer, examples: list[QAExample], pool: list[QAExample],
     if slick_cfg.chat_template != cfg.chat_template:
         slick_cfg = replace(slick_cfg, chat_template=cfg.chat_template)
     _renderer(tokenizer, cfg)  # a tokenizer without a chat template is refused before anything is written
-    n_req = len(examples) * cfg.n_prompts
-    bar = tqdm(total=n_req, desc="features", unit="prompt", disable=not progress)
+    if pool_cap is not None:
+        pool = bounded_pool(pool, pool_cap, cfg.seed)
+    n = len(examples)
+    bar = tqdm(total=n * cfg.n_prompts, desc="features", unit="prompt", disable=not progress)
     if run_dir is not None:
         feats = sharded_features(model, tokenizer, examples, pool, cfg, RunDir(run_dir).estimate_feature_shards,
                                  shard_size=shard_size, progress=bar.update, log=log)
     else:
         feats = features(model, tokenizer, examples, pool, cfg, progress=bar.update, log=log)
     bar.close()
-    n_cal = cfg.n_calibration(len(examples))
+    n_cal = cfg.n_calibration(n)
     cal = calibration_sample(examples, feats, n_cal, cfg.seed)
-    cal_ex = [examples[i] for i in cal]
+    cal_set = set(cal)
+    cal_ex = [ex for i, ex in enumerate(examples) if i in cal_set]
     measured = None
     if labels is not None and not run_slick:
         missing = [e.id for e in cal_ex if e.id not in labels]
@@ -395,59 +585,78 @@ def estimate(model, tokenizer, examples: list[QAExample], pool: list[QAExample],
         slick_rows, measured = _slick_on_sample(model, tokenizer, model_name, cal_ex, pool, slick_cfg, run_dir, log,
                                                 progress)
         source = "slick"
-    y = _label_array([e.id for e in cal_ex], {i: r["category"] for i, r in slick_rows.items()})
+    y = _codes([e.id for e in cal_ex], lambda i: slick_rows[i]["category"])
     S, H = feats.scalars, feats.hidden
-    fit = fit_calibrated(S[cal], hidden_rows(H, cal), y, len(CATEGORIES), cfg.pca_dim, n_folds=cfg.folds,
-                         seed=cfg.seed)
-    if isinstance(H, HiddenShards):
-        probs = np.zeros((len(examples), len(CATEGORIES)))
-        for start, h in H.chunks():
-            probs[start:start + len(h)] = fit.model.predict_proba(S[start:start + len(h)], h)
-    else:
-        probs = fit.model.predict_proba(S, H)
-    cal_set = set(cal)
-    cats, method = [], []
-    for i, ex in enumerate(examples):
-        if i in cal_set:
-            cats.append(slick_rows[ex.id]["category"])
-            method.append("slick")
+    fit = fit_calibrated(hidden_rows(S, cal), hidden_rows(H, cal), y, len(CATEGORIES), cfg.pca_dim,
+                         n_folds=cfg.folds, seed=cfg.seed)
+    # the predictions, a shard at a time (written to disk beside the features' shards), and the labelled
+    # examples outside the calibration sample gathered for validation as they pass
+    out = RunDir(run_dir).estimate_prediction_shards if isinstance(S, ShardColumn) else None
+    if out is not None:
+        out.dir.mkdir(parents=True, exist_ok=True)
+        for old in out.dir.glob("*.npz"):
+            old.unlink()
+    parts, sizes, rest, n_rest = [], [], [], 0
+    it = iter(examples)
+    h_chunks = chunks_of(H)
+    for k, (start, s) in enumerate(chunks_of(S)):
+        h = next(h_chunks)[1] if H is not None else None
+        P = fit.model.predict_proba(s, h)
+        if out is not None:
+            out.write_arrays(k, probs=P)
+            sizes.append(len(P))
         else:
-            cats.append(CATEGORIES[int(probs[i].argmax())])
-            method.append("estimate")
+            parts.append(P)
+        if labels is not None:  # at most validation_cap of them, a seeded sample (all when fewer)
+            for j, ex in enumerate(itertools.islice(it, len(P))):
+                if start + j not in cal_set and ex.id in labels:
+                    code = _code(ex.id, label_category(labels, ex.id))
+                    _keep_smallest(rest, validation_cap, cfg.seed, ex.id, start + j, (code, P[j].copy()))
+                    n_rest += 1
+    probs = ShardColumn(out, sizes, "probs", (len(CATEGORIES),)) if out is not None else np.concatenate(parts)
+    del parts
     v_cal = validate(y, fit.oof_proba, CATEGORIES, alpha=cfg.alpha, seed=cfg.seed)
     log(format_validation(v_cal, f"estimate: held-out calibration examples (out-of-fold, {cfg.folds} folds)"))
     log(format_verdicts(v_cal))
-    summary = {"config": asdict(cfg), "n": len(examples), "n_calibration": len(cal), "labels": source,
+    summary = {"config": asdict(cfg), "n": n, "n_calibration": len(cal), "labels": source,
                "layer": feats.layer, "features": feats.names, "l2": fit.l2,
                "cv_log_loss": {str(k): v for k, v in fit.cv_log_loss.items()},
                "validation_calibration_oof": asdict(v_cal), "verdicts_calibration_oof": verdicts(v_cal)}
     if labels is not None and source == "slick":
         both = [e.id for e in cal_ex if e.id in labels]
-        agree = sum(labels[i]["category"] == slick_rows[i]["category"] for i in both)
+        agree = sum(label_category(labels, i) == slick_rows[i]["category"] for i in both)
         summary["calibration_slick_vs_labels"] = {"n": len(both), "agree": agree}
         log(f"estimate: SliCK run on the calibration sample agrees with the given labels on {agree}/{len(both)}")
-    rest = [i for i in range(len(examples)) if i not in cal_set and labels is not None and examples[i].id in labels]
     if rest:
-        y_rest = _label_array([examples[i].id for i in rest], {i: r["category"] for i, r in labels.items()})
-        v_rest = validate(y_rest, probs[rest], CATEGORIES, alpha=cfg.alpha, seed=cfg.seed)
-        log(format_validation(v_rest, "estimate: labelled examples outside the calibration sample"))
+        rest.sort(key=lambda r: r[2])  # in the examples' order
+        v_rest = validate(np.array([r[3][0] for r in rest]), np.array([r[3][1] for r in rest]), CATEGORIES,
+                          alpha=cfg.alpha, seed=cfg.seed)
+        what = "labelled examples outside the calibration sample"
+        if n_rest > len(rest):
+            what = f"a sample of {len(rest)} of the {n_rest} {what}"
+            summary["n_labelled_rest"] = n_rest
+        log(format_validation(v_rest, f"estimate: {what}"))
         log(format_verdicts(v_rest))
         summary["validation_rest"] = asdict(v_rest)
         summary["verdicts_rest"] = verdicts(v_rest)
+    del rest
     summary["cost"] = _cost(tokenizer, examples, pool, cal_ex, slick_rows, slick_cfg, cfg, feats, measured, log)
-    return EstimateResult([e.id for e in examples], cats, probs, method, cal, summary)
+    cats = {i: slick_rows[ex.id]["category"] for i, ex in zip(cal, cal_ex)}
+    return EstimateResult(examples, probs, cal, cats, summary)
 
 
 def _cost(tokenizer, examples, pool, cal_ex, slick_rows, slick_cfg, cfg, feats, measured, log) -> dict:
     """Forward tokens per example: the estimator's as fed (measured), lazy SliCK's as its engine fed them
     on the calibration sample (measured, when SliCK ran here in one go) and as counted from its answers."""
-    est = float(feats.tokens.mean())
-    whole = float(feats.whole_tokens.mean()) if feats.whole_tokens is not None else None
+    tokens, whole_tokens = as_array(feats.tokens), as_array(feats.whole_tokens)  # one number per example
+    est = float(tokens.mean())
+    whole_mean = float(whole_tokens.mean()) if whole_tokens is not None else None
     cost = {"estimate_tokens_per_example": est, "estimate_prompts": cfg.n_prompts,
-            "estimate_tokens_per_example_whole_texts": whole,
-            "estimate_tokens_total": float(feats.tokens.sum()), "n_examples": len(examples)}
+            "estimate_tokens_per_example_whole_texts": whole_mean,
+            "estimate_tokens_total": float(tokens.sum()), "n_examples": len(examples)}
+    del tokens, whole_tokens
     parts = [f"estimator {est:.1f} measured ({cfg.n_prompts} prompt(s) of {cfg.k} exemplars, each few-shot prefix "
-             f"encoded once per shard" + (f"; {whole:.0f} with whole texts)" if whole else ")")]
+             f"encoded once per shard" + (f"; {whole_mean:.0f} with whole texts)" if whole_mean else ")")]
     if measured:
         m = measured["forward_tokens"] / measured["examples"]
         cost.update(slick_lazy_tokens_per_example_measured=m, slick_lazy_tokens_total_measured=measured["forward_tokens"],
@@ -478,9 +687,10 @@ def _cost(tokenizer, examples, pool, cal_ex, slick_rows, slick_cfg, cfg, feats, 
     return cost
 
 
-def write_estimate(run_dir, examples: list[QAExample], res: EstimateResult, fields=None) -> Path:
+def write_estimate(run_dir, examples, res: EstimateResult, fields=None) -> Path:
     """``estimated.jsonl`` (the records with ``category``, ``category_probs``, ``category_method``) and
-    ``estimate_summary.json`` in ``run_dir``; the records are streamed to a temporary file, then renamed."""
+    ``estimate_summary.json`` in ``run_dir``; the records (``examples``: those :func:`estimate` was given, a
+    list or a re-iterable) are streamed to a temporary file with their predictions, then renamed."""
     import os
     import tempfile
 
@@ -493,11 +703,11 @@ def write_estimate(run_dir, examples: list[QAExample], res: EstimateResult, fiel
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=run)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for i, ex in enumerate(examples):
+            for ex, (_, cat, method, probs) in zip(examples, res.rows()):
                 rec = user_record(ex, fields)
-                rec["category"] = res.categories[i]
-                rec["category_method"] = res.method[i]
-                rec["category_probs"] = {c: round(float(p), 6) for c, p in zip(CATEGORIES, res.probs[i])}
+                rec["category"] = cat
+                rec["category_method"] = method
+                rec["category_probs"] = {c: round(float(p), 6) for c, p in zip(CATEGORIES, probs)}
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         os.replace(tmp, dest)
     finally:
@@ -516,3 +726,85 @@ def read_labels(path) -> dict[str, dict]:
                 r = json.loads(line)
                 out[str(r["id"])] = r
     return out
+
+
+def _id_key(i: str) -> tuple[int, int]:
+    import hashlib
+
+    d = hashlib.blake2b(i.encode("utf-8"), digest_size=16).digest()
+    return int.from_bytes(d[:8], "little", signed=True), int.from_bytes(d[8:], "little", signed=True)
+
+
+class LabelIndex:
+    """A categorized file's rows by example id, as :func:`read_labels` gives them, without holding them:
+    the file is read once for each row's id (a 128-bit hash), category and place in the file, and a row is
+    read again when asked for (``labels[id]``: the last row of that id). Memory: 25 bytes per row.
+    ``id in labels``, ``labels.category(id)`` (without reading the row), ``len(labels)``."""
+
+    def __init__(self, path):
+        from array import array
+
+        from knowcat.errors import DataError
+
+        self.path = Path(path)
+        h1, h2, offsets, codes = array("q"), array("q"), array("q"), array("b")
+        off = 0
+        with open(self.path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        r = json.loads(line)
+                    except ValueError as e:
+                        raise DataError(f"not JSON ({e})", file=self.path, record=n) from None
+                    if not isinstance(r, dict) or "id" not in r:
+                        raise DataError("a categorized row needs an 'id'", file=self.path, record=n, field="id")
+                    a, b = _id_key(str(r["id"]))
+                    h1.append(a)
+                    h2.append(b)
+                    offsets.append(off)
+                    c = r.get("category")
+                    codes.append(CATEGORIES.index(c) if c in CATEGORIES else -1)
+                off += len(line)
+        order = np.lexsort((np.arange(len(h1)), np.frombuffer(h2, np.int64), np.frombuffer(h1, np.int64)))
+        self.h1 = np.frombuffer(h1, np.int64)[order]
+        self.h2 = np.frombuffer(h2, np.int64)[order]
+        self.offsets = np.frombuffer(offsets, np.int64)[order]
+        self.codes = np.frombuffer(codes, np.int8)[order]
+
+    def _find(self, i: str) -> int | None:
+        """The position of id ``i``'s last row in the sorted keys, or None."""
+        a, b = _id_key(str(i))
+        lo, hi = np.searchsorted(self.h1, a, "left"), np.searchsorted(self.h1, a, "right")
+        last = None
+        for k in range(lo, hi):  # rows of the same id follow in file order: the last one wins
+            if self.h2[k] == b:
+                last = k
+        return last
+
+    def __contains__(self, i) -> bool:
+        return self._find(i) is not None
+
+    def __len__(self) -> int:
+        return len(np.unique(np.stack([self.h1, self.h2], axis=1), axis=0)) if len(self.h1) else 0
+
+    def __getitem__(self, i) -> dict:
+        k = self._find(i)
+        if k is None:
+            raise KeyError(i)
+        with open(self.path, "rb") as f:
+            f.seek(int(self.offsets[k]))
+            row = json.loads(f.readline())
+        if str(row.get("id")) != str(i):
+            raise KeyError(f"{i} ({self.path} changed while it was read)")
+        return row
+
+    def get(self, i, default=None):
+        return self[i] if i in self else default
+
+    def category(self, i):
+        """Example ``i``'s category (the row's ``category``, as written: an unknown one is read again)."""
+        k = self._find(i)
+        if k is None:
+            raise KeyError(i)
+        c = int(self.codes[k])
+        return CATEGORIES[c] if c >= 0 else self[i].get("category")

@@ -78,7 +78,7 @@ def same_question(a: QAExample, b: QAExample) -> bool:
             and _norm(a.subject) == _norm(b.subject))
 
 
-_norm = lru_cache(maxsize=1 << 20)(normalize)
+_norm = lru_cache(maxsize=4096)(normalize)  # small: a question is compared a few times in a row, exemplars often
 
 
 def choose_exemplars(example: QAExample, exemplars_with_spares: list[QAExample], k: int) -> list[QAExample]:

@@ -559,6 +559,11 @@ class RunDir:
         return Shards(self.estimate_features, suffix=".npz")
 
     @property
+    def estimate_prediction_shards(self) -> Shards:
+        """The estimator's predictions (``NNNNN.npz`` of ``probs``, one per feature shard), written as made."""
+        return Shards(self.root / "estimate" / "predictions", suffix=".npz")
+
+    @property
     def estimate_slick_tokens(self) -> Path:
         """The forward tokens SliCK fed on the calibration sample, measured when it ran."""
         return self.root / "estimate" / "slick_forward_tokens.json"

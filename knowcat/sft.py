@@ -85,27 +85,34 @@ def record_meta(turns: list[dict], method: str | None) -> dict:
     return {"category": record_category([t["category"] for t in turns]), "method": m, "turns": turns}
 
 
-def annotated_stream(scan, examples: list[QAExample], result_of, method: str | None,
-                     not_applicable: dict[str, str] | None = None):
+def annotated_stream(scan, examples, result_of, method: str | None, not_applicable=None):
     """:func:`annotate_records` record by record for an :class:`~knowcat.loaders.sft.SFTScan`: each record
     is read again from its file, annotated and handed on, so memory holds one record. ``result_of(id)``
-    gives a turn's result (``{"category", ...}``); ``examples`` are the scan's, in record order."""
+    gives a turn's result (``{"category", ...}``), asked in record order; ``examples`` are the scan's, in
+    record order (a list, or a :class:`~knowcat.loaders.sft.StreamedExamples` read along);
+    ``not_applicable``: ``{id: reason}``, or a function of the example giving its reason or None."""
     from knowcat.loaders.sft import scanned_records
 
     not_applicable = not_applicable or {}
-    j = 0
+    if callable(not_applicable):
+        reason_of = not_applicable
+    else:
+        def reason_of(e):
+            return not_applicable[e.id] if e.id in not_applicable else None
+    it = iter(examples)
+    ex = next(it, None)
     for pos, rec in enumerate(scanned_records(scan)):
         turns = []
-        while j < len(examples) and examples[j].metadata["sft"]["record"] == pos:
-            ex = examples[j]
+        while ex is not None and ex.metadata["sft"]["record"] == pos:
             loc = ex.metadata["sft"]
-            entry = {"category": NOT_APPLICABLE, "reason": not_applicable[ex.id]} if ex.id in not_applicable \
-                else dict(result_of(ex.id))
+            reason = reason_of(ex)
+            entry = dict(result_of(ex.id)) if reason is None else {"category": NOT_APPLICABLE, "reason": reason}
             turns.append({"turn": loc["turn"], "field": loc["field"], **entry})
-            j += 1
+            ex = next(it, None)
         yield annotate(rec, record_meta(turns, method))
-    if j != len(examples):
-        raise DataError(f"the file changed while it was read: {len(examples) - j} turns left without their record",
+    if ex is not None:
+        left = 1 + sum(1 for _ in it)
+        raise DataError(f"the file changed while it was read: {left} turns left without their record",
                         file=scan.path)
 
 
@@ -274,25 +281,44 @@ RESULT_FIELDS = ("category", "p_correct_greedy", "n_greedy", "n_greedy_correct",
 
 
 def _load_for_run(stage: str, data, run: Path, format, turns, on_error, rejects, group_by, max_answer_tokens,
-                  exemplars, log):
+                  exemplars, log, pool_cap: int | None = None, seed: int = 0):
     """What ``categorize_sft`` and ``estimate_sft`` both start with: the SFT file scanned for its turns
     (:func:`~knowcat.loaders.sft.scan_sft`: the records are not kept), malformed records to the rejects file
     (the run's default when none is given), the turns as examples, those whose answer is too long set
-    apart, and the exemplar pool (``exemplars`` or the examples themselves).
+    apart, and the exemplar pool (``exemplars`` or the examples themselves). With ``pool_cap`` the examples
+    are not held either (:class:`~knowcat.loaders.sft.StreamedExamples`, read again on each pass), nor the
+    ids not applicable (``not_applicable`` is then a function of the example giving its reason or None), and
+    the pool keeps at most ``pool_cap`` exemplars per group (:func:`knowcat.estimate.bounded_pool`).
     Returns ``(scan, examples, not_applicable, todo, pool)``."""
     from knowcat.loaders.sft import load_sft, scan_sft
 
-    ds = scan_sft(data, format=format, turns=turns, on_error=on_error, group_by=group_by)
+    stream = pool_cap is not None
+    ds = scan_sft(data, format=format, turns=turns, on_error=on_error, group_by=group_by, stream=stream)
     examples = ds.examples
-    na = not_applicable(examples, max_answer_tokens)
+    if stream:  # the reason asked of each example as it passes (a file of long answers would hold every id)
+        def na(ex):
+            return answer_too_long(ex.answers, max_answer_tokens) or None
+
+        todo = examples.where(lambda ex: not na(ex))
+        n_na = len(examples) - len(todo)
+    else:
+        na = not_applicable(examples, max_answer_tokens)
+        todo = [e for e in examples if e.id not in na]
+        n_na = len(na)
     if ds.rejects or rejects:
         rp = Path(rejects) if rejects else RunDir(run).load_rejects
         write_rejects(rp, ds.rejects)
         log(f"{stage}: {len(ds.rejects)} malformed records skipped -> {rp}")
-    todo = [e for e in examples if e.id not in na]
     log(f"{stage}: {ds.n_records} {ds.format} records from {data}: {len(examples)} turns, "
-        f"{len(na)} not applicable (answer over {max_answer_tokens} words)")
-    pool = load_sft(exemplars, turns="all").examples(group_by) if exemplars is not None else todo
+        f"{n_na} not applicable (answer over {max_answer_tokens} words)")
+    if stream:
+        from knowcat.estimate import bounded_pool
+
+        source = scan_sft(exemplars, turns="all", group_by=group_by, stream=True).examples \
+            if exemplars is not None else todo
+        pool = bounded_pool(source, pool_cap, seed)
+    else:
+        pool = load_sft(exemplars, turns="all").examples(group_by) if exemplars is not None else todo
     return ds, examples, na, todo, pool
 
 
@@ -341,18 +367,26 @@ def estimate_sft(model, data, run_dir, cfg=None, slick_cfg=None, *, tokenizer=No
                  turns: str = "last", group_by: str | None = None, max_answer_tokens: int | None = 32,
                  exemplars=None, labels=None, on_error: str = "raise", rejects=None, out=None,
                  model_name: str | None = None, device: str = "auto", dtype: str = "auto", shard_size: int = 4096,
-                 run_slick: bool = False, log=print, progress: bool = True):
+                 run_slick: bool = False, pool_cap: int | None = None, log=print, progress: bool = True):
     """:func:`knowcat.estimate.estimate` on an SFT dataset: the categories of every turn (SliCK on the
     calibration sample, the estimator on the rest), written back into the records under ``knowcat``
     with the method that labelled each turn, in the input's own format (``out``, default
     ``run_dir/estimated_sft.<input's type>``), plus ``estimated.jsonl`` and ``estimate_summary.json``.
 
     ``model``: a hub id or folder, or a loaded model with ``tokenizer``. ``labels``: a categorized
-    file's rows by example id (:func:`knowcat.estimate.read_labels`) or its path. Returns
+    file's rows by example id (a dict, :func:`knowcat.estimate.read_labels`, or a
+    :class:`knowcat.estimate.LabelIndex`) or its path (then indexed, not held).
+
+    Memory does not grow with the records: the examples are read again from the file on each pass
+    (:class:`~knowcat.loaders.sft.StreamedExamples`), the features and predictions go to shards on disk
+    and are read back one at a time, and the few-shot pool keeps at most ``pool_cap`` examples per group
+    (default :data:`knowcat.estimate.POOL_CAP`; every example of a group that has fewer). What is held
+    per record is a few numbers (see :func:`knowcat.estimate.estimate`). Returns
     ``(path of the annotated records, the EstimateResult)``."""
-    from knowcat.estimate import EstimateConfig, estimate, read_labels, write_estimate
+    from knowcat.estimate import POOL_CAP, EstimateConfig, LabelIndex, estimate, write_estimate
     from knowcat.slick import SliCKConfig
 
+    pool_cap = POOL_CAP if pool_cap is None else pool_cap
     cfg = cfg or EstimateConfig()
     slick_cfg = slick_cfg or SliCKConfig(keep_answers=True, chat_template=cfg.chat_template)
     run = Path(run_dir)
@@ -366,19 +400,20 @@ def estimate_sft(model, data, run_dir, cfg=None, slick_cfg=None, *, tokenizer=No
     from knowcat.estimate import _renderer
 
     _renderer(tokenizer, cfg)  # a tokenizer without a chat template is refused before anything is written
-    if labels is not None and not isinstance(labels, dict):
-        labels = read_labels(labels)
+    if labels is not None and not isinstance(labels, (dict, LabelIndex)):
+        labels = LabelIndex(labels)
     ds, examples, na, todo, pool = _load_for_run("estimate", data, run, format, turns, on_error, rejects, group_by,
-                                                 max_answer_tokens, exemplars, log)
+                                                 max_answer_tokens, exemplars, log, pool_cap=pool_cap, seed=cfg.seed)
     res = estimate(model, tokenizer, todo, pool, cfg, slick_cfg, labels=labels, run_dir=run,
                    model_name=model_name or getattr(model, "name_or_path", "model"), log=log, progress=progress,
-                   shard_size=shard_size, run_slick=run_slick)
-    row = {i: k for k, i in enumerate(res.ids)}
+                   shard_size=shard_size, run_slick=run_slick, pool_cap=pool_cap)
+    rows = res.rows()  # in the examples' order, as annotated_stream asks for them
 
     def result_of(i):
-        k = row[i]
-        return {"category": res.categories[k], "method": res.method[k],
-                "probs": dict(zip(CATEGORIES, map(float, res.probs[k])))}
+        ex, cat, method, probs = next(rows)
+        if ex.id != i:
+            raise DataError(f"the file changed while it was read: turn {i} where {ex.id} was estimated", file=data)
+        return {"category": cat, "method": method, "probs": dict(zip(CATEGORIES, map(float, probs)))}
 
     dest = Path(out) if out else RunDir(run).estimated_sft(ds.container)
     n = write_sft_stream(dest, annotated_stream(ds, examples, result_of, None, na), None if dest.suffix else "hf")

@@ -2,6 +2,7 @@
 with its method; the CLI on QA and chat data, and filter on its output."""
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -425,3 +426,191 @@ def test_estimate_sft_resumes_after_a_kill(tiny, tmp_path, monkeypatch):
     out = [json.loads(x) for x in open(got_path)]
     assert [strip_meta(r) for r in out] == recs and out == [json.loads(x) for x in open(want_path)]
     assert {r[META_KEY]["method"] for r in out} == {"slick", "estimate"}
+
+
+def _old_calibration_sample(examples, lp, n, seed):
+    """The calibration sample as drawn from per-stratum lists of every example (the reference)."""
+    q = np.searchsorted(np.quantile(lp, [0.2, 0.4, 0.6, 0.8]), lp, side="right")
+    strata: dict = {}
+    for i, ex in enumerate(examples):
+        strata.setdefault((ex.relation, int(q[i])), []).append(i)
+    keys = sorted(strata)
+    quota = np.array([len(strata[k]) * n / len(examples) for k in keys])
+    take = np.floor(quota).astype(int)
+    for j in np.argsort(-(quota - take), kind="stable")[: n - take.sum()]:
+        take[j] += 1
+    rng = np.random.default_rng(seed)
+    out = []
+    for k, t in zip(keys, take):
+        out += [int(x) for x in rng.choice(strata[k], size=t, replace=False)]
+    return sorted(out)
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_calibration_sample_from_arrays_draws_what_per_stratum_lists_draw(seed):
+    from knowcat.estimate import Features
+
+    rng = np.random.default_rng(seed)
+    rels = ["P10", "P2", "P1", "a", "Zb"]
+    exs = [QAExample(f"x{i}", rels[rng.integers(0, 5)], "q", ["a"]) for i in range(500)]
+    lp = rng.normal(size=500)
+    f = Features([e.id for e in exs], ["logprob_mean"], lp[:, None], None, np.zeros(500), None)
+    for n in (1, 37, 250, 499):
+        assert calibration_sample(exs, f, n, seed) == _old_calibration_sample(exs, lp, n, seed)
+
+
+def test_bounded_pool_keeps_every_example_under_the_cap_and_a_fixed_sample_over_it():
+    from knowcat.estimate import bounded_pool
+
+    def data(n):
+        return [QAExample(f"e{i}", f"g{i % 3}", f"question {i}", ["a"]) for i in range(n)]
+
+    small = data(60)
+    assert bounded_pool(small, cap=20) == small  # no group over the cap: every example, in order
+    for n in (300, 3000):
+        pool = bounded_pool(data(n), cap=20)
+        assert sorted(Counter(e.relation for e in pool).values()) == [20, 20, 20]  # does not grow with n
+        shuffled = data(n)
+        np.random.default_rng(1).shuffle(shuffled)
+        assert {e.id for e in bounded_pool(shuffled, cap=20)} == {e.id for e in pool}  # order-independent
+        assert [e.id for e in pool] == [e.id for e in data(n) if e.id in {p.id for p in pool}]  # in input order
+    assert {e.id for e in bounded_pool(data(300), cap=20, seed=1)} != {e.id for e in bounded_pool(data(300), cap=20)}
+
+
+def _chat_file(path, n, groups=2):
+    recs = [{"id": f"r{i}", "messages": [{"role": "user", "content": f"Where was person {i} born?"},
+                                         {"role": "assistant", "content": f"Town {i}"}], "g": f"g{i % groups}"}
+            for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return recs
+
+
+def test_estimate_sft_holds_a_bounded_number_of_examples(tiny, tmp_path, monkeypatch):
+    """The examples held while estimating (counted whenever features are computed, the classifier is fitted
+    or a line is logged) do not grow with the file: the pool is capped, the examples are read again from
+    the file on each pass, the features and predictions stay in shards on disk."""
+    import gc
+
+    import knowcat.estimate as est
+    from knowcat.sft import estimate_sft
+    from linear_models import classifiers
+
+    model, tok, _ = tiny
+    held = []
+
+    def count():
+        held.append(sum(type(o) is QAExample for o in gc.get_objects()))
+
+    def counting(fn):
+        def wrapped(*a, **k):
+            count()
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(est, "features", counting(est.features))
+    monkeypatch.setattr(classifiers, "fit_calibrated", counting(classifiers.fit_calibrated))
+    peaks = {}
+    for n in (60, 240):
+        src = tmp_path / f"chat{n}.jsonl"
+        _chat_file(src, n)
+        labels = tmp_path / f"labels{n}.jsonl"
+        labels.write_text("".join(json.dumps({"id": f"r{i}", "category": CATEGORIES[i % 4]}) + "\n" for i in range(n)))
+        gc.collect()
+        held.clear()
+        count()  # what other tests left alive
+        base = held.pop()
+        _, res = estimate_sft(model, src, tmp_path / f"run{n}", tokenizer=tok, group_by="g", labels=labels,
+                              shard_size=20, pool_cap=10, log=lambda *a: count(), progress=False,
+                              cfg=EstimateConfig(k=2, calibrate=8, folds=2))
+        assert len(held) > n // 20 and res.summary["n"] == n
+        assert isinstance(res._probs, est.ShardColumn)  # the predictions are on disk, read a shard at a time
+        peaks[n] = max(held) - base
+    assert peaks[240] == peaks[60] < 60  # pool (2 groups x 10) + calibration sample (8) + one shard (20)
+
+
+def test_streamed_sft_examples_are_the_scans(tmp_path):
+    from knowcat.loaders.sft import scan_sft
+
+    recs = [{"messages": [{"role": "user", "content": f"Q{i % 4}?"}, {"role": "assistant", "content": "A"}]}
+            for i in range(10)]  # content ids, repeated: -2, -3 ...
+    recs += [{"id": "x", "prompt": "P?", "completion": "C"}] * 3 + [{"id": 7, "messages": []}]
+    recs += [{"id": "y", "messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"},
+                                      {"role": "user", "content": "v"}, {"role": "assistant", "content": "b"}]}]
+    src = tmp_path / "mixed.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    for turns in ("last", "all"):
+        whole = scan_sft(src, turns=turns, on_error="skip")
+        streamed = scan_sft(src, turns=turns, on_error="skip", stream=True)
+        assert list(streamed.examples) == whole.examples and len(streamed.examples) == len(whole.examples)
+        assert list(streamed.examples) == whole.examples  # read again: the same
+        assert streamed.rejects == whole.rejects and streamed.n_records == whole.n_records
+        drop = {whole.examples[0].id, whole.examples[-1].id}
+        less = streamed.examples.without(drop)
+        assert list(less) == [e for e in whole.examples if e.id not in drop] and len(less) == len(whole.examples) - 2
+    assert len({e.id for e in whole.examples}) == len(whole.examples)
+
+
+def test_label_index_reads_what_read_labels_reads(tmp_path):
+    from knowcat.errors import DataError
+    from knowcat.estimate import LabelIndex, read_labels
+
+    rows = [{"id": f"e{i}", "category": CATEGORIES[i % 4], "greedy_answers": [f"a{i}"]} for i in range(50)]
+    rows += [{"id": "e3", "category": "Unknown", "note": "the last row of an id wins"}, {"id": 9, "category": "odd"}]
+    p = tmp_path / "categorized.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
+    want, got = read_labels(p), LabelIndex(p)
+    assert len(got) == len(want) == 51
+    for i in list(want) + ["nope", "e3 "]:
+        assert (i in got) == (i in want)
+        if i in want:
+            assert got[i] == want[i] and got.category(i) == want[i]["category"]
+    with pytest.raises(KeyError):
+        got["nope"]
+    p.write_text('{"id": "a", "category": "Unknown"}\n{"category": "Unknown"}\n')
+    with pytest.raises(DataError, match="record 2"):
+        LabelIndex(p)
+
+
+def test_estimate_sft_streamed_equals_estimate_on_the_examples_held(tiny, tmp_path):
+    """Under the pool's cap the streamed SFT path gives what :func:`estimate` gives on the examples in a list
+    with every example as an exemplar (as before the cap existed)."""
+    from knowcat.loaders.sft import load_sft
+    from knowcat.sft import estimate_sft, prepare
+
+    model, tok, _ = tiny
+    src = tmp_path / "chat.jsonl"
+    recs = _chat_file(src, 30)
+    recs[4]["messages"][1]["content"] = "the answer is long and has many words " * 6  # not applicable: over 32 words
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    labels = {f"r{i}": {"category": CATEGORIES[(i * 7) % 4]} for i in range(30)}
+    cfg = EstimateConfig(k=2, calibrate=10, folds=2)
+    out, got = estimate_sft(model, src, tmp_path / "s", tokenizer=tok, group_by="g", labels=labels, shard_size=7,
+                            cfg=cfg, log=lambda *a: None, progress=False)
+    examples, na = prepare(load_sft(src), group_by="g", max_answer_tokens=32)
+    todo = [e for e in examples if e.id not in na]
+    assert list(na) == ["r4"] and len(todo) == 29
+    want = estimate(model, tok, todo, todo, cfg, labels=labels, run_dir=tmp_path / "w", shard_size=7,
+                    log=lambda *a: None, progress=False)
+    assert got.ids == want.ids and got.categories == want.categories and got.method == want.method
+    assert np.array_equal(got.probs, want.probs) and got.summary == want.summary
+    rows = [json.loads(x)["knowcat"] for x in open(out)]
+    assert rows[4] == {"category": "not_applicable", "method": None,
+                       "turns": [{"turn": 0, "field": "messages[1].content", "category": "not_applicable",
+                                  "reason": na["r4"]}]}
+    assert [r["category"] for r in rows[:4] + rows[5:]] == got.categories
+
+
+def test_validation_outside_the_sample_is_capped_by_a_seeded_sample(tiny):
+    model, tok, _ = tiny
+    exs = _data(16)
+    pool = [e for e in exs if e.split == "dev"]
+    todo = [e for e in exs if e.split == "train"]
+    labels = {e.id: {"category": CATEGORIES[i % 4]} for i, e in enumerate(todo)}
+    kw = dict(labels=labels, log=lambda *a: None, progress=False)
+    cfg = EstimateConfig(k=2, calibrate=8, folds=2)
+    whole = estimate(model, tok, todo, pool, cfg, **kw)
+    assert whole.summary["validation_rest"]["n"] == 12 and "n_labelled_rest" not in whole.summary
+    assert estimate(model, tok, todo, pool, cfg, validation_cap=12, **kw).summary == whole.summary
+    capped = estimate(model, tok, todo, pool, cfg, validation_cap=5, **kw)
+    assert capped.summary["validation_rest"]["n"] == 5 and capped.summary["n_labelled_rest"] == 12
+    assert capped.categories == whole.categories  # the predictions themselves are not sampled

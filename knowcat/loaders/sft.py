@@ -326,8 +326,11 @@ class TurnExamples:
     """The examples of each record's turns, record after record (what :meth:`SFTDataset.examples` and
     :func:`scan_sft` give): ids made unique over the records seen so far."""
 
-    def __init__(self, group_by: str | None, path=None):
+    def __init__(self, group_by: str | None, path=None, repeated: frozenset | None = None, hashes=None):
+        # repeated: the hashes of the ids that occur more than once (only those are counted: the others are
+        # unique already); hashes: an array that collects every id's hash (a first pass, to find them)
         self.group_by, self.path, self.seen = group_by, path, {}
+        self.repeated, self.hashes = repeated, hashes
 
     def __call__(self, pos: int, r: SFTRecord) -> list[QAExample]:
         from knowcat.examples import content_id
@@ -347,12 +350,24 @@ class TurnExamples:
                 base = rid if len(r.turns) == 1 else f"{rid}#turn{t.index}"
             else:
                 base = content_id(rel, t.question, t.answers)
-            n = self.seen.get(base, 0) + 1
-            self.seen[base] = n
+            if self.hashes is not None:
+                self.hashes.append(_base_hash(base))
+            if self.repeated is None or _base_hash(base) in self.repeated:
+                n = self.seen.get(base, 0) + 1
+                self.seen[base] = n
+            else:
+                n = 1
             out.append(QAExample(id=base if n == 1 else f"{base}-{n}", relation=rel, question=t.question,
                                  answers=list(t.answers), metadata={"sft": {"record": pos, "turn": t.index,
                                                                            "field": t.field}}))
         return out
+
+
+def _base_hash(base: str) -> int:
+    """A stable 64-bit hash of an id (two ids of one hash are only counted, never confused)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(base.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
 
 
 def iter_sft(path, format: str | None = None, turns: str = "last", on_error: str = "raise",
@@ -425,19 +440,76 @@ class SFTScan:
 
 
 def scan_sft(path, format: str | None = None, turns: str = "last", on_error: str = "raise",
-             group_by: str | None = None) -> SFTScan:
+             group_by: str | None = None, stream: bool = False) -> SFTScan:
     """The turns of an SFT file as examples, streamed: each record is parsed, turned into its examples
-    and let go, so memory holds the examples, not the records."""
+    and let go, so memory holds the examples, not the records. With ``stream`` not even the examples:
+    ``examples`` is then a :class:`StreamedExamples`, the file read again on each pass."""
     path = Path(path)
     rejects: list[dict] = []
     info: dict = {}
-    make = TurnExamples(group_by, path)
-    examples, n = [], 0
-    for r in iter_sft(path, format, turns, on_error, rejects, info):
-        examples += make(n, r)
-        n += 1
+    if stream:
+        from array import array
+
+        import numpy as np
+
+        hashes = array("q")
+        make = TurnExamples(group_by, path, hashes=hashes)
+        n = n_ex = 0
+        for r in iter_sft(path, format, turns, on_error, rejects, info):
+            n_ex += len(make(n, r))
+            n += 1
+        h = np.frombuffer(hashes, np.int64)
+        h.sort()  # in place: the hashes that occur more than once are side by side
+        repeated = frozenset(int(x) for x in h[1:][h[1:] == h[:-1]])
+        del h, hashes
+        examples = StreamedExamples(path, info["format"], turns, group_by, n_ex, repeated)
+    else:
+        make = TurnExamples(group_by, path)
+        examples, n = [], 0
+        for r in iter_sft(path, format, turns, on_error, rejects, info):
+            examples += make(n, r)
+            n += 1
     return SFTScan(path, info["format"], container_of(path), n, examples, rejects, turns,
                    frozenset(r["record"] for r in rejects))
+
+
+class StreamedExamples:
+    """The examples of an SFT file's turns (those :func:`scan_sft` gives, the same ids), read again from the
+    file on each pass instead of held: memory holds one record and the ids that occur more than once.
+    Sized and re-iterable; ``where(keep)``: those for which ``keep(example)`` is true (counted in one pass);
+    ``without(ids)``: the same less some."""
+
+    def __init__(self, path, format: str, turns: str, group_by: str | None, n: int, repeated: frozenset,
+                 keep=None, total: int | None = None):
+        self.path, self.format, self.turns, self.group_by = Path(path), format, turns, group_by
+        self.n, self.repeated, self.keep = n, repeated, keep
+        self.total = n if total is None else total  # every turn of the file, kept or not
+
+    def __len__(self) -> int:
+        return self.n
+
+    def where(self, keep) -> "StreamedExamples":
+        both = keep if self.keep is None else (lambda ex, a=self.keep: a(ex) and keep(ex))
+        n = sum(1 for ex in self if keep(ex))
+        return StreamedExamples(self.path, self.format, self.turns, self.group_by, n, self.repeated, both,
+                                self.total)
+
+    def without(self, ids) -> "StreamedExamples":
+        ids = frozenset(ids)
+        return self.where(lambda ex: ex.id not in ids)
+
+    def __iter__(self):
+        make = TurnExamples(self.group_by, self.path, repeated=self.repeated)
+        n = 0
+        # the records that failed the scan are skipped again (the scan raised or recorded them)
+        for pos, r in enumerate(iter_sft(self.path, self.format, self.turns, on_error="skip")):
+            for ex in make(pos, r):
+                n += 1
+                if self.keep is None or self.keep(ex):
+                    yield ex
+        if n != self.total:
+            raise DataError(f"the file changed while it was read: {n} turns, {self.total} when it was scanned",
+                            file=self.path)
 
 
 def scanned_records(scan: SFTScan) -> Iterator[dict]:
