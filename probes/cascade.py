@@ -128,16 +128,10 @@ def cascade_attention(module, query, key, value, attention_mask, dropout: float 
     scale = scaling if scaling is not None else d ** -0.5
     if T > 1:
         return _prefill(shared, KP, VP, query, key, value, attention_mask, scale, rep), None
-    # in float32 throughout (a no-op for a float32 model): half-precision scores and weights would
-    # round far more than fused attention does, which keeps its scores in float32
-    f32 = torch.float32
-    q = query.reshape(B, H, rep * T, d).to(f32)  # the queries of a key head's query heads, one after another
-    key, value, KP, VP = key.to(f32), value.to(f32), KP.to(f32), VP.to(f32)
+    q, value, sr = _row_part(query, key, value, attention_mask, scale, rep)
+    KP, VP = KP.to(q.dtype), VP.to(q.dtype)
     G, L = KP.shape[0], KP.shape[-2]
-    mask = attention_mask if rep == 1 else attention_mask.repeat(1, 1, rep, 1)
-    neg = torch.finfo(torch.float32).min
-    # the row part
-    sr = torch.matmul(q, key.transpose(-1, -2)).mul_(scale).masked_fill_(~mask, neg)
+    neg = torch.finfo(q.dtype).min
     # the prefix part: each prefix's rows side by side, one product per prefix
     qg = q.new_zeros((G * m, H, rep * T, d)).index_copy_(0, fi, q)
     qg = qg.view(G, m, H, rep * T, d).transpose(1, 2).reshape(G, H, m * rep * T, d)
@@ -156,6 +150,19 @@ def cascade_attention(module, query, key, value, attention_mask, dropout: float 
     return out.view(B, H, rep, T, d).reshape(B, Hq, T, d).transpose(1, 2).contiguous(), None
 
 
+def _row_part(query, key, value, attention_mask, scale: float, rep: int):
+    """The queries (``[B, H, rep * T, d]``: a key head's query heads one after another), the values and
+    the row part's masked scores, in float32 throughout (a no-op for a float32 model): half-precision
+    scores and weights would round far more than fused attention does, which keeps its scores in float32."""
+    B, _, T, d = query.shape
+    H = key.shape[1]
+    f32 = torch.float32
+    q = query.reshape(B, H, rep * T, d).to(f32)
+    mask = attention_mask if rep == 1 else attention_mask.repeat(1, 1, rep, 1)
+    sr = torch.matmul(q, key.to(f32).transpose(-1, -2)).mul_(scale).masked_fill_(~mask, torch.finfo(f32).min)
+    return q, value.to(f32), sr
+
+
 def _prefill(shared: SharedPrefix, KP, VP, query, key, value, attention_mask, scale: float, rep: int):
     """A prefill's attention (many queries per row, once per batch), in the same two parts as a
     decode step: the row part for every row at once, the prefix part prefix by prefix (the queries of
@@ -166,11 +173,8 @@ def _prefill(shared: SharedPrefix, KP, VP, query, key, value, attention_mask, sc
     H = key.shape[1]
     rT = rep * T
     f32 = torch.float32
-    q = query.reshape(B, H, rT, d).to(f32)
-    key, value = key.to(f32), value.to(f32)
-    mask = attention_mask if rep == 1 else attention_mask.repeat(1, 1, rep, 1)
-    # the row part (a query whose own keys are all padding gets weight 0 here: its prefix's maximum is finite)
-    sr = torch.matmul(q, key.transpose(-1, -2)).mul_(scale).masked_fill_(~mask, torch.finfo(f32).min)
+    # (a query whose own keys are all padding gets weight 0 in the row part: its prefix's maximum is finite)
+    q, value, sr = _row_part(query, key, value, attention_mask, scale, rep)
     top = sr.amax(-1, keepdim=True)
     mp, sp = torch.empty_like(top), torch.empty_like(top)  # the prefix part's maximum and sum of weights
     op = q.new_empty((B, H, rT, d))  # and its weighted values (relative to its maximum)

@@ -430,6 +430,17 @@ def _abandoned(test, text: str) -> bool:
 PREFILL_TOKENS = {"cpu": 2048}
 
 
+def _draw(logits: torch.Tensor, row: np.ndarray, streams: np.ndarray, step: int, temperature: float,
+          top_k: int) -> np.ndarray:
+    """The token each stream draws at ``step`` from its row of ``logits`` (``row[i]``: stream ``i``'s),
+    by inverse-CDF sampling over the top-k (:mod:`probes.sampling`)."""
+    idx, cdf = topk_cdf(logits, temperature, top_k)
+    u = torch.from_numpy(uniforms(streams, step)).to(cdf.device)
+    row_t = torch.from_numpy(row).to(cdf.device)
+    pick = torch.searchsorted(cdf[row_t], u[:, None]).clamp(max=idx.shape[1] - 1)
+    return idx[row_t].gather(1, pick).squeeze(1).cpu().numpy()
+
+
 def _length_groups(lengths: list[int], min_tokens: int = 256, waste: float = 0.15,
                    max_tokens: int | None = None) -> list[tuple[int, int]]:
     """Consecutive row ranges to prefill together: a range grows while its padding stays within
@@ -579,11 +590,8 @@ def _decode_chunk(model, prefix_kvs: list, suffixes: list[list[int]], branches: 
             if any_sampled and n_greedy < len(live):
                 sampled = ~g if n_greedy else slice(None)
                 uniq, inv = np.unique(slots[sampled], return_inverse=True)
-                idx, cdf = topk_cdf(logits[torch.from_numpy(uniq).to(dev)], temperature, top_k)
-                u = torch.from_numpy(uniforms(streams[live[sampled]], step)).to(cdf.device)
-                inv_t = torch.from_numpy(inv.reshape(-1)).to(cdf.device)
-                pick = torch.searchsorted(cdf[inv_t], u[:, None]).clamp(max=idx.shape[1] - 1)
-                tok[sampled] = idx[inv_t].gather(1, pick).squeeze(1).cpu().numpy()
+                tok[sampled] = _draw(logits[torch.from_numpy(uniq).to(dev)], inv.reshape(-1), streams[live[sampled]],
+                                     step, temperature, top_k)
             generated[live, step] = tok
             length[live] = step + 1
             if step == max_new_tokens - 1:
@@ -760,10 +768,10 @@ class RoundGenerator:
         # questions), and the copy layout's prefixes have similar lengths
         items.sort(key=lambda it: (len(it[1]), it[1], len(it[2])))
         results: dict[Hashable, Generation] = {}
-        n = len(items)
+        n_items = len(items)
         items, first = self._first_tokens(items)
-        if progress is not None and len(items) < n:
-            progress(n - len(items))  # requests whose every sample ended at its first token
+        if progress is not None and len(items) < n_items:
+            progress(n_items - len(items))  # requests whose every sample ended at its first token
         i = 0
         while i < len(items):
             chunk, rows = [], 0
@@ -835,14 +843,10 @@ class RoundGenerator:
                     todo.append((j, st[1]))
         if not todo:
             return items, {}
-        dev = todo[0][1].device
         counts = np.array([len(items[j][0].streams) for j, _ in todo])
         streams = np.array([s for j, _ in todo for s in items[j][0].streams], dtype=np.uint64)
-        row = torch.from_numpy(np.repeat(np.arange(len(todo)), counts)).to(dev)
-        idx, cdf = topk_cdf(torch.stack([lg for _, lg in todo]), self.temperature, self.top_k)
-        u = torch.from_numpy(uniforms(streams, 0)).to(cdf.device)
-        pick = torch.searchsorted(cdf[row], u[:, None]).clamp(max=idx.shape[1] - 1)
-        toks = idx[row].gather(1, pick).squeeze(1).cpu().numpy()
+        toks = _draw(torch.stack([lg for _, lg in todo]), np.repeat(np.arange(len(todo)), counts), streams, 0,
+                     self.temperature, self.top_k)
         stops = set(self.stop_t.tolist())
         first, drop, keep_items = {}, set(), {}
         at = 0

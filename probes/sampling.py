@@ -28,38 +28,41 @@ def _splitmix64_int(x: int) -> int:
     return z ^ (z >> 31)
 
 
-def stream_seed(seed: int, example_id: str, prompt_index: int, sample_index: int) -> int:
-    """The 64-bit stream of one sampled answer."""
+def _prompt_stream(seed: int, example_id: str, prompt_index: int) -> int:
+    """The stream state before the sample index is mixed in."""
     h = int.from_bytes(hashlib.blake2b(str(example_id).encode("utf-8"), digest_size=8).digest(), "little")
     x = _splitmix64_int(seed & _MASK)
-    for part in (h, prompt_index, sample_index):
+    for part in (h, prompt_index):
         x = _splitmix64_int(x ^ (part & _MASK))
     return x
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's output mixing of uint64 values, vectorized (the caller has added the increment)."""
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def stream_seed(seed: int, example_id: str, prompt_index: int, sample_index: int) -> int:
+    """The 64-bit stream of one sampled answer."""
+    return _splitmix64_int(_prompt_stream(seed, example_id, prompt_index) ^ (sample_index & _MASK))
 
 
 def stream_seeds(seed: int, example_id: str, prompt_index: int, n: int) -> tuple[int, ...]:
     """``stream_seed(seed, example_id, prompt_index, i)`` for ``i`` in ``range(n)``, the last mixing
     step vectorized."""
-    h = int.from_bytes(hashlib.blake2b(str(example_id).encode("utf-8"), digest_size=8).digest(), "little")
-    x = _splitmix64_int(seed & _MASK)
-    for part in (h, prompt_index):
-        x = _splitmix64_int(x ^ (part & _MASK))
     with np.errstate(over="ignore"):
-        z = (np.uint64(x) ^ np.arange(n, dtype=np.uint64)) + np.uint64(_GOLDEN)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    return tuple(z.tolist())
+        z = (np.uint64(_prompt_stream(seed, example_id, prompt_index)) ^ np.arange(n, dtype=np.uint64)) \
+            + np.uint64(_GOLDEN)
+    return tuple(_mix64(z).tolist())
 
 
 def uniforms(streams: np.ndarray, step: int) -> np.ndarray:
     """One uniform in [0, 1) per stream for decoding step ``step`` (vectorized splitmix64)."""
     with np.errstate(over="ignore"):
-        x = streams.astype(np.uint64) + np.uint64(step + 1) * np.uint64(_GOLDEN)
-        z = x
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
+        z = _mix64(streams.astype(np.uint64) + np.uint64(step + 1) * np.uint64(_GOLDEN))
     return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
