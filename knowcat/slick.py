@@ -246,17 +246,29 @@ def _chain(*parts):
 def _lazy_waves(examples, cfg: SliCKConfig, state, sample_request, batch_rows: int):
     """The sample rounds of lazy mode, formed one at a time after the previous round's results were
     recorded: for each example whose answers so far are all wrong, its next prompts' samples in prompt
-    order, as many prompts each as make the round at least ``batch_rows`` rows."""
+    order, as many prompts each as make the round decode about ``batch_rows`` rows. A sample abandoned
+    (``None``) takes a row for a token or two at most (most leave at their first token, drawn before any
+    batch is formed), so a round asks for ``batch_rows`` samples divided by the share of the samples of
+    earlier rounds that were not abandoned (1 before any round: the first asks ``batch_rows`` samples).
+    Which prompts a round asks changes what is computed, never the counts or the category."""
     asked = {ex.id: 0 for ex in examples}  # prompts whose samples were asked
+    n_asked = n_kept = 0  # samples asked in earlier rounds, and of them those not abandoned
+    last: list = []
     while True:
+        for ex_id, j in last:
+            got = state[ex_id].samples.get(j, [])
+            n_asked += len(got)
+            n_kept += sum(a is not None for a in got)
         todo = [ex for ex in examples if asked[ex.id] < cfg.n_prompts and not state[ex.id].n_greedy_correct
                 and not state[ex.id].sample_hit]
         if not todo:
             return
-        per = max(1, -(-batch_rows // (len(todo) * cfg.n_samples)))
-        wave = []
+        kept = max(n_kept / n_asked, 1 / cfg.n_samples) if n_asked else 1.0
+        per = max(1, -(-batch_rows // max(1, int(len(todo) * cfg.n_samples * kept))))
+        wave, last = [], []
         for ex in todo:
             j0 = asked[ex.id]
             asked[ex.id] = min(cfg.n_prompts, j0 + per)
             wave.extend(sample_request(ex, j) for j in range(j0, asked[ex.id]))
+            last.extend((ex.id, j) for j in range(j0, asked[ex.id]))
         yield wave

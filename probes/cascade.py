@@ -13,7 +13,9 @@ union of its row's keys and its prefix's keys, computed in two parts that share 
 
 That is for decoding (one query per row, at every step). A prefill (a batch's suffixes, once per
 batch) has many queries per row, which would make the padded prefix blocks large: its prefix part
-is computed prefix by prefix instead, each unpadded.
+is computed prefix by prefix instead, each unpadded. On a CPU each part is one call of the fused
+attention kernel, which also returns each query's log-sum-exp, and the parts are merged through it
+(:func:`_merge`); elsewhere by matrix products and an explicit softmax.
 
 The result equals ordinary attention over ``prefix + row`` up to float rounding (the sums are
 ordered differently). It applies to models whose attention is plain scaled dot-product attention
@@ -86,6 +88,7 @@ class SharedPrefix:
             self.keys.append(K)
             self.values.append(V)
         self._rows = None
+        self._additive = None
 
     def select(self, lo: int, hi: int) -> None:
         """The rows ``lo:hi`` are the batch of the next forward pass: where each row's queries go
@@ -100,6 +103,12 @@ class SharedPrefix:
         dev = self.valid.device
         self._rows = (torch.from_numpy(g * m + pos).to(dev), m, g)
         self._members = None  # the rows of each prefix in the batch (a prefill's, made on first use)
+
+    def additive_valid(self) -> torch.Tensor:
+        """:attr:`valid` as an additive float32 mask ``[G, 1, 1, L]`` (0: a key, the float32 minimum: padding)."""
+        if self._additive is None:
+            self._additive = _masked(self.valid[:, None, None, :])
+        return self._additive
 
     def members(self) -> list[tuple[int, torch.Tensor]]:
         if self._members is None:
@@ -127,7 +136,13 @@ def cascade_attention(module, query, key, value, attention_mask, dropout: float 
     rep = Hq // H
     scale = scaling if scaling is not None else d ** -0.5
     if T > 1:
+        fused = _fused_attention(query.device)
+        if fused is not None:
+            return _prefill_fused(fused, shared, KP, VP, query, key, value, attention_mask, scale, rep), None
         return _prefill(shared, KP, VP, query, key, value, attention_mask, scale, rep), None
+    fused = _fused_attention(query.device)
+    if fused is not None:
+        return _decode_fused(fused, shared, KP, VP, query, key, value, attention_mask, scale, rep), None
     q, value, sr = _row_part(query, key, value, attention_mask, scale, rep)
     KP, VP = KP.to(q.dtype), VP.to(q.dtype)
     G, L = KP.shape[0], KP.shape[-2]
@@ -193,6 +208,81 @@ def _prefill(shared: SharedPrefix, KP, VP, query, key, value, attention_mask, sc
     den = er.sum(-1, keepdim=True).add_(sp.mul_(wp))
     out = torch.matmul(er, value).add_(op.mul_(wp)).div_(den).to(query.dtype)
     return out.view(B, H, rep, T, d).reshape(B, Hq, T, d).transpose(1, 2).contiguous()
+
+
+# devices whose fused attention kernel also returns each query's log-sum-exp, through which the two
+# parts are merged: a CPU's (the demo model's shapes, one layer, two threads: a 512-row decode step's
+# attention over 40 prefixes 2.1 -> 1.5 ms; a prefill of 128 rows x 16 tokens 2.7 -> 2.5 ms, of 64 rows
+# x 32 tokens 3.2 -> 1.7 ms); elsewhere the parts are computed by matrix products
+FUSED_DEVICES = frozenset({"cpu"})
+
+
+def _fused_attention(device):
+    """The fused attention kernel that returns ``(output, logsumexp)`` on ``device``, or None."""
+    if torch.device(device).type not in FUSED_DEVICES:
+        return None
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _masked(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean mask (True: attend) as the additive float32 mask the fused kernel takes."""
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill_(
+        ~mask, torch.finfo(torch.float32).min)
+
+
+def _merge(o_row, lse_row, o_pre, lse_pre):
+    """Softmax attention over the union of two key sets from each set's own (normalized output,
+    log-sum-exp): weights ``exp(lse)`` of each set. A query whose row part is all padding has a
+    log-sum-exp near the float32 minimum there: its weight goes to the prefix part."""
+    return torch.lerp(o_pre, o_row, torch.sigmoid(lse_row - lse_pre).unsqueeze(-1))
+
+
+def _fused_row_part(fused, query, key, value, attention_mask, scale: float, rep: int):
+    B, _, T, d = query.shape
+    H = key.shape[1]
+    f32 = torch.float32
+    q = query.reshape(B, H, rep * T, d).to(f32)
+    mask = attention_mask if rep == 1 else attention_mask.repeat(1, 1, rep, 1)
+    o, lse = fused(q, key.to(f32), value.to(f32), 0.0, False, attn_mask=_masked(mask), scale=scale)[:2]
+    return q, o, lse
+
+
+def _decode_fused(fused, shared: SharedPrefix, KP, VP, query, key, value, attention_mask, scale: float, rep: int):
+    """A decode step with the fused kernel: the row part for all rows at once, the prefix part for all
+    prefixes at once (each prefix's rows side by side in a padded block, as :func:`cascade_attention`)."""
+    B, Hq, T, d = query.shape
+    H = key.shape[1]
+    rT = rep * T
+    f32 = torch.float32
+    q, o_row, lse_row = _fused_row_part(fused, query, key, value, attention_mask, scale, rep)
+    fi, m, _ = shared._rows
+    G, L = KP.shape[0], KP.shape[-2]
+    qg = q.new_zeros((G * m, H, rT, d)).index_copy_(0, fi, q)
+    qg = qg.view(G, m, H, rT, d).transpose(1, 2).reshape(G, H, m * rT, d)
+    o, lse = fused(qg, KP.to(f32), VP.to(f32), 0.0, False, attn_mask=shared.additive_valid(), scale=scale)[:2]
+    o_pre = o.reshape(G, H, m, rT, d).transpose(1, 2).reshape(G * m, H, rT, d).index_select(0, fi)
+    lse_pre = lse.reshape(G, H, m, rT).transpose(1, 2).reshape(G * m, H, rT).index_select(0, fi)
+    out = _merge(o_row, lse_row, o_pre, lse_pre).to(query.dtype)
+    return out.reshape(B, H, rep, T, d).reshape(B, Hq, T, d).transpose(1, 2).contiguous()
+
+
+def _prefill_fused(fused, shared: SharedPrefix, KP, VP, query, key, value, attention_mask, scale: float, rep: int):
+    """:func:`_prefill` with the fused kernel: the row part for every row at once, the prefix part
+    prefix by prefix (its rows' queries against its keys, unpadded)."""
+    B, Hq, T, d = query.shape
+    H = key.shape[1]
+    rT = rep * T
+    f32 = torch.float32
+    q, o_row, lse_row = _fused_row_part(fused, query, key, value, attention_mask, scale, rep)
+    o_pre, lse_pre = torch.empty_like(o_row), torch.empty_like(lse_row)
+    for g, rows in shared.members():
+        c, L = len(rows), shared.lens[g]
+        qg = q.index_select(0, rows).transpose(0, 1).reshape(1, H, c * rT, d)
+        o, lse = fused(qg, KP[g:g + 1, :, :L].to(f32), VP[g:g + 1, :, :L].to(f32), 0.0, False, scale=scale)[:2]
+        o_pre.index_copy_(0, rows, o.reshape(H, c, rT, d).transpose(0, 1))
+        lse_pre.index_copy_(0, rows, lse.reshape(H, c, rT).transpose(0, 1))
+    out = _merge(o_row, lse_row, o_pre, lse_pre).to(query.dtype)
+    return out.reshape(B, H, rep, T, d).reshape(B, Hq, T, d).transpose(1, 2).contiguous()
 
 
 def _register() -> None:

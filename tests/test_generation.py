@@ -227,9 +227,10 @@ def test_indexed_row_copies_give_the_same_answers(quick_demo, quick_model, monke
     assert {k: (g.greedy, g.samples) for k, g in rows.items()} == {k: (g.greedy, g.samples) for k, g in indexed.items()}
 
 
-def test_prefixes_of_one_length_are_encoded_together(tiny_model_dir, monkeypatch):
-    """``PrefixCache.get_many``: one forward pass per length among the prefixes not held yet, none for held
-    ones; each prefix's keys and values are those of encoding it alone; duplicates and order are kept."""
+def test_prefixes_are_encoded_together(tiny_model_dir, monkeypatch):
+    """``PrefixCache.get_many``: the prefixes not held yet in one forward pass, padded on the right to the
+    longest, none for held ones; each prefix's keys and values are those of encoding it alone (its own
+    length, unchanged by the padding after it); duplicates and order are kept."""
     import functools
 
     import torch
@@ -253,13 +254,13 @@ def test_prefixes_of_one_length_are_encoded_together(tiny_model_dir, monkeypatch
     monkeypatch.setattr(model, "forward", forward)
     asked = [(1, 5, 9), (1, 8), (1, 6, 7), (1, 5, 9, 4), (1, 5, 9)]
     got = cache.get_many(asked)
-    assert sorted(widths) == [(1, 4), (2, 3)]  # (1, 8) was held; the two of length 3 in one pass
+    assert widths == [(3, 4)]  # (1, 8) was held; two of length 3 and one of length 4 in one pass
     assert cache.encoded_tokens == 2 + 3 + 3 + 4
     for ids, kv in zip(asked, got):
         for (k, v), (k0, v0) in zip(kv, want[ids]):
             assert k.shape == k0.shape and torch.allclose(k, k0, atol=1e-5) and torch.allclose(v, v0, atol=1e-5)
     assert got[0] is got[4] and got[1] is cache.get((1, 8))
-    assert cache.get_many(asked) and len(widths) == 2  # everything held now: no forward pass
+    assert cache.get_many(asked) and len(widths) == 1  # everything held now: no forward pass
 
 
 def test_tokenizations_are_kept_between_rounds(tiny_tokenizer):

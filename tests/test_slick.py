@@ -249,3 +249,26 @@ def test_categorize_real_entityquestions_files(quick_demo, tmp_path):
     recs = [json.loads(l) for l in open(out / "categorized.jsonl")]
     assert len(recs) == 24 and all(r["category"] in CATEGORIES for r in recs)
     assert "Unknown" in r.stdout and "share" in r.stdout  # the summary table
+
+
+@pytest.mark.parametrize("kept_per_prompt,second_wave_prompts", [(16, 1), (1, 9), (4, 3)])
+def test_lazy_waves_are_sized_by_the_samples_that_were_not_abandoned(kept_per_prompt, second_wave_prompts):
+    """A sample round asks ``batch_rows`` samples divided by the share of earlier samples not abandoned
+    (the rows decoding goes on with): where most were abandoned at once, the next round asks more
+    prompts per example; an example with a correct sample leaves."""
+    from types import SimpleNamespace
+
+    from knowcat.slick import _lazy_waves
+
+    cfg = SliCKConfig(n_prompts=10, n_samples=16)
+    exs = [SimpleNamespace(id=f"e{i}") for i in range(8)]
+    state = {e.id: SimpleNamespace(n_greedy_correct=0, sample_hit=False, samples={}) for e in exs}
+    waves = _lazy_waves(exs, cfg, state, lambda ex, j: (ex.id, j), batch_rows=64)
+    first = next(waves)
+    assert sorted(first) == sorted((e.id, 0) for e in exs)  # 64 rows: one prompt of each of 8 examples
+    for ex_id, j in first:
+        state[ex_id].samples[j] = ["wrong"] * kept_per_prompt + [None] * (16 - kept_per_prompt)
+    state["e0"].sample_hit = True
+    second = next(waves)  # 7 examples left: 64 / (7 * 16 * kept share) prompts each, at most the 9 left
+    assert {i for i, _ in second} == {e.id for e in exs[1:]}
+    assert sorted(j for i, j in second if i == "e1") == list(range(1, 1 + second_wave_prompts))
