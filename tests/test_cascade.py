@@ -13,17 +13,6 @@ class _Module:
     layer_idx = 0
 
 
-@pytest.fixture(params=["fused", "products"])
-def attention_path(request, monkeypatch):
-    """Both ways of computing the two parts: a CPU's fused kernel with log-sum-exp, and the matrix
-    products every other device takes."""
-    if request.param == "fused":
-        assert cascade._fused_attention("cpu") is not None
-    else:
-        monkeypatch.setattr(cascade, "FUSED_DEVICES", frozenset())
-    return request.param
-
-
 def _reference(q, prefixes, groups, k_rows, v_rows, row_mask, scale):
     """Per row: plain softmax attention over its prefix's keys then its own (GQA by repeating heads)."""
     B, Hq, T, d = q.shape
@@ -42,7 +31,7 @@ def _reference(q, prefixes, groups, k_rows, v_rows, row_mask, scale):
 
 @pytest.mark.parametrize("T", [1, 3])
 @pytest.mark.parametrize("rep", [1, 2])
-def test_cascade_equals_attention_over_prefix_and_row(T, rep, attention_path):
+def test_cascade_equals_attention_over_prefix_and_row(T, rep):
     g = torch.Generator().manual_seed(T * 10 + rep)
     H, d, n = 2, 8, 6
     lens = [5, 9, 2]
@@ -149,7 +138,7 @@ def test_the_models_attention_is_restored_after_an_error(quick_model, monkeypatc
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_rounds_no_more_than_fused_attention(dtype, attention_path):
+def test_half_precision_rounds_no_more_than_fused_attention(dtype):
     """In bfloat16 or float16 the cascade's error against a float64 reference is within twice that of
     fused attention in the same precision over the same keys (its scores are kept in float32), so its
     answers differ from the copy-per-row layout's only as rounding does (as a batch size change does)."""
@@ -182,7 +171,7 @@ def test_half_precision_rounds_no_more_than_fused_attention(dtype, attention_pat
 
 @pytest.mark.parametrize("rep", [1, 4])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_prefill_of_a_row_range_equals_attention_over_prefix_and_row(rep, dtype, tol, attention_path):
+def test_prefill_of_a_row_range_equals_attention_over_prefix_and_row(rep, dtype, tol):
     """A prefill pass computes rows ``lo:hi`` of the batch (:meth:`SharedPrefix.select`): each row attends to
     its own prefix (prefixes of different lengths, a row's index counted from ``lo``), including a row whose
     own positions are all padding and queries that come before a row's first own position."""
