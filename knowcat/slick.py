@@ -34,7 +34,7 @@ their first token or two instead of decoding a whole wrong answer.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from typing import Callable
 
 from knowcat.examples import QAExample
@@ -230,7 +230,9 @@ def categorize(engine, examples: list[QAExample], exemplar_pool: list[QAExample]
     return results
 
 
+@lru_cache(maxsize=1 << 16)
 def _hopeless(text: str, answers: tuple[str, ...], mode: str) -> bool:
+    # (the same first words come back under every prompt of an example: each is matched once)
     return not may_still_match(text, answers, mode)
 
 

@@ -224,8 +224,9 @@ class PrefixCache(KVStore):
 
 
 class PromptStates(KVStore):
-    """The state after a whole prompt (its suffix's keys and values per layer, and the logits of
-    the first answer token), kept from a request with ``keep_state`` for a later request of the
+    """The state after a whole prompt (its suffix's keys and values, every layer's in one tensor
+    ``[2 x layers, heads, suffix length, head_dim]``: layer ``l``'s keys at ``2l``, its values at ``2l + 1``;
+    and the logits of the first answer token), kept from a request with ``keep_state`` for a later request of the
     same prompt (lazy SliCK asks the samples of a prompt in a later round than its greedy answer):
     that request skips its prefill, as a shared prefill of its greedy answer and samples would."""
 
@@ -539,13 +540,17 @@ def _decode_chunk(model, prefix_kvs: list, suffixes: list[list[int]], branches: 
         for layer in buf.cache.layers:
             layer.n, layer.row0 = base + S, 0
         if b < R:
+            # the kept suffixes right-aligned in one zero-padded block (padding masked, but finite), then
+            # one copy per layer's keys and values
+            first = states[b][0]
+            block = first.new_zeros((R - b,) + tuple(first.shape[:2]) + (S,) + tuple(first.shape[3:]))
+            for j in range(R - b):
+                own = states[b + j][0]
+                block[j, :, :, S - own.shape[-2]:] = own
+            block = block.to(dev)
             for li, layer in enumerate(buf.cache.layers):
-                layer.keys[b:R, :, base:base + S].zero_()  # the suffixes' padding (masked, but finite)
-                layer.values[b:R, :, base:base + S].zero_()
-                for r in range(b, R):
-                    k, v = states[r][0][li]
-                    layer.keys[r, :, base + S - k.shape[-2]:base + S] = k[0]
-                    layer.values[r, :, base + S - v.shape[-2]:base + S] = v[0]
+                layer.keys[b:R, :, base:base + S] = block[:, 2 * li]
+                layer.values[b:R, :, base:base + S] = block[:, 2 * li + 1]
             stored = torch.stack([states[r][1] for r in range(b, R)]).to(dev)
             logits.append(stored.to(logits[0].dtype) if logits else stored)
         logits = torch.cat(logits) if len(logits) > 1 else logits[0]
@@ -553,12 +558,15 @@ def _decode_chunk(model, prefix_kvs: list, suffixes: list[list[int]], branches: 
         if fed is not None:
             fed[0] += sum(len(s) for s in suffixes[:b])
         kept = {}
-        for r in range(b):
-            if keep and keep[r]:
-                s_len = len(suffixes[r])
-                own = slice(base + S - s_len, base + S)
-                kept[r] = ([(layer.keys[r:r + 1, :, own].clone(), layer.values[r:r + 1, :, own].clone())
-                            for layer in buf.cache.layers], logits[r].clone())
+        if keep and any(keep[:b]):
+            # every layer's keys and values of the prefilled rows in one block, then one copy per kept row
+            # (its suffix's positions of every layer, :class:`PromptStates`) and one of its logits, instead
+            # of one per layer's keys and values
+            block = torch.stack([t[:b, :, base:base + S] for layer in buf.cache.layers
+                                 for t in (layer.keys, layer.values)], dim=1)
+            for r in range(b):
+                if keep[r]:
+                    kept[r] = (block[r, :, :, S - len(suffixes[r]):].clone(), logits[r].clone())
 
         # Decoding runs over *nodes*: distinct (request, tokens generated so far), one buffer row
         # each. Branches whose continuations coincide share a node, so a node's forward pass is
@@ -746,6 +754,7 @@ class RoundGenerator:
         self.states = states if states is not None else PromptStates(model)
         self._enc0 = self.prefixes.encoded_tokens
         self._fed = [0]
+        self._token_text: dict[int, str] = {}  # a first token's text, for PromptRequest.abandon
         self._tokens: dict[str, list[int]] = {}  # prompt text -> token ids, for every round of this generator
         # a sample's text so far, for PromptRequest.abandon: only where decoding more tokens never changes
         # the text already decoded (no clean-up of spaces before punctuation, which rewrites it)
@@ -864,7 +873,9 @@ class RoundGenerator:
                     done[s] = [t]
                     continue
                 if t not in verdicts:
-                    verdicts[t] = _abandoned(req.abandon, self._decode([t]))
+                    if t not in self._token_text:
+                        self._token_text[t] = self._decode([t])
+                    verdicts[t] = _abandoned(req.abandon, self._token_text[t])
                 if verdicts[t]:
                     done[s] = None
                 else:
