@@ -197,3 +197,30 @@ def test_prefill_of_a_row_range_equals_attention_over_prefix_and_row(rep, dtype,
     ref = _reference(q, prefixes, groups[lo:hi], k_rows, v_rows, mask, d ** -0.5)
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert (out.double() - ref).abs().max() < tol
+
+
+def test_a_decode_step_attends_only_to_the_prefixes_of_its_rows():
+    """Rows ``lo:hi`` whose prefixes are a subset of the batch's (and shorter than its longest): the
+    prefix part takes only those prefixes, cut to their longest, and still equals attention over
+    ``prefix + row``."""
+    g = torch.Generator().manual_seed(7)
+    H, d, n = 2, 8, 5
+    lens = [4, 11, 6, 3]
+    prefixes = [(torch.randn(1, H, L, d, generator=g), torch.randn(1, H, L, d, generator=g)) for L in lens]
+    groups = [1, 0, 2, 0, 3, 2, 1]
+    shared = SharedPrefix([[prefixes[x]] for x in groups], len(groups), "cpu")
+    lo, hi = 3, 6  # prefixes 0, 3 and 2: not prefix 1, the longest
+    shared.select(lo, hi)
+    K, V, valid = shared.blocks(0)
+    assert K.shape[0] == 3 and K.shape[2] == 6 and sorted(valid.sum(1).tolist()) == [3, 4, 6]
+    B = hi - lo
+    q = torch.randn(B, H, 1, d, generator=g)
+    k_rows, v_rows = torch.randn(B, H, n, d, generator=g), torch.randn(B, H, n, d, generator=g)
+    mask = torch.ones(B, 1, 1, n, dtype=torch.bool)
+    token = cascade._ACTIVE.set(shared)
+    try:
+        out, _ = cascade_attention(_Module(), q, k_rows, v_rows, mask, scaling=d ** -0.5)
+    finally:
+        cascade._ACTIVE.reset(token)
+    ref = _reference(q, prefixes, groups[lo:hi], k_rows, v_rows, mask, d ** -0.5)
+    assert (out.double() - ref).abs().max() < 1e-5
