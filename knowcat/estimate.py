@@ -30,6 +30,9 @@ are read again from the file on each pass, the pool keeps at most :data:`POOL_CA
 
 from __future__ import annotations
 
+import hashlib
+import heapq
+import itertools
 import json
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
@@ -107,8 +110,6 @@ def ids_of(examples):
 
 def in_chunks(examples, size: int):
     """Lists of ``size`` examples (the last shorter), read in one pass."""
-    import itertools
-
     it = iter(examples)
     while chunk := list(itertools.islice(it, size)):
         yield chunk
@@ -194,9 +195,6 @@ def bounded_pool(examples, cap: int = POOL_CAP, seed: int = 0) -> list[QAExample
 def _keep_smallest(heap: list, cap: int, seed: int, i: str, seq: int, value) -> None:
     """Push ``(id, seq, value)`` onto ``heap``, which keeps the ``cap`` items whose seeded hash of the id (then
     the id) is smallest: a max-heap, the largest is the one let go."""
-    import hashlib
-    import heapq
-
     h = int.from_bytes(hashlib.blake2b(f"{seed}\0{i}".encode("utf-8"), digest_size=8).digest(), "little")
     item = (-h, _Desc(i), seq, value)
     if len(heap) < cap:
@@ -310,8 +308,6 @@ def sharded_features(model, tokenizer, examples, pool: list[QAExample], cfg: Est
     sized re-iterable (a file's examples read again each time, :class:`knowcat.loaders.sft.StreamedExamples`),
     read a shard at a time. Memory holds one shard's examples and features; every feature stays on disk
     (:class:`ShardColumn`). ``stop_after_shards`` stops early, as a kill would (for tests)."""
-    import hashlib
-
     ids_hash = hashlib.sha1()
     n = 0
     for e in examples:
@@ -549,8 +545,6 @@ def estimate(model, tokenizer, examples, pool, cfg: EstimateConfig = EstimateCon
     log-probability and relation of each, for the stratified sample), not the examples (when they are
     streamed) or their features.
     """
-    import itertools
-
     from tqdm.auto import tqdm
 
     from linear_models.classifiers import fit_calibrated, format_validation, format_verdicts, validate, verdicts
@@ -729,7 +723,6 @@ def read_labels(path) -> dict[str, dict]:
 
 
 def _id_key(i: str) -> tuple[int, int]:
-    import hashlib
 
     d = hashlib.blake2b(i.encode("utf-8"), digest_size=16).digest()
     return int.from_bytes(d[:8], "little", signed=True), int.from_bytes(d[8:], "little", signed=True)
