@@ -194,11 +194,12 @@ class PrefixCache(KVStore):
         found = {ids: super(PrefixCache, self).get(ids, sync=False) for ids in set(prefixes)}
         todo = sorted((ids for ids, kv in found.items() if kv is None), key=lambda ids: (len(ids), ids))
         dev = self.model.device
-        pad = getattr(self.model.config, "pad_token_id", None) or 0
         for lo, hi in _length_groups([len(ids) for ids in todo], max_tokens=PREFILL_TOKENS.get(dev.type)):
             group = todo[lo:hi]
-            n = len(group[-1])  # the longest (sorted by length)
-            x = torch.tensor([list(ids) + [pad] * (n - len(ids)) for ids in group], device=dev)
+            longest = group[-1]  # (sorted by length)
+            # padded with the longest prefix's own tokens: any token would do, and these are in the vocabulary
+            # (a model's pad_token_id may be unset, negative or past its embeddings)
+            x = torch.tensor([list(ids) + list(longest[len(ids):]) for ids in group], device=dev)
             out = self.model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=True,
                              **_last_logits_only(self.model))  # only the keys and values are kept
             kv = _layer_kv(output_cache(out))

@@ -1,5 +1,7 @@
 """The shared-prefix greedy engine gives exactly the answers of plain ``model.generate``."""
 
+import pytest
+
 from knowcat.prompts import FewShotConfig, exemplar_sets, prompt_for
 from probes.generation import PromptRequest, decode_answer, generate_greedy
 
@@ -470,3 +472,22 @@ def test_out_of_memory_retry_keeps_the_prompt_states_it_took(quick_demo, quick_m
     assert rows == 128  # the error was met and the batch halved
     assert got == want
     assert fed_got == fed_want  # no prompt prefilled again
+
+
+@pytest.mark.parametrize("pad", [None, -1, "vocab"])
+def test_prefixes_encoded_together_whatever_the_models_pad_token(pad):
+    """``PrefixCache.get_many`` pads shorter prefixes on the right with tokens of the vocabulary even where
+    the model's ``pad_token_id`` is unset, negative or past its embeddings: each prefix's keys and values
+    are those of encoding it alone."""
+    import torch
+    from test_architectures import _tiny
+
+    from probes.generation import PrefixCache
+
+    model = _tiny("llama", 50)
+    model.config.pad_token_id = 50 if pad == "vocab" else pad
+    asked = [(1, 5, 9), (1, 6, 7, 8, 2)]
+    got = PrefixCache(model).get_many(asked)
+    for ids, kv in zip(asked, got):
+        for (k, v), (k0, v0) in zip(kv, PrefixCache(model).get(ids)):
+            assert k.shape == k0.shape and torch.allclose(k, k0, atol=1e-5) and torch.allclose(v, v0, atol=1e-5)
