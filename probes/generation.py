@@ -552,6 +552,7 @@ def _decode_chunk(model, prefix_kvs: list, suffixes: list[list[int]], branches: 
             for li, layer in enumerate(buf.cache.layers):
                 layer.keys[b:R, :, base:base + S] = block[:, 2 * li]
                 layer.values[b:R, :, base:base + S] = block[:, 2 * li + 1]
+            del block  # (not held through the decode)
             stored = torch.stack([states[r][1] for r in range(b, R)]).to(dev)
             logits.append(stored.to(logits[0].dtype) if logits else stored)
         logits = torch.cat(logits) if len(logits) > 1 else logits[0]
@@ -560,14 +561,16 @@ def _decode_chunk(model, prefix_kvs: list, suffixes: list[list[int]], branches: 
             fed[0] += sum(len(s) for s in suffixes[:b])
         kept = {}
         if keep and any(keep[:b]):
-            # every layer's keys and values of the prefilled rows in one block, then one copy per kept row
+            # every layer's keys and values of the kept rows in one block, then one copy per kept row
             # (its suffix's positions of every layer, :class:`PromptStates`) and one of its logits, instead
-            # of one per layer's keys and values
-            block = torch.stack([t[:b, :, base:base + S] for layer in buf.cache.layers
+            # of one per layer's keys and values; the block is not held through the decode
+            kept_rows = [r for r in range(b) if keep[r]]
+            at = torch.tensor(kept_rows, device=dev)
+            block = torch.stack([t[:b, :, base:base + S].index_select(0, at) for layer in buf.cache.layers
                                  for t in (layer.keys, layer.values)], dim=1)
-            for r in range(b):
-                if keep[r]:
-                    kept[r] = (block[r, :, :, S - len(suffixes[r]):].clone(), logits[r].clone())
+            for i, r in enumerate(kept_rows):
+                kept[r] = (block[i, :, :, S - len(suffixes[r]):].clone(), logits[r].clone())
+            del block
 
         # Decoding runs over *nodes*: distinct (request, tokens generated so far), one buffer row
         # each. Branches whose continuations coincide share a node, so a node's forward pass is

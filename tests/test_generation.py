@@ -491,3 +491,36 @@ def test_prefixes_encoded_together_whatever_the_models_pad_token(pad):
     for ids, kv in zip(asked, got):
         for (k, v), (k0, v0) in zip(kv, PrefixCache(model).get(ids)):
             assert k.shape == k0.shape and torch.allclose(k, k0, atol=1e-5) and torch.allclose(v, v0, atol=1e-5)
+
+
+def test_kept_prompt_states_hold_no_extra_copy_while_decoding(monkeypatch):
+    """Keeping some rows' states (and decoding from kept states) leaves no block of every layer's suffix keys
+    and values alive during the decode steps: only each kept row's own state, as large as its suffix."""
+    import gc
+
+    import torch
+    from test_architectures import _tiny
+
+    import probes.generation as G
+
+    model = _tiny("llama", 50)
+    layers = model.config.num_hidden_layers
+    cache = G.PrefixCache(model)
+    kvs = cache.get_many([(1, 2, 3), (1, 2, 3), (1, 4)])
+    suffixes = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    seen = []
+    real = model.forward
+
+    def forward(*a, **k):
+        if k["input_ids"].shape[1] == 1:  # a decode step: the tensors of every layer's keys and values alive
+            seen.append(sorted(o.shape[0] for o in gc.get_objects() if type(o) is torch.Tensor
+                               and o.dim() == 5 and o.shape[1] == 2 * layers))
+        return real(*a, **k)
+
+    monkeypatch.setattr(model, "forward", forward)
+    stop = torch.tensor([0])
+    _, kept = G._decode_chunk(model, kvs, suffixes, [[-1]] * 3, 0, stop, 4, 0.5, 40, keep=[True, False, True])
+    assert sorted(kept) == [0, 2] and [st[0].shape[-2] for st in kept.values()] == [4, 3]
+    states = [kept[0], None, kept[2]]
+    G._decode_chunk(model, kvs, suffixes, [[-1, 7]] * 3, 0, stop, 4, 0.5, 40, states=states)
+    assert seen and all(s == [] for s in seen), seen
