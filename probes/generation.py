@@ -194,11 +194,12 @@ class PrefixCache(KVStore):
         found = {ids: super(PrefixCache, self).get(ids, sync=False) for ids in set(prefixes)}
         todo = sorted((ids for ids, kv in found.items() if kv is None), key=lambda ids: (len(ids), ids))
         dev = self.model.device
-        pad = getattr(self.model.config, "pad_token_id", None) or 0
         for lo, hi in _length_groups([len(ids) for ids in todo], max_tokens=PREFILL_TOKENS.get(dev.type)):
             group = todo[lo:hi]
-            n = len(group[-1])  # the longest (sorted by length)
-            x = torch.tensor([list(ids) + [pad] * (n - len(ids)) for ids in group], device=dev)
+            longest = group[-1]  # (sorted by length)
+            # padded with the longest prefix's own tokens: any token would do, and these are in the vocabulary
+            # (a model's pad_token_id may be unset, negative or past its embeddings)
+            x = torch.tensor([list(ids) + list(longest[len(ids):]) for ids in group], device=dev)
             out = self.model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=True,
                              **_last_logits_only(self.model))  # only the keys and values are kept
             kv = _layer_kv(output_cache(out))
@@ -225,8 +226,9 @@ class PrefixCache(KVStore):
 
 class PromptStates(KVStore):
     """The state after a whole prompt (its suffix's keys and values, every layer's in one tensor
-    ``[2 x layers, heads, suffix length, head_dim]``: layer ``l``'s keys at ``2l``, its values at ``2l + 1``;
-    and the logits of the first answer token), kept from a request with ``keep_state`` for a later request of the
+    ``[suffix length, width]``: at each position, layer 0's keys (heads x head_dim), its values, layer 1's keys
+    ... one after another, so keys and values of different shapes fit, as a multi-head latent attention
+    model's do; and the logits of the first answer token), kept from a request with ``keep_state`` for a later request of the
     same prompt (lazy SliCK asks the samples of a prompt in a later round than its greedy answer):
     that request skips its prefill, as a shared prefill of its greedy answer and samples would."""
 
@@ -543,14 +545,18 @@ def _decode_chunk(model, prefix_kvs: list, suffixes: list[list[int]], branches: 
             # the kept suffixes right-aligned in one zero-padded block (padding masked, but finite), then
             # one copy per layer's keys and values
             first = states[b][0]
-            block = first.new_zeros((R - b,) + tuple(first.shape[:2]) + (S,) + tuple(first.shape[3:]))
+            block = first.new_zeros((R - b, S, first.shape[-1]))
             for j in range(R - b):
                 own = states[b + j][0]
-                block[j, :, :, S - own.shape[-2]:] = own
+                block[j, S - own.shape[0]:] = own
             block = block.to(dev)
-            for li, layer in enumerate(buf.cache.layers):
-                layer.keys[b:R, :, base:base + S] = block[:, 2 * li]
-                layer.values[b:R, :, base:base + S] = block[:, 2 * li + 1]
+            at = 0
+            for layer in buf.cache.layers:
+                for t in (layer.keys, layer.values):
+                    H, d = t.shape[1], t.shape[-1]
+                    t[b:R, :, base:base + S] = block[:, :, at:at + H * d].view(R - b, S, H, d).transpose(1, 2)
+                    at += H * d
+            del block  # (not held through the decode)
             stored = torch.stack([states[r][1] for r in range(b, R)]).to(dev)
             logits.append(stored.to(logits[0].dtype) if logits else stored)
         logits = torch.cat(logits) if len(logits) > 1 else logits[0]
@@ -559,14 +565,23 @@ def _decode_chunk(model, prefix_kvs: list, suffixes: list[list[int]], branches: 
             fed[0] += sum(len(s) for s in suffixes[:b])
         kept = {}
         if keep and any(keep[:b]):
-            # every layer's keys and values of the prefilled rows in one block, then one copy per kept row
+            # every layer's keys and values of the kept rows in one block, then one copy per kept row
             # (its suffix's positions of every layer, :class:`PromptStates`) and one of its logits, instead
-            # of one per layer's keys and values
-            block = torch.stack([t[:b, :, base:base + S] for layer in buf.cache.layers
-                                 for t in (layer.keys, layer.values)], dim=1)
-            for r in range(b):
-                if keep[r]:
-                    kept[r] = (block[r, :, :, S - len(suffixes[r]):].clone(), logits[r].clone())
+            # of one per layer's keys and values; the block is not held through the decode
+            kept_rows = [r for r in range(b) if keep[r]]
+            idx = torch.tensor(kept_rows, device=dev)
+            parts = [t for layer in buf.cache.layers for t in (layer.keys, layer.values)]
+            first = parts[0]
+            block = first.new_empty((len(kept_rows), S, sum(t.shape[1] * t.shape[-1] for t in parts)))
+            at = 0
+            for t in parts:
+                H, d = t.shape[1], t.shape[-1]
+                block[:, :, at:at + H * d].view(len(kept_rows), S, H, d).copy_(
+                    t[:b, :, base:base + S].index_select(0, idx).transpose(1, 2))
+                at += H * d
+            for i, r in enumerate(kept_rows):
+                kept[r] = (block[i, S - len(suffixes[r]):].clone(), logits[r].clone())
+            del block
 
         # Decoding runs over *nodes*: distinct (request, tokens generated so far), one buffer row
         # each. Branches whose continuations coincide share a node, so a node's forward pass is

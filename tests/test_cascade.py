@@ -208,11 +208,13 @@ def test_a_decode_step_attends_only_to_the_prefixes_of_its_rows():
     lens = [4, 11, 6, 3]
     prefixes = [(torch.randn(1, H, L, d, generator=g), torch.randn(1, H, L, d, generator=g)) for L in lens]
     groups = [1, 0, 2, 0, 3, 2, 1]
-    shared = SharedPrefix([[prefixes[x]] for x in groups], len(groups), "cpu")
-    lo, hi = 3, 6  # prefixes 0, 3 and 2: not prefix 1, the longest
+    kvs = [[p] for p in prefixes]  # the rows of a prefix share its object, as the prefix cache's do
+    shared = SharedPrefix([kvs[x] for x in groups], len(groups), "cpu")
+    lo, hi = 1, 6  # prefixes 0, 2, 0, 3 and 2: not prefix 1, the longest; two rows of prefixes 0 and 2
     shared.select(lo, hi)
     K, V, valid = shared.blocks(0)
     assert K.shape[0] == 3 and K.shape[2] == 6 and sorted(valid.sum(1).tolist()) == [3, 4, 6]
+    assert shared._rows[1] == 2  # two query slots per prefix
     B = hi - lo
     q = torch.randn(B, H, 1, d, generator=g)
     k_rows, v_rows = torch.randn(B, H, n, d, generator=g), torch.randn(B, H, n, d, generator=g)

@@ -1,5 +1,7 @@
 """The shared-prefix greedy engine gives exactly the answers of plain ``model.generate``."""
 
+import pytest
+
 from knowcat.prompts import FewShotConfig, exemplar_sets, prompt_for
 from probes.generation import PromptRequest, decode_answer, generate_greedy
 
@@ -470,3 +472,79 @@ def test_out_of_memory_retry_keeps_the_prompt_states_it_took(quick_demo, quick_m
     assert rows == 128  # the error was met and the batch halved
     assert got == want
     assert fed_got == fed_want  # no prompt prefilled again
+
+
+@pytest.mark.parametrize("pad", [None, -1, "vocab"])
+def test_prefixes_encoded_together_whatever_the_models_pad_token(pad):
+    """``PrefixCache.get_many`` pads shorter prefixes on the right with tokens of the vocabulary even where
+    the model's ``pad_token_id`` is unset, negative or past its embeddings: each prefix's keys and values
+    are those of encoding it alone."""
+    import torch
+    from test_architectures import _tiny
+
+    from probes.generation import PrefixCache
+
+    model = _tiny("llama", 50)
+    model.config.pad_token_id = 50 if pad == "vocab" else pad
+    asked = [(1, 5, 9), (1, 6, 7, 8, 2)]
+    got = PrefixCache(model).get_many(asked)
+    for ids, kv in zip(asked, got):
+        for (k, v), (k0, v0) in zip(kv, PrefixCache(model).get(ids)):
+            assert k.shape == k0.shape and torch.allclose(k, k0, atol=1e-5) and torch.allclose(v, v0, atol=1e-5)
+
+
+def test_kept_prompt_states_hold_no_extra_copy_while_decoding(monkeypatch):
+    """Keeping some rows' states (and decoding from kept states) leaves no block of every layer's suffix keys
+    and values alive during the decode steps: only each kept row's own state, as large as its suffix."""
+    import gc
+
+    import torch
+    from test_architectures import _tiny
+
+    import probes.generation as G
+
+    model = _tiny("llama", 50)
+    layers = model.config.num_hidden_layers
+    cache = G.PrefixCache(model)
+    kvs = cache.get_many([(1, 2, 3), (1, 2, 3), (1, 4)])
+    width = sum(t.shape[1] * t.shape[-1] for kv in kvs[0] for t in kv)  # a position's keys and values, every layer's
+    suffixes = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    seen = []
+    real = model.forward
+
+    def forward(*a, **k):
+        if k["input_ids"].shape[1] == 1:  # a decode step: the tensors of every layer's keys and values alive
+            seen.append(sorted(o.shape[0] for o in gc.get_objects() if type(o) is torch.Tensor and (
+                (o.dim() == 5 and o.shape[1] == 2 * layers) or (o.dim() == 3 and o.shape[-1] == width))))
+        return real(*a, **k)
+
+    monkeypatch.setattr(model, "forward", forward)
+    stop = torch.tensor([0])
+    _, kept = G._decode_chunk(model, kvs, suffixes, [[-1]] * 3, 0, stop, 4, 0.5, 40, keep=[True, False, True])
+    assert sorted(kept) == [0, 2] and [st[0].shape[-2] for st in kept.values()] == [4, 3]
+    states = [kept[0], None, kept[2]]
+    G._decode_chunk(model, kvs, suffixes, [[-1, 7]] * 3, 0, stop, 4, 0.5, 40, states=states)
+    assert seen and all(s == [] for s in seen), seen
+
+
+def test_kept_prompt_states_of_keys_and_values_of_different_widths():
+    """A model whose cached keys and values differ in shape (multi-head latent attention, DeepSeek-V3): a
+    prompt's kept state gives the greedy answer and samples of prefilling it again."""
+    import torch
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    import probes.generation as G
+
+    torch.manual_seed(0)
+    cfg = DeepseekV3Config(vocab_size=50, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+                           num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=None,
+                           kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6,
+                           max_position_embeddings=128)
+    model = DeepseekV3ForCausalLM(cfg).eval()
+    kvs = G.PrefixCache(model).get_many([(1, 2, 3), (1, 4)])
+    assert kvs[0][0][0].shape[1:] != kvs[0][0][1].shape[1:]
+    suffixes, branches, stop = [[5, 6, 7], [8]], [[-1, 11, 12], [-1, 13]], torch.tensor([0])
+    want, kept = G._decode_chunk(model, kvs, suffixes, branches, 0, stop, 6, 1.0, 40, keep=[True, True])
+    got, _ = G._decode_chunk(model, kvs, suffixes, branches, 0, stop, 6, 1.0, 40, states=[kept[0], kept[1]])
+    assert got == want
