@@ -875,8 +875,14 @@ class RoundGenerator:
             return items, {}
         counts = np.array([len(items[j][0].streams) for j, _ in todo])
         streams = np.array([s for j, _ in todo for s in items[j][0].streams], dtype=np.uint64)
-        toks = _draw(torch.stack([lg for _, lg in todo]), np.repeat(np.arange(len(todo)), counts), streams, 0,
-                     self.temperature, self.top_k)
+        # drawn for at most a batch's worth of requests at a time: their logits stacked take no more memory
+        # than a decode step's (a sample's draw depends on its stream only, not on what is drawn beside it)
+        n = max(1, self.rows_per_batch)
+        offs = np.concatenate([[0], np.cumsum(counts)])
+        toks = np.concatenate([
+            _draw(torch.stack([lg for _, lg in todo[i:i + n]]), np.repeat(np.arange(len(counts[i:i + n])), counts[i:i + n]),
+                  streams[offs[i]:offs[min(i + n, len(todo))]], 0, self.temperature, self.top_k)
+            for i in range(0, len(todo), n)])
         stops = set(self.stop_t.tolist())
         first, drop, keep_items = {}, set(), {}
         at = 0

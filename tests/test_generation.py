@@ -371,7 +371,8 @@ def test_no_sample_is_abandoned_where_decoding_rewrites_earlier_text(quick_demo,
     assert asked and all(s is None for g in out.values() for s in g.samples)
 
 
-def test_first_tokens_drawn_before_batching_change_no_sample(quick_demo, quick_model, monkeypatch):
+@pytest.mark.parametrize("batch_size", [64, 3])
+def test_first_tokens_drawn_before_batching_change_no_sample(quick_demo, quick_model, monkeypatch, batch_size):
     """A sampled request whose prompt state is kept has its samples' first tokens drawn before any batch
     is formed (``RoundGenerator._first_tokens``): those abandoned or stopped there take no row. Every
     sample is what the batched decode gives it without that step, the requests whose samples all
@@ -393,8 +394,30 @@ def test_first_tokens_drawn_before_batching_change_no_sample(quick_demo, quick_m
     sampled = [replace(r, key=("s",) + r.key, greedy=False, abandon=odd_start if i % 2 else (lambda t: True))
                for i, r in enumerate(reqs)]
 
+    import probes.generation as G
+
+    drawn, inside = [], []  # the rows of logits each draw of first tokens takes (at most a batch's worth of requests)
+    real_draw = G._draw
+
+    def draw(logits, *a, **k):
+        if inside:
+            drawn.append(logits.shape[0])
+        return real_draw(logits, *a, **k)
+
+    monkeypatch.setattr(G, "_draw", draw)
+
     def run_two_rounds(prepass: bool):
-        gen = RoundGenerator(model, tok, max_new_tokens=10, batch_size=64)
+        gen = RoundGenerator(model, tok, max_new_tokens=10, batch_size=batch_size)
+        real_first = gen._first_tokens
+
+        def first_tokens(items):
+            inside.append(1)
+            try:
+                return real_first(items)
+            finally:
+                inside.clear()
+
+        monkeypatch.setattr(gen, "_first_tokens", first_tokens)
         if not prepass:
             monkeypatch.setattr(gen, "_first_tokens", lambda items: (items, {}))
         gen(greedy)
@@ -403,7 +426,10 @@ def test_first_tokens_drawn_before_batching_change_no_sample(quick_demo, quick_m
         return done, gen._fed[0] - fed, sum(calls)
 
     with_first, fed_with, progress_with = run_two_rounds(True)
+    first_draws = list(drawn)
     without, fed_without, progress_without = run_two_rounds(False)
+    if batch_size < len(sampled):  # the first-token draw went in chunks of at most batch_size requests
+        assert first_draws and max(first_draws) <= batch_size
     assert {k: (g.greedy, g.samples) for k, g in with_first.items()} == \
         {k: (g.greedy, g.samples) for k, g in without.items()}
     assert progress_with == progress_without == len(sampled)
