@@ -140,7 +140,6 @@ def cascade_attention(module, query, key, value, attention_mask, dropout: float 
     if kwargs.get("sliding_window") or kwargs.get("softcap"):
         raise NotImplementedError("cascade attention has no sliding window or logit soft-capping")
     li = module.layer_idx
-    KP, VP = shared.keys[li], shared.values[li]
     B, Hq, T, d = query.shape
     H = key.shape[1]
     rep = Hq // H
@@ -156,6 +155,7 @@ def cascade_attention(module, query, key, value, attention_mask, dropout: float 
     if T > 1:
         # (all prefixes at once in padded blocks, as a decode step does, took longer: 400 demo questions'
         # prefill 1.34-1.38 instead of 1.30 s)
+        KP, VP = shared.keys[li], shared.values[li]
         o_pre, lse_pre = torch.empty_like(o_row), torch.empty_like(lse_row)
         for g, rows in shared.members():
             c, L = len(rows), shared.lens[g]

@@ -425,6 +425,18 @@ class _Buffers:
             self.shared.row_group[dst] = self.shared.row_group[src]
 
 
+def _state_columns(cache):
+    """Each layer's keys, then its values (``[rows, heads, positions, head_dim]`` buffers), with the columns
+    they take in a kept prompt state (:class:`PromptStates`: ``[suffix length, width]``, heads x head_dim
+    columns each, one after another)."""
+    at = 0
+    for layer in cache.layers:
+        for t in (layer.keys, layer.values):
+            width = t.shape[1] * t.shape[-1]
+            yield t, slice(at, at + width)
+            at += width
+
+
 def _abandoned(test, text: str) -> bool:
     """``test(text)``, except while the text ends in an incomplete character (bytes of a
     character not all generated yet decode to U+FFFD): its last character is not known."""
@@ -550,12 +562,8 @@ def _decode_chunk(model, prefix_kvs: list, suffixes: list[list[int]], branches: 
                 own = states[b + j][0]
                 block[j, S - own.shape[0]:] = own
             block = block.to(dev)
-            at = 0
-            for layer in buf.cache.layers:
-                for t in (layer.keys, layer.values):
-                    H, d = t.shape[1], t.shape[-1]
-                    t[b:R, :, base:base + S] = block[:, :, at:at + H * d].view(R - b, S, H, d).transpose(1, 2)
-                    at += H * d
+            for t, cols in _state_columns(buf.cache):
+                t[b:R, :, base:base + S] = block[:, :, cols].view(R - b, S, t.shape[1], t.shape[-1]).transpose(1, 2)
             del block  # (not held through the decode)
             stored = torch.stack([states[r][1] for r in range(b, R)]).to(dev)
             logits.append(stored.to(logits[0].dtype) if logits else stored)
@@ -570,15 +578,11 @@ def _decode_chunk(model, prefix_kvs: list, suffixes: list[list[int]], branches: 
             # of one per layer's keys and values; the block is not held through the decode
             kept_rows = [r for r in range(b) if keep[r]]
             idx = torch.tensor(kept_rows, device=dev)
-            parts = [t for layer in buf.cache.layers for t in (layer.keys, layer.values)]
-            first = parts[0]
-            block = first.new_empty((len(kept_rows), S, sum(t.shape[1] * t.shape[-1] for t in parts)))
-            at = 0
-            for t in parts:
-                H, d = t.shape[1], t.shape[-1]
-                block[:, :, at:at + H * d].view(len(kept_rows), S, H, d).copy_(
+            columns = list(_state_columns(buf.cache))
+            block = columns[0][0].new_empty((len(kept_rows), S, columns[-1][1].stop))
+            for t, cols in columns:
+                block[:, :, cols].view(len(kept_rows), S, t.shape[1], t.shape[-1]).copy_(
                     t[:b, :, base:base + S].index_select(0, idx).transpose(1, 2))
-                at += H * d
             for i, r in enumerate(kept_rows):
                 kept[r] = (block[i, S - len(suffixes[r]):].clone(), logits[r].clone())
             del block
